@@ -1,0 +1,63 @@
+"""Settings: every environment variable Parley reads, with its default.
+
+`load_config()` turns the process environment into a plain dict that
+`create_app()` puts into `app.config`; tests pass their own overrides on top.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DATA_DIR = Path("data")
+
+# name -> (default, parser). The README's configuration table mirrors this.
+_SETTINGS: dict[str, tuple[Any, type]] = {
+    "DATABASE_URL": (f"sqlite:///{DATA_DIR / 'parley.db'}", str),
+    "ARCHIVE_URL": (f"file://{DATA_DIR / 'archive'}", str),
+    "S3_ENDPOINT_URL": (None, str),
+    "LLM_PROVIDER": (None, str),
+    "LLM_MODEL": (None, str),
+    "LLM_MAX_TOKENS": (1024, int),
+    "LLM_TEMPERATURE": (1.0, float),
+    "LLM_TIMEOUT_SECONDS": (60.0, float),
+    "LLM_MAX_RETRIES": (2, int),
+    "CONTEXT_MAX_TOKENS": (8000, int),
+    "CONTEXT_MAX_MESSAGES": (None, int),
+    "MAX_MESSAGE_CHARS": (32_000, int),
+    "MAX_CONTENT_LENGTH": (256 * 1024, int),
+}
+
+DEFAULT_MODELS = {
+    "anthropic": "claude-sonnet-4-5",
+    "bedrock": "anthropic.claude-sonnet-4-5-20250929-v1:0",
+    "openai": "gpt-4o-mini",
+    "echo": "echo",
+}
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read settings from the environment, falling back to the defaults."""
+    environ = os.environ if environ is None else environ
+    config: dict[str, Any] = {}
+    for name, (default, parse) in _SETTINGS.items():
+        raw = environ.get(name, "").strip()
+        try:
+            config[name] = parse(raw) if raw else default
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r} is not a valid {parse.__name__}") from exc
+    config["LLM_PROVIDER"] = (config["LLM_PROVIDER"] or _default_provider(environ)).lower()
+    if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
+        raise ValueError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")
+    config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
+    return config
+
+
+def _default_provider(environ: Mapping[str, str]) -> str:
+    """Claude when a key is configured, otherwise the offline echo model."""
+    if environ.get("ANTHROPIC_API_KEY") or environ.get("ANTHROPIC_AUTH_TOKEN"):
+        return "anthropic"
+    if environ.get("OPENAI_API_KEY"):
+        return "openai"
+    return "echo"

@@ -1,0 +1,183 @@
+"""A conversation's message log and the context window sent to the model.
+
+Pure logic, no I/O: the caller loads messages (usually only the newest ones,
+see `database_utils.load_context_tail`) and stores what it appends.
+
+Context rules:
+- the system prompt is always sent and counted against the token budget;
+- messages are taken newest first in whole exchanges (a user message and the
+  replies that follow it), so a user/assistant pair is never split and the
+  context never starts with an assistant message;
+- taking stops at the first exchange that does not fit, so the context is
+  always a contiguous tail of the log;
+- when even the newest user message does not fit, it is sent alone, cut in
+  the middle to fit the budget (its head and tail kept, a marker saying how
+  much was left out). The stored message stays whole.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+USER = "user"
+ASSISTANT = "assistant"
+ROLES = (USER, ASSISTANT)
+
+# Framing tokens the providers add around every message.
+MESSAGE_OVERHEAD_TOKENS = 4
+# Bytes of UTF-8 per token: conservative for English (~4 chars/token) and
+# right for CJK (3 bytes, about one token per character).
+BYTES_PER_TOKEN = 3
+# A message cut to fit keeps at least this many tokens, even when the system
+# prompt alone fills the budget.
+MIN_TRUNCATED_TOKENS = 64
+TRUNCATION_MARKER = "\n[... {omitted} bytes omitted to fit the context budget ...]\n"
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimate a message's tokens locally, without asking the provider."""
+    return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+
+
+@dataclass
+class MemoryMessage:
+    role: str
+    content: str
+    created_at: datetime
+    token_count: int
+    seq: int | None = None
+    usage: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryMessage:
+        return cls(**{**data, "created_at": datetime.fromisoformat(data["created_at"])})
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """What is sent to the model for one turn."""
+
+    system: str | None
+    messages: list[dict[str, str]]
+    token_count: int
+    messages_dropped: int
+    truncated: bool = False
+
+    @property
+    def messages_sent(self) -> int:
+        return len(self.messages)
+
+
+@dataclass
+class ConversationMemory:
+    """The ordered log of one conversation plus its context budget.
+
+    `messages` may be only the newest part of the log; `earlier_messages`
+    counts the older ones that were not loaded, so drop counts stay right.
+    """
+
+    system_prompt: str | None = None
+    max_tokens: int = 8000
+    max_messages: int | None = None
+    messages: list[MemoryMessage] = field(default_factory=list)
+    earlier_messages: int = 0
+
+    def update_memory(
+        self,
+        role: str,
+        content: str,
+        *,
+        created_at: datetime | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> MemoryMessage:
+        """Append a message to the log and return it."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        last_seq = self.messages[-1].seq if self.messages else self.earlier_messages
+        message = MemoryMessage(
+            role=role,
+            content=content,
+            created_at=created_at or datetime.now(timezone.utc),
+            token_count=estimate_tokens(content),
+            seq=(last_seq or 0) + 1,
+            usage=usage,
+        )
+        self.messages.append(message)
+        return message
+
+    @property
+    def total_messages(self) -> int:
+        return self.earlier_messages + len(self.messages)
+
+    def get_current_context(self) -> ContextWindow:
+        """The newest whole exchanges that fit the token and message budgets."""
+        system_tokens = estimate_tokens(self.system_prompt) if self.system_prompt else 0
+        budget = self.max_tokens - system_tokens
+        exchanges = self._exchanges()
+        chosen: list[MemoryMessage] = []
+        used = 0
+        for exchange in reversed(exchanges):
+            cost = sum(message.token_count for message in exchange)
+            too_many = self.max_messages is not None and len(chosen) + len(exchange) > self.max_messages
+            if used + cost > budget or too_many:
+                break
+            chosen[:0] = exchange
+            used += cost
+        if not chosen and exchanges:
+            return self._truncated_context(exchanges[-1][0], budget, system_tokens)
+        return ContextWindow(
+            system=self.system_prompt,
+            messages=[{"role": m.role, "content": m.content} for m in chosen],
+            token_count=system_tokens + used,
+            messages_dropped=self.total_messages - len(chosen),
+        )
+
+    def _exchanges(self) -> list[list[MemoryMessage]]:
+        """Split the log into runs that each start with a user message."""
+        exchanges: list[list[MemoryMessage]] = []
+        for message in self.messages:
+            if message.role == USER:
+                exchanges.append([message])
+            elif exchanges:
+                exchanges[-1].append(message)
+            # A reply whose user message was not loaded cannot open a context.
+        return exchanges
+
+    def _truncated_context(self, message: MemoryMessage, budget: int, system_tokens: int) -> ContextWindow:
+        content = _cut_middle(message.content, max(budget, MIN_TRUNCATED_TOKENS))
+        return ContextWindow(
+            system=self.system_prompt,
+            messages=[{"role": message.role, "content": content}],
+            token_count=system_tokens + estimate_tokens(content),
+            messages_dropped=self.total_messages - 1,
+            truncated=True,
+        )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["messages"] = [message.to_dict() for message in self.messages]
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConversationMemory:
+        data = json.loads(text)
+        data["messages"] = [MemoryMessage.from_dict(message) for message in data["messages"]]
+        return cls(**data)
+
+
+def _cut_middle(text: str, max_tokens: int) -> str:
+    """Keep the head and tail of `text` so that it estimates to `max_tokens`."""
+    raw = text.encode("utf-8")
+    marker_bytes = len(TRUNCATION_MARKER.format(omitted=len(raw)).encode("utf-8"))
+    keep = max((max_tokens - MESSAGE_OVERHEAD_TOKENS) * BYTES_PER_TOKEN - marker_bytes, 0)
+    head = raw[: keep // 2].decode("utf-8", errors="ignore")
+    tail = raw[len(raw) - keep // 2 :].decode("utf-8", errors="ignore") if keep >= 2 else ""
+    omitted = len(raw) - len(head.encode("utf-8")) - len(tail.encode("utf-8"))
+    return head + TRUNCATION_MARKER.format(omitted=omitted) + tail

@@ -1,0 +1,199 @@
+"""What the routes do: open a conversation, run a turn, end it, read it back.
+
+Each function takes its collaborators (session, model, archive, settings)
+as arguments and raises `errors.ApiError` subclasses for the client's
+mistakes; model, archive and database faults propagate as their own types.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from conversation_memory import ASSISTANT, USER, ContextWindow, ConversationMemory, MemoryMessage
+from database_utils import (
+    ACTIVE,
+    ENDED,
+    Conversation,
+    Message,
+    get_conversation,
+    list_messages,
+    load_context_tail,
+    mark_ended,
+    reserve_seqs,
+    utcnow,
+)
+from errors import Conflict, NotFound, PayloadTooLarge
+from llm import ChatModel, ModelReply
+from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
+from schemas import NewChatRequest
+
+# end_chat re-archives if a turn lands while it writes; this bounds the retries.
+END_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Turn:
+    conversation_id: uuid.UUID
+    reply: ModelReply
+    seq: int
+    context: ContextWindow
+
+
+def open_conversation(session: Session, request: NewChatRequest) -> Conversation:
+    conversation = Conversation(
+        conversation_id=uuid.uuid4(),
+        user_id=request.user_id,
+        conversation_name=request.conversation_name,
+        system_prompt=request.system_prompt,
+        meta=request.metadata,
+    )
+    session.add(conversation)
+    session.commit()
+    return conversation
+
+
+def chat_turn(
+    session: Session, model: ChatModel, settings: Mapping[str, Any], conversation_id: uuid.UUID, text: str
+) -> Turn:
+    """Answer one user message and store both messages together.
+
+    A turn is atomic: if the model fails, nothing is stored and the client
+    may send the same message again.
+    """
+    if len(text) > settings["MAX_MESSAGE_CHARS"]:
+        raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
+    conversation = _active_conversation(session, conversation_id)
+    memory = _load_memory(session, conversation, settings)
+    user = memory.update_memory(USER, text)
+    context = memory.get_current_context()
+    # End the read transaction: nothing is held open during the model call.
+    session.commit()
+
+    reply = model.reply(context.system, context.messages)
+    assistant = memory.update_memory(ASSISTANT, reply.text, usage=reply.usage)
+    last_seq = reserve_seqs(session, conversation_id, 2, user.token_count + assistant.token_count, reply.usage)
+    if last_seq is None:
+        session.rollback()
+        raise Conflict("the conversation ended while its reply was being generated")
+    user.seq, assistant.seq = last_seq - 1, last_seq
+    session.add_all([_to_row(conversation_id, user), _to_row(conversation_id, assistant)])
+    session.commit()
+    return Turn(conversation_id, reply, last_seq, context)
+
+
+def end_conversation(session: Session, archive: Archive, conversation_id: uuid.UUID) -> Conversation:
+    """Archive the whole log, record where, and mark the conversation ended.
+
+    Idempotent: ending an ended conversation returns it unchanged. If the
+    archive write fails, the conversation stays active and nothing is lost.
+    """
+    for _ in range(END_ATTEMPTS):
+        conversation = session.get(Conversation, conversation_id, with_for_update=True, populate_existing=True)
+        if conversation is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
+        if conversation.status == ENDED:
+            session.commit()
+            return conversation
+        ended_at = utcnow()
+        document = archive_document(conversation, list_messages(session, conversation_id), ended_at)
+        location = upload_conversation_to_s3(archive, document)
+        if mark_ended(session, conversation, location, ended_at):
+            session.commit()
+            return session.get(Conversation, conversation_id, populate_existing=True)
+        session.rollback()
+    raise Conflict("the conversation kept changing while it was being archived; retry")
+
+
+def read_conversation(session: Session, archive: Archive, conversation_id: uuid.UUID) -> dict[str, Any]:
+    """Metadata and the full log, from the database or, once ended, the archive."""
+    conversation = get_conversation(session, conversation_id)
+    if conversation is None:
+        raise NotFound(f"conversation {conversation_id} does not exist")
+    if conversation.status == ENDED and conversation.s3_file_location:
+        messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
+    else:
+        messages = [message_dict(row) for row in list_messages(session, conversation_id)]
+    return {**conversation_dict(conversation), "messages": messages}
+
+
+def archive_document(conversation: Conversation, messages: list[Message], ended_at: datetime) -> dict[str, Any]:
+    summary = conversation_dict(conversation)
+    summary.update(status=ENDED, ended_at=ended_at.isoformat(), updated_at=ended_at.isoformat())
+    del summary["s3_file_location"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "conversation": summary,
+        "messages": [message_dict(row) for row in messages],
+        "usage": summary["usage"] | {"token_count": conversation.token_count},
+    }
+
+
+def conversation_dict(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "conversation_id": str(conversation.conversation_id),
+        "user_id": conversation.user_id,
+        "conversation_name": conversation.conversation_name,
+        "system_prompt": conversation.system_prompt,
+        "status": conversation.status,
+        "created_at": conversation.created_at.isoformat(),
+        "updated_at": conversation.updated_at.isoformat(),
+        "ended_at": conversation.ended_at.isoformat() if conversation.ended_at else None,
+        "message_count": conversation.message_count,
+        "token_count": conversation.token_count,
+        "usage": {"input_tokens": conversation.input_tokens, "output_tokens": conversation.output_tokens},
+        "metadata": conversation.meta,
+        "s3_file_location": conversation.s3_file_location,
+    }
+
+
+def message_dict(row: Message) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "role": row.role,
+        "content": row.content,
+        "created_at": row.created_at.isoformat(),
+        "token_count": row.token_count,
+        "usage": row.usage,
+    }
+
+
+def _active_conversation(session: Session, conversation_id: uuid.UUID) -> Conversation:
+    conversation = get_conversation(session, conversation_id)
+    if conversation is None:
+        raise NotFound(f"conversation {conversation_id} does not exist")
+    if conversation.status != ACTIVE:
+        raise Conflict(f"conversation {conversation_id} has ended; open a new one")
+    return conversation
+
+
+def _load_memory(session: Session, conversation: Conversation, settings: Mapping[str, Any]) -> ConversationMemory:
+    budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
+    rows = load_context_tail(session, conversation.conversation_id, budget, cap)
+    return ConversationMemory(
+        system_prompt=conversation.system_prompt,
+        max_tokens=budget,
+        max_messages=cap,
+        messages=[_to_memory(row) for row in rows],
+        earlier_messages=conversation.message_count - len(rows),
+    )
+
+
+def _to_memory(row: Message) -> MemoryMessage:
+    return MemoryMessage(row.role, row.content, row.created_at, row.token_count, row.seq, row.usage)
+
+
+def _to_row(conversation_id: uuid.UUID, message: MemoryMessage) -> Message:
+    return Message(
+        conversation_id=conversation_id,
+        seq=message.seq,
+        role=message.role,
+        content=message.content,
+        created_at=message.created_at,
+        token_count=message.token_count,
+        usage=message.usage,
+    )

@@ -1,0 +1,274 @@
+"""Database models, engine, per-request sessions, queries and the schema CLI.
+
+The same models run on PostgreSQL (production) and SQLite (the embedded
+default). The schema is made only by the Alembic revisions in migrations/.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from flask import Flask, current_app, g
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    Uuid,
+    create_engine,
+    delete,
+    event,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Rows fetched per step when walking back from the newest message.
+TAIL_PAGE_SIZE = 64
+
+ACTIVE = "active"
+ENDED = "ended"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp, also on SQLite (which stores naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware value")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[str] = mapped_column(String(128))
+    conversation_name: Mapped[str | None] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=ACTIVE)
+    s3_file_location: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    token_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # "metadata" is reserved on declarative classes, so the attribute is `meta`.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+
+    __table_args__ = (
+        Index("ix_conversations_user_id_created_at", "user_id", "created_at"),
+        Index("ix_conversations_created_at", "created_at"),
+        Index("ix_conversations_ended_at", "ended_at"),
+    )
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("conversations.conversation_id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    token_count: Mapped[int] = mapped_column(Integer)
+    usage: Mapped[dict[str, Any] | None]
+
+
+# ---------------------------------------------------------------- engine
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre_ping replaces connections that a database restart has closed.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def init_app(app: Flask) -> None:
+    """Create the engine from config, register the session teardown and CLI."""
+    engine = make_engine(app.config["DATABASE_URL"])
+    app.extensions["parley.engine"] = engine
+    app.extensions["parley.sessions"] = sessionmaker(engine, expire_on_commit=False)
+    app.teardown_appcontext(_close_session)
+    app.cli.add_command(db_upgrade_command)
+    app.cli.add_command(db_check_command)
+
+
+def get_engine() -> Engine:
+    return current_app.extensions["parley.engine"]
+
+
+def get_session() -> Session:
+    """The session of the current request (or CLI command), opened on first use."""
+    if "db_session" not in g:
+        g.db_session = current_app.extensions["parley.sessions"]()
+    return g.db_session
+
+
+def _close_session(_exc: BaseException | None = None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def ping() -> None:
+    with get_engine().connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+# ---------------------------------------------------------------- migrations
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    alembic_command.upgrade(alembic_config(url), revision)
+
+
+def check_database(url: str) -> None:
+    """Raise if the models and the applied migrations disagree."""
+    alembic_command.check(alembic_config(url))
+
+
+@click.command("db-upgrade")
+def db_upgrade_command() -> None:
+    """Apply all database migrations."""
+    upgrade_database(current_app.config["DATABASE_URL"])
+    click.echo("Database is up to date.")
+
+
+@click.command("db-check")
+def db_check_command() -> None:
+    """Fail if the models and the migrations disagree."""
+    check_database(current_app.config["DATABASE_URL"])
+    click.echo("Models and migrations agree.")
+
+
+# ---------------------------------------------------------------- queries
+
+
+def get_conversation(session: Session, conversation_id: uuid.UUID) -> Conversation | None:
+    return session.get(Conversation, conversation_id)
+
+
+def load_context_tail(
+    session: Session, conversation_id: uuid.UUID, token_budget: int, max_messages: int | None = None
+) -> list[Message]:
+    """The newest messages, oldest first, until they fill `token_budget`.
+
+    Walks back a page at a time over the (conversation_id, seq) primary key,
+    so the cost depends on the budget, never on the length of the log.
+    """
+    rows: list[Message] = []
+    tokens = 0
+    before: int | None = None
+    while tokens < token_budget and (max_messages is None or len(rows) < max_messages):
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        if before is not None:
+            query = query.where(Message.seq < before)
+        page = list(session.scalars(query.order_by(Message.seq.desc()).limit(TAIL_PAGE_SIZE)))
+        rows.extend(page)
+        tokens += sum(row.token_count for row in page)
+        if len(page) < TAIL_PAGE_SIZE:
+            break
+        before = page[-1].seq
+    rows.reverse()
+    return rows
+
+
+def list_messages(session: Session, conversation_id: uuid.UUID) -> list[Message]:
+    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.seq)
+    return list(session.scalars(query))
+
+
+def reserve_seqs(session: Session, conversation_id: uuid.UUID, count: int, tokens: int, usage: dict[str, int]) -> int | None:
+    """Atomically claim the next `count` sequence numbers of an active conversation.
+
+    Returns the last claimed seq, or None when the conversation is not active.
+    The single UPDATE also row-locks the conversation until commit, so
+    concurrent turns and `end_chat` are serialized on PostgreSQL.
+    """
+    result = session.execute(
+        update(Conversation)
+        .where(Conversation.conversation_id == conversation_id, Conversation.status == ACTIVE)
+        .values(
+            message_count=Conversation.message_count + count,
+            token_count=Conversation.token_count + tokens,
+            input_tokens=Conversation.input_tokens + usage.get("input_tokens", 0),
+            output_tokens=Conversation.output_tokens + usage.get("output_tokens", 0),
+            updated_at=utcnow(),
+        )
+        .returning(Conversation.message_count)
+    )
+    return result.scalar_one_or_none()
+
+
+def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> bool:
+    """Record the archive location and drop the live messages.
+
+    Only succeeds if no turn was added since the archive was written (the
+    message count is unchanged); otherwise the caller archives again.
+    """
+    result = session.execute(
+        update(Conversation)
+        .where(
+            Conversation.conversation_id == conversation.conversation_id,
+            Conversation.status == ACTIVE,
+            Conversation.message_count == conversation.message_count,
+        )
+        .values(status=ENDED, s3_file_location=location, ended_at=ended_at, updated_at=ended_at)
+    )
+    if result.rowcount != 1:
+        return False
+    session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))
+    return True

@@ -1,0 +1,411 @@
+"""A local, stdlib-only fake of the model provider HTTP APIs, for tests.
+
+It speaks enough of the real wire protocols that the official SDKs work against it
+unmodified (point their ``base_url`` at :attr:`FakeModelServer.base_url`):
+
+* Anthropic Messages API: ``POST /v1/messages`` (JSON, or server-sent events when the
+  body has ``"stream": true``).
+* AWS Bedrock runtime as used by ``anthropic.AnthropicBedrock``:
+  ``POST /model/{model_id}/invoke`` (JSON) and
+  ``POST /model/{model_id}/invoke-with-response-stream`` (AWS event-stream framing).
+  Signatures are not checked.
+* OpenAI Chat Completions: ``POST /v1/chat/completions`` (JSON, or SSE chunks ending in
+  ``data: [DONE]``; ``stream_options.include_usage`` adds a final usage chunk).
+
+The reply is deterministic: ``"reply to: " + <text of the last user message>`` (text
+blocks are concatenated), unless :attr:`FakeModelServer.reply_override` is set. Every
+request is recorded, and errors and delays can be injected per request::
+
+    with FakeModelServer() as server:
+        client = anthropic.Anthropic(api_key="test", base_url=server.base_url)
+        server.fail_next(529)
+        ...
+        assert server.requests[-1].body["model"] == "claude-x"
+
+The server only ever binds to 127.0.0.1 and logs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote
+
+HOST = "127.0.0.1"
+
+_BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<action>invoke|invoke-with-response-stream)")
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_OPENAI_ERROR_TYPES = {401: ("invalid_request_error", "invalid_api_key"), 429: ("requests", "rate_limit_exceeded")}
+_EVENT_STREAM_HEADERS = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as received. Header names are lower-cased; ``path`` excludes the query."""
+
+    path: str
+    headers: dict[str, str]
+    body: Json
+    query: str = ""
+
+
+@dataclass(frozen=True)
+class _Fault:
+    status: int
+    body: Json | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    model: str
+    text: str
+    input_tokens: int
+    output_tokens: int
+
+
+def _text_of(content: Any) -> str:
+    """Text of a message's content: a string, or a list of content blocks/parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(block.get("text", "")) for block in content if isinstance(block, dict) and block.get("type") == "text"
+        )
+    return ""
+
+
+def _make_reply(body: Json, model: str, override: str | None) -> _Reply:
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    text = override if override is not None else "reply to: " + _text_of(last_user.get("content"))
+    prompt_chars = len(_text_of(body.get("system"))) + sum(len(_text_of(m.get("content"))) for m in messages)
+    return _Reply(model, text, max(1, prompt_chars // 4), max(1, len(text) // 4))
+
+
+def _pieces(text: str) -> list[str]:
+    """Split the reply into word-sized deltas so streams arrive in several pieces."""
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+def _anthropic_message(reply: _Reply, *, streaming_start: bool = False) -> Json:
+    return {
+        "id": f"msg_fake_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": reply.model,
+        "content": [] if streaming_start else [{"type": "text", "text": reply.text}],
+        "stop_reason": None if streaming_start else "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": reply.input_tokens,
+            "output_tokens": 1 if streaming_start else reply.output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
+def _anthropic_events(reply: _Reply) -> list[Json]:
+    """The Messages streaming events, in the order the real API sends them."""
+    return [
+        {"type": "message_start", "message": _anthropic_message(reply, streaming_start=True)},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+            for piece in _pieces(reply.text)
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": reply.output_tokens},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+def _event_stream_frame(payload: bytes) -> bytes:
+    """One AWS event-stream message (prelude, CRCs, string headers) carrying ``payload``."""
+    headers = b"".join(
+        bytes([len(name)]) + name.encode() + b"\x07" + struct.pack(">H", len(value)) + value.encode()
+        for name, value in _EVENT_STREAM_HEADERS.items()
+    )
+    prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def _bedrock_chunk(event: Json) -> bytes:
+    encoded = base64.b64encode(json.dumps(event).encode()).decode()
+    return _event_stream_frame(json.dumps({"bytes": encoded}).encode())
+
+
+def _openai_completion(reply: _Reply) -> Json:
+    return {
+        "id": f"chatcmpl-fake{uuid.uuid4().hex[:20]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": reply.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _openai_usage(reply),
+    }
+
+
+def _openai_usage(reply: _Reply) -> Json:
+    return {
+        "prompt_tokens": reply.input_tokens,
+        "completion_tokens": reply.output_tokens,
+        "total_tokens": reply.input_tokens + reply.output_tokens,
+    }
+
+
+def _openai_chunks(reply: _Reply, include_usage: bool) -> list[Json]:
+    base = {
+        "id": f"chatcmpl-fake{uuid.uuid4().hex[:20]}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": reply.model,
+    }
+    extra = {"usage": None} if include_usage else {}
+    deltas: list[tuple[Json, str | None]] = [({"role": "assistant", "content": "", "refusal": None}, None)]
+    deltas += [({"content": piece}, None) for piece in _pieces(reply.text)]
+    deltas.append(({}, "stop"))
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": f}], **extra}
+        for d, f in deltas
+    ]
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": _openai_usage(reply)})
+    return chunks
+
+
+def _error_body(provider: str, status: int, message: str) -> Json:
+    if provider == "anthropic":
+        return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+    if provider == "bedrock":
+        return {"message": message}
+    kind, code = _OPENAI_ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _provider(path: str, headers: dict[str, str]) -> str:
+    """Which provider's error shape to answer in: "anthropic", "bedrock" or "openai"."""
+    if path.startswith("/model/"):
+        return "bedrock"
+    if path.startswith("/v1/messages") or "anthropic-version" in headers:
+        return "anthropic"
+    return "openai"
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, fake: FakeModelServer, port: int) -> None:
+        self.fake = fake
+        super().__init__((HOST, port), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay silent: no per-request lines on stderr."""
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        path, _, query = self.path.partition("?")
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        body = self._read_json()
+        fault, delay = fake._record(RecordedRequest(path, headers, body, query))
+        if delay:
+            fake._stopping.wait(delay)
+        with contextlib.suppress(ConnectionError):  # the client may have gone away, e.g. timed out
+            self._respond(path, headers, body, fault)
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
+
+    def _read_json(self) -> Json:
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+
+    def _respond(self, path: str, headers: dict[str, str], body: Json, fault: _Fault | None) -> None:
+        bedrock = _BEDROCK_PATH.fullmatch(path)
+        override = self.server.fake.reply_override
+        if fault is not None:
+            message = f"Injected error (HTTP {fault.status}) from FakeModelServer"
+            default = _error_body(_provider(path, headers), fault.status, message)
+            payload = fault.body if fault.body is not None else default
+            self._send_json(fault.status, payload, fault.headers)
+        elif self.command == "POST" and bedrock:
+            self._bedrock(_make_reply(body, unquote(bedrock["model"]), override), bedrock["action"])
+        elif self.command == "POST" and path == "/v1/messages":
+            self._anthropic(_make_reply(body, str(body.get("model", "")), override), body)
+        elif self.command == "POST" and path == "/v1/chat/completions":
+            self._openai(_make_reply(body, str(body.get("model", "")), override), body)
+        else:
+            message = f"No route for {self.command} {path}"
+            self._send_json(404, _error_body(_provider(path, headers), 404, message))
+
+    def _anthropic(self, reply: _Reply, body: Json) -> None:
+        if not body.get("stream"):
+            self._send_json(200, _anthropic_message(reply))
+            return
+        frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in _anthropic_events(reply)]
+        self._send_stream("text/event-stream; charset=utf-8", frames)
+
+    def _bedrock(self, reply: _Reply, action: str) -> None:
+        if action == "invoke":
+            self._send_json(200, _anthropic_message(reply))
+            return
+        frames = [_bedrock_chunk(event) for event in _anthropic_events(reply)]
+        self._send_stream("application/vnd.amazon.eventstream", frames)
+
+    def _openai(self, reply: _Reply, body: Json) -> None:
+        if not body.get("stream"):
+            self._send_json(200, _openai_completion(reply))
+            return
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage)]
+        self._send_stream("text/event-stream; charset=utf-8", [*frames, b"data: [DONE]\n\n"])
+
+    def _start(self, status: int, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Connection", "close")
+        self.send_header("request-id", f"req_fake_{uuid.uuid4().hex[:16]}")
+        self.send_header("x-request-id", f"req_fake_{uuid.uuid4().hex[:16]}")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+
+    def _send_json(self, status: int, payload: Json, extra: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self._start(status, "application/json", extra)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_stream(self, content_type: str, frames: list[bytes]) -> None:
+        """Write each frame as it comes; the body ends when the connection closes."""
+        self._start(200, content_type, {"Cache-Control": "no-cache"})
+        self.end_headers()
+        for frame in frames:
+            self.wfile.write(frame)
+            self.wfile.flush()
+
+
+class FakeModelServer:
+    """Fake Anthropic / Bedrock / OpenAI endpoint on ``127.0.0.1`` (a free port unless given)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.reply_override: str | None = None
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._faults: deque[_Fault] = deque()
+        self._delays: deque[float] = deque()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._httpd = _HTTPServer(self, port)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A snapshot of every request received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+    def fail_next(
+        self, status: int, body: Json | None = None, count: int = 1, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer the next ``count`` requests with ``status`` and an error body in the provider's shape."""
+        with self._lock:
+            self._faults.extend(_Fault(status, body, dict(headers or {})) for _ in range(count))
+
+    def delay_next(self, seconds: float, count: int = 1) -> None:
+        """Sleep ``seconds`` before answering each of the next ``count`` requests."""
+        with self._lock:
+            self._delays.extend(seconds for _ in range(count))
+
+    def start(self) -> None:
+        """Serve on a background daemon thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="FakeModelServer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and release the port; cuts injected delays short."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeModelServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _record(self, request: RecordedRequest) -> tuple[_Fault | None, float]:
+        """Record ``request`` and take the fault and delay (if any) queued for it."""
+        with self._lock:
+            self._requests.append(request)
+            fault = self._faults.popleft() if self._faults else None
+            delay = self._delays.popleft() if self._delays else 0.0
+        return fault, delay
