@@ -230,6 +230,7 @@ def _provider(path: str, headers: dict[str, str]) -> str:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 drops bursts of concurrent clients
 
     def __init__(self, fake: FakeModelServer, port: int) -> None:
         self.fake = fake
@@ -362,6 +363,14 @@ class FakeModelServer:
         """Forget the recorded requests."""
         with self._lock:
             self._requests.clear()
+
+    def reset(self) -> None:
+        """Back to a fresh state: no recorded requests, pending faults or delays, and no reply override."""
+        with self._lock:
+            self._requests.clear()
+            self._faults.clear()
+            self._delays.clear()
+            self.reply_override = None
 
     def fail_next(
         self, status: int, body: Json | None = None, count: int = 1, headers: dict[str, str] | None = None

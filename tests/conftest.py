@@ -1,0 +1,132 @@
+"""Shared fixtures: real PostgreSQL, a real S3 server, a fake model server.
+
+Every API test runs on both backends Parley supports:
+- `postgres`: PostgreSQL (TEST_DATABASE_URL, default the local server; a
+  fresh database per run) with the archive in SeaweedFS over the S3 API;
+- `embedded`: the no-setup default, SQLite file plus a local archive folder.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from database_utils import upgrade_database
+from main import create_app
+from tests.fake_model_server import FakeModelServer
+from tests.seaweed import SeaweedS3
+
+DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+BACKENDS = ["postgres", "embedded"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database created for this run on the test PostgreSQL server, dropped after."""
+    admin_url = make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"parley_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.exit(
+            f"The tests need PostgreSQL and could not reach {admin_url.render_as_string(hide_password=True)} "
+            f"({exc.__class__.__name__}). Start it, or set TEST_DATABASE_URL to a server where this user "
+            "may create databases, e.g. postgresql+psycopg://user:pass@host:5432/postgres",
+            returncode=3,
+        )
+    url = admin_url.set(database=name).render_as_string(hide_password=False)
+    upgrade_database(url)
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    bucket = "parley-test"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(autouse=True)
+def _aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SeaweedFS accepts any credentials; never let real ones leak into tests."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "parley-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "parley-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[FakeModelServer]:
+    with FakeModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_model(model_server: FakeModelServer) -> Iterator[FakeModelServer]:
+    model_server.clear()
+    yield model_server
+    model_server.clear()
+    model_server.reply_override = None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def app_config(backend: str, request: pytest.FixtureRequest, tmp_path) -> dict:
+    """Settings for an app on `backend`, isolated from every other test."""
+    config = {"LLM_PROVIDER": "echo", "LLM_MODEL": "echo", "TESTING": True}
+    if backend == "postgres":
+        bucket = request.getfixturevalue("s3_bucket")
+        s3 = request.getfixturevalue("s3_server")
+        config["DATABASE_URL"] = request.getfixturevalue("clean_postgres")
+        config["ARCHIVE_URL"] = f"s3://{bucket}/{uuid.uuid4().hex}"
+        config["S3_ENDPOINT_URL"] = s3.endpoint_url
+    else:
+        config["DATABASE_URL"] = f"sqlite:///{tmp_path / 'parley.db'}"
+        config["ARCHIVE_URL"] = (tmp_path / "archive").as_uri()
+    return config
+
+
+@pytest.fixture
+def clean_postgres(postgres_url: str) -> Iterator[str]:
+    yield postgres_url
+    engine = create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("TRUNCATE messages, conversations CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def app(app_config: dict):
+    app = create_app(app_config)
+    yield app
+    app.extensions["parley.engine"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()

@@ -1,0 +1,218 @@
+"""The HTTP API end to end, on PostgreSQL + S3 and on the embedded default."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from llm import ECHO_LABEL
+
+
+def _open(client, **body) -> dict:
+    response = client.post("/new_chat", json={"user_id": "user-1", **body})
+    assert response.status_code == 201, response.json
+    return response.json
+
+
+def _say(client, conversation_id: str, message: str) -> dict:
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": message})
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_new_chat_returns_server_made_id(client):
+    body = _open(client, conversation_name="Billing", system_prompt="Be kind.", metadata={"channel": "web"})
+
+    assert uuid.UUID(body["conversation_id"]).version == 4
+    assert body["user_id"] == "user-1"
+    assert body["conversation_name"] == "Billing"
+    assert body["status"] == "active"
+    assert body["metadata"] == {"channel": "web"}
+    assert body["created_at"].endswith("+00:00")
+
+
+def test_chat_replies_and_stores_both_messages(client):
+    conversation_id = _open(client)["conversation_id"]
+
+    first = _say(client, conversation_id, "Hello there")
+    second = _say(client, conversation_id, "And again")
+
+    assert first["reply"] == f"{ECHO_LABEL} You said: Hello there"
+    assert (first["seq"], second["seq"]) == (2, 4)
+    assert second["context"] == {"messages_sent": 3, "messages_dropped": 0, "tokens": second["context"]["tokens"], "truncated": False}
+    assert second["usage"]["input_tokens"] > 0 and second["usage"]["output_tokens"] > 0
+
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [(m["seq"], m["role"], m["content"]) for m in log["messages"]] == [
+        (1, "user", "Hello there"),
+        (2, "assistant", first["reply"]),
+        (3, "user", "And again"),
+        (4, "assistant", second["reply"]),
+    ]
+    assert log["message_count"] == 4
+    assert log["messages"][1]["usage"] == first["usage"]
+    assert log["usage"]["output_tokens"] == first["usage"]["output_tokens"] + second["usage"]["output_tokens"]
+
+
+def test_whole_messages_are_stored_even_when_context_is_trimmed(app, client):
+    app.config["CONTEXT_MAX_TOKENS"] = 60
+    conversation_id = _open(client)["conversation_id"]
+    long_message = "word " * 2_000
+
+    reply = _say(client, conversation_id, long_message)
+
+    assert reply["context"]["truncated"] is True
+    stored = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert stored["messages"][0]["content"] == long_message
+
+
+def test_end_chat_archives_and_get_reads_the_same_shape(client):
+    conversation_id = _open(client, conversation_name="Archive me")["conversation_id"]
+    _say(client, conversation_id, "one")
+    _say(client, conversation_id, "two")
+    live = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+
+    ended = client.post("/end_chat", json={"conversation_id": conversation_id})
+    archived = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+
+    assert ended.status_code == 200
+    assert ended.json["status"] == "ended" and ended.json["ended_at"]
+    assert ended.json["s3_file_location"].endswith(f"/{conversation_id}.json")
+    assert archived.status_code == 200
+    assert archived.json["messages"] == live["messages"]
+    assert archived.json.keys() == live.keys()
+    assert archived.json["status"] == "ended"
+
+
+def test_end_chat_twice_is_harmless(client):
+    conversation_id = _open(client)["conversation_id"]
+    _say(client, conversation_id, "hi")
+
+    first = client.post("/end_chat", json={"conversation_id": conversation_id})
+    second = client.post("/end_chat", json={"conversation_id": conversation_id})
+
+    assert first.status_code == second.status_code == 200
+    assert first.json == second.json
+
+
+def test_chat_on_ended_conversation_is_409_and_stores_nothing(client):
+    conversation_id = _open(client)["conversation_id"]
+    _say(client, conversation_id, "hi")
+    client.post("/end_chat", json={"conversation_id": conversation_id})
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "still there?"})
+
+    assert response.status_code == 409
+    assert response.json["error"] == "conflict"
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert len(log["messages"]) == 2
+
+
+@pytest.mark.parametrize("path", ["/chat", "/end_chat"])
+def test_unknown_conversation_is_404(client, path):
+    body = {"conversation_id": str(uuid.uuid4())}
+    if path == "/chat":
+        body["message"] = "hi"
+
+    response = client.post(path, json=body)
+
+    assert response.status_code == 404
+    assert response.json["error"] == "not_found"
+
+
+def test_get_unknown_conversation_is_404(client):
+    response = client.get("/get_conversation", query_string={"conversation_id": str(uuid.uuid4())})
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/new_chat", {}, "user_id"),
+        ("/new_chat", {"user_id": ""}, "user_id"),
+        ("/new_chat", {"user_id": "a/../b"}, "user_id"),
+        ("/new_chat", {"user_id": "u", "surprise": 1}, "surprise"),
+        ("/new_chat", {"user_id": "u", "conversation_name": "x" * 201}, "conversation_name"),
+        ("/new_chat", {"user_id": "u", "system_prompt": "a\x00b"}, "system_prompt"),
+        ("/new_chat", {"user_id": "u", "metadata": {"k": "a\x00b"}}, "metadata"),
+        ("/new_chat", {"user_id": "u", "metadata": "not an object"}, "metadata"),
+        ("/chat", {"conversation_id": "not-a-uuid", "message": "hi"}, "conversation_id"),
+        ("/chat", {"conversation_id": "../../etc/passwd", "message": "hi"}, "conversation_id"),
+        ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": ""}, "message"),
+        ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": "   \n"}, "message"),
+        ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": 42}, "message"),
+        ("/end_chat", {}, "conversation_id"),
+    ],
+)
+def test_invalid_bodies_are_400_naming_the_field(client, path, body, field):
+    response = client.post(path, json=body)
+
+    assert response.status_code == 400
+    assert response.json["error"] == "invalid_request"
+    assert field in [detail["field"] for detail in response.json["details"]]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"\xff\xfe\x00garbage",
+        b'{"user_id": "\xc3\x28"}',  # invalid UTF-8 inside a string
+        b'{"user_id": "u", "conversation_name": "\\ud800"}',  # lone surrogate
+        b'{"user_id": "u", "conversation_name": "a\\u0000b"}',  # NUL
+        b"[]",
+        b"null",
+    ],
+)
+def test_malformed_json_is_400_not_500(client, raw):
+    response = client.post("/new_chat", data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert set(response.json) >= {"error", "message"}
+
+
+def test_non_json_body_is_400(client):
+    response = client.post("/new_chat", data="user_id=u", content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert "JSON" in response.json["message"]
+
+
+def test_too_long_message_is_413_and_not_stored(app, client):
+    app.config["MAX_MESSAGE_CHARS"] = 100
+    conversation_id = _open(client)["conversation_id"]
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "x" * 101})
+
+    assert response.status_code == 413
+    assert response.json["error"] == "payload_too_large"
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert log["messages"] == []
+
+
+def test_too_large_body_is_413(client, app):
+    response = client.post(
+        "/new_chat", data=b'{"user_id":"u","metadata":{"a":"' + b"x" * app.config["MAX_CONTENT_LENGTH"] + b'"}}',
+        content_type="application/json",
+    )
+    assert response.status_code == 413
+    assert response.json["error"] == "payload_too_large"
+
+
+def test_unknown_route_is_json_404(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json["error"] == "not_found"
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json["checks"] == {"database": "ok", "archive": "ok"}
+
+
+def test_openapi_document_lists_every_route(client):
+    document = client.get("/openapi.json").json
+
+    assert document["openapi"].startswith("3.1")
+    assert {"/new_chat", "/chat", "/end_chat", "/get_conversation", "/healthz", "/readyz"} <= set(document["paths"])
