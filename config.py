@@ -20,7 +20,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "LLM_PROVIDER": (None, str),
     "LLM_MODEL": (None, str),
     "LLM_MAX_TOKENS": (1024, int),
-    "LLM_TEMPERATURE": (1.0, float),
+    "LLM_TEMPERATURE": (None, float),
     "LLM_TIMEOUT_SECONDS": (60.0, float),
     "LLM_MAX_RETRIES": (2, int),
     "CONTEXT_MAX_TOKENS": (8000, int),

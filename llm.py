@@ -66,14 +66,14 @@ class AnthropicModel:
         self.temperature = config["LLM_TEMPERATURE"]
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
-        extra = {"system": system} if system else {}
+        options: dict[str, Any] = {"system": system} if system else {}
+        if self.temperature is not None:
+            # This SDK release has no `temperature` argument (newer Claude
+            # models fix it); models that still take one get it in the body.
+            options["extra_body"] = {"temperature": self.temperature}
         try:
             response = self.client.messages.create(
-                model=self.model,
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-                messages=messages,
-                **extra,
+                model=self.model, max_tokens=self.max_tokens, messages=messages, **options
             )
         except anthropic.APIError as exc:
             raise _provider_error(exc, anthropic, self.provider) from exc
@@ -100,11 +100,12 @@ class OpenAIModel:
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
         prompt = ([{"role": "system", "content": system}] if system else []) + messages
+        options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
         try:
             # max_tokens rather than max_completion_tokens: most compatible
             # servers (vLLM, Ollama, LiteLLM) only know the former.
             response = self.client.chat.completions.create(
-                model=self.model, messages=prompt, max_tokens=self.max_tokens, temperature=self.temperature
+                model=self.model, messages=prompt, max_tokens=self.max_tokens, **options
             )
         except openai.APIError as exc:
             raise _provider_error(exc, openai, self.provider) from exc

@@ -79,10 +79,9 @@ def model_server() -> Iterator[FakeModelServer]:
 
 @pytest.fixture
 def fake_model(model_server: FakeModelServer) -> Iterator[FakeModelServer]:
-    model_server.clear()
+    model_server.reset()
     yield model_server
-    model_server.clear()
-    model_server.reply_override = None
+    model_server.reset()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,153 @@
+"""Real anthropic and openai SDKs against a local server speaking their wire protocol."""
+from __future__ import annotations
+
+import pytest
+
+from main import create_app
+from tests.seaweed import _free_ports
+
+SYSTEM = "You are a customer-service agent."
+
+
+@pytest.fixture
+def provider_app(app_config, fake_model, monkeypatch):
+    """Build an app whose provider talks to the fake model server, set up via each SDK's env vars."""
+    apps = []
+
+    def build(provider: str, **overrides):
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+        monkeypatch.setenv("ANTHROPIC_BEDROCK_BASE_URL", fake_model.base_url)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{fake_model.base_url}/v1")
+        config = {**app_config, "LLM_PROVIDER": provider, "LLM_MODEL": f"{provider}-test-model", "LLM_MAX_RETRIES": 0}
+        app = create_app({**config, **overrides})
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["parley.engine"].dispose()
+
+
+def _conversation(client) -> str:
+    response = client.post("/new_chat", json={"user_id": "u-1", "system_prompt": SYSTEM})
+    return response.json["conversation_id"]
+
+
+def _log(client, conversation_id: str) -> list[dict]:
+    return client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+
+
+def test_anthropic_provider_sends_system_and_history(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_TOKENS=321, LLM_TEMPERATURE=0.2).test_client()
+    conversation_id = _conversation(client)
+
+    client.post("/chat", json={"conversation_id": conversation_id, "message": "first"})
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "second"})
+
+    assert response.status_code == 200
+    assert response.json["reply"] == "reply to: second"
+    request = fake_model.requests[-1]
+    assert request.path == "/v1/messages"
+    assert "sk-ant-test" in (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
+    assert request.body["system"] == SYSTEM
+    assert request.body["model"] == "anthropic-test-model"
+    assert (request.body["max_tokens"], request.body["temperature"]) == (321, 0.2)
+    assert [m["content"] for m in request.body["messages"]] == ["first", "reply to: first", "second"]
+    assert response.json["usage"]["output_tokens"] > 0
+
+
+def test_bedrock_provider_signs_requests_and_uses_invoke(provider_app, fake_model):
+    client = provider_app("bedrock").test_client()
+    conversation_id = _conversation(client)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hello bedrock"})
+
+    assert response.status_code == 200
+    assert response.json["reply"] == "reply to: hello bedrock"
+    request = fake_model.requests[-1]
+    assert request.path == "/model/bedrock-test-model/invoke"
+    assert request.headers["authorization"].startswith("AWS4-HMAC-SHA256")
+    assert request.body["system"] == SYSTEM
+    assert "anthropic_version" in request.body
+
+
+def test_openai_provider_puts_system_first(provider_app, fake_model):
+    client = provider_app("openai").test_client()
+    conversation_id = _conversation(client)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hello openai"})
+
+    assert response.status_code == 200
+    assert response.json["reply"] == "reply to: hello openai"
+    request = fake_model.requests[-1]
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-openai-test"
+    assert request.body["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "hello openai"},
+    ]
+    assert response.json["usage"]["input_tokens"] > 0
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+@pytest.mark.parametrize(
+    ("upstream_status", "status", "error"),
+    [
+        (500, 502, "model_error"),
+        (400, 502, "model_error"),
+        (401, 502, "model_error"),
+        (429, 503, "model_unavailable"),
+        (529, 503, "model_unavailable"),
+    ],
+)
+def test_provider_errors_map_to_5xx_and_store_nothing(provider_app, fake_model, provider, upstream_status, status, error):
+    client = provider_app(provider).test_client()
+    conversation_id = _conversation(client)
+    fake_model.fail_next(upstream_status)
+
+    failed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    retried = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert failed.status_code == status
+    assert failed.json["error"] == error
+    assert "Traceback" not in failed.get_data(as_text=True)
+    assert retried.status_code == 200
+    assert [(m["seq"], m["role"]) for m in _log(client, conversation_id)] == [(1, "user"), (2, "assistant")]
+
+
+def test_provider_timeout_is_504(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=0.5).test_client()
+    conversation_id = _conversation(client)
+    fake_model.delay_next(2)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 504
+    assert response.json["error"] == "model_timeout"
+    assert _log(client, conversation_id) == []
+
+
+def test_unreachable_provider_is_503(provider_app, monkeypatch):
+    app = provider_app("anthropic")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    client = create_app({**app.config, "LLM_PROVIDER": "anthropic"}).test_client()
+    conversation_id = _conversation(client)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 503
+    assert response.json["error"] == "model_unavailable"
+
+
+def test_echo_is_default_without_keys(app_config):
+    config = {key: value for key, value in app_config.items() if not key.startswith("LLM_")}
+    client = create_app(config).test_client()
+    conversation_id = _conversation(client)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "ping"})
+
+    assert response.json["model"] == "echo"
+    assert "not a real LLM" in response.json["reply"]
