@@ -14,6 +14,7 @@ import click
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from flask import Flask, current_app, g
+from flask.cli import with_appcontext
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -181,6 +182,7 @@ def check_database(url: str) -> None:
 
 
 @click.command("db-upgrade")
+@with_appcontext
 def db_upgrade_command() -> None:
     """Apply all database migrations."""
     upgrade_database(current_app.config["DATABASE_URL"])
@@ -188,6 +190,7 @@ def db_upgrade_command() -> None:
 
 
 @click.command("db-check")
+@with_appcontext
 def db_check_command() -> None:
     """Fail if the models and the migrations disagree."""
     check_database(current_app.config["DATABASE_URL"])

@@ -1,0 +1,128 @@
+"""The archive: key layout, document contents in SeaweedFS, faults and path safety."""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from main import create_app
+from s3_utils import (
+    SCHEMA_VERSION,
+    ArchiveError,
+    FileArchive,
+    S3Archive,
+    archive_key,
+    get_s3_file_content,
+    make_archive,
+    upload_conversation_to_s3,
+)
+from tests.seaweed import _free_ports
+
+
+def _finished_conversation(client, turns: int = 2, **body) -> str:
+    conversation_id = client.post("/new_chat", json={"user_id": "u-arch", **body}).json["conversation_id"]
+    for turn in range(turns):
+        client.post("/chat", json={"conversation_id": conversation_id, "message": f"message {turn}"})
+    return conversation_id
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_archived_object_in_s3_holds_exactly_the_stored_messages(client, app, s3_server):
+    conversation_id = _finished_conversation(client, turns=3, conversation_name="S3 check", metadata={"k": "v"})
+    live = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+
+    ended = client.post("/end_chat", json={"conversation_id": conversation_id}).json
+
+    bucket, _, key = ended["s3_file_location"].removeprefix("s3://").partition("/")
+    prefix = app.config["ARCHIVE_URL"].split("/", 3)[3]
+    ended_on = datetime.fromisoformat(ended["ended_at"]).strftime("%Y-%m-%d")
+    assert key == f"{prefix}/conversations/dt={ended_on}/{conversation_id}.json"
+    document = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert document["schema_version"] == SCHEMA_VERSION
+    assert document["messages"] == live["messages"]
+    assert document["conversation"]["conversation_name"] == "S3 check"
+    assert document["conversation"]["metadata"] == {"k": "v"}
+    assert document["usage"]["output_tokens"] == live["usage"]["output_tokens"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_file_archive_uses_the_same_layout(client, app_config):
+    conversation_id = _finished_conversation(client)
+
+    ended = client.post("/end_chat", json={"conversation_id": conversation_id}).json
+
+    root = Path(app_config["ARCHIVE_URL"].removeprefix("file://"))
+    files = list(root.glob(f"conversations/dt=*/{conversation_id}.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["conversation"]["ended_at"] == ended["ended_at"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_s3_outage_keeps_conversation_active_and_whole(app_config, client):
+    conversation_id = _finished_conversation(client)
+    broken = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_ports(1)[0]}"}).test_client()
+
+    failed = broken.post("/end_chat", json={"conversation_id": conversation_id})
+    not_ready = broken.get("/readyz")
+
+    assert failed.status_code == 503
+    assert failed.json["error"] == "archive_unavailable"
+    assert not_ready.status_code == 503 and not_ready.json["checks"]["archive"] == "unavailable"
+    live = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert live["status"] == "active" and len(live["messages"]) == 4
+    # once the archive is back, the same call succeeds
+    assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
+
+
+def test_access_denied_bucket_is_an_archive_error():
+    """A fault a real local server does not produce: the bucket refuses writes."""
+    with mock_aws():
+        archive = S3Archive("no-such-bucket", "prefix")
+        with pytest.raises(ArchiveError, match="NoSuchBucket"):
+            archive.put("conversations/dt=2026-01-01/x.json", b"{}")
+
+
+def test_round_trip_through_moto_s3():
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="archive")
+        archive = make_archive("s3://archive/some/prefix")
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "conversation": {"conversation_id": str(uuid.UUID(int=7)), "ended_at": "2026-03-04T05:06:07+00:00"},
+            "messages": [{"seq": 1, "role": "user", "content": "ünï"}],
+        }
+
+        location = upload_conversation_to_s3(archive, document)
+
+        assert location == f"s3://archive/some/prefix/conversations/dt=2026-03-04/{uuid.UUID(int=7)}.json"
+        assert get_s3_file_content(archive, location) == document
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "x/../../y", "", "00000000-0000-0000-0000-00000000000g"])
+def test_archive_key_rejects_anything_but_a_uuid(bad_id):
+    with pytest.raises(ValueError):
+        archive_key(bad_id, datetime.now(timezone.utc))
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "file:///tmp/../etc/passwd", "s3://other/key", "/etc/passwd"])
+def test_file_archive_refuses_locations_outside_its_root(tmp_path, location):
+    with pytest.raises(ArchiveError, match="outside the archive"):
+        FileArchive(tmp_path / "archive").get(location)
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    archive = FileArchive(tmp_path)
+    location = archive.put("conversations/dt=2026-01-01/a.json", b'{"schema_version": 99}')
+    with pytest.raises(ArchiveError, match="schema_version"):
+        get_s3_file_content(archive, location)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "s3://", "bucket/prefix"])
+def test_bad_archive_url_is_refused(url):
+    with pytest.raises(ValueError, match="ARCHIVE_URL"):
+        make_archive(url)

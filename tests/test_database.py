@@ -1,0 +1,141 @@
+"""Schema, migrations, the tail query, concurrency and database faults."""
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import create_engine, insert, select, text
+
+from database_utils import TAIL_PAGE_SIZE, Conversation, Message, get_session, load_context_tail
+from main import create_app
+from tests.seaweed import _free_ports
+
+
+def test_models_and_migrations_agree(runner):
+    result = runner.invoke(args=["db-check"])
+    assert result.exit_code == 0, result.output
+    assert "agree" in result.output
+
+
+def test_db_upgrade_command_is_repeatable(runner):
+    for _ in range(2):
+        result = runner.invoke(args=["db-upgrade"])
+        assert result.exit_code == 0, result.output
+        assert "up to date" in result.output
+
+
+def _seed(app, messages: int) -> uuid.UUID:
+    """A conversation with `messages` alternating messages, inserted in bulk."""
+    conversation_id = uuid.uuid4()
+    start = datetime.now(timezone.utc) - timedelta(days=1)
+    with app.app_context():
+        session = get_session()
+        session.add(Conversation(conversation_id=conversation_id, user_id="seed", message_count=messages))
+        session.flush()
+        rows = [
+            {
+                "conversation_id": conversation_id,
+                "seq": seq,
+                "role": "user" if seq % 2 else "assistant",
+                "content": f"message {seq} " + "lorem ipsum " * 10,
+                "created_at": start + timedelta(seconds=seq),
+                "token_count": 50,
+            }
+            for seq in range(1, messages + 1)
+        ]
+        session.execute(insert(Message), rows)
+        session.commit()
+    return conversation_id
+
+
+def test_tail_query_reads_only_what_the_budget_needs(app):
+    conversation_id = _seed(app, 2_000)
+
+    with app.app_context():
+        rows = load_context_tail(get_session(), conversation_id, token_budget=500)
+
+    assert len(rows) == TAIL_PAGE_SIZE
+    assert [row.seq for row in rows] == list(range(2_000 - TAIL_PAGE_SIZE + 1, 2_001))
+
+
+def test_chat_on_long_conversation_reports_dropped_messages(app, client):
+    app.config["CONTEXT_MAX_TOKENS"] = 400
+    conversation_id = _seed(app, 1_000)
+
+    response = client.post("/chat", json={"conversation_id": str(conversation_id), "message": "still here?"})
+
+    context = response.json["context"]
+    assert response.json["seq"] == 1_002
+    assert context["messages_sent"] + context["messages_dropped"] == 1_001
+    assert context["tokens"] <= 400
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_tail_query_uses_the_primary_key_index(app):
+    conversation_id = _seed(app, 3_000)
+    query = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.seq < 2_000)
+        .order_by(Message.seq.desc())
+        .limit(TAIL_PAGE_SIZE)
+    )
+    with app.app_context():
+        session = get_session()
+        session.execute(text("ANALYZE messages"))
+        compiled = query.compile(session.bind, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(session.execute(text(f"EXPLAIN {compiled}")).scalars())
+
+    assert "Index Scan Backward using messages_pkey" in plan
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_concurrent_turns_get_distinct_sequence_numbers(app):
+    conversation_id = app.test_client().post("/new_chat", json={"user_id": "racer"}).json["conversation_id"]
+
+    def turn(n: int) -> int:
+        response = app.test_client().post("/chat", json={"conversation_id": conversation_id, "message": f"m{n}"})
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(turn, range(12)))
+
+    log = app.test_client().get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert statuses == [200] * 12
+    assert [m["seq"] for m in log["messages"]] == list(range(1, 25))
+    assert log["message_count"] == 24
+    # every stored reply sits right after the user message it answers
+    pairs = zip(log["messages"][::2], log["messages"][1::2], strict=True)
+    assert all(reply["content"].endswith(question["content"]) for question, reply in pairs)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_service_recovers_after_database_drops_connections(app, client, postgres_url):
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        # What a database restart does to the app's pooled connections.
+        connection.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        )
+    admin.dispose()
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "after restart"})
+
+    assert response.status_code == 200
+    assert response.json["seq"] == 2
+
+
+def test_unreachable_database_is_503_without_details(app_config):
+    port = _free_ports(1)[0]
+    config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/parley"}
+    client = create_app(config).test_client()
+
+    created = client.post("/new_chat", json={"user_id": "u"})
+    ready = client.get("/readyz")
+
+    assert created.status_code == 503
+    assert created.json["error"] == "database_unavailable"
+    assert "s3cret" not in created.get_data(as_text=True) and "INSERT" not in created.get_data(as_text=True)
+    assert ready.status_code == 503 and ready.json["checks"]["database"].startswith("unavailable")
