@@ -7,45 +7,47 @@ Every API test runs on both backends Parley supports:
 """
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from database_utils import upgrade_database
 from main import create_app
 from tests.fake_model_server import FakeModelServer
+from tests.postgres import admin_url, temporary_database
 from tests.seaweed import SeaweedS3
 
-DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BACKENDS = ["postgres", "embedded"]
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A database created for this run on the test PostgreSQL server, dropped after."""
-    admin_url = make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"parley_test_{uuid.uuid4().hex[:12]}"
+    with temporary_database(admin_url()) as url:
+        upgrade_database(url)
+        yield url
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the run with instructions, rather than skip, when there is no PostgreSQL."""
+    server = admin_url()
+    engine = create_engine(server)
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
         pytest.exit(
-            f"The tests need PostgreSQL and could not reach {admin_url.render_as_string(hide_password=True)} "
-            f"({exc.__class__.__name__}). Start it, or set TEST_DATABASE_URL to a server where this user "
+            f"The tests need PostgreSQL and could not reach {make_url(server).render_as_string(hide_password=True)} "
+            f"({exc.orig.__class__.__name__}). Start it, or set TEST_DATABASE_URL to a server where this user "
             "may create databases, e.g. postgresql+psycopg://user:pass@host:5432/postgres",
             returncode=3,
         )
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    upgrade_database(url)
-    yield url
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")
