@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from conversation_memory import ASSISTANT, USER, ContextWindow, ConversationMemory, MemoryMessage
@@ -173,7 +174,7 @@ def _active_conversation(session: Session, conversation_id: uuid.UUID) -> Conver
 
 def _load_memory(session: Session, conversation: Conversation, settings: Mapping[str, Any]) -> ConversationMemory:
     budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
-    rows = load_context_tail(session, conversation.conversation_id, budget, cap)
+    rows = load_context_tail(session, conversation, budget, cap)
     return ConversationMemory(
         system_prompt=conversation.system_prompt,
         max_tokens=budget,
@@ -183,7 +184,7 @@ def _load_memory(session: Session, conversation: Conversation, settings: Mapping
     )
 
 
-def _to_memory(row: Message) -> MemoryMessage:
+def _to_memory(row: Row) -> MemoryMessage:
     return MemoryMessage(row.role, row.content, row.created_at, row.token_count, row.seq, row.usage)
 
 

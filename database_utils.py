@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Row,
     ForeignKey,
     Index,
     Integer,
@@ -37,8 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# Rows fetched per step when walking back from the newest message.
-TAIL_PAGE_SIZE = 64
+# Fewest rows fetched per step when walking back from the newest message.
+MIN_TAIL_PAGE = 16
 
 ACTIVE = "active"
 ENDED = "ended"
@@ -205,24 +206,30 @@ def get_conversation(session: Session, conversation_id: uuid.UUID) -> Conversati
 
 
 def load_context_tail(
-    session: Session, conversation_id: uuid.UUID, token_budget: int, max_messages: int | None = None
-) -> list[Message]:
+    session: Session, conversation: Conversation, token_budget: int, max_messages: int | None = None
+) -> list[Row]:
     """The newest messages, oldest first, until they fill `token_budget`.
 
-    Walks back a page at a time over the (conversation_id, seq) primary key,
-    so the cost depends on the budget, never on the length of the log.
+    Walks back over the (conversation_id, seq) primary key, so the cost
+    depends on the budget, never on the length of the log. The first page is
+    sized from the conversation's average message size, so one query
+    usually suffices. Rows carry the columns of `Message`, not ORM objects,
+    which keeps the per-row cost low.
     """
-    rows: list[Message] = []
+    average = max(conversation.token_count // max(conversation.message_count, 1), 1)
+    page_size = max(token_budget // average + 2, MIN_TAIL_PAGE)
+    columns = select(Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage)
+    rows: list[Row] = []
     tokens = 0
     before: int | None = None
     while tokens < token_budget and (max_messages is None or len(rows) < max_messages):
-        query = select(Message).where(Message.conversation_id == conversation_id)
+        query = columns.where(Message.conversation_id == conversation.conversation_id)
         if before is not None:
             query = query.where(Message.seq < before)
-        page = list(session.scalars(query.order_by(Message.seq.desc()).limit(TAIL_PAGE_SIZE)))
+        page = session.execute(query.order_by(Message.seq.desc()).limit(page_size)).all()
         rows.extend(page)
         tokens += sum(row.token_count for row in page)
-        if len(page) < TAIL_PAGE_SIZE:
+        if len(page) < page_size:
             break
         before = page[-1].seq
     rows.reverse()

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import create_engine, select, text
 
-from database_utils import TAIL_PAGE_SIZE, Conversation, Message, get_session, load_context_tail
+from database_utils import TAIL_PAGE_SIZE, Message, get_session, load_context_tail
 from main import create_app
+from tests.factories import seed_conversation
 from tests.seaweed import _free_ports
 
 
@@ -27,27 +27,8 @@ def test_db_upgrade_command_is_repeatable(runner):
 
 
 def _seed(app, messages: int) -> uuid.UUID:
-    """A conversation with `messages` alternating messages, inserted in bulk."""
-    conversation_id = uuid.uuid4()
-    start = datetime.now(timezone.utc) - timedelta(days=1)
     with app.app_context():
-        session = get_session()
-        session.add(Conversation(conversation_id=conversation_id, user_id="seed", message_count=messages))
-        session.flush()
-        rows = [
-            {
-                "conversation_id": conversation_id,
-                "seq": seq,
-                "role": "user" if seq % 2 else "assistant",
-                "content": f"message {seq} " + "lorem ipsum " * 10,
-                "created_at": start + timedelta(seconds=seq),
-                "token_count": 50,
-            }
-            for seq in range(1, messages + 1)
-        ]
-        session.execute(insert(Message), rows)
-        session.commit()
-    return conversation_id
+        return seed_conversation(get_session(), messages)
 
 
 def test_tail_query_reads_only_what_the_budget_needs(app):

@@ -1,0 +1,53 @@
+"""Bulk test data, inserted directly (much faster than going through /chat)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import delete, insert, update
+from sqlalchemy.orm import Session
+
+from database_utils import Conversation, Message
+
+SEED_TOKENS_PER_MESSAGE = 50
+
+
+def seed_conversation(session: Session, messages: int, user_id: str = "seed") -> uuid.UUID:
+    """A conversation with `messages` alternating user/assistant messages."""
+    conversation_id = uuid.uuid4()
+    start = datetime.now(timezone.utc) - timedelta(days=1)
+    session.add(
+        Conversation(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            message_count=messages,
+            token_count=messages * SEED_TOKENS_PER_MESSAGE,
+        )
+    )
+    session.flush()
+    rows = [
+        {
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "role": "user" if seq % 2 else "assistant",
+            "content": f"message {seq} " + "lorem ipsum " * 10,
+            "created_at": start + timedelta(seconds=seq),
+            "token_count": SEED_TOKENS_PER_MESSAGE,
+        }
+        for seq in range(1, messages + 1)
+    ]
+    for first in range(0, len(rows), 5_000):
+        session.execute(insert(Message), rows[first : first + 5_000])
+    session.commit()
+    return conversation_id
+
+
+def truncate_conversation(session: Session, conversation_id: uuid.UUID, messages: int) -> None:
+    """Put a seeded conversation back to its first `messages` messages."""
+    session.execute(delete(Message).where(Message.conversation_id == conversation_id, Message.seq > messages))
+    session.execute(
+        update(Conversation)
+        .where(Conversation.conversation_id == conversation_id)
+        .values(message_count=messages, token_count=messages * SEED_TOKENS_PER_MESSAGE)
+    )
+    session.commit()
