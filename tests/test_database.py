@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from database_utils import TAIL_PAGE_SIZE, Message, get_session, load_context_tail
+from database_utils import MIN_TAIL_PAGE, Message, get_conversation, get_session, load_context_tail
 from main import create_app
 from tests.factories import seed_conversation
 from tests.seaweed import _free_ports
@@ -35,10 +35,11 @@ def test_tail_query_reads_only_what_the_budget_needs(app):
     conversation_id = _seed(app, 2_000)
 
     with app.app_context():
-        rows = load_context_tail(get_session(), conversation_id, token_budget=500)
+        session = get_session()
+        rows = load_context_tail(session, get_conversation(session, conversation_id), token_budget=500)
 
-    assert len(rows) == TAIL_PAGE_SIZE
-    assert [row.seq for row in rows] == list(range(2_000 - TAIL_PAGE_SIZE + 1, 2_001))
+    # seeded messages are 50 tokens each: 10 fill the budget, the page adds 2 spare
+    assert [row.seq for row in rows] == list(range(2_000 - 12 + 1, 2_001))
 
 
 def test_chat_on_long_conversation_reports_dropped_messages(app, client):
@@ -60,7 +61,7 @@ def test_tail_query_uses_the_primary_key_index(app):
         select(Message)
         .where(Message.conversation_id == conversation_id, Message.seq < 2_000)
         .order_by(Message.seq.desc())
-        .limit(TAIL_PAGE_SIZE)
+        .limit(MIN_TAIL_PAGE)
     )
     with app.app_context():
         session = get_session()
