@@ -38,8 +38,8 @@ def test_tail_query_reads_only_what_the_budget_needs(app):
         session = get_session()
         rows = load_context_tail(session, get_conversation(session, conversation_id), token_budget=500)
 
-    # seeded messages are 50 tokens each: 10 fill the budget, the page adds 2 spare
-    assert [row.seq for row in rows] == list(range(2_000 - 12 + 1, 2_001))
+    # 10 seeded messages of 50 tokens fill the budget; one query of the smallest page
+    assert [row.seq for row in rows] == list(range(2_000 - MIN_TAIL_PAGE + 1, 2_001))
 
 
 def test_chat_on_long_conversation_reports_dropped_messages(app, client):
