@@ -27,6 +27,8 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "CONTEXT_MAX_MESSAGES": (None, int),
     "MAX_MESSAGE_CHARS": (32_000, int),
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
+    "REDIS_URL": (None, str),
+    "RATE_LIMIT": ("120 per minute", str),
 }
 
 DEFAULT_MODELS = {

@@ -6,6 +6,8 @@ mistakes; model, archive and database faults propagate as their own types.
 """
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,20 +20,24 @@ from sqlalchemy.orm import Session
 from conversation_memory import ASSISTANT, USER, ContextWindow, ConversationMemory, MemoryMessage
 from database_utils import (
     ACTIVE,
+    CLIENT,
     ENDED,
+    STAFF,
+    ApiKey,
     Conversation,
     Message,
-    get_conversation,
+    find_conversations,
     list_messages,
     load_context_tail,
     mark_ended,
+    record_audit,
     reserve_seqs,
     utcnow,
 )
-from errors import Conflict, NotFound, PayloadTooLarge
+from errors import ApiError, Conflict, NotFound, PayloadTooLarge
 from llm import ChatModel, ModelReply
 from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
-from schemas import NewChatRequest
+from schemas import NewChatRequest, SearchQuery
 
 # end_chat re-archives if a turn lands while it writes; this bounds the retries.
 END_ATTEMPTS = 3
@@ -45,9 +51,10 @@ class Turn:
     context: ContextWindow
 
 
-def open_conversation(session: Session, request: NewChatRequest) -> Conversation:
+def open_conversation(session: Session, request: NewChatRequest, owner: ApiKey) -> Conversation:
     conversation = Conversation(
         conversation_id=uuid.uuid4(),
+        owner_key_id=owner.key_id,
         user_id=request.user_id,
         conversation_name=request.conversation_name,
         system_prompt=request.system_prompt,
@@ -59,7 +66,12 @@ def open_conversation(session: Session, request: NewChatRequest) -> Conversation
 
 
 def chat_turn(
-    session: Session, model: ChatModel, settings: Mapping[str, Any], conversation_id: uuid.UUID, text: str
+    session: Session,
+    model: ChatModel,
+    settings: Mapping[str, Any],
+    viewer: ApiKey,
+    conversation_id: uuid.UUID,
+    text: str,
 ) -> Turn:
     """Answer one user message and store both messages together.
 
@@ -68,7 +80,9 @@ def chat_turn(
     """
     if len(text) > settings["MAX_MESSAGE_CHARS"]:
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
-    conversation = _active_conversation(session, conversation_id)
+    conversation = _visible_conversation(session, viewer, conversation_id)
+    if conversation.status != ACTIVE:
+        raise Conflict(f"conversation {conversation_id} has ended; open a new one")
     memory = _load_memory(session, conversation, settings)
     user = memory.update_memory(USER, text)
     context = memory.get_current_context()
@@ -87,16 +101,14 @@ def chat_turn(
     return Turn(conversation_id, reply, last_seq, context)
 
 
-def end_conversation(session: Session, archive: Archive, conversation_id: uuid.UUID) -> Conversation:
+def end_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> Conversation:
     """Archive the whole log, record where, and mark the conversation ended.
 
     Idempotent: ending an ended conversation returns it unchanged. If the
     archive write fails, the conversation stays active and nothing is lost.
     """
     for _ in range(END_ATTEMPTS):
-        conversation = session.get(Conversation, conversation_id, with_for_update=True, populate_existing=True)
-        if conversation is None:
-            raise NotFound(f"conversation {conversation_id} does not exist")
+        conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
         if conversation.status == ENDED:
             session.commit()
             return conversation
@@ -110,11 +122,14 @@ def end_conversation(session: Session, archive: Archive, conversation_id: uuid.U
     raise Conflict("the conversation kept changing while it was being archived; retry")
 
 
-def read_conversation(session: Session, archive: Archive, conversation_id: uuid.UUID) -> dict[str, Any]:
-    """Metadata and the full log, from the database or, once ended, the archive."""
-    conversation = get_conversation(session, conversation_id)
-    if conversation is None:
-        raise NotFound(f"conversation {conversation_id} does not exist")
+def read_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> dict[str, Any]:
+    """Metadata and the full log, from the database or, once ended, the archive.
+
+    A staff read is recorded in the audit table before anything is returned.
+    """
+    conversation = _visible_conversation(session, viewer, conversation_id)
+    if viewer.role == STAFF:
+        record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
     if conversation.status == ENDED and conversation.s3_file_location:
         messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
     else:
@@ -163,12 +178,42 @@ def message_dict(row: Message) -> dict[str, Any]:
     }
 
 
-def _active_conversation(session: Session, conversation_id: uuid.UUID) -> Conversation:
-    conversation = get_conversation(session, conversation_id)
-    if conversation is None:
+def search_conversations(session: Session, viewer: ApiKey, query: SearchQuery) -> dict[str, Any]:
+    """Staff lookup, newest first, one page at a time (audited)."""
+    after = decode_cursor(query.cursor) if query.cursor else None
+    rows = find_conversations(session, query.model_dump(exclude={"cursor", "limit"}), after, query.limit + 1)
+    record_audit(session, viewer, "search_conversations", detail=query.model_dump(mode="json", exclude_none=True))
+    page = rows[: query.limit]
+    more = len(rows) > query.limit
+    return {
+        "conversations": [conversation_dict(row) for row in page],
+        "next_cursor": encode_cursor(page[-1]) if more else None,
+    }
+
+
+def encode_cursor(conversation: Conversation) -> str:
+    raw = json.dumps([conversation.created_at.isoformat(), str(conversation.conversation_id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, conversation_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        position = datetime.fromisoformat(created_at), uuid.UUID(conversation_id)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise ApiError("cursor is not one this service returned") from None
+    if position[0].tzinfo is None:
+        raise ApiError("cursor is not one this service returned")
+    return position
+
+
+def _visible_conversation(
+    session: Session, viewer: ApiKey, conversation_id: uuid.UUID, lock: bool = False
+) -> Conversation:
+    """The conversation if `viewer` may see it; 404 otherwise, so IDs cannot be probed."""
+    conversation = session.get(Conversation, conversation_id, with_for_update=lock, populate_existing=lock)
+    if conversation is None or (viewer.role == CLIENT and conversation.owner_key_id != viewer.key_id):
         raise NotFound(f"conversation {conversation_id} does not exist")
-    if conversation.status != ACTIVE:
-        raise Conflict(f"conversation {conversation_id} has ended; open a new one")
     return conversation
 
 

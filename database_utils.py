@@ -31,8 +31,10 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    literal,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -43,6 +45,11 @@ MIN_TAIL_PAGE = 16
 
 ACTIVE = "active"
 ENDED = "ended"
+
+CLIENT = "client"
+STAFF = "staff"
+ADMIN = "admin"
+ROLES = (CLIENT, STAFF, ADMIN)
 
 
 def utcnow() -> datetime:
@@ -70,10 +77,33 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
+class ApiKey(Base):
+    """A caller of the API. Only a hash of the secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
 class Conversation(Base):
     __tablename__ = "conversations"
 
     conversation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id", name="fk_conversations_owner_key_id"))
     user_id: Mapped[str] = mapped_column(String(128))
     conversation_name: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
@@ -89,10 +119,21 @@ class Conversation(Base):
     # "metadata" is reserved on declarative classes, so the attribute is `meta`.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
 
+    # Staff search reads newest first with a (created_at, conversation_id)
+    # cursor; each filter has an index that yields rows in that order.
     __table_args__ = (
-        Index("ix_conversations_user_id_created_at", "user_id", "created_at"),
-        Index("ix_conversations_created_at", "created_at"),
+        Index("ix_conversations_created", "created_at", "conversation_id"),
+        Index("ix_conversations_user_created", "user_id", "created_at", "conversation_id"),
+        Index("ix_conversations_status_created", "status", "created_at", "conversation_id"),
         Index("ix_conversations_ended_at", "ended_at"),
+        Index("ix_conversations_owner", "owner_key_id"),
+        Index(
+            "ix_conversations_name_trgm",
+            "conversation_name",
+            postgresql_using="gin",
+            postgresql_ops={"conversation_name": "gin_trgm_ops"},
+            info={"only_dialect": "postgresql"},
+        ),
     )
 
 
@@ -108,6 +149,24 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     token_count: Mapped[int] = mapped_column(Integer)
     usage: Mapped[dict[str, Any] | None]
+
+
+class AuditEvent(Base):
+    """Who read what, when: every staff read of a conversation or search."""
+
+    __tablename__ = "audit_events"
+
+    event_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.key_id"))
+    action: Mapped[str] = mapped_column(String(32))
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    detail: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_audit_events_conversation", "conversation_id", "created_at"),
+        Index("ix_audit_events_key", "key_id", "created_at"),
+    )
 
 
 # ---------------------------------------------------------------- engine
@@ -282,3 +341,46 @@ def mark_ended(session: Session, conversation: Conversation, location: str, ende
         return False
     session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))
     return True
+
+
+def find_conversations(
+    session: Session, filters: dict[str, Any], after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[Conversation]:
+    """Conversations matching `filters`, newest first, after a cursor position.
+
+    Ordered by (created_at, conversation_id) so that a page boundary stays
+    put while new conversations arrive: they sort before every cursor.
+    """
+    query = select(Conversation)
+    if filters.get("user_id"):
+        query = query.where(Conversation.user_id == filters["user_id"])
+    if filters.get("status"):
+        query = query.where(Conversation.status == filters["status"])
+    if filters.get("created_from"):
+        query = query.where(Conversation.created_at >= filters["created_from"])
+    if filters.get("created_to"):
+        query = query.where(Conversation.created_at < filters["created_to"])
+    if filters.get("ended_from"):
+        query = query.where(Conversation.ended_at >= filters["ended_from"])
+    if filters.get("ended_to"):
+        query = query.where(Conversation.ended_at < filters["ended_to"])
+    if filters.get("name"):
+        pattern = "%" + filters["name"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = query.where(Conversation.conversation_name.ilike(pattern, escape="\\"))
+    if after is not None:
+        position = tuple_(literal(after[0], UTCDateTime()), literal(after[1], Uuid()))
+        query = query.where(tuple_(Conversation.created_at, Conversation.conversation_id) < position)
+    order = (Conversation.created_at.desc(), Conversation.conversation_id.desc())
+    return list(session.scalars(query.order_by(*order).limit(limit)))
+
+
+def record_audit(
+    session: Session,
+    key: ApiKey,
+    action: str,
+    conversation_id: uuid.UUID | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Write an audit event and commit it, before the audited data is returned."""
+    session.add(AuditEvent(key_id=key.key_id, action=action, conversation_id=conversation_id, detail=detail))
+    session.commit()

@@ -91,6 +91,8 @@ def _database_unavailable(exc: DBAPIError) -> Response:
 
 
 def _http_error(exc: HTTPException) -> Response:
+    if exc.code == 429:
+        return error_response(429, "rate_limited", f"rate limit of {exc.description} exceeded; retry after Retry-After seconds")
     if exc.code == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         return error_response(413, PayloadTooLarge.error, f"the request body is larger than {limit} bytes")

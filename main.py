@@ -5,19 +5,30 @@ Run it with `flask --app main run` (embedded default) or
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import current_app, request
-from flask_openapi3 import APIBlueprint, Info, OpenAPI, Tag
+from flask import current_app, g, request
+from flask_limiter import Limiter
+from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from werkzeug.exceptions import BadRequest
 
+import auth
 import database_utils
 import errors
+from auth import Forbidden, authenticate, create_key, list_keys, revoke_key
 from config import load_config
-from conversations import chat_turn, conversation_dict, end_conversation, open_conversation, read_conversation
-from database_utils import get_session
+from conversations import (
+    chat_turn,
+    conversation_dict,
+    end_conversation,
+    open_conversation,
+    read_conversation,
+    search_conversations,
+)
+from database_utils import ADMIN, CLIENT, STAFF, ApiKey, get_session, utcnow
 from llm import make_model
 from s3_utils import ArchiveError, make_archive
 from schemas import (
@@ -28,17 +39,40 @@ from schemas import (
     ConversationRef,
     ErrorResponse,
     Health,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    KeyRef,
     NewChatRequest,
+    SearchPage,
+    SearchQuery,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_ERRORS = {400: ErrorResponse, 404: ErrorResponse, 413: ErrorResponse}
-_MODEL_ERRORS = {409: ErrorResponse, 502: ErrorResponse, 503: ErrorResponse, 504: ErrorResponse}
+# Who may call what, by endpoint. Everything on `api` needs a key.
+ACCESS: dict[str, set[str]] = {
+    "new_chat": {CLIENT},
+    "chat": {CLIENT},
+    "end_chat": {CLIENT},
+    "get_conversation": {CLIENT, STAFF},
+    "search": {STAFF},
+    "keys_create": {ADMIN},
+    "keys_list": {ADMIN},
+    "keys_revoke": {ADMIN},
+}
+
+_ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429)}
+_MODEL_ERRORS = {code: ErrorResponse for code in (409, 502, 503, 504)}
 
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
-ops = Tag(name="operations", description="Liveness and readiness probes")
-api = APIBlueprint("parley", __name__, abp_responses=_ERRORS)
+staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
+admin = Tag(name="keys", description="Manage API keys (admin keys)")
+ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
+
+api = APIBlueprint("parley", __name__, abp_responses=_ERRORS, abp_security=[{"bearer": []}])
+probes = APIBlueprint("probes", __name__)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
@@ -46,6 +80,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app = OpenAPI(
         __name__,
         info=Info(title="Parley", version=__version__, description="Conversation service for Claude-powered assistants."),
+        security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="An API key: `Authorization: Bearer prly_...`")},
         validation_error_status=400,
         validation_error_model=ErrorResponse,
         validation_error_callback=errors.validation_error_response,
@@ -53,17 +88,24 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     )
     app.config.update(load_config())
     app.config.update(config or {})
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
+    app.config.setdefault("RATELIMIT_DEFAULT", app.config["RATE_LIMIT"])
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     errors.init_app(app)
     database_utils.init_app(app)
+    auth.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_database(app.config["DATABASE_URL"])
     app.extensions["parley.archive"] = make_archive(app.config["ARCHIVE_URL"], app.config["S3_ENDPOINT_URL"])
     app.extensions["parley.model"] = make_model(app.config)
     app.before_request(_require_json_body)
+    limiter = Limiter(key_func=_rate_limit_key, app=app)
+    limiter.exempt(probes)
     app.register_api(api)
+    app.register_api(probes)
     app.add_url_rule("/openapi.json", "openapi_json", lambda: app.api_doc)
     return app
 
@@ -79,23 +121,43 @@ def _require_json_body() -> None:
             raise errors.ApiError("the request body is not valid JSON in UTF-8") from None
 
 
+@api.before_request
+def _authorize() -> None:
+    """401 without a usable key, 403 when its role may not call this route."""
+    key = authenticate(get_session(), request.headers.get("Authorization"))
+    if key.role not in ACCESS[request.endpoint.rpartition(".")[2]]:
+        raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}")
+    g.api_key = key
+
+
+def _rate_limit_key() -> str:
+    """Limits count per API key (its hash: the secret never reaches the store), else per address."""
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and secret:
+        return "key:" + hashlib.sha256(secret.strip().encode()).hexdigest()[:32]
+    return "addr:" + (request.remote_addr or "unknown")
+
+
 def _archive():
     return current_app.extensions["parley.archive"]
+
+
+def _caller() -> ApiKey:
+    return g.api_key
 
 
 @api.post("/new_chat", tags=[chats], responses={201: ConversationOut})
 def new_chat(body: NewChatRequest):
     """Open a conversation for a user; the server assigns its ID."""
-    conversation = open_conversation(get_session(), body)
+    conversation = open_conversation(get_session(), body, _caller())
     return conversation_dict(conversation), 201
 
 
 @api.post("/chat", tags=[chats], responses={200: ChatResponse, **_MODEL_ERRORS})
 def chat(body: ChatRequest):
     """Post the user's message and get the model's reply."""
-    turn = chat_turn(
-        get_session(), current_app.extensions["parley.model"], current_app.config, body.conversation_id, body.message
-    )
+    model = current_app.extensions["parley.model"]
+    turn = chat_turn(get_session(), model, current_app.config, _caller(), body.conversation_id, body.message)
     return {
         "conversation_id": str(turn.conversation_id),
         "reply": turn.reply.text,
@@ -114,22 +176,66 @@ def chat(body: ChatRequest):
 @api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 503: ErrorResponse})
 def end_chat(body: ConversationRef):
     """Archive the conversation and mark it ended. Repeating it is harmless."""
-    return conversation_dict(end_conversation(get_session(), _archive(), body.conversation_id))
+    return conversation_dict(end_conversation(get_session(), _archive(), _caller(), body.conversation_id))
 
 
-@api.get("/get_conversation", tags=[chats], responses={200: ConversationDetail, 503: ErrorResponse})
+@api.get("/get_conversation", tags=[chats, staff], responses={200: ConversationDetail, 503: ErrorResponse})
 def get_conversation(query: ConversationRef):
-    """A conversation's metadata and full log, live or archived."""
-    return read_conversation(get_session(), _archive(), query.conversation_id)
+    """A conversation's metadata and full log, live or archived.
+
+    Clients see the conversations created with their key; staff see any
+    (each read is audited).
+    """
+    return read_conversation(get_session(), _archive(), _caller(), query.conversation_id)
 
 
-@api.get("/healthz", tags=[ops], responses={200: Health})
+@api.get("/conversations", tags=[staff], responses={200: SearchPage})
+def search(query: SearchQuery):
+    """Find conversations by user, status, dates or name text, newest first."""
+    return search_conversations(get_session(), _caller(), query)
+
+
+@api.post("/keys", tags=[admin], responses={201: KeyCreated})
+def keys_create(body: KeyCreate):
+    """Create a key. Its secret is in this response only."""
+    if body.expires_at is not None and body.expires_at <= utcnow():
+        raise errors.ApiError("expires_at must be in the future")
+    key, secret = create_key(get_session(), body.role, body.name, body.expires_at)
+    return {**_key_dict(key), "key": secret}, 201
+
+
+@api.get("/keys", tags=[admin], responses={200: KeyList})
+def keys_list():
+    """Every key, without secrets."""
+    return {"keys": [_key_dict(key) for key in list_keys(get_session())]}
+
+
+@api.post("/keys/revoke", tags=[admin], responses={200: KeyOut})
+def keys_revoke(body: KeyRef):
+    """Revoke a key at once. Repeating it is harmless."""
+    return _key_dict(revoke_key(get_session(), body.key_id))
+
+
+def _key_dict(key: ApiKey) -> dict[str, Any]:
+    return {
+        "key_id": str(key.key_id),
+        "name": key.name,
+        "role": key.role,
+        "prefix": key.prefix,
+        "state": key.state(utcnow()),
+        "created_at": key.created_at.isoformat(),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+@probes.get("/healthz", tags=[ops], responses={200: Health})
 def healthz():
     """The process is up."""
     return {"status": "ok"}
 
 
-@api.get("/readyz", tags=[ops], responses={200: Health, 503: Health})
+@probes.get("/readyz", tags=[ops], responses={200: Health, 503: Health})
 def readyz():
     """The database and the archive are reachable."""
     checks = {"database": "ok", "archive": "ok"}

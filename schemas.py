@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_NAME_CHARS = 200
 MAX_SYSTEM_PROMPT_CHARS = 100_000
@@ -123,6 +123,59 @@ class ConversationDetail(ConversationOut):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class SearchQuery(_Request):
+    user_id: UserId | None = None
+    status: Literal["active", "ended"] | None = None
+    created_from: AwareDatetime | None = Field(default=None, description="Created at or after (ISO 8601 with offset).")
+    created_to: AwareDatetime | None = Field(default=None, description="Created before.")
+    ended_from: AwareDatetime | None = None
+    ended_to: AwareDatetime | None = None
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)] | None = Field(
+        default=None, description="Text the conversation name contains (case-insensitive)."
+    )
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")] | None = Field(
+        default=None, description="next_cursor from the previous page."
+    )
+
+
+class SearchPage(BaseModel):
+    conversations: list[ConversationOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
+
+
+Role = Literal["client", "staff", "admin"]
+
+
+class KeyCreate(_Request):
+    role: Role
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=100)]
+    expires_at: AwareDatetime | None = Field(default=None, description="When the key stops working; default never.")
+
+
+class KeyRef(_Request):
+    key_id: uuid.UUID
+
+
+class KeyOut(BaseModel):
+    key_id: uuid.UUID
+    name: str
+    role: Role
+    prefix: str = Field(description="The key's first characters, to tell keys apart.")
+    state: Literal["active", "revoked", "expired"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret. Shown only in this response; store it now.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
 
 
 class ErrorResponse(BaseModel):

@@ -22,7 +22,8 @@ import time
 from sqlalchemy import text
 from tqdm import tqdm
 
-from database_utils import get_session, list_messages, upgrade_database
+from auth import create_key
+from database_utils import CLIENT, get_session, list_messages, upgrade_database
 from main import create_app
 from tests.factories import seed_conversation, truncate_conversation
 from tests.postgres import admin_url, temporary_database
@@ -40,16 +41,29 @@ def run(turns: int) -> dict[str, list[float]]:
     timings["full log read at 5000"] = []
     with temporary_database(admin_url(), prefix="parley_bench") as url, tempfile.TemporaryDirectory() as archive:
         upgrade_database(url)
-        app = create_app({"DATABASE_URL": url, "ARCHIVE_URL": f"file://{archive}", "LLM_PROVIDER": "echo", "LLM_MODEL": "echo"})
-        client = app.test_client()
+        app = create_app(
+            {
+                "DATABASE_URL": url,
+                "ARCHIVE_URL": f"file://{archive}",
+                "LLM_PROVIDER": "echo",
+                "LLM_MODEL": "echo",
+                "RATELIMIT_ENABLED": False,
+            }
+        )
         with app.app_context():
-            ids = {size: seed_conversation(get_session(), size) for size in SIZES}
+            key, secret = create_key(get_session(), CLIENT, "bench")
+            ids = {size: seed_conversation(get_session(), size, owner_key_id=key.key_id) for size in SIZES}
             # Give the planner the statistics autovacuum would have gathered.
             get_session().execute(text("ANALYZE"))
+        client = app.test_client()
         for turn in tqdm(range(turns), desc="turns", unit="turn"):
             for size in SIZES:
                 started = time.perf_counter()
-                response = client.post("/chat", json={"conversation_id": str(ids[size]), "message": f"question {turn}"})
+                response = client.post(
+                    "/chat",
+                    json={"conversation_id": str(ids[size]), "message": f"question {turn}"},
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
                 timings[str(size)].append(time.perf_counter() - started)
                 assert response.status_code == 200, response.json
                 with app.app_context():

@@ -24,9 +24,21 @@ def _url() -> str:
     return config.get_main_option("sqlalchemy.url") or load_config()["DATABASE_URL"]
 
 
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
+    """Leave out indexes that exist on one database only (info["only_dialect"])."""
+    only = getattr(obj, "info", {}).get("only_dialect")
+    return only is None or only == context.get_context().dialect.name
+
+
 def run_migrations_offline() -> None:
     """Emit SQL to stdout instead of running it (`alembic upgrade --sql`)."""
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
+    context.configure(
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+        include_object=include_object,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -35,7 +47,12 @@ def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
         # Batch mode lets ALTER-style revisions also run on SQLite.
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=True,
+            include_object=include_object,
+        )
         with context.begin_transaction():
             context.run_migrations()
 

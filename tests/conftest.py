@@ -15,7 +15,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from database_utils import upgrade_database
+from flask.testing import FlaskClient
+
+from auth import create_key
+from database_utils import get_session, upgrade_database
 from main import create_app
 from tests.fake_model_server import FakeModelServer
 from tests.postgres import admin_url, temporary_database
@@ -94,7 +97,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def app_config(backend: str, request: pytest.FixtureRequest, tmp_path) -> dict:
     """Settings for an app on `backend`, isolated from every other test."""
-    config = {"LLM_PROVIDER": "echo", "LLM_MODEL": "echo", "TESTING": True}
+    # Rate limits have their own tests; elsewhere they would only add noise.
+    config = {"LLM_PROVIDER": "echo", "LLM_MODEL": "echo", "TESTING": True, "RATELIMIT_ENABLED": False}
     if backend == "postgres":
         bucket = request.getfixturevalue("s3_bucket")
         s3 = request.getfixturevalue("s3_server")
@@ -112,7 +116,7 @@ def clean_postgres(postgres_url: str) -> Iterator[str]:
     yield postgres_url
     engine = create_engine(postgres_url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE messages, conversations CASCADE"))
+        connection.execute(text("TRUNCATE audit_events, messages, conversations, api_keys CASCADE"))
     engine.dispose()
 
 
@@ -123,9 +127,39 @@ def app(app_config: dict):
     app.extensions["parley.engine"].dispose()
 
 
+KEY_HOLDERS = {"client_a": "client", "client_b": "client", "staff": "staff", "admin": "admin"}
+
+
 @pytest.fixture
-def client(app):
-    return app.test_client()
+def keys(app) -> dict[str, str]:
+    """Secrets of one key per role (two clients), in the test's database."""
+    with app.app_context():
+        session = get_session()
+        return {holder: create_key(session, role, holder)[1] for holder, role in KEY_HOLDERS.items()}
+
+
+def client_with_key(app, secret: str | None) -> FlaskClient:
+    """A test client that sends `secret` as its bearer key on every request."""
+    client = app.test_client()
+    if secret is not None:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    return client
+
+
+@pytest.fixture
+def client(app, keys) -> FlaskClient:
+    """Client A, the usual caller of the conversation routes."""
+    return client_with_key(app, keys["client_a"])
+
+
+@pytest.fixture
+def staff_client(app, keys) -> FlaskClient:
+    return client_with_key(app, keys["staff"])
+
+
+@pytest.fixture
+def admin_client(app, keys) -> FlaskClient:
+    return client_with_key(app, keys["admin"])
 
 
 @pytest.fixture

@@ -12,13 +12,16 @@ from database_utils import Conversation, Message
 SEED_TOKENS_PER_MESSAGE = 50
 
 
-def seed_conversation(session: Session, messages: int, user_id: str = "seed") -> uuid.UUID:
+def seed_conversation(
+    session: Session, messages: int, user_id: str = "seed", owner_key_id: uuid.UUID | None = None
+) -> uuid.UUID:
     """A conversation with `messages` alternating user/assistant messages."""
     conversation_id = uuid.uuid4()
     start = datetime.now(timezone.utc) - timedelta(days=1)
     session.add(
         Conversation(
             conversation_id=conversation_id,
+            owner_key_id=owner_key_id,
             user_id=user_id,
             message_count=messages,
             token_count=messages * SEED_TOKENS_PER_MESSAGE,

@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from database_utils import MIN_TAIL_PAGE, Message, get_conversation, get_session, load_context_tail
+from database_utils import MIN_TAIL_PAGE, ApiKey, Message, get_conversation, get_session, load_context_tail
 from main import create_app
+from tests.conftest import client_with_key
 from tests.factories import seed_conversation
 from tests.seaweed import _free_ports
 
@@ -27,11 +28,14 @@ def test_db_upgrade_command_is_repeatable(runner):
 
 
 def _seed(app, messages: int) -> uuid.UUID:
+    """A conversation of `messages` messages owned by client A's key."""
     with app.app_context():
-        return seed_conversation(get_session(), messages)
+        session = get_session()
+        owner = session.scalar(select(ApiKey.key_id).where(ApiKey.name == "client_a"))
+        return seed_conversation(session, messages, owner_key_id=owner)
 
 
-def test_tail_query_reads_only_what_the_budget_needs(app):
+def test_tail_query_reads_only_what_the_budget_needs(app, keys):
     conversation_id = _seed(app, 2_000)
 
     with app.app_context():
@@ -55,7 +59,7 @@ def test_chat_on_long_conversation_reports_dropped_messages(app, client):
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_tail_query_uses_the_primary_key_index(app):
+def test_tail_query_uses_the_primary_key_index(app, keys):
     conversation_id = _seed(app, 3_000)
     query = (
         select(Message)
@@ -73,17 +77,17 @@ def test_tail_query_uses_the_primary_key_index(app):
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_concurrent_turns_get_distinct_sequence_numbers(app):
-    conversation_id = app.test_client().post("/new_chat", json={"user_id": "racer"}).json["conversation_id"]
+def test_concurrent_turns_get_distinct_sequence_numbers(app, keys):
+    conversation_id = client_with_key(app, keys["client_a"]).post("/new_chat", json={"user_id": "racer"}).json["conversation_id"]
 
     def turn(n: int) -> int:
-        response = app.test_client().post("/chat", json={"conversation_id": conversation_id, "message": f"m{n}"})
+        response = client_with_key(app, keys["client_a"]).post("/chat", json={"conversation_id": conversation_id, "message": f"m{n}"})
         return response.status_code
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         statuses = list(pool.map(turn, range(12)))
 
-    log = app.test_client().get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    log = client_with_key(app, keys["client_a"]).get("/get_conversation", query_string={"conversation_id": conversation_id}).json
     assert statuses == [200] * 12
     assert [m["seq"] for m in log["messages"]] == list(range(1, 25))
     assert log["message_count"] == 24
@@ -109,10 +113,10 @@ def test_service_recovers_after_database_drops_connections(app, client, postgres
     assert response.json["seq"] == 2
 
 
-def test_unreachable_database_is_503_without_details(app_config):
+def test_unreachable_database_is_503_without_details(app_config, keys):
     port = _free_ports(1)[0]
     config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/parley"}
-    client = create_app(config).test_client()
+    client = client_with_key(create_app(config), keys["client_a"])
 
     created = client.post("/new_chat", json={"user_id": "u"})
     ready = client.get("/readyz")

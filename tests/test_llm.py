@@ -4,14 +4,15 @@ from __future__ import annotations
 import pytest
 
 from main import create_app
+from tests.conftest import client_with_key
 from tests.seaweed import _free_ports
 
 SYSTEM = "You are a customer-service agent."
 
 
 @pytest.fixture
-def provider_app(app_config, fake_model, monkeypatch):
-    """Build an app whose provider talks to the fake model server, set up via each SDK's env vars."""
+def provider_app(app_config, keys, fake_model, monkeypatch):
+    """A client of an app whose provider talks to the fake model server, set up via each SDK's env vars."""
     apps = []
 
     def build(provider: str, **overrides):
@@ -24,7 +25,7 @@ def provider_app(app_config, fake_model, monkeypatch):
         config = {**app_config, "LLM_PROVIDER": provider, "LLM_MODEL": f"{provider}-test-model", "LLM_MAX_RETRIES": 0}
         app = create_app({**config, **overrides})
         apps.append(app)
-        return app
+        return client_with_key(app, keys["client_a"])
 
     yield build
     for app in apps:
@@ -41,7 +42,7 @@ def _log(client, conversation_id: str) -> list[dict]:
 
 
 def test_anthropic_provider_sends_system_and_history(provider_app, fake_model):
-    client = provider_app("anthropic", LLM_MAX_TOKENS=321, LLM_TEMPERATURE=0.2).test_client()
+    client = provider_app("anthropic", LLM_MAX_TOKENS=321, LLM_TEMPERATURE=0.2)
     conversation_id = _conversation(client)
 
     client.post("/chat", json={"conversation_id": conversation_id, "message": "first"})
@@ -60,7 +61,7 @@ def test_anthropic_provider_sends_system_and_history(provider_app, fake_model):
 
 
 def test_bedrock_provider_signs_requests_and_uses_invoke(provider_app, fake_model):
-    client = provider_app("bedrock").test_client()
+    client = provider_app("bedrock")
     conversation_id = _conversation(client)
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hello bedrock"})
@@ -75,7 +76,7 @@ def test_bedrock_provider_signs_requests_and_uses_invoke(provider_app, fake_mode
 
 
 def test_openai_provider_puts_system_first(provider_app, fake_model):
-    client = provider_app("openai").test_client()
+    client = provider_app("openai")
     conversation_id = _conversation(client)
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hello openai"})
@@ -104,7 +105,7 @@ def test_openai_provider_puts_system_first(provider_app, fake_model):
     ],
 )
 def test_provider_errors_map_to_5xx_and_store_nothing(provider_app, fake_model, provider, upstream_status, status, error):
-    client = provider_app(provider).test_client()
+    client = provider_app(provider)
     conversation_id = _conversation(client)
     fake_model.fail_next(upstream_status)
 
@@ -119,7 +120,7 @@ def test_provider_errors_map_to_5xx_and_store_nothing(provider_app, fake_model, 
 
 
 def test_provider_timeout_is_504(provider_app, fake_model):
-    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=0.5).test_client()
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=0.5)
     conversation_id = _conversation(client)
     fake_model.delay_next(2)
 
@@ -130,10 +131,10 @@ def test_provider_timeout_is_504(provider_app, fake_model):
     assert _log(client, conversation_id) == []
 
 
-def test_unreachable_provider_is_503(provider_app, monkeypatch):
-    app = provider_app("anthropic")
+def test_unreachable_provider_is_503(provider_app, keys, monkeypatch):
+    app = provider_app("anthropic").application
     monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
-    client = create_app({**app.config, "LLM_PROVIDER": "anthropic"}).test_client()
+    client = client_with_key(create_app({**app.config, "LLM_PROVIDER": "anthropic"}), keys["client_a"])
     conversation_id = _conversation(client)
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
@@ -142,9 +143,9 @@ def test_unreachable_provider_is_503(provider_app, monkeypatch):
     assert response.json["error"] == "model_unavailable"
 
 
-def test_echo_is_default_without_keys(app_config):
+def test_echo_is_default_without_keys(app_config, keys):
     config = {key: value for key, value in app_config.items() if not key.startswith("LLM_")}
-    client = create_app(config).test_client()
+    client = client_with_key(create_app(config), keys["client_a"])
     conversation_id = _conversation(client)
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "ping"})

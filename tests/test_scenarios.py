@@ -8,6 +8,7 @@ import pytest
 
 from conversation_memory import estimate_tokens
 from main import create_app
+from tests.conftest import client_with_key
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
 
@@ -18,7 +19,7 @@ AGENTS = {
 
 
 @pytest.fixture
-def claude_app(app_config, fake_model, monkeypatch):
+def claude_app(app_config, keys, fake_model, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
     app = create_app({**app_config, "LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "LLM_MAX_RETRIES": 0})
@@ -26,8 +27,8 @@ def claude_app(app_config, fake_model, monkeypatch):
     app.extensions["parley.engine"].dispose()
 
 
-def test_two_assistants_at_once_are_kept_apart_and_archived_exactly(claude_app, fake_model, s3_server):
-    client = claude_app.test_client()
+def test_two_assistants_at_once_are_kept_apart_and_archived_exactly(claude_app, keys, fake_model, s3_server):
+    client = client_with_key(claude_app, keys["client_a"])
     ids = {
         name: client.post("/new_chat", json={"user_id": f"user-{name}", "conversation_name": name, "system_prompt": prompt}).json[
             "conversation_id"
@@ -36,7 +37,7 @@ def test_two_assistants_at_once_are_kept_apart_and_archived_exactly(claude_app, 
     }
 
     def converse(name: str) -> None:
-        worker = claude_app.test_client()
+        worker = client_with_key(claude_app, keys["client_a"])
         for message in AGENTS[name][1]:
             assert worker.post("/chat", json={"conversation_id": ids[name], "message": message}).status_code == 200
 
@@ -58,10 +59,10 @@ def test_two_assistants_at_once_are_kept_apart_and_archived_exactly(claude_app, 
         assert client.get("/get_conversation", query_string={"conversation_id": ids[name]}).json["messages"] == live["messages"]
 
 
-def test_500_turns_stay_within_a_small_budget(claude_app, fake_model):
+def test_500_turns_stay_within_a_small_budget(claude_app, keys, fake_model):
     budget = 300
     claude_app.config["CONTEXT_MAX_TOKENS"] = budget
-    client = claude_app.test_client()
+    client = client_with_key(claude_app, keys["client_a"])
     system = "You are terse."
     conversation_id = client.post("/new_chat", json={"user_id": "marathon", "system_prompt": system}).json["conversation_id"]
 

@@ -1,0 +1,136 @@
+"""API keys: creation, lookup, revocation, and the `keys` CLI.
+
+A key is `prly_` plus 43 random URL-safe characters. It is shown once, when
+created; the database keeps its SHA-256 (a fast hash is right here: the keys
+are random, not passwords) and its first characters, to tell keys apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import datetime, timedelta
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from database_utils import ADMIN, CLIENT, ROLES, ApiKey, get_session, utcnow
+from errors import ApiError, NotFound
+
+KEY_PREFIX = "prly_"
+SHOWN_PREFIX_CHARS = 12
+
+
+class Unauthorized(ApiError):
+    status = 401
+    error = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    error = "forbidden"
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def create_key(session: Session, role: str, name: str, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Make a key; returns the stored row and the secret, which is not kept."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
+    session.add(key)
+    session.commit()
+    return key, secret
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
+    """Revoke a key; revoking it again keeps the first revocation time."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"key {key_id} does not exist")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.commit()
+    return key
+
+
+def authenticate(session: Session, authorization: str | None) -> ApiKey:
+    """The usable key named by an `Authorization: Bearer ...` header, or 401."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret.strip())))
+    if key is None or key.state(utcnow()) != "active":
+        raise Unauthorized("the API key is unknown, revoked or expired")
+    return key
+
+
+def bootstrap_keys(session: Session) -> list[tuple[ApiKey, str]]:
+    """On an empty key table, make an admin and a client key to start with."""
+    if session.scalar(select(func.count()).select_from(ApiKey)):
+        return []
+    return [create_key(session, ADMIN, "first admin"), create_key(session, CLIENT, "first client")]
+
+
+keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
+
+
+@keys_cli.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--expires-in-days", type=click.IntRange(min=1), default=None, help="Default: never expires.")
+def create_key_command(role: str, name: str, expires_in_days: int | None) -> None:
+    """Create a key and print it. It is shown only this once."""
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    key, secret = create_key(get_session(), role, name, expires_at)
+    click.echo(f"Created {role} key {key.key_id} ({name}). Store it now; it is not shown again:", err=True)
+    click.echo(secret)
+
+
+@keys_cli.command("list")
+def list_keys_command() -> None:
+    """List keys (never their secrets)."""
+    now = utcnow()
+    for key in list_keys(get_session()):
+        state = key.state(now)
+        expires = key.expires_at.isoformat() if key.expires_at else "never"
+        click.echo(f"{key.key_id}  {key.role:<6}  {state:<7}  {key.prefix}...  expires {expires}  {key.name}")
+
+
+@keys_cli.command("revoke")
+@click.argument("key_id", type=click.UUID)
+def revoke_key_command(key_id: uuid.UUID) -> None:
+    """Revoke a key at once."""
+    try:
+        key = revoke_key(get_session(), key_id)
+    except NotFound as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Revoked {key.key_id} ({key.name}).")
+
+
+@keys_cli.command("bootstrap")
+def bootstrap_command() -> None:
+    """Create a first admin and client key if there are no keys yet."""
+    created = bootstrap_keys(get_session())
+    if not created:
+        return
+    url = current_app.config.get("SERVER_NAME") or "http://127.0.0.1:8000"
+    click.echo("No API keys existed, so these were made. They are shown only this once:", err=True)
+    for key, secret in created:
+        click.echo(f"  {key.role:<6} {secret}", err=True)
+    click.echo(f"Try: curl -H 'Authorization: Bearer <client key>' -H 'Content-Type: application/json' "
+               f"-d '{{\"user_id\": \"me\"}}' {url}/new_chat", err=True)
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(keys_cli)
