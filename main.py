@@ -89,7 +89,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.config.update(load_config())
     app.config.update(config or {})
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
-    app.config.setdefault("RATELIMIT_DEFAULT", app.config["RATE_LIMIT"])
+    app.config.setdefault("RATELIMIT_APPLICATION", app.config["RATE_LIMIT"])
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -54,3 +54,33 @@ def truncate_conversation(session: Session, conversation_id: uuid.UUID, messages
         .values(message_count=messages, token_count=messages * SEED_TOKENS_PER_MESSAGE)
     )
     session.commit()
+
+
+def seed_conversations(session: Session, count: int, users: int = 1_000, batch: int = 10_000) -> None:
+    """`count` conversations over `users` users and a year of creation times.
+
+    Deterministic: conversation i belongs to user-(i % users), is ended when
+    i % 3 == 0, and is named after a product line, so filters select known
+    fractions of the table.
+    """
+    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    products = ("router", "billing", "membership", "delivery", "warranty")
+    for first in range(0, count, batch):
+        rows = []
+        for i in range(first, min(first + batch, count)):
+            created = start + timedelta(minutes=5 * i)
+            ended = i % 3 == 0
+            rows.append(
+                {
+                    "conversation_id": uuid.UUID(int=i + 1),
+                    "user_id": f"user-{i % users}",
+                    "conversation_name": f"{products[i % len(products)]} question #{i}",
+                    "status": "ended" if ended else "active",
+                    "created_at": created,
+                    "updated_at": created,
+                    "ended_at": created + timedelta(minutes=30) if ended else None,
+                    "meta": {},
+                }
+            )
+        session.execute(insert(Conversation), rows)
+    session.commit()

@@ -1,0 +1,198 @@
+"""Keys, roles, ownership, audit and rate limits."""
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from auth import create_key, revoke_key
+from database_utils import ApiKey, AuditEvent, get_session, utcnow
+from main import create_app
+from tests.conftest import client_with_key
+
+SECRET_TEXT = "client A's private message"
+CALLERS = ["no key", "bad key", "revoked key", "expired key", "client_a", "client_b", "staff", "admin"]
+UNAUTHENTICATED = {"no key", "bad key", "revoked key", "expired key"}
+
+# route -> (method, path, request options from the world) and who gets what
+ROUTES = {
+    "new_chat": ("POST", "/new_chat", lambda w: {"json": {"user_id": "matrix"}}),
+    "chat": ("POST", "/chat", lambda w: {"json": {"conversation_id": w["conversation_id"], "message": "hello"}}),
+    "end_chat": ("POST", "/end_chat", lambda w: {"json": {"conversation_id": w["conversation_id"]}}),
+    "get_conversation": ("GET", "/get_conversation", lambda w: {"query_string": {"conversation_id": w["conversation_id"]}}),
+    "search": ("GET", "/conversations", lambda w: {"query_string": {"user_id": "user-of-a"}}),
+    "keys_create": ("POST", "/keys", lambda w: {"json": {"role": "client", "name": "new"}}),
+    "keys_list": ("GET", "/keys", lambda w: {}),
+    "keys_revoke": ("POST", "/keys/revoke", lambda w: {"json": {"key_id": w["client_b_key_id"]}}),
+    "healthz": ("GET", "/healthz", lambda w: {}),
+    "readyz": ("GET", "/readyz", lambda w: {}),
+}
+ALLOWED = {
+    "new_chat": {"client_a": 201, "client_b": 201},
+    "chat": {"client_a": 200, "client_b": 404},
+    "end_chat": {"client_a": 200, "client_b": 404},
+    "get_conversation": {"client_a": 200, "client_b": 404, "staff": 200},
+    "search": {"staff": 200},
+    "keys_create": {"admin": 201},
+    "keys_list": {"admin": 200},
+    "keys_revoke": {"admin": 200},
+}
+PUBLIC = {"healthz", "readyz"}
+
+
+def _expected(route: str, caller: str) -> int:
+    if route in PUBLIC:
+        return 200
+    if caller in UNAUTHENTICATED:
+        return 401
+    return ALLOWED[route].get(caller, 403)
+
+
+@pytest.fixture
+def world(app, keys):
+    """Client A's conversation with a private message, plus unusable keys."""
+    conversation_id = client_with_key(app, keys["client_a"]).post("/new_chat", json={"user_id": "user-of-a"}).json[
+        "conversation_id"
+    ]
+    client_with_key(app, keys["client_a"]).post("/chat", json={"conversation_id": conversation_id, "message": SECRET_TEXT})
+    with app.app_context():
+        session = get_session()
+        revoked, revoked_secret = create_key(session, "client", "revoked")
+        revoke_key(session, revoked.key_id)
+        _, expired_secret = create_key(session, "client", "expired", expires_at=utcnow() - timedelta(seconds=1))
+        client_b_key_id = session.scalar(select(ApiKey.key_id).where(ApiKey.name == "client_b"))
+    secrets = {**keys, "no key": None, "bad key": "prly_not-a-real-key", "revoked key": revoked_secret, "expired key": expired_secret}
+    return {"conversation_id": conversation_id, "client_b_key_id": str(client_b_key_id), "secrets": secrets}
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_authorization_matrix(app, world, route, caller):
+    method, path, options = ROUTES[route]
+    client = client_with_key(app, world["secrets"][caller])
+
+    response = client.open(path, method=method, **options(world))
+
+    assert response.status_code == _expected(route, caller), response.get_data(as_text=True)
+    body = response.get_data(as_text=True)
+    if caller not in ("client_a", "staff"):
+        assert SECRET_TEXT not in body and "user-of-a" not in body
+    if response.status_code >= 400:
+        assert set(response.json) >= {"error", "message"}
+
+
+def test_staff_reads_are_audited_and_client_reads_are_not(app, client, staff_client):
+    conversation_id = client.post("/new_chat", json={"user_id": "audited"}).json["conversation_id"]
+
+    client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    staff_client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    staff_client.get("/conversations", query_string={"user_id": "audited"})
+
+    with app.app_context():
+        events = get_session().scalars(select(AuditEvent).order_by(AuditEvent.event_id)).all()
+        staff_key = get_session().scalar(select(ApiKey).where(ApiKey.name == "staff"))
+    assert [(e.action, e.key_id) for e in events] == [("read_conversation", staff_key.key_id), ("search_conversations", staff_key.key_id)]
+    assert events[0].conversation_id == uuid.UUID(conversation_id)
+    assert events[1].detail == {"user_id": "audited", "limit": 50}
+    assert events[0].created_at <= utcnow()
+
+
+def test_staff_cannot_post_as_the_user(client, staff_client):
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+
+    response = staff_client.post("/chat", json={"conversation_id": conversation_id, "message": "I am the user"})
+
+    assert response.status_code == 403
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+
+
+def test_admin_key_lifecycle_over_http(app, admin_client):
+    created = admin_client.post("/keys", json={"role": "client", "name": "mobile app"})
+    new_client = client_with_key(app, created.json["key"])
+
+    assert created.status_code == 201 and created.json["key"].startswith("prly_")
+    assert new_client.post("/new_chat", json={"user_id": "u"}).status_code == 201
+    listed = admin_client.get("/keys").json["keys"]
+    assert created.json["key"] not in str(listed)
+    assert {"mobile app"} <= {k["name"] for k in listed}
+
+    revoked = admin_client.post("/keys/revoke", json={"key_id": created.json["key_id"]})
+
+    assert revoked.json["state"] == "revoked"
+    assert new_client.post("/new_chat", json={"user_id": "u"}).status_code == 401
+    assert admin_client.post("/keys/revoke", json={"key_id": str(uuid.uuid4())}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"role": "root", "name": "x"}, {"role": "client", "name": ""}, {"role": "client", "name": "x", "expires_at": "2020-01-01T00:00:00Z"}],
+)
+def test_bad_key_requests_are_400(admin_client, body):
+    assert admin_client.post("/keys", json=body).status_code == 400
+
+
+def test_cli_creates_lists_and_revokes_keys(app, runner):
+    created = runner.invoke(args=["keys", "create", "--role", "staff", "--name", "support desk"])
+    secret = created.stdout.strip().splitlines()[-1]
+
+    assert created.exit_code == 0, created.output
+    assert secret.startswith("prly_")
+    assert client_with_key(app, secret).get("/conversations").status_code == 200
+
+    listed = runner.invoke(args=["keys", "list"])
+    assert "support desk" in listed.output and secret not in listed.output
+    key_id = next(line.split()[0] for line in listed.output.splitlines() if "support desk" in line)
+
+    assert runner.invoke(args=["keys", "revoke", key_id]).exit_code == 0
+    assert client_with_key(app, secret).get("/conversations").status_code == 401
+    assert runner.invoke(args=["keys", "create", "--role", "root", "--name", "x"]).exit_code == 2
+    assert runner.invoke(args=["keys", "revoke", str(uuid.uuid4())]).exit_code == 1
+
+
+def test_bootstrap_makes_first_keys_once(app, runner):
+    first = runner.invoke(args=["keys", "bootstrap"])
+    second = runner.invoke(args=["keys", "bootstrap"])
+
+    printed = [line.split()[-1] for line in first.output.splitlines() if "prly_" in line and "curl" not in line]
+    assert len(printed) == 2
+    assert client_with_key(app, printed[1]).post("/new_chat", json={"user_id": "me"}).status_code == 201
+    assert client_with_key(app, printed[0]).get("/keys").status_code == 200
+    assert "prly_" not in second.output
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_rate_limit_per_key_answers_429_with_retry_after(app_config, keys, storage):
+    prefix = f"parley-test-{uuid.uuid4().hex}"
+    config = {**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "3 per minute", "RATELIMIT_KEY_PREFIX": prefix}
+    if storage == "redis":
+        config["REDIS_URL"] = "redis://127.0.0.1:6379/0"
+    app = create_app(config)
+    limited, other = client_with_key(app, keys["client_a"]), client_with_key(app, keys["client_b"])
+
+    statuses = [limited.post("/new_chat", json={"user_id": "u"}).status_code for _ in range(3)]
+    statuses.append(limited.get("/conversations").status_code)  # one budget across routes
+    blocked = limited.post("/new_chat", json={"user_id": "u"})
+
+    assert statuses == [201, 201, 201, 429]
+    assert blocked.json["error"] == "rate_limited"
+    assert 0 < int(blocked.headers["Retry-After"]) <= 60
+    assert other.post("/new_chat", json={"user_id": "u"}).status_code == 201
+    assert all(limited.get("/healthz").status_code == 200 for _ in range(5))
+    if storage == "redis":
+        stored = redis.Redis.from_url("redis://127.0.0.1:6379/0").keys(f"*{prefix}*")
+        assert stored and not any(keys["client_a"].encode() in name for name in stored)
+
+
+def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):
+    caplog.set_level(logging.DEBUG)
+    client_with_key(app, "prly_wrong").post("/new_chat", json={"user_id": "u"})
+    client.post("/chat", json={"conversation_id": str(uuid.uuid4()), "message": "x"})
+    client.post("/new_chat", data=b"{oops", content_type="application/json")
+
+    text = caplog.text
+    assert all(secret not in text for secret in keys.values())
+    assert "Traceback" not in text and "SELECT" not in text and "INSERT" not in text
