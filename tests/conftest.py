@@ -8,6 +8,7 @@ Every API test runs on both backends Parley supports:
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,15 @@ from tests.postgres import admin_url, temporary_database
 from tests.seaweed import SeaweedS3
 
 BACKENDS = ["postgres", "embedded"]
+# Requests the OpenAPI fuzzer sent, by operation; reported at the end of the run.
+FUZZ_CASES: Counter[str] = Counter()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if FUZZ_CASES:
+        terminalreporter.write_sep("-", f"OpenAPI fuzzing: {sum(FUZZ_CASES.values())} generated requests")
+        for operation, count in sorted(FUZZ_CASES.items()):
+            terminalreporter.write_line(f"{count:>6}  {operation}")
 
 
 @pytest.fixture(scope="session")
