@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: run test bench clean
 
 run: $(VENV)/.runtime
+	$(BIN)/flask --app main keys bootstrap
 	$(BIN)/flask --app main run --port $${PORT:-8000}
 
 test: $(VENV)/.dev
@@ -13,6 +14,7 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
+	$(BIN)/python -m bench.staff_search
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

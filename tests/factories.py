@@ -56,8 +56,8 @@ def truncate_conversation(session: Session, conversation_id: uuid.UUID, messages
     session.commit()
 
 
-def seed_conversations(session: Session, count: int, users: int = 1_000, batch: int = 10_000) -> None:
-    """`count` conversations over `users` users and a year of creation times.
+def seed_conversations(session: Session, count: int, users: int = 1_000, offset: int = 0, batch: int = 10_000) -> None:
+    """Conversations number `offset` to `offset + count - 1`, five minutes apart.
 
     Deterministic: conversation i belongs to user-(i % users), is ended when
     i % 3 == 0, and is named after a product line, so filters select known
@@ -65,9 +65,9 @@ def seed_conversations(session: Session, count: int, users: int = 1_000, batch: 
     """
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
     products = ("router", "billing", "membership", "delivery", "warranty")
-    for first in range(0, count, batch):
+    for first in range(offset, offset + count, batch):
         rows = []
-        for i in range(first, min(first + batch, count)):
+        for i in range(first, min(first + batch, offset + count)):
             created = start + timedelta(minutes=5 * i)
             ended = i % 3 == 0
             rows.append(
