@@ -30,15 +30,13 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
     return only is None or only == context.get_context().dialect.name
 
 
+# Batch mode lets ALTER-style revisions also run on SQLite.
+_OPTIONS = {"target_metadata": target_metadata, "render_as_batch": True, "include_object": include_object}
+
+
 def run_migrations_offline() -> None:
     """Emit SQL to stdout instead of running it (`alembic upgrade --sql`)."""
-    context.configure(
-        url=_url(),
-        target_metadata=target_metadata,
-        literal_binds=True,
-        render_as_batch=True,
-        include_object=include_object,
-    )
+    context.configure(url=_url(), literal_binds=True, **_OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -46,13 +44,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        # Batch mode lets ALTER-style revisions also run on SQLite.
-        context.configure(
-            connection=connection,
-            target_metadata=target_metadata,
-            render_as_batch=True,
-            include_object=include_object,
-        )
+        context.configure(connection=connection, **_OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
 

@@ -71,12 +71,13 @@ def test_500_turns_stay_within_a_small_budget(claude_app, keys, fake_model):
         assert response.status_code == 200, response.json
 
     requests = fake_model.requests
+    sizes = [estimate_tokens(system) + sum(estimate_tokens(m["content"]) for m in r.body["messages"]) for r in requests]
+    counts = [len(r.body["messages"]) for r in requests]
+    print(f"\n500 turns, budget {budget}: context tokens {min(sizes)}-{max(sizes)}, messages per request {min(counts)}-{max(counts)}")
     assert len(requests) == 500
-    for request in requests:
-        messages = request.body["messages"]
-        assert messages[0]["role"] == "user"
-        assert estimate_tokens(system) + sum(estimate_tokens(m["content"]) for m in messages) <= budget
-    assert max(len(r.body["messages"]) for r in requests) < 100
+    assert all(r.body["messages"][0]["role"] == "user" for r in requests)
+    assert max(sizes) <= budget
+    assert max(counts) < 100
     log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
     assert len(log["messages"]) == 1_000
     assert log["messages"][-2]["content"].startswith("turn 499:")
