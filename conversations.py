@@ -11,13 +11,21 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
-from conversation_memory import ASSISTANT, USER, ContextWindow, ConversationMemory, MemoryMessage
+from conversation_memory import (
+    ASSISTANT,
+    MIN_TRUNCATED_TOKENS,
+    USER,
+    ContextWindow,
+    ConversationMemory,
+    MemoryMessage,
+    estimate_tokens,
+)
 from database_utils import (
     ACTIVE,
     CLIENT,
@@ -27,8 +35,10 @@ from database_utils import (
     Conversation,
     Message,
     find_conversations,
+    get_conversation,
     list_messages,
     load_context_tail,
+    lock_conversation,
     mark_ended,
     record_audit,
     reserve_seqs,
@@ -39,9 +49,6 @@ from llm import ChatModel, ModelReply
 from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
 from schemas import NewChatRequest, SearchQuery
 
-# end_chat re-archives if a turn lands while it writes; this bounds the retries.
-END_ATTEMPTS = 3
-
 
 @dataclass(frozen=True)
 class Turn:
@@ -51,7 +58,15 @@ class Turn:
     context: ContextWindow
 
 
-def open_conversation(session: Session, request: NewChatRequest, owner: ApiKey) -> Conversation:
+def open_conversation(
+    session: Session, settings: Mapping[str, Any], request: NewChatRequest, owner: ApiKey
+) -> Conversation:
+    if request.system_prompt:
+        tokens, budget = estimate_tokens(request.system_prompt), settings["CONTEXT_MAX_TOKENS"]
+        if tokens + MIN_TRUNCATED_TOKENS > budget:
+            raise PayloadTooLarge(
+                f"system_prompt is about {tokens} tokens; with room for a message it must fit CONTEXT_MAX_TOKENS={budget}"
+            )
     conversation = Conversation(
         conversation_id=uuid.uuid4(),
         owner_key_id=owner.key_id,
@@ -104,22 +119,22 @@ def chat_turn(
 def end_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> Conversation:
     """Archive the whole log, record where, and mark the conversation ended.
 
-    Idempotent: ending an ended conversation returns it unchanged. If the
-    archive write fails, the conversation stays active and nothing is lost.
+    The conversation stays locked from reading its log until the archive is
+    recorded, so no turn can slip in between and no second end_chat can
+    overwrite the document. Idempotent: ending an ended conversation
+    returns it unchanged. If the archive write fails, the conversation stays
+    active and nothing is lost.
     """
-    for _ in range(END_ATTEMPTS):
-        conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
-        if conversation.status == ENDED:
-            session.commit()
-            return conversation
-        ended_at = utcnow()
-        document = archive_document(conversation, list_messages(session, conversation_id), ended_at)
-        location = upload_conversation_to_s3(archive, document)
-        if mark_ended(session, conversation, location, ended_at):
-            session.commit()
-            return session.get(Conversation, conversation_id, populate_existing=True)
-        session.rollback()
-    raise Conflict("the conversation kept changing while it was being archived; retry")
+    conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
+    if conversation.status == ENDED:
+        session.commit()
+        return conversation
+    ended_at = utcnow()
+    document = archive_document(conversation, list_messages(session, conversation_id), ended_at)
+    location = upload_conversation_to_s3(archive, document)  # if this fails, nothing has changed
+    mark_ended(session, conversation, location, ended_at)
+    session.commit()
+    return conversation
 
 
 def read_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> dict[str, Any]:
@@ -130,10 +145,13 @@ def read_conversation(session: Session, archive: Archive, viewer: ApiKey, conver
     conversation = _visible_conversation(session, viewer, conversation_id)
     if viewer.role == STAFF:
         record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
-    if conversation.status == ENDED and conversation.s3_file_location:
-        messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
-    else:
+    if conversation.status == ACTIVE:
         messages = [message_dict(row) for row in list_messages(session, conversation_id)]
+        if len(messages) < conversation.message_count:
+            # Ended (and its live rows deleted) between the two reads: look again.
+            conversation = session.get(Conversation, conversation_id, populate_existing=True)
+    if conversation.status == ENDED:
+        messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
     return {**conversation_dict(conversation), "messages": messages}
 
 
@@ -200,10 +218,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, conversation_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         position = datetime.fromisoformat(created_at), uuid.UUID(conversation_id)
-    except (ValueError, TypeError, UnicodeDecodeError):
+        if position[0].tzinfo is None:
+            raise ValueError("naive timestamp")
+        position[0].astimezone(timezone.utc)
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
         raise ApiError("cursor is not one this service returned") from None
-    if position[0].tzinfo is None:
-        raise ApiError("cursor is not one this service returned")
     return position
 
 
@@ -211,7 +230,7 @@ def _visible_conversation(
     session: Session, viewer: ApiKey, conversation_id: uuid.UUID, lock: bool = False
 ) -> Conversation:
     """The conversation if `viewer` may see it; 404 otherwise, so IDs cannot be probed."""
-    conversation = session.get(Conversation, conversation_id, with_for_update=lock, populate_existing=lock)
+    conversation = lock_conversation(session, conversation_id) if lock else get_conversation(session, conversation_id)
     if conversation is None or (viewer.role == CLIENT and conversation.owner_key_id != viewer.key_id):
         raise NotFound(f"conversation {conversation_id} does not exist")
     return conversation
@@ -225,7 +244,7 @@ def _load_memory(session: Session, conversation: Conversation, settings: Mapping
         max_tokens=budget,
         max_messages=cap,
         messages=[_to_memory(row) for row in rows],
-        earlier_messages=conversation.message_count - len(rows),
+        earlier_messages=rows[0].seq - 1 if rows else 0,
     )
 
 

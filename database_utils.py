@@ -5,6 +5,7 @@ default). The schema is made only by the Alembic revisions in migrations/.
 """
 from __future__ import annotations
 
+import fcntl
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,6 +246,15 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     alembic_command.upgrade(alembic_config(url), revision)
 
 
+def upgrade_embedded_database(url: str) -> None:
+    """Upgrade a SQLite database, one process at a time (gunicorn starts several)."""
+    lock_path = Path(url.removeprefix("sqlite:///") + ".migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        upgrade_database(url)
+
+
 def check_database(url: str) -> None:
     """Raise if the models and the applied migrations disagree."""
     alembic_command.check(alembic_config(url))
@@ -271,6 +281,21 @@ def db_check_command() -> None:
 
 def get_conversation(session: Session, conversation_id: uuid.UUID) -> Conversation | None:
     return session.get(Conversation, conversation_id)
+
+
+def lock_conversation(session: Session, conversation_id: uuid.UUID) -> Conversation | None:
+    """Load a conversation holding a write lock on it until commit or rollback.
+
+    A no-op UPDATE rather than SELECT ... FOR UPDATE, because SQLite ignores
+    FOR UPDATE; the UPDATE takes PostgreSQL's row lock and SQLite's write lock.
+    """
+    session.execute(
+        update(Conversation)
+        .where(Conversation.conversation_id == conversation_id)
+        .values(updated_at=Conversation.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+    return session.get(Conversation, conversation_id, populate_existing=True)
 
 
 def load_context_tail(
@@ -331,25 +356,12 @@ def reserve_seqs(session: Session, conversation_id: uuid.UUID, count: int, token
     return result.scalar_one_or_none()
 
 
-def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> bool:
-    """Record the archive location and drop the live messages.
-
-    Only succeeds if no turn was added since the archive was written (the
-    message count is unchanged); otherwise the caller archives again.
-    """
-    result = session.execute(
-        update(Conversation)
-        .where(
-            Conversation.conversation_id == conversation.conversation_id,
-            Conversation.status == ACTIVE,
-            Conversation.message_count == conversation.message_count,
-        )
-        .values(status=ENDED, s3_file_location=location, ended_at=ended_at, updated_at=ended_at)
-    )
-    if result.rowcount != 1:
-        return False
+def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> None:
+    """Record the archive location and drop the live messages (the caller holds the lock)."""
+    conversation.status = ENDED
+    conversation.s3_file_location = location
+    conversation.ended_at = conversation.updated_at = ended_at
     session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))
-    return True
 
 
 def find_conversations(

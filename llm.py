@@ -79,7 +79,7 @@ class AnthropicModel:
             raise _provider_error(exc, anthropic, self.provider) from exc
         text = "".join(block.text for block in response.content if block.type == "text")
         return ModelReply(
-            text=text,
+            text=_storable_reply(text, self.provider),
             model=response.model,
             input_tokens=response.usage.input_tokens,
             output_tokens=response.usage.output_tokens,
@@ -109,10 +109,12 @@ class OpenAIModel:
             )
         except openai.APIError as exc:
             raise _provider_error(exc, openai, self.provider) from exc
+        if not response.choices:
+            raise ModelError(502, "model_error", "the openai model returned no choices")
         choice = response.choices[0]
         usage = response.usage
         return ModelReply(
-            text=choice.message.content or "",
+            text=_storable_reply(choice.message.content or "", self.provider),
             model=response.model,
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
@@ -154,6 +156,18 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
     if provider == "echo":
         return EchoModel()
     raise ValueError(f"unknown LLM_PROVIDER {provider!r}")
+
+
+def _storable_reply(text: str, provider: str) -> str:
+    """The reply as it can be stored and sent back next turn, or a 502.
+
+    PostgreSQL refuses NUL characters and providers refuse empty assistant
+    turns, so an empty reply is a failed turn, not a stored one.
+    """
+    text = text.replace("\x00", "").encode("utf-8", errors="replace").decode("utf-8")
+    if not text.strip():
+        raise ModelError(502, "model_error", f"the {provider} model returned an empty reply")
+    return text
 
 
 def _provider_error(exc: Exception, sdk: Any, provider: str) -> ModelError:

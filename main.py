@@ -5,7 +5,6 @@ Run it with `flask --app main run` (embedded default) or
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +17,7 @@ from werkzeug.exceptions import BadRequest
 import auth
 import database_utils
 import errors
-from auth import Forbidden, authenticate, create_key, list_keys, revoke_key
+from auth import Forbidden, Unauthorized, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
     chat_turn,
@@ -91,6 +90,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
     app.config.setdefault("RATELIMIT_APPLICATION", app.config["RATE_LIMIT"])
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # If Redis goes away, keep limiting per process rather than failing requests.
+    app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     errors.init_app(app)
@@ -98,7 +99,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     auth.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
-        database_utils.upgrade_database(app.config["DATABASE_URL"])
+        database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
     app.extensions["parley.archive"] = make_archive(app.config["ARCHIVE_URL"], app.config["S3_ENDPOINT_URL"])
     app.extensions["parley.model"] = make_model(app.config)
     app.before_request(_require_json_body)
@@ -111,31 +112,46 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
 
 
 def _require_json_body() -> None:
-    """Reject non-JSON and malformed JSON bodies before validation sees them."""
-    if request.method in ("POST", "PUT", "PATCH"):
-        if not request.is_json:
-            raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
-        try:
-            request.get_json()
-        except BadRequest:
-            raise errors.ApiError("the request body is not valid JSON in UTF-8") from None
+    """Reject bodies that are not one JSON object before validation sees them."""
+    if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
+        return
+    if not request.is_json:
+        raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
+    try:
+        body = request.get_json()
+    except (BadRequest, RecursionError):
+        raise errors.ApiError("the request body is not valid JSON in UTF-8") from None
+    if not isinstance(body, dict):
+        raise errors.ApiError("the request body must be a JSON object")
 
 
 @api.before_request
 def _authorize() -> None:
     """401 without a usable key, 403 when its role may not call this route."""
-    key = authenticate(get_session(), request.headers.get("Authorization"))
+    key = _authenticated_key()
     if key.role not in ACCESS[request.endpoint.rpartition(".")[2]]:
         raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}")
     g.api_key = key
 
 
+def _authenticated_key() -> ApiKey:
+    """The request's key, looked up once (the rate limiter asks first), or 401."""
+    if "auth" not in g:
+        try:
+            g.auth = authenticate(get_session(), request.headers.get("Authorization"))
+        except Unauthorized as exc:
+            g.auth = exc
+    if isinstance(g.auth, Unauthorized):
+        raise g.auth
+    return g.auth
+
+
 def _rate_limit_key() -> str:
-    """Limits count per API key (its hash: the secret never reaches the store), else per address."""
-    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and secret:
-        return "key:" + hashlib.sha256(secret.strip().encode()).hexdigest()[:32]
-    return "addr:" + (request.remote_addr or "unknown")
+    """Limits count per valid key; requests without one share their address's budget."""
+    try:
+        return f"key:{_authenticated_key().key_id}"
+    except Unauthorized:
+        return f"addr:{request.remote_addr or 'unknown'}"
 
 
 def _archive():
@@ -149,7 +165,7 @@ def _caller() -> ApiKey:
 @api.post("/new_chat", tags=[chats], responses={201: ConversationOut})
 def new_chat(body: NewChatRequest):
     """Open a conversation for a user; the server assigns its ID."""
-    conversation = open_conversation(get_session(), body, _caller())
+    conversation = open_conversation(get_session(), current_app.config, body, _caller())
     return conversation_dict(conversation), 201
 
 

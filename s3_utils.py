@@ -90,10 +90,18 @@ class FileArchive:
         path = self.root / key
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so a reader never sees half a document.
+            # Write, flush to disk, then rename: a reader never sees half a
+            # document, and the live messages are deleted only after this.
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
                 handle.write(body)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(handle.name, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         except OSError as exc:
             raise ArchiveError(f"could not write {path}: {exc.strerror}") from exc
         return path.as_uri()
@@ -108,7 +116,10 @@ class FileArchive:
         raise ArchiveError(f"{location} is outside the archive {self.url}")
 
     def ping(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArchiveError(f"{self.root} cannot be created: {exc.strerror}") from exc
         if not os.access(self.root, os.W_OK):
             raise ArchiveError(f"{self.root} is not writable")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
@@ -35,7 +35,10 @@ def _not_blank(value: str) -> str:
 
 
 def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    encoded = json.dumps(value, ensure_ascii=False)
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ValueError("metadata must not contain NaN or Infinity") from None
     _storable_text(encoded)
     # json.dumps writes NUL as the escape \u0000, which PostgreSQL also refuses.
     if "\\u0000" in encoded:
@@ -45,7 +48,15 @@ def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("date is out of range") from None
+
+
 Text = Annotated[str, AfterValidator(_storable_text)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 MessageText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable_text), AfterValidator(_not_blank)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.@:+\-]+$")]
 
@@ -128,10 +139,10 @@ class Health(BaseModel):
 class SearchQuery(_Request):
     user_id: UserId | None = None
     status: Literal["active", "ended"] | None = None
-    created_from: AwareDatetime | None = Field(default=None, description="Created at or after (ISO 8601 with offset).")
-    created_to: AwareDatetime | None = Field(default=None, description="Created before.")
-    ended_from: AwareDatetime | None = None
-    ended_to: AwareDatetime | None = None
+    created_from: UtcDatetime | None = Field(default=None, description="Created at or after (ISO 8601 with offset).")
+    created_to: UtcDatetime | None = Field(default=None, description="Created before.")
+    ended_from: UtcDatetime | None = None
+    ended_to: UtcDatetime | None = None
     name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)] | None = Field(
         default=None, description="Text the conversation name contains (case-insensitive)."
     )
@@ -152,7 +163,7 @@ Role = Literal["client", "staff", "admin"]
 class KeyCreate(_Request):
     role: Role
     name: Annotated[Text, StringConstraints(min_length=1, max_length=100)]
-    expires_at: AwareDatetime | None = Field(default=None, description="When the key stops working; default never.")
+    expires_at: UtcDatetime | None = Field(default=None, description="When the key stops working; default never.")
 
 
 class KeyRef(_Request):

@@ -216,3 +216,61 @@ def test_openapi_document_lists_every_route(client):
 
     assert document["openapi"].startswith("3.1")
     assert {"/new_chat", "/chat", "/end_chat", "/get_conversation", "/healthz", "/readyz"} <= set(document["paths"])
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/new_chat", b'{"user_id": "u", "metadata": {"x": NaN}}'),
+        ("/new_chat", b'{"user_id": "u", "metadata": {"x": -Infinity}}'),
+        ("/new_chat", b"[" * 100_000 + b"]" * 100_000),
+        ("/new_chat", b'"{\\"user_id\\": \\"u\\"}"'),  # a JSON string holding JSON
+    ],
+)
+def test_json_the_database_cannot_store_is_400(client, path, raw):
+    response = client.post(path, data=raw, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)[:200]
+
+
+def test_post_to_unknown_route_is_404_whatever_the_body(client):
+    assert client.post("/nowhere", data="x", content_type="text/plain").status_code == 404
+
+
+def test_system_prompt_larger_than_the_budget_is_413(app, client):
+    app.config["CONTEXT_MAX_TOKENS"] = 1_000
+
+    response = client.post("/new_chat", json={"user_id": "u", "system_prompt": "rules " * 1_000})
+
+    assert response.status_code == 413
+    assert "CONTEXT_MAX_TOKENS" in response.json["message"]
+
+
+def test_concurrent_end_and_chat_lose_nothing(app, keys):
+    """Ends racing each other and turns: the archive always holds every acknowledged message."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import client_with_key
+
+    def act(args):
+        action, conversation_id = args
+        client = client_with_key(app, keys["client_a"])
+        if action == "chat":
+            return action, client.post("/chat", json={"conversation_id": conversation_id, "message": "racing"}).status_code
+        return action, client.post("/end_chat", json={"conversation_id": conversation_id}).status_code
+
+    owner = client_with_key(app, keys["client_a"])
+    ids = [owner.post("/new_chat", json={"user_id": "race"}).json["conversation_id"] for _ in range(8)]
+    jobs = [(action, cid) for cid in ids for action in ("chat", "end", "chat", "end", "chat")]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(act, jobs))
+
+    assert {status for action, status in results if action == "end"} == {200}
+    assert {status for action, status in results if action == "chat"} <= {200, 409}
+    acknowledged = sum(1 for action, status in results if action == "chat" and status == 200)
+    stored = 0
+    for conversation_id in ids:
+        log = owner.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+        assert log["status"] == "ended"
+        assert len(log["messages"]) == log["message_count"]
+        stored += log["message_count"]
+    assert stored == 2 * acknowledged

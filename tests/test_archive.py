@@ -81,6 +81,18 @@ def test_s3_outage_keeps_conversation_active_and_whole(app_config, keys, client)
     assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_unusable_archive_folder_makes_readyz_503(app_config, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    client = create_app({**app_config, "ARCHIVE_URL": (blocker / "archive").as_uri()}).test_client()
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json["checks"]["archive"] == "unavailable"
+
+
 def test_access_denied_bucket_is_an_archive_error():
     """A fault a real local server does not produce: the bucket refuses writes."""
     with mock_aws():

@@ -187,6 +187,26 @@ def test_rate_limit_per_key_answers_429_with_retry_after(app_config, keys, stora
         assert stored and not any(keys["client_a"].encode() in name for name in stored)
 
 
+def test_made_up_keys_share_their_address_budget(app_config, keys):
+    app = create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "3 per minute", "RATELIMIT_KEY_PREFIX": uuid.uuid4().hex})
+
+    statuses = [client_with_key(app, f"prly_guess{n}").get("/keys").status_code for n in range(5)]
+
+    assert statuses == [401, 401, 401, 429, 429]
+    assert client_with_key(app, keys["admin"]).get("/keys").status_code == 200
+
+
+def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
+    from tests.seaweed import _free_ports
+
+    config = {**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute", "REDIS_URL": f"redis://127.0.0.1:{_free_ports(1)[0]}/0"}
+    client = client_with_key(create_app(config), keys["client_a"])
+
+    statuses = [client.post("/new_chat", json={"user_id": "u"}).status_code for _ in range(3)]
+
+    assert statuses == [201, 201, 429]
+
+
 def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):
     caplog.set_level(logging.DEBUG)
     client_with_key(app, "prly_wrong").post("/new_chat", json={"user_id": "u"})

@@ -125,3 +125,16 @@ def test_unreachable_database_is_503_without_details(app_config, keys):
     assert created.json["error"] == "database_unavailable"
     assert "s3cret" not in created.get_data(as_text=True) and "INSERT" not in created.get_data(as_text=True)
     assert ready.status_code == 503 and ready.json["checks"]["database"].startswith("unavailable")
+
+
+def test_workers_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    script = f"from main import create_app; create_app({{'DATABASE_URL': {url!r}, 'ARCHIVE_URL': 'file://{tmp_path}/a'}})"
+    workers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(6)]
+
+    failures = [worker.stderr.read().decode()[-300:] for worker in workers if worker.wait(timeout=120) != 0]
+
+    assert failures == []

@@ -152,3 +152,28 @@ def test_echo_is_default_without_keys(app_config, keys):
 
     assert response.json["model"] == "echo"
     assert "not a real LLM" in response.json["reply"]
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_empty_reply_is_502_and_not_stored(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    fake_model.reply_override = "   "
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 502
+    assert "empty reply" in response.json["message"]
+    assert _log(client, conversation_id) == []
+
+
+def test_nul_in_a_reply_is_removed_before_storing(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    fake_model.reply_override = "split\x00reply"
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 200
+    assert response.json["reply"] == "splitreply"
+    assert _log(client, conversation_id)[1]["content"] == "splitreply"

@@ -112,3 +112,21 @@ def test_search_queries_use_an_index(app, filters):
 
     assert rows
     assert "Index" in plan and "Seq Scan" not in plan, plan
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"created_from": "0001-01-01T00:00:00+01:00"}, {"ended_to": "9999-12-31T23:59:59-01:00"}],
+)
+def test_dates_at_the_edge_of_the_calendar_are_400(staff_client, query):
+    assert staff_client.get("/conversations", query_string=query).status_code == 400
+
+
+def test_forged_cursor_with_an_overflowing_date_is_400(staff_client):
+    import base64
+    import json
+
+    raw = json.dumps(["0001-01-01T00:00:00+01:00", str(uuid.uuid4())]).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    assert staff_client.get("/conversations", query_string={"cursor": cursor}).status_code == 400
