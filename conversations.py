@@ -249,7 +249,10 @@ def _load_memory(session: Session, conversation: Conversation, settings: Mapping
 
 
 def _to_memory(row: Row) -> MemoryMessage:
-    return MemoryMessage(row.role, row.content, row.created_at, row.token_count, row.seq, row.usage)
+    # Unpacking by position: attribute access on a Row costs several times
+    # more, and this runs for every message in the context window.
+    seq, role, content, created_at, token_count, usage = row
+    return MemoryMessage(role, content, created_at, token_count, seq, usage)
 
 
 def _to_row(conversation_id: uuid.UUID, message: MemoryMessage) -> Message:
