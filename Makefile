@@ -10,6 +10,7 @@ run: $(VENV)/.runtime
 	$(BIN)/flask --app main run --port $${PORT:-8000}
 
 test: $(VENV)/.dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev

@@ -18,20 +18,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from database_utils import ADMIN, CLIENT, ROLES, ApiKey, get_session, utcnow
-from errors import ApiError, NotFound
+from errors import NotFound, Unauthorized
 
 KEY_PREFIX = "prly_"
 SHOWN_PREFIX_CHARS = 12
-
-
-class Unauthorized(ApiError):
-    status = 401
-    error = "unauthorized"
-
-
-class Forbidden(ApiError):
-    status = 403
-    error = "forbidden"
 
 
 def hash_key(secret: str) -> str:

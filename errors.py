@@ -29,6 +29,16 @@ class ApiError(Exception):
         self.message = message
 
 
+class Unauthorized(ApiError):
+    status = 401
+    error = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    error = "forbidden"
+
+
 class NotFound(ApiError):
     status = 404
     error = "not_found"

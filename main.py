@@ -17,7 +17,7 @@ from werkzeug.exceptions import BadRequest
 import auth
 import database_utils
 import errors
-from auth import Forbidden, Unauthorized, authenticate, create_key, list_keys, revoke_key
+from auth import authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
     chat_turn,
@@ -28,6 +28,7 @@ from conversations import (
     search_conversations,
 )
 from database_utils import ADMIN, CLIENT, STAFF, ApiKey, get_session, utcnow
+from errors import Forbidden, Unauthorized
 from llm import make_model
 from s3_utils import ArchiveError, make_archive
 from schemas import (

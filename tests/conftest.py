@@ -12,11 +12,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-
-from flask.testing import FlaskClient
 
 from auth import create_key
 from database_utils import get_session, upgrade_database

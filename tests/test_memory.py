@@ -1,8 +1,6 @@
 """ConversationMemory: the context window rules, without any I/O."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
