@@ -58,6 +58,7 @@ def run(turns: int) -> dict[str, list[float]]:
             ids = {size: seed_conversation(get_session(), size, owner_key_id=key.key_id) for size in SIZES}
             # Give the planner the statistics autovacuum would have gathered.
             get_session().execute(text("ANALYZE"))
+            get_session().commit()  # statistics are transactional: uncommitted, they vanish
         client = app.test_client()
         order = list(SIZES)
         shuffler = random.Random(0)
