@@ -20,7 +20,7 @@ STARTUP_SECONDS = 60
 _PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct ports in 10000-32767 that nothing listens on right now."""
     ports: list[int] = []
     while len(ports) < count:
@@ -45,7 +45,7 @@ def _weed_binary() -> str:
 class SeaweedS3:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
+        self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen[bytes] | None = None
 

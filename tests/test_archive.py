@@ -22,7 +22,7 @@ from s3_utils import (
     upload_conversation_to_s3,
 )
 from tests.conftest import client_with_key
-from tests.seaweed import _free_ports
+from tests.seaweed import free_ports
 
 
 def _finished_conversation(client, turns: int = 2, **body) -> str:
@@ -66,7 +66,7 @@ def test_file_archive_uses_the_same_layout(client, app_config):
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_s3_outage_keeps_conversation_active_and_whole(app_config, keys, client):
     conversation_id = _finished_conversation(client)
-    broken_app = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_ports(1)[0]}"})
+    broken_app = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_ports(1)[0]}"})
     broken = client_with_key(broken_app, keys["client_a"])
 
     failed = broken.post("/end_chat", json={"conversation_id": conversation_id})

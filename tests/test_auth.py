@@ -197,9 +197,9 @@ def test_made_up_keys_share_their_address_budget(app_config, keys):
 
 
 def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
-    from tests.seaweed import _free_ports
+    from tests.seaweed import free_ports
 
-    config = {**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute", "REDIS_URL": f"redis://127.0.0.1:{_free_ports(1)[0]}/0"}
+    config = {**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute", "REDIS_URL": f"redis://127.0.0.1:{free_ports(1)[0]}/0"}
     client = client_with_key(create_app(config), keys["client_a"])
 
     statuses = [client.post("/new_chat", json={"user_id": "u"}).status_code for _ in range(3)]

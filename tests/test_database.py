@@ -11,7 +11,7 @@ from database_utils import MIN_TAIL_PAGE, ApiKey, Message, get_conversation, get
 from main import create_app
 from tests.conftest import client_with_key
 from tests.factories import seed_conversation
-from tests.seaweed import _free_ports
+from tests.seaweed import free_ports
 
 
 def test_models_and_migrations_agree(runner):
@@ -114,7 +114,7 @@ def test_service_recovers_after_database_drops_connections(app, client, postgres
 
 
 def test_unreachable_database_is_503_without_details(app_config, keys):
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/parley"}
     client = client_with_key(create_app(config), keys["client_a"])
 

@@ -5,7 +5,7 @@ import pytest
 
 from main import create_app
 from tests.conftest import client_with_key
-from tests.seaweed import _free_ports
+from tests.seaweed import free_ports
 
 SYSTEM = "You are a customer-service agent."
 
@@ -133,7 +133,7 @@ def test_provider_timeout_is_504(provider_app, fake_model):
 
 def test_unreachable_provider_is_503(provider_app, keys, monkeypatch):
     app = provider_app("anthropic").application
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     client = client_with_key(create_app({**app.config, "LLM_PROVIDER": "anthropic"}), keys["client_a"])
     conversation_id = _conversation(client)
 
