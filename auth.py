@@ -3,25 +3,72 @@
 A key is `prly_` plus 43 random URL-safe characters. It is shown once, when
 created; the database keeps its SHA-256 (a fast hash is right here: the keys
 are random, not passwords) and its first characters, to tell keys apart.
+
+Lookups are cached in each process for `AUTH_CACHE_SECONDS`, so a busy key
+costs no query per request. Revoking through this process takes effect at
+once; through another process (a second worker or machine) within that time.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import click
+from cachetools import TTLCache
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from database_utils import ADMIN, CLIENT, ROLES, ApiKey, get_session, utcnow
+from database_utils import ApiKey, Role, get_session, utcnow
 from errors import NotFound, Unauthorized
 
 KEY_PREFIX = "prly_"
 SHOWN_PREFIX_CHARS = 12
+ROLES = tuple(role.value for role in Role)
+_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The key a request was made with: a plain copy, safe to cache and share."""
+
+    key_id: uuid.UUID
+    role: Role
+    name: str
+    expires_at: datetime | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> Caller:
+        return cls(key.key_id, Role(key.role), key.name, key.expires_at)
+
+
+class KeyCache:
+    """Usable keys by hash, each kept for `ttl` seconds (0 turns caching off)."""
+
+    def __init__(self, ttl: float) -> None:
+        self._entries: TTLCache[str, Caller] | None = TTLCache(_CACHE_SIZE, ttl) if ttl > 0 else None
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> Caller | None:
+        if self._entries is None:
+            return None
+        with self._lock:
+            return self._entries.get(key_hash)
+
+    def put(self, key_hash: str, caller: Caller) -> None:
+        if self._entries is not None:
+            with self._lock:
+                self._entries[key_hash] = caller
+
+    def clear(self) -> None:
+        if self._entries is not None:
+            with self._lock:
+                self._entries.clear()
 
 
 def hash_key(secret: str) -> str:
@@ -51,25 +98,38 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.commit()
+    _key_cache().clear()
     return key
 
 
-def authenticate(session: Session, authorization: str | None) -> ApiKey:
+def authenticate(session: Session, authorization: str | None) -> Caller:
     """The usable key named by an `Authorization: Bearer ...` header, or 401."""
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret.strip())))
-    if key is None or key.state(utcnow()) != "active":
+    key_hash = hash_key(secret.strip())
+    cache = _key_cache()
+    caller = cache.get(key_hash)
+    if caller is None:
+        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+        if key is None:
+            raise Unauthorized("the API key is unknown, revoked or expired")
+        caller = Caller.of(key)
+        cache.put(key_hash, caller)
+    if caller.expires_at is not None and caller.expires_at <= utcnow():
         raise Unauthorized("the API key is unknown, revoked or expired")
-    return key
+    return caller
+
+
+def _key_cache() -> KeyCache:
+    return current_app.extensions["parley.key_cache"]
 
 
 def bootstrap_keys(session: Session) -> list[tuple[ApiKey, str]]:
     """On an empty key table, make an admin and a client key to start with."""
     if session.scalar(select(func.count()).select_from(ApiKey)):
         return []
-    return [create_key(session, ADMIN, "first admin"), create_key(session, CLIENT, "first client")]
+    return [create_key(session, Role.ADMIN, "first admin"), create_key(session, Role.CLIENT, "first client")]
 
 
 keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
@@ -123,4 +183,5 @@ def bootstrap_command() -> None:
 
 
 def init_app(app: Flask) -> None:
+    app.extensions["parley.key_cache"] = KeyCache(app.config["AUTH_CACHE_SECONDS"])
     app.cli.add_command(keys_cli)

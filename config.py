@@ -22,14 +22,26 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "LLM_MAX_TOKENS": (1024, int),
     "LLM_TEMPERATURE": (None, float),
     "LLM_TIMEOUT_SECONDS": (60.0, float),
+    "LLM_TOTAL_TIMEOUT_SECONDS": (120.0, float),
     "LLM_MAX_RETRIES": (2, int),
+    "LLM_RETRY_AFTER_MAX_SECONDS": (10.0, float),
+    "TURN_LEASE_SECONDS": (None, float),
     "CONTEXT_MAX_TOKENS": (8000, int),
     "CONTEXT_MAX_MESSAGES": (None, int),
     "MAX_MESSAGE_CHARS": (32_000, int),
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
+    "AUTH_CACHE_SECONDS": (5.0, float),
+    "IDEMPOTENCY_TTL_HOURS": (24.0, float),
+    "DB_POOL_SIZE": (10, int),
+    "DB_MAX_OVERFLOW": (20, int),
+    "DB_POOL_TIMEOUT": (10.0, float),
+    "LOG_FORMAT": ("json", str),
 }
+# A turn's lease outlives its longest model call by this much, so a lease
+# expires only when its worker died.
+LEASE_MARGIN_SECONDS = 30.0
 
 DEFAULT_MODELS = {
     "anthropic": "claude-sonnet-4-5",
@@ -53,7 +65,14 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
         raise ValueError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
+    if config["LOG_FORMAT"] not in ("json", "text"):
+        raise ValueError("LOG_FORMAT must be json or text")
     return config
+
+
+def turn_lease_seconds(config: Mapping[str, Any]) -> float:
+    """How long a turn may hold its conversation: past the model's total deadline."""
+    return config["TURN_LEASE_SECONDS"] or config["LLM_TOTAL_TIMEOUT_SECONDS"] + LEASE_MARGIN_SECONDS
 
 
 def _default_provider(environ: Mapping[str, str]) -> str:

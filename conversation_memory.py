@@ -43,21 +43,24 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass
 class MemoryMessage:
+    """One message of the log. `seq` is None until the database has stored it."""
+
     role: str
     content: str
-    created_at: datetime
     token_count: int
     seq: int | None = None
+    created_at: datetime | None = None
     usage: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["created_at"] = self.created_at.isoformat()
+        data["created_at"] = self.created_at.isoformat() if self.created_at else None
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryMessage:
-        return cls(**{**data, "created_at": datetime.fromisoformat(data["created_at"])})
+        created_at = datetime.fromisoformat(data["created_at"]) if data.get("created_at") else None
+        return cls(**{**data, "created_at": created_at})
 
 
 @dataclass(frozen=True)
@@ -97,16 +100,14 @@ class ConversationMemory:
         created_at: datetime | None = None,
         usage: dict[str, int] | None = None,
     ) -> MemoryMessage:
-        """Append a message to the log and return it."""
+        """Append a message to the log and return it (its seq is the database's to assign)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        last_seq = self.messages[-1].seq if self.messages else self.earlier_messages
         message = MemoryMessage(
             role=role,
             content=content,
-            created_at=created_at or datetime.now(timezone.utc),
             token_count=estimate_tokens(content),
-            seq=(last_seq or 0) + 1,
+            created_at=created_at or datetime.now(timezone.utc),
             usage=usage,
         )
         self.messages.append(message)

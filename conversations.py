@@ -3,6 +3,14 @@
 Each function takes its collaborators (session, model, archive, settings)
 as arguments and raises `errors.ApiError` subclasses for the client's
 mistakes; model, archive and database faults propagate as their own types.
+
+A turn has two halves with the model call between them, so that plain
+replies, streams and idempotent replays share them:
+- `prepare_turn` takes the conversation's turn lease (one turn at a time,
+  across workers) and builds the context, then commits: no connection or
+  transaction is held while the model works;
+- `complete_turn` stores the user's message and the reply and releases the
+  lease; `abandon_turn` releases it when the model failed, storing nothing.
 """
 from __future__ import annotations
 
@@ -14,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
+from auth import Caller
+from config import turn_lease_seconds
 from conversation_memory import (
     ASSISTANT,
     MIN_TRUNCATED_TOKENS,
@@ -27,27 +36,36 @@ from conversation_memory import (
     estimate_tokens,
 )
 from database_utils import (
-    ACTIVE,
-    CLIENT,
-    ENDED,
-    STAFF,
-    ApiKey,
     Conversation,
     Message,
+    Role,
+    Status,
+    claim_turn,
     find_conversations,
+    finish_turn,
     get_conversation,
     list_messages,
     load_context_tail,
     lock_conversation,
     mark_ended,
     record_audit,
-    reserve_seqs,
+    release_turn,
     utcnow,
 )
-from errors import ApiError, Conflict, NotFound, PayloadTooLarge
-from llm import ChatModel, ModelReply
+from errors import ApiError, Conflict, NotFound, PayloadTooLarge, TurnInProgress
+from llm import ModelReply
 from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
-from schemas import NewChatRequest, SearchQuery
+from schemas import ConversationOut, MessageOut, NewChatRequest, SearchQuery
+
+
+@dataclass(frozen=True)
+class PreparedTurn:
+    """A turn between its two halves: the lease is held, the context is built."""
+
+    conversation_id: uuid.UUID
+    lease_id: uuid.UUID
+    user: MemoryMessage
+    context: ContextWindow
 
 
 @dataclass(frozen=True)
@@ -59,14 +77,16 @@ class Turn:
 
 
 def open_conversation(
-    session: Session, settings: Mapping[str, Any], request: NewChatRequest, owner: ApiKey
+    session: Session, settings: Mapping[str, Any], request: NewChatRequest, owner: Caller
 ) -> Conversation:
+    """Add a conversation to the session; the caller commits."""
     if request.system_prompt:
         tokens, budget = estimate_tokens(request.system_prompt), settings["CONTEXT_MAX_TOKENS"]
         if tokens + MIN_TRUNCATED_TOKENS > budget:
             raise PayloadTooLarge(
                 f"system_prompt is about {tokens} tokens; with room for a message it must fit CONTEXT_MAX_TOKENS={budget}"
             )
+    now = utcnow()
     conversation = Conversation(
         conversation_id=uuid.uuid4(),
         owner_key_id=owner.key_id,
@@ -74,49 +94,91 @@ def open_conversation(
         conversation_name=request.conversation_name,
         system_prompt=request.system_prompt,
         meta=request.metadata,
+        status=Status.ACTIVE,
+        created_at=now,
+        updated_at=now,
+        message_count=0,
+        token_count=0,
+        input_tokens=0,
+        output_tokens=0,
     )
     session.add(conversation)
-    session.commit()
+    session.flush()
     return conversation
 
 
-def chat_turn(
-    session: Session,
-    model: ChatModel,
-    settings: Mapping[str, Any],
-    viewer: ApiKey,
-    conversation_id: uuid.UUID,
-    text: str,
-) -> Turn:
-    """Answer one user message and store both messages together.
+def prepare_turn(
+    session: Session, settings: Mapping[str, Any], viewer: Caller, conversation_id: uuid.UUID, text: str
+) -> PreparedTurn:
+    """Take the turn lease and build the context for the user's message `text`.
 
-    A turn is atomic: if the model fails, nothing is stored and the client
-    may send the same message again.
+    409 `turn_in_progress` while another turn holds the conversation. The
+    lease is committed before returning, and given back if building the
+    context fails.
     """
     if len(text) > settings["MAX_MESSAGE_CHARS"]:
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
-    conversation = _visible_conversation(session, viewer, conversation_id)
-    if conversation.status != ACTIVE:
-        raise Conflict(f"conversation {conversation_id} has ended; open a new one")
-    memory = _load_memory(session, conversation, settings)
-    user = memory.update_memory(USER, text)
-    context = memory.get_current_context()
-    # End the read transaction: nothing is held open during the model call.
-    session.commit()
+    lease_id = uuid.uuid4()
+    owner = viewer.key_id if viewer.role == Role.CLIENT else None
+    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings))
+    if claimed is None:
+        _explain_unclaimable(session, viewer, conversation_id)
+    try:
+        budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
+        tail = load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count, budget, cap)
+        memory = ConversationMemory(
+            system_prompt=claimed.system_prompt,
+            max_tokens=budget,
+            max_messages=cap,
+            messages=tail,
+            earlier_messages=claimed.message_count - len(tail),
+        )
+        user = memory.update_memory(USER, text)
+        context = memory.get_current_context()
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return PreparedTurn(conversation_id, lease_id, user, context)
 
-    reply = model.reply(context.system, context.messages)
-    assistant = memory.update_memory(ASSISTANT, reply.text, usage=reply.usage)
-    last_seq = reserve_seqs(session, conversation_id, 2, user.token_count + assistant.token_count, reply.usage)
+
+def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -> Turn:
+    """Store the user's message and the reply, and release the lease; the caller commits.
+
+    If the lease was lost (the turn outlived TURN_LEASE_SECONDS and another
+    turn took the conversation, or it ended), nothing is stored: 409.
+    """
+    assistant = MemoryMessage(
+        role=ASSISTANT,
+        content=reply.text,
+        token_count=estimate_tokens(reply.text),
+        created_at=utcnow(),
+        usage=reply.usage,
+    )
+    last_seq = finish_turn(session, prepared.conversation_id, prepared.lease_id, [prepared.user, assistant], reply.usage)
     if last_seq is None:
         session.rollback()
-        raise Conflict("the conversation ended while its reply was being generated")
-    user.seq, assistant.seq = last_seq - 1, last_seq
-    session.add_all([_to_row(conversation_id, user), _to_row(conversation_id, assistant)])
+        raise Conflict("the conversation ended or its turn lease expired while the reply was being generated")
+    return Turn(prepared.conversation_id, reply, last_seq, prepared.context)
+
+
+def abandon_turn(session: Session, prepared: PreparedTurn) -> None:
+    """Release the lease of a turn whose model call failed; nothing is stored."""
+    session.rollback()
+    release_turn(session, prepared.conversation_id, prepared.lease_id)
     session.commit()
-    return Turn(conversation_id, reply, last_seq, context)
 
 
-def end_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> Conversation:
+def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> None:
+    """Raise the reason `claim_turn` found nothing to claim: 404, ended, or busy."""
+    conversation = _visible_conversation(session, viewer, conversation_id)
+    session.rollback()
+    if conversation.status != Status.ACTIVE:
+        raise Conflict(f"conversation {conversation_id} is {conversation.status}; open a new one")
+    raise TurnInProgress(f"another turn on conversation {conversation_id} is in progress; retry when it is done")
+
+
+def end_conversation(session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID) -> Conversation:
     """Archive the whole log, record where, and mark the conversation ended.
 
     The conversation stays locked from reading its log until the archive is
@@ -126,9 +188,12 @@ def end_conversation(session: Session, archive: Archive, viewer: ApiKey, convers
     active and nothing is lost.
     """
     conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
-    if conversation.status == ENDED:
+    if conversation.status == Status.ENDED:
         session.commit()
         return conversation
+    if conversation.turn_lease_expires_at is not None and conversation.turn_lease_expires_at > utcnow():
+        session.rollback()
+        raise TurnInProgress(f"a turn on conversation {conversation_id} is in progress; end it when the turn is done")
     ended_at = utcnow()
     document = archive_document(conversation, list_messages(session, conversation_id), ended_at)
     location = upload_conversation_to_s3(archive, document)  # if this fails, nothing has changed
@@ -137,27 +202,27 @@ def end_conversation(session: Session, archive: Archive, viewer: ApiKey, convers
     return conversation
 
 
-def read_conversation(session: Session, archive: Archive, viewer: ApiKey, conversation_id: uuid.UUID) -> dict[str, Any]:
+def read_conversation(session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID) -> dict[str, Any]:
     """Metadata and the full log, from the database or, once ended, the archive.
 
     A staff read is recorded in the audit table before anything is returned.
     """
     conversation = _visible_conversation(session, viewer, conversation_id)
-    if viewer.role == STAFF:
+    if viewer.role == Role.STAFF:
         record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
-    if conversation.status == ACTIVE:
+    if conversation.status != Status.ENDED:
         messages = [message_dict(row) for row in list_messages(session, conversation_id)]
         if len(messages) < conversation.message_count:
             # Ended (and its live rows deleted) between the two reads: look again.
             conversation = session.get(Conversation, conversation_id, populate_existing=True)
-    if conversation.status == ENDED:
+    if conversation.status == Status.ENDED:
         messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
     return {**conversation_dict(conversation), "messages": messages}
 
 
 def archive_document(conversation: Conversation, messages: list[Message], ended_at: datetime) -> dict[str, Any]:
     summary = conversation_dict(conversation)
-    summary.update(status=ENDED, ended_at=ended_at.isoformat(), updated_at=ended_at.isoformat())
+    summary.update(status=Status.ENDED.value, ended_at=ended_at.isoformat(), updated_at=ended_at.isoformat())
     del summary["s3_file_location"]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -168,35 +233,14 @@ def archive_document(conversation: Conversation, messages: list[Message], ended_
 
 
 def conversation_dict(conversation: Conversation) -> dict[str, Any]:
-    return {
-        "conversation_id": str(conversation.conversation_id),
-        "user_id": conversation.user_id,
-        "conversation_name": conversation.conversation_name,
-        "system_prompt": conversation.system_prompt,
-        "status": conversation.status,
-        "created_at": conversation.created_at.isoformat(),
-        "updated_at": conversation.updated_at.isoformat(),
-        "ended_at": conversation.ended_at.isoformat() if conversation.ended_at else None,
-        "message_count": conversation.message_count,
-        "token_count": conversation.token_count,
-        "usage": {"input_tokens": conversation.input_tokens, "output_tokens": conversation.output_tokens},
-        "metadata": conversation.meta,
-        "s3_file_location": conversation.s3_file_location,
-    }
+    return ConversationOut.of(conversation).model_dump(mode="json")
 
 
 def message_dict(row: Message) -> dict[str, Any]:
-    return {
-        "seq": row.seq,
-        "role": row.role,
-        "content": row.content,
-        "created_at": row.created_at.isoformat(),
-        "token_count": row.token_count,
-        "usage": row.usage,
-    }
+    return MessageOut.of(row).model_dump(mode="json")
 
 
-def search_conversations(session: Session, viewer: ApiKey, query: SearchQuery) -> dict[str, Any]:
+def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -> dict[str, Any]:
     """Staff lookup, newest first, one page at a time (audited)."""
     after = decode_cursor(query.cursor) if query.cursor else None
     rows = find_conversations(session, query.model_dump(exclude={"cursor", "limit"}), after, query.limit + 1)
@@ -227,41 +271,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def _visible_conversation(
-    session: Session, viewer: ApiKey, conversation_id: uuid.UUID, lock: bool = False
+    session: Session, viewer: Caller, conversation_id: uuid.UUID, lock: bool = False
 ) -> Conversation:
     """The conversation if `viewer` may see it; 404 otherwise, so IDs cannot be probed."""
     conversation = lock_conversation(session, conversation_id) if lock else get_conversation(session, conversation_id)
-    if conversation is None or (viewer.role == CLIENT and conversation.owner_key_id != viewer.key_id):
+    if conversation is None or (viewer.role == Role.CLIENT and conversation.owner_key_id != viewer.key_id):
         raise NotFound(f"conversation {conversation_id} does not exist")
     return conversation
-
-
-def _load_memory(session: Session, conversation: Conversation, settings: Mapping[str, Any]) -> ConversationMemory:
-    budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
-    rows = load_context_tail(session, conversation, budget, cap)
-    return ConversationMemory(
-        system_prompt=conversation.system_prompt,
-        max_tokens=budget,
-        max_messages=cap,
-        messages=[_to_memory(row) for row in rows],
-        earlier_messages=rows[0].seq - 1 if rows else 0,
-    )
-
-
-def _to_memory(row: Row) -> MemoryMessage:
-    # Unpacking by position: attribute access on a Row costs several times
-    # more, and this runs for every message in the context window.
-    seq, role, content, created_at, token_count, usage = row
-    return MemoryMessage(role, content, created_at, token_count, seq, usage)
-
-
-def _to_row(conversation_id: uuid.UUID, message: MemoryMessage) -> Message:
-    return Message(
-        conversation_id=conversation_id,
-        seq=message.seq,
-        role=message.role,
-        content=message.content,
-        created_at=message.created_at,
-        token_count=message.token_count,
-        usage=message.usage,
-    )

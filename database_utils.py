@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import fcntl
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    insert,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -40,17 +43,41 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from conversation_memory import MemoryMessage
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Fewest rows fetched per step when walking back from the newest message.
 MIN_TAIL_PAGE = 16
 
-ACTIVE = "active"
-ENDED = "ended"
 
-CLIENT = "client"
-STAFF = "staff"
-ADMIN = "admin"
-ROLES = (CLIENT, STAFF, ADMIN)
+
+class Status(StrEnum):
+    """Where a conversation is in its life."""
+
+    ACTIVE = "active"
+    ENDING = "ending"  # its archive document is being written
+    ENDED = "ended"
+
+
+# The only moves a conversation's status may make.
+STATUS_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.ACTIVE: frozenset({Status.ENDING, Status.ENDED}),
+    Status.ENDING: frozenset({Status.ENDED}),
+    Status.ENDED: frozenset(),
+}
+
+
+def check_transition(current: str, new: Status) -> None:
+    if new not in STATUS_TRANSITIONS[Status(current)]:
+        raise ValueError(f"a conversation cannot go from {current} to {new}")
+
+
+class Role(StrEnum):
+    """What an API key may do; see main.py for the routes each role may call."""
+
+    CLIENT = "client"
+    STAFF = "staff"
+    ADMIN = "admin"
 
 
 def utcnow() -> datetime:
@@ -108,7 +135,7 @@ class Conversation(Base):
     user_id: Mapped[str] = mapped_column(String(128))
     conversation_name: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default=ACTIVE)
+    status: Mapped[str] = mapped_column(String(16), default=Status.ACTIVE)
     s3_file_location: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -119,6 +146,10 @@ class Conversation(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     # "metadata" is reserved on declarative classes, so the attribute is `meta`.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    # The turn in progress, if any: one turn at a time per conversation,
+    # across workers and machines. A lease whose holder died expires.
+    turn_lease_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    turn_lease_expires_at: Mapped[datetime | None]
 
     # Staff search reads newest first with a (created_at, conversation_id)
     # cursor; each filter has an index that yields rows in that order.
@@ -170,10 +201,29 @@ class AuditEvent(Base):
     )
 
 
+class IdempotencyRecord(Base):
+    """A POST sent with an Idempotency-Key, and its response once it succeeded."""
+
+    __tablename__ = "idempotency_keys"
+
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.key_id", ondelete="CASCADE"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # While the first request runs, retries get 409 until then; a request
+    # whose worker died is taken over after it.
+    locked_until: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+
 # ---------------------------------------------------------------- engine
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
@@ -183,11 +233,14 @@ def make_engine(url: str) -> Engine:
     # psycopg prepares statements it has run 5 times; a generic plan for
     # `name ILIKE $1` cannot use the trigram index (measured: 10x slower
     # staff search), so every execution gets a plan for its own values.
+    # A turn holds a connection only for its two short transactions, never
+    # during the model call, so a small pool serves many turns in flight.
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
         connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
     )
 
@@ -202,7 +255,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def init_app(app: Flask) -> None:
     """Create the engine from config, register the session teardown and CLI."""
-    engine = make_engine(app.config["DATABASE_URL"])
+    config = app.config
+    engine = make_engine(config["DATABASE_URL"], config["DB_POOL_SIZE"], config["DB_MAX_OVERFLOW"], config["DB_POOL_TIMEOUT"])
     app.extensions["parley.engine"] = engine
     app.extensions["parley.sessions"] = sessionmaker(engine, expire_on_commit=False)
     app.teardown_appcontext(_close_session)
@@ -298,35 +352,128 @@ def lock_conversation(session: Session, conversation_id: uuid.UUID) -> Conversat
     return session.get(Conversation, conversation_id, populate_existing=True)
 
 
+def claim_turn(
+    session: Session, conversation_id: uuid.UUID, owner_key_id: uuid.UUID | None, lease_id: uuid.UUID, lease_seconds: float
+) -> Row | None:
+    """Take the turn lease of an active conversation, in one statement.
+
+    The same UPDATE checks ownership (when `owner_key_id` is given), status
+    and that no live lease is held. Returns the columns a turn needs, or None
+    when any check fails (`explain_unclaimable` says which).
+    """
+    now = utcnow()
+    query = (
+        update(Conversation)
+        .where(
+            Conversation.conversation_id == conversation_id,
+            Conversation.status == Status.ACTIVE,
+            or_(Conversation.turn_lease_expires_at.is_(None), Conversation.turn_lease_expires_at <= now),
+        )
+        .values(turn_lease_id=lease_id, turn_lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Conversation.system_prompt, Conversation.message_count, Conversation.token_count)
+        .execution_options(synchronize_session=False)
+    )
+    if owner_key_id is not None:
+        query = query.where(Conversation.owner_key_id == owner_key_id)
+    return session.execute(query).one_or_none()
+
+
+def finish_turn(
+    session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID, messages: list[MemoryMessage], usage: dict[str, int]
+) -> int | None:
+    """Store a turn's messages and release its lease; the caller commits.
+
+    The database assigns the sequence numbers: one UPDATE claims them while
+    checking that the lease is still ours, then one INSERT writes the
+    messages. Returns the last seq, or None when the lease was lost.
+    """
+    last_seq = session.execute(
+        update(Conversation)
+        .where(
+            Conversation.conversation_id == conversation_id,
+            Conversation.turn_lease_id == lease_id,
+            Conversation.status == Status.ACTIVE,
+        )
+        .values(
+            message_count=Conversation.message_count + len(messages),
+            token_count=Conversation.token_count + sum(m.token_count for m in messages),
+            input_tokens=Conversation.input_tokens + usage.get("input_tokens", 0),
+            output_tokens=Conversation.output_tokens + usage.get("output_tokens", 0),
+            updated_at=utcnow(),
+            turn_lease_id=None,
+            turn_lease_expires_at=None,
+        )
+        .returning(Conversation.message_count)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if last_seq is None:
+        return None
+    first_seq = last_seq - len(messages) + 1
+    for seq, message in enumerate(messages, start=first_seq):
+        message.seq = seq
+    session.execute(
+        insert(Message),
+        [
+            {
+                "conversation_id": conversation_id,
+                "seq": m.seq,
+                "role": m.role,
+                "content": m.content,
+                "created_at": m.created_at or utcnow(),
+                "token_count": m.token_count,
+                "usage": m.usage,
+            }
+            for m in messages
+        ],
+    )
+    return last_seq
+
+
+def release_turn(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID) -> None:
+    """Give the lease back without storing anything (the turn failed); the caller commits."""
+    session.execute(
+        update(Conversation)
+        .where(Conversation.conversation_id == conversation_id, Conversation.turn_lease_id == lease_id)
+        .values(turn_lease_id=None, turn_lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def load_context_tail(
-    session: Session, conversation: Conversation, token_budget: int, max_messages: int | None = None
-) -> list[Row]:
+    session: Session,
+    conversation_id: uuid.UUID,
+    message_count: int,
+    token_count: int,
+    token_budget: int,
+    max_messages: int | None = None,
+) -> list[MemoryMessage]:
     """The newest messages, oldest first, until they fill `token_budget`.
 
     Walks back over the (conversation_id, seq) primary key, so the cost
     depends on the budget, never on the length of the log. The first page is
     sized from the conversation's average message size, so one query
-    usually suffices. Rows carry the columns of `Message`, not ORM objects,
-    which keeps the per-row cost low.
+    usually suffices. Only the columns the context needs are read.
     """
-    average = max(conversation.token_count // max(conversation.message_count, 1), 1)
+    average = max(token_count // max(message_count, 1), 1)
     page_size = max(token_budget // average + 2, MIN_TAIL_PAGE)
-    columns = select(Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage)
-    rows: list[Row] = []
+    columns = select(Message.seq, Message.role, Message.content, Message.token_count)
+    messages: list[MemoryMessage] = []
     tokens = 0
     before: int | None = None
-    while tokens < token_budget and (max_messages is None or len(rows) < max_messages):
-        query = columns.where(Message.conversation_id == conversation.conversation_id)
+    while tokens < token_budget and (max_messages is None or len(messages) < max_messages):
+        query = columns.where(Message.conversation_id == conversation_id)
         if before is not None:
             query = query.where(Message.seq < before)
         page = session.execute(query.order_by(Message.seq.desc()).limit(page_size)).all()
-        rows.extend(page)
+        messages.extend(
+            MemoryMessage(role=row.role, content=row.content, token_count=row.token_count, seq=row.seq) for row in page
+        )
         tokens += sum(row.token_count for row in page)
         if len(page) < page_size:
             break
         before = page[-1].seq
-    rows.reverse()
-    return rows
+    messages.reverse()
+    return messages
 
 
 def list_messages(session: Session, conversation_id: uuid.UUID) -> list[Message]:
@@ -334,31 +481,10 @@ def list_messages(session: Session, conversation_id: uuid.UUID) -> list[Message]
     return list(session.scalars(query))
 
 
-def reserve_seqs(session: Session, conversation_id: uuid.UUID, count: int, tokens: int, usage: dict[str, int]) -> int | None:
-    """Atomically claim the next `count` sequence numbers of an active conversation.
-
-    Returns the last claimed seq, or None when the conversation is not active.
-    The single UPDATE also row-locks the conversation until commit, so
-    concurrent turns and `end_chat` are serialized on PostgreSQL.
-    """
-    result = session.execute(
-        update(Conversation)
-        .where(Conversation.conversation_id == conversation_id, Conversation.status == ACTIVE)
-        .values(
-            message_count=Conversation.message_count + count,
-            token_count=Conversation.token_count + tokens,
-            input_tokens=Conversation.input_tokens + usage.get("input_tokens", 0),
-            output_tokens=Conversation.output_tokens + usage.get("output_tokens", 0),
-            updated_at=utcnow(),
-        )
-        .returning(Conversation.message_count)
-    )
-    return result.scalar_one_or_none()
-
-
 def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> None:
     """Record the archive location and drop the live messages (the caller holds the lock)."""
-    conversation.status = ENDED
+    check_transition(conversation.status, Status.ENDED)
+    conversation.status = Status.ENDED
     conversation.s3_file_location = location
     conversation.ended_at = conversation.updated_at = ended_at
     session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))

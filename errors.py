@@ -11,18 +11,23 @@ import logging
 
 from flask import Flask, Response, current_app, jsonify, request
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from llm import ModelError
 from s3_utils import ArchiveError
 
 log = logging.getLogger("parley")
+# Bytes of an over-size body read and thrown away, so that a client reusing
+# its connection finds the next response, not the rest of its upload.
+MAX_DRAIN_BYTES = 16 * 1024 * 1024
 
 
 class ApiError(Exception):
     status = 400
     error = "bad_request"
+    retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -49,17 +54,40 @@ class Conflict(ApiError):
     error = "conflict"
 
 
+class TurnInProgress(Conflict):
+    """Another turn holds the conversation's lease; retry shortly."""
+
+    error = "turn_in_progress"
+    retry_after = 1
+
+
+class RequestInProgress(Conflict):
+    """The first request with this Idempotency-Key is still running."""
+
+    error = "request_in_progress"
+    retry_after = 1
+
+
+class IdempotencyKeyReused(ApiError):
+    status = 422
+    error = "idempotency_key_reused"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     error = "payload_too_large"
 
 
-def error_response(status: int, error: str, message: str, details: list | None = None) -> Response:
-    body = {"error": error, "message": message}
+def error_response(
+    status: int, error: str, message: str, details: list | None = None, retry_after: int | None = None, **extra: object
+) -> Response:
+    body = {"error": error, "message": message, **extra}
     if details is not None:
         body["details"] = details
     response = jsonify(body)
     response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -76,17 +104,20 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ArchiveError, _archive_error)
     app.register_error_handler(OperationalError, _database_unavailable)
     app.register_error_handler(InterfaceError, _database_unavailable)
+    app.register_error_handler(PendingRollbackError, _database_unavailable)
+    app.register_error_handler(PoolTimeoutError, _database_busy)
+    app.register_error_handler(DBAPIError, _database_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
 
 
 def _api_error(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.error, exc.message)
+    return error_response(exc.status, exc.error, exc.message, retry_after=exc.retry_after)
 
 
 def _model_error(exc: ModelError) -> Response:
     log.warning("model provider failed: %s (%s)", exc.error, exc.__cause__.__class__.__name__)
-    return error_response(exc.status, exc.error, exc.message)
+    return error_response(exc.status, exc.error, exc.message, retry_after=exc.retry_after, retryable=exc.retryable)
 
 
 def _archive_error(exc: ArchiveError) -> Response:
@@ -94,10 +125,24 @@ def _archive_error(exc: ArchiveError) -> Response:
     return error_response(503, "archive_unavailable", "the conversation archive is unavailable; retry later")
 
 
-def _database_unavailable(exc: DBAPIError) -> Response:
+def _database_unavailable(exc: SQLAlchemyError) -> Response:
+    """The connection or its transaction was lost (a restart, a network fault)."""
     # str(exc) would include the SQL statement and its parameters.
-    log.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig.__class__.__name__)
-    return error_response(503, "database_unavailable", "the database is unavailable; retry later")
+    cause = getattr(exc, "orig", None) or exc
+    log.error("database unavailable on %s %s: %s", request.method, request.path, cause.__class__.__name__)
+    return error_response(503, "database_unavailable", "the database is unavailable; retry later", retry_after=1)
+
+
+def _database_busy(exc: PoolTimeoutError) -> Response:
+    log.error("no database connection free on %s %s", request.method, request.path)
+    return error_response(503, "database_unavailable", "the database is busy; retry later", retry_after=1)
+
+
+def _database_error(exc: DBAPIError) -> Response:
+    """Other driver errors: a lost connection is a 503, anything else a 500."""
+    if exc.connection_invalidated:
+        return _database_unavailable(exc)
+    return _unexpected_error(exc)
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -105,9 +150,26 @@ def _http_error(exc: HTTPException) -> Response:
         return error_response(429, "rate_limited", f"rate limit of {exc.description} exceeded; retry after Retry-After seconds")
     if exc.code == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
-        return error_response(413, PayloadTooLarge.error, f"the request body is larger than {limit} bytes")
+        response = error_response(413, PayloadTooLarge.error, f"the request body is larger than {limit} bytes")
+        _drain_body()
+        response.headers["Connection"] = "close"
+        return response
     error = (exc.name or "error").lower().replace(" ", "_")
     return error_response(exc.code or 500, error, exc.description or exc.name)
+
+
+def _drain_body() -> None:
+    """Read what is left of a refused body (up to a limit), so the connection stays in step."""
+    stream = request.environ.get("wsgi.input")
+    remaining = min(request.content_length or 0, MAX_DRAIN_BYTES)
+    try:
+        while stream is not None and remaining > 0:
+            chunk = stream.read(min(remaining, 64 * 1024))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+    except OSError:
+        pass
 
 
 def _unexpected_error(exc: Exception) -> Response:

@@ -10,19 +10,41 @@
 Credentials and endpoints come from each SDK's own environment variables
 (`ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`, `OPENAI_API_KEY`,
 `OPENAI_BASE_URL`, `AWS_*`), exactly as the SDKs document them.
+
+Failures: Parley retries 429, 5xx, 529, connection errors and timeouts
+itself (the SDKs' own retries are off, because they wait for any
+`Retry-After` without a cap), with backoff, at most `LLM_MAX_RETRIES` times,
+and every call has one total deadline, `LLM_TOTAL_TIMEOUT_SECONDS`, that
+covers the retries, the waits and a reply that arrives slowly.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol, TypeVar
 
 import anthropic
+import httpx2
 import openai
 
 from conversation_memory import USER, estimate_tokens
 
 ECHO_LABEL = "[echo model: not a real LLM, no API key configured]"
+# Provider statuses worth another attempt: rate limited, server errors, overloaded.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 8.0
+# Requests in flight to the provider per process (gunicorn's worker_connections).
+MAX_MODEL_CONNECTIONS = 1000
+
+# When the model call in progress must be over (time.monotonic()), if any.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("parley_model_deadline", default=None)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,13 +61,90 @@ class ModelReply:
 
 
 class ModelError(Exception):
-    """The provider failed; `status` is the HTTP status Parley answers with."""
+    """The provider failed; `status` is the HTTP status Parley answers with.
 
-    def __init__(self, status: int, error: str, message: str) -> None:
+    `retryable` says whether the same request may succeed later, and
+    `retry_after` passes on the provider's `Retry-After`, in seconds.
+    """
+
+    def __init__(self, status: int, error: str, message: str, retryable: bool = False, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int
+    total_seconds: float
+    retry_after_cap: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RetryPolicy:
+        return cls(config["LLM_MAX_RETRIES"], config["LLM_TOTAL_TIMEOUT_SECONDS"], config["LLM_RETRY_AFTER_MAX_SECONDS"])
+
+    def call(self, attempt: Callable[[], T], sdk: Any, provider: str) -> T:
+        """Run `attempt` under the total deadline, retrying what may succeed later."""
+        deadline = time.monotonic() + self.total_seconds
+        token = _deadline.set(deadline)
+        try:
+            for retries in range(self.max_retries + 1):
+                try:
+                    return attempt()
+                except sdk.APIError as exc:
+                    error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
+                    if not error.retryable or retries == self.max_retries:
+                        raise error from exc
+                    wait = min(_retry_after_seconds(exc) or _backoff(retries), self.retry_after_cap)
+                    if time.monotonic() + wait >= deadline:
+                        raise error from exc
+                    time.sleep(wait)
+            raise AssertionError("unreachable")
+        finally:
+            _deadline.reset(token)
+
+
+class DeadlineTransport(httpx2.HTTPTransport):
+    """Holds each request to the deadline of the model call it belongs to.
+
+    The SDKs' timeouts apply per read, so a reply that trickles in a byte at
+    a time never times out; here the read timeout shrinks to the time left,
+    and the body stops with a timeout once the deadline has passed.
+    """
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        deadline = _deadline.get()
+        if deadline is None:
+            return super().handle_request(request)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpx2.ConnectTimeout("the model call's total deadline has passed", request=request)
+        timeouts = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {name: min(value or left, left) for name, value in timeouts.items()} or {
+            name: left for name in ("connect", "read", "write", "pool")
+        }
+        response = super().handle_request(request)
+        response.stream = _DeadlineStream(response.stream, deadline, request)
+        return response
+
+
+class _DeadlineStream(httpx2.SyncByteStream):
+    def __init__(self, stream: httpx2.SyncByteStream, deadline: float, request: httpx2.Request) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            if time.monotonic() > self._deadline:
+                raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class ChatModel(Protocol):
@@ -64,6 +163,7 @@ class AnthropicModel:
         self.model = config["LLM_MODEL"]
         self.max_tokens = config["LLM_MAX_TOKENS"]
         self.temperature = config["LLM_TEMPERATURE"]
+        self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
         options: dict[str, Any] = {"system": system} if system else {}
@@ -71,12 +171,11 @@ class AnthropicModel:
             # This SDK release has no `temperature` argument (newer Claude
             # models fix it); models that still take one get it in the body.
             options["extra_body"] = {"temperature": self.temperature}
-        try:
-            response = self.client.messages.create(
-                model=self.model, max_tokens=self.max_tokens, messages=messages, **options
-            )
-        except anthropic.APIError as exc:
-            raise _provider_error(exc, anthropic, self.provider) from exc
+        response = self.retries.call(
+            lambda: self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=messages, **options),
+            anthropic,
+            self.provider,
+        )
         text = "".join(block.text for block in response.content if block.type == "text")
         return ModelReply(
             text=_storable_reply(text, self.provider),
@@ -97,20 +196,20 @@ class OpenAIModel:
         self.model = config["LLM_MODEL"]
         self.max_tokens = config["LLM_MAX_TOKENS"]
         self.temperature = config["LLM_TEMPERATURE"]
+        self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
         prompt = ([{"role": "system", "content": system}] if system else []) + messages
         options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
-        try:
-            # max_tokens rather than max_completion_tokens: most compatible
-            # servers (vLLM, Ollama, LiteLLM) only know the former.
-            response = self.client.chat.completions.create(
-                model=self.model, messages=prompt, max_tokens=self.max_tokens, **options
-            )
-        except openai.APIError as exc:
-            raise _provider_error(exc, openai, self.provider) from exc
+        # max_tokens rather than max_completion_tokens: most compatible
+        # servers (vLLM, Ollama, LiteLLM) only know the former.
+        response = self.retries.call(
+            lambda: self.client.chat.completions.create(model=self.model, messages=prompt, max_tokens=self.max_tokens, **options),
+            openai,
+            self.provider,
+        )
         if not response.choices:
-            raise ModelError(502, "model_error", "the openai model returned no choices")
+            raise ModelError(502, "model_error", "the openai model returned no choices", retryable=True)
         choice = response.choices[0]
         usage = response.usage
         return ModelReply(
@@ -146,7 +245,7 @@ class EchoModel:
 def make_model(config: Mapping[str, Any]) -> ChatModel:
     """Build the configured provider. SDK clients read their own env vars."""
     provider = config["LLM_PROVIDER"]
-    client_options = {"timeout": config["LLM_TIMEOUT_SECONDS"], "max_retries": config["LLM_MAX_RETRIES"]}
+    client_options = {"timeout": config["LLM_TIMEOUT_SECONDS"], "max_retries": 0, "http_client": _http_client(config)}
     if provider == "anthropic":
         return AnthropicModel(anthropic.Anthropic(**client_options), provider, config)
     if provider == "bedrock":
@@ -158,6 +257,12 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
     raise ValueError(f"unknown LLM_PROVIDER {provider!r}")
 
 
+def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
+    """One connection pool per process, as large as the turns a worker carries."""
+    limits = httpx2.Limits(max_connections=MAX_MODEL_CONNECTIONS, max_keepalive_connections=100)
+    return httpx2.Client(transport=DeadlineTransport(limits=limits), timeout=config["LLM_TIMEOUT_SECONDS"])
+
+
 def _storable_reply(text: str, provider: str) -> str:
     """The reply as it can be stored and sent back next turn, or a 502.
 
@@ -166,17 +271,48 @@ def _storable_reply(text: str, provider: str) -> str:
     """
     text = text.replace("\x00", "").encode("utf-8", errors="replace").decode("utf-8")
     if not text.strip():
-        raise ModelError(502, "model_error", f"the {provider} model returned an empty reply")
+        raise ModelError(502, "model_error", f"the {provider} model returned an empty reply", retryable=True)
     return text
 
 
-def _provider_error(exc: Exception, sdk: Any, provider: str) -> ModelError:
+def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bool = False) -> ModelError:
     """Translate an SDK exception into the status Parley should answer with."""
     if isinstance(exc, sdk.APITimeoutError):
-        return ModelError(504, "model_timeout", f"the {provider} model did not answer in time")
+        limit = "within LLM_TOTAL_TIMEOUT_SECONDS" if deadline_passed else "in time"
+        return ModelError(504, "model_timeout", f"the {provider} model did not answer {limit}", retryable=True)
     if isinstance(exc, sdk.APIConnectionError):
-        return ModelError(503, "model_unavailable", f"could not connect to the {provider} model")
+        return ModelError(503, "model_unavailable", f"could not connect to the {provider} model", retryable=True)
     status = getattr(exc, "status_code", None)
+    retry_after = _retry_after_seconds(exc)
+    wait = None if retry_after is None else math.ceil(retry_after)
     if status in (429, 529):
-        return ModelError(503, "model_unavailable", f"the {provider} model is overloaded or rate limited; retry later")
-    return ModelError(502, "model_error", f"the {provider} model failed (upstream status {status})")
+        message = f"the {provider} model is overloaded or rate limited; retry later"
+        return ModelError(503, "model_unavailable", message, retryable=True, retry_after=wait)
+    retryable = status in RETRYABLE_STATUSES
+    return ModelError(502, "model_error", f"the {provider} model failed (upstream status {status})", retryable, wait)
+
+
+def _retry_after_seconds(exc: Exception) -> float | None:
+    """The provider's Retry-After (seconds or an HTTP date), or None."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    milliseconds = response.headers.get("retry-after-ms")
+    value = response.headers.get("retry-after")
+    try:
+        if milliseconds is not None:
+            return max(float(milliseconds) / 1000, 0.0)
+        if value is None:
+            return None
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _backoff(retries: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(BACKOFF_BASE_SECONDS * 2**retries, BACKOFF_MAX_SECONDS))

@@ -5,29 +5,36 @@ Run it with `flask --app main run` (embedded default) or
 """
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import current_app, g, request
+from flask import Response, current_app, g, request
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
+from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import BadRequest
 
 import auth
 import database_utils
 import errors
-from auth import authenticate, create_key, list_keys, revoke_key
+import idempotency
+import logs
+import metrics
+from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
-    chat_turn,
-    conversation_dict,
+    abandon_turn,
+    complete_turn,
     end_conversation,
     open_conversation,
+    prepare_turn,
     read_conversation,
     search_conversations,
 )
-from database_utils import ADMIN, CLIENT, STAFF, ApiKey, get_session, utcnow
+from database_utils import Role, get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import make_model
 from s3_utils import ArchiveError, make_archive
@@ -49,22 +56,17 @@ from schemas import (
     SearchQuery,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-# Who may call what, by endpoint. Everything on `api` needs a key.
-ACCESS: dict[str, set[str]] = {
-    "new_chat": {CLIENT},
-    "chat": {CLIENT},
-    "end_chat": {CLIENT},
-    "get_conversation": {CLIENT, STAFF},
-    "search": {STAFF},
-    "keys_create": {ADMIN},
-    "keys_list": {ADMIN},
-    "keys_revoke": {ADMIN},
-}
+log = logging.getLogger("parley")
+
+# Who may call each route on `api`, by endpoint name, filled in by `@allow`.
+ROUTE_ROLES: dict[str, frozenset[Role]] = {}
+# Routes that honour an Idempotency-Key header.
+IDEMPOTENT_ROUTES = frozenset({"new_chat", "chat", "end_chat"})
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429)}
-_MODEL_ERRORS = {code: ErrorResponse for code in (409, 502, 503, 504)}
+_MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
 
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
 staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
@@ -73,6 +75,16 @@ ops = Tag(name="operations", description="Liveness and readiness probes (no key 
 
 api = APIBlueprint("parley", __name__, abp_responses=_ERRORS, abp_security=[{"bearer": []}])
 probes = APIBlueprint("probes", __name__)
+
+
+def allow(*roles: Role) -> Callable[[Callable], Callable]:
+    """Declare the roles that may call a route; every other key gets 403."""
+
+    def register(view: Callable) -> Callable:
+        ROUTE_ROLES[view.__name__] = frozenset(roles)
+        return view
+
+    return register
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
@@ -93,11 +105,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     # If Redis goes away, keep limiting per process rather than failing requests.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    logs.init_app(app)
     errors.init_app(app)
     database_utils.init_app(app)
+    metrics.init_app(app, app.extensions["parley.engine"])
     auth.init_app(app)
+    idempotency.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -108,6 +122,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     limiter.exempt(probes)
     app.register_api(api)
     app.register_api(probes)
+    limiter.exempt(app.view_functions["metrics"])
     app.add_url_rule("/openapi.json", "openapi_json", lambda: app.api_doc)
     return app
 
@@ -127,15 +142,59 @@ def _require_json_body() -> None:
 
 
 @api.before_request
-def _authorize() -> None:
-    """401 without a usable key, 403 when its role may not call this route."""
+def _authorize() -> Response | None:
+    """401 without a usable key, 403 when its role may not call this route.
+
+    Then, on the idempotent routes, claim the request's Idempotency-Key: a
+    replay is answered here, without running the route.
+    """
     key = _authenticated_key()
-    if key.role not in ACCESS[request.endpoint.rpartition(".")[2]]:
-        raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}")
+    endpoint = request.endpoint.rpartition(".")[2]
+    roles = ROUTE_ROLES[endpoint]
+    if key.role not in roles:
+        allowed = " or ".join(sorted(roles))
+        raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}; it needs a {allowed} key")
     g.api_key = key
+    sent = request.headers.get(idempotency.HEADER)
+    if sent is None or endpoint not in IDEMPOTENT_ROUTES:
+        return None
+    session = get_session()
+    digest = idempotency.fingerprint(request.method, request.path, request.get_json(silent=True))
+    outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
+    idempotency.purge_now_and_then(session, current_app)
+    if isinstance(outcome, idempotency.Replay):
+        response = current_app.response_class(json.dumps(outcome.body), outcome.status, mimetype="application/json")
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+        return response
+    g.idempotency_claim = outcome
+    return None
 
 
-def _authenticated_key() -> ApiKey:
+@api.teardown_request
+def _release_unanswered_claim(_exc: BaseException | None = None) -> None:
+    """A claimed request that did not succeed stores nothing: let its retry run."""
+    claim = g.pop("idempotency_claim", None)
+    if claim is None or g.get("idempotency_saved"):
+        return
+    try:
+        idempotency.release(get_session(), claim)
+    except SQLAlchemyError as exc:  # the claim's lock runs out instead
+        log.warning("could not release an idempotency claim: %s", exc.__class__.__name__)
+
+
+def _respond(body: BaseModel, status: int = 200) -> tuple[dict[str, Any], int]:
+    """Commit the request's work, with its stored response when it has an Idempotency-Key."""
+    data = body.model_dump(mode="json")
+    session = get_session()
+    claim = g.get("idempotency_claim")
+    if claim is not None:
+        idempotency.save_response(session, claim, status, data)
+        g.idempotency_saved = True
+    session.commit()
+    return data, status
+
+
+def _authenticated_key() -> Caller:
     """The request's key, looked up once (the rate limiter asks first), or 401."""
     if "auth" not in g:
         try:
@@ -159,44 +218,51 @@ def _archive():
     return current_app.extensions["parley.archive"]
 
 
-def _caller() -> ApiKey:
+def _caller() -> Caller:
     return g.api_key
 
 
-@api.post("/new_chat", tags=[chats], responses={201: ConversationOut})
+@api.post("/new_chat", tags=[chats], responses={201: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
+@allow(Role.CLIENT)
 def new_chat(body: NewChatRequest):
-    """Open a conversation for a user; the server assigns its ID."""
+    """Open a conversation for a user; the server assigns its ID. Honours Idempotency-Key."""
     conversation = open_conversation(get_session(), current_app.config, body, _caller())
-    return conversation_dict(conversation), 201
+    return _respond(ConversationOut.of(conversation), 201)
 
 
 @api.post("/chat", tags=[chats], responses={200: ChatResponse, **_MODEL_ERRORS})
+@allow(Role.CLIENT)
 def chat(body: ChatRequest):
-    """Post the user's message and get the model's reply."""
+    """Post the user's message and get the model's reply. Honours Idempotency-Key.
+
+    One turn at a time per conversation: while another turn is in progress
+    the answer is 409 `turn_in_progress` with `Retry-After`.
+    """
     model = current_app.extensions["parley.model"]
-    turn = chat_turn(get_session(), model, current_app.config, _caller(), body.conversation_id, body.message)
-    return {
-        "conversation_id": str(turn.conversation_id),
-        "reply": turn.reply.text,
-        "seq": turn.seq,
-        "model": turn.reply.model,
-        "usage": turn.reply.usage,
-        "context": {
-            "messages_sent": turn.context.messages_sent,
-            "messages_dropped": turn.context.messages_dropped,
-            "tokens": turn.context.token_count,
-            "truncated": turn.context.truncated,
-        },
-    }
+    telemetry = metrics.get_metrics(current_app)
+    session = get_session()
+    prepared = prepare_turn(session, current_app.config, _caller(), body.conversation_id, body.message)
+    with telemetry.turn():
+        try:
+            with telemetry.model_call(model.provider):
+                reply = model.reply(prepared.context.system, prepared.context.messages)
+        except BaseException:
+            abandon_turn(session, prepared)
+            raise
+        telemetry.count_tokens(model.provider, reply.usage)
+        turn = complete_turn(session, prepared, reply)
+        return _respond(ChatResponse.of(turn))
 
 
-@api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 503: ErrorResponse})
+@api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse})
+@allow(Role.CLIENT)
 def end_chat(body: ConversationRef):
-    """Archive the conversation and mark it ended. Repeating it is harmless."""
-    return conversation_dict(end_conversation(get_session(), _archive(), _caller(), body.conversation_id))
+    """Archive the conversation and mark it ended. Repeating it is harmless. Honours Idempotency-Key."""
+    return _respond(ConversationOut.of(end_conversation(get_session(), _archive(), _caller(), body.conversation_id)))
 
 
 @api.get("/get_conversation", tags=[chats, staff], responses={200: ConversationDetail, 503: ErrorResponse})
+@allow(Role.CLIENT, Role.STAFF)
 def get_conversation(query: ConversationRef):
     """A conversation's metadata and full log, live or archived.
 
@@ -207,43 +273,35 @@ def get_conversation(query: ConversationRef):
 
 
 @api.get("/conversations", tags=[staff], responses={200: SearchPage})
+@allow(Role.STAFF)
 def search(query: SearchQuery):
     """Find conversations by user, status, dates or name text, newest first."""
     return search_conversations(get_session(), _caller(), query)
 
 
 @api.post("/keys", tags=[admin], responses={201: KeyCreated})
+@allow(Role.ADMIN)
 def keys_create(body: KeyCreate):
     """Create a key. Its secret is in this response only."""
     if body.expires_at is not None and body.expires_at <= utcnow():
         raise errors.ApiError("expires_at must be in the future")
     key, secret = create_key(get_session(), body.role, body.name, body.expires_at)
-    return {**_key_dict(key), "key": secret}, 201
+    return KeyCreated(**KeyOut.of(key, utcnow()).model_dump(), key=secret).model_dump(mode="json"), 201
 
 
 @api.get("/keys", tags=[admin], responses={200: KeyList})
+@allow(Role.ADMIN)
 def keys_list():
     """Every key, without secrets."""
-    return {"keys": [_key_dict(key) for key in list_keys(get_session())]}
+    now = utcnow()
+    return KeyList(keys=[KeyOut.of(key, now) for key in list_keys(get_session())]).model_dump(mode="json")
 
 
 @api.post("/keys/revoke", tags=[admin], responses={200: KeyOut})
+@allow(Role.ADMIN)
 def keys_revoke(body: KeyRef):
     """Revoke a key at once. Repeating it is harmless."""
-    return _key_dict(revoke_key(get_session(), body.key_id))
-
-
-def _key_dict(key: ApiKey) -> dict[str, Any]:
-    return {
-        "key_id": str(key.key_id),
-        "name": key.name,
-        "role": key.role,
-        "prefix": key.prefix,
-        "state": key.state(utcnow()),
-        "created_at": key.created_at.isoformat(),
-        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
-        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
-    }
+    return KeyOut.of(revoke_key(get_session(), body.key_id), utcnow()).model_dump(mode="json")
 
 
 @probes.get("/healthz", tags=[ops], responses={200: Health})

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
 
 MAX_NAME_CHARS = 200
 MAX_SYSTEM_PROMPT_CHARS = 100_000
@@ -56,6 +56,8 @@ def _utc(value: datetime) -> datetime:
 
 
 Text = Annotated[str, AfterValidator(_storable_text)]
+# Responses write times as Python's isoformat() (`+00:00`), as the archive does.
+Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str, when_used="json")]
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 MessageText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable_text), AfterValidator(_not_blank)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.@:+\-]+$")]
@@ -101,14 +103,44 @@ class ChatResponse(BaseModel):
     usage: Usage = Field(description="Tokens the provider reported for this turn.")
     context: ContextInfo
 
+    @classmethod
+    def of(cls, turn: Any) -> ChatResponse:
+        """From a `conversations.Turn`."""
+        context = turn.context
+        return cls(
+            conversation_id=turn.conversation_id,
+            reply=turn.reply.text,
+            seq=turn.seq,
+            model=turn.reply.model,
+            usage=Usage(**turn.reply.usage),
+            context=ContextInfo(
+                messages_sent=context.messages_sent,
+                messages_dropped=context.messages_dropped,
+                tokens=context.token_count,
+                truncated=context.truncated,
+            ),
+        )
+
 
 class MessageOut(BaseModel):
     seq: int
     role: str
     content: str
-    created_at: datetime
+    created_at: Timestamp
     token_count: int = Field(description="Local estimate of the message's tokens.")
     usage: Usage | None = Field(default=None, description="Provider-reported usage, on replies.")
+
+    @classmethod
+    def of(cls, message: Any) -> MessageOut:
+        """From a `database_utils.Message`."""
+        return cls(
+            seq=message.seq,
+            role=message.role,
+            content=message.content,
+            created_at=message.created_at,
+            token_count=message.token_count,
+            usage=message.usage,
+        )
 
 
 class ConversationOut(BaseModel):
@@ -117,14 +149,33 @@ class ConversationOut(BaseModel):
     conversation_name: str | None
     system_prompt: str | None
     status: str
-    created_at: datetime
-    updated_at: datetime
-    ended_at: datetime | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    ended_at: Timestamp | None
     message_count: int
     token_count: int
     usage: Usage
     metadata: dict[str, Any]
     s3_file_location: str | None = None
+
+    @classmethod
+    def of(cls, conversation: Any) -> ConversationOut:
+        """From a `database_utils.Conversation`."""
+        return cls(
+            conversation_id=conversation.conversation_id,
+            user_id=conversation.user_id,
+            conversation_name=conversation.conversation_name,
+            system_prompt=conversation.system_prompt,
+            status=conversation.status,
+            created_at=conversation.created_at,
+            updated_at=conversation.updated_at,
+            ended_at=conversation.ended_at,
+            message_count=conversation.message_count,
+            token_count=conversation.token_count,
+            usage=Usage(input_tokens=conversation.input_tokens, output_tokens=conversation.output_tokens),
+            metadata=conversation.meta,
+            s3_file_location=conversation.s3_file_location,
+        )
 
 
 class ConversationDetail(ConversationOut):
@@ -176,9 +227,23 @@ class KeyOut(BaseModel):
     role: Role
     prefix: str = Field(description="The key's first characters, to tell keys apart.")
     state: Literal["active", "revoked", "expired"]
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+    @classmethod
+    def of(cls, key: Any, now: datetime) -> KeyOut:
+        """From a `database_utils.ApiKey`."""
+        return cls(
+            key_id=key.key_id,
+            name=key.name,
+            role=key.role,
+            prefix=key.prefix,
+            state=key.state(now),
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
+        )
 
 
 class KeyCreated(KeyOut):
@@ -193,3 +258,6 @@ class ErrorResponse(BaseModel):
     error: str = Field(description="Stable machine-readable code, e.g. not_found.")
     message: str
     details: list[dict[str, Any]] | None = None
+    retryable: bool | None = Field(
+        default=None, description="On model failures: whether sending the same request again may succeed."
+    )

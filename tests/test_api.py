@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from conversation_memory import estimate_tokens
 from llm import ECHO_LABEL
 
 
@@ -39,7 +40,8 @@ def test_chat_replies_and_stores_both_messages(client):
 
     assert first["reply"] == f"{ECHO_LABEL} You said: Hello there"
     assert (first["seq"], second["seq"]) == (2, 4)
-    assert second["context"] == {"messages_sent": 3, "messages_dropped": 0, "tokens": second["context"]["tokens"], "truncated": False}
+    sent_tokens = sum(estimate_tokens(text) for text in ("Hello there", first["reply"], "And again"))
+    assert second["context"] == {"messages_sent": 3, "messages_dropped": 0, "tokens": sent_tokens, "truncated": False}
     assert second["usage"]["input_tokens"] > 0 and second["usage"]["output_tokens"] > 0
 
     log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
@@ -264,11 +266,13 @@ def test_concurrent_end_and_chat_lose_nothing(app, keys):
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(act, jobs))
 
-    assert {status for action, status in results if action == "end"} == {200}
+    # An end that meets a turn in progress is refused (409 turn_in_progress); repeated now, it ends.
+    assert {status for action, status in results if action == "end"} <= {200, 409}
     assert {status for action, status in results if action == "chat"} <= {200, 409}
     acknowledged = sum(1 for action, status in results if action == "chat" and status == 200)
     stored = 0
     for conversation_id in ids:
+        assert owner.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
         log = owner.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
         assert log["status"] == "ended"
         assert len(log["messages"]) == log["message_count"]

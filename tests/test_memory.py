@@ -22,12 +22,13 @@ def _memory(turns: int, words: int = 10, **options) -> ConversationMemory:
     return memory
 
 
-def test_update_memory_appends_in_order_with_seq_and_tokens():
+def test_update_memory_appends_in_order_with_tokens_and_leaves_seq_to_the_database():
     memory = ConversationMemory()
     first = memory.update_memory(USER, "hello")
     second = memory.update_memory(ASSISTANT, "hi there", usage={"input_tokens": 3, "output_tokens": 2})
 
-    assert [m.seq for m in memory.messages] == [1, 2]
+    assert memory.messages == [first, second]
+    assert [m.seq for m in memory.messages] == [None, None]
     assert first.token_count == estimate_tokens("hello")
     assert second.usage == {"input_tokens": 3, "output_tokens": 2}
     assert first.created_at.tzinfo is not None
@@ -125,7 +126,7 @@ def test_earlier_messages_count_towards_dropped():
     memory = ConversationMemory(earlier_messages=5000)
     memory.update_memory(USER, "q")
 
-    assert memory.messages[0].seq == 5001
+    assert memory.total_messages == 5001
     assert memory.get_current_context().messages_dropped == 5000
 
 

@@ -87,10 +87,17 @@ def test_bad_search_parameters_are_400(staff_client, query):
 
 @pytest.mark.parametrize("backend", ["postgres"])
 @pytest.mark.parametrize(
-    "filters",
-    [{}, {"user_id": "user-42"}, {"status": "ended"}, {"name": "warranty question #1999"}, {"created_to": datetime(2025, 2, 1, tzinfo=timezone.utc)}],
+    ("filters", "index"),
+    [
+        ({}, "ix_conversations_created"),
+        ({"user_id": "user-42"}, "ix_conversations_user_created"),
+        # a third of the rows are ended: reading the newest-first index and filtering is cheaper
+        ({"status": "ended"}, "ix_conversations_created"),
+        ({"name": "warranty question #1999"}, "ix_conversations_name_trgm"),
+        ({"created_to": datetime(2025, 2, 1, tzinfo=timezone.utc)}, "ix_conversations_created"),
+    ],
 )
-def test_search_queries_use_an_index(app, filters):
+def test_search_queries_use_an_index(app, filters, index):
     with app.app_context():
         session = get_session()
         seed_conversations(session, 10_000, users=500)
@@ -111,7 +118,7 @@ def test_search_queries_use_an_index(app, filters):
         plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + statement, parameters))
 
     assert rows
-    assert "Index" in plan and "Seq Scan" not in plan, plan
+    assert index in plan and "Seq Scan" not in plan, plan
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,197 @@
+"""`Idempotency-Key` on POST /new_chat, /chat and /end_chat, with Stripe's semantics.
+
+A request that carries the header claims the key (scoped to the API key)
+before it runs:
+- the first request runs; when it succeeds, its status and body are stored,
+  in the same transaction as its work (for /new_chat and /chat), so a stored
+  turn always has its stored response and vice versa;
+- a retry with the same key and the same body gets that response again,
+  marked `Idempotent-Replayed: true`, without running anything;
+- the same key with a different body (or route) gets 422;
+- a retry while the first is still running gets 409 `request_in_progress`;
+- a request that failed stores nothing and releases its claim, so a retry
+  runs it afresh (failed requests change nothing).
+
+Records are kept for `IDEMPOTENCY_TTL_HOURS` (24). Expired records are
+deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
+`flask --app main idempotency-purge`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+from flask import Flask
+from flask.cli import with_appcontext
+from sqlalchemy import delete, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from config import turn_lease_seconds
+from database_utils import IdempotencyRecord, get_session, utcnow
+from errors import ApiError, IdempotencyKeyReused, RequestInProgress
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+PURGE_INTERVAL_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This request holds the key and runs."""
+
+    key_id: uuid.UUID
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The key's first request succeeded: answer with its response."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def fingerprint(method: str, path: str, body: Any) -> str:
+    """What makes two requests "the same": route and JSON body, key order ignored."""
+    canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_key(value: str) -> str:
+    if not _KEY_PATTERN.fullmatch(value):
+        raise ApiError(f"{HEADER} must be 1 to 255 visible ASCII characters")
+    return value
+
+
+def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str, settings: Any) -> Claim | Replay:
+    """Claim `idempotency_key` for this request, or say what answers it instead.
+
+    Raises 422 for a different request under the same key, 409 while the
+    first request still runs. A record whose request died (its lock ran out)
+    or that expired is taken over.
+    """
+    lock_seconds = turn_lease_seconds(settings)
+    ttl = timedelta(hours=settings["IDEMPOTENCY_TTL_HOURS"])
+    for _ in range(3):
+        now = utcnow()
+        record = IdempotencyRecord(
+            key_id=key_id,
+            idempotency_key=idempotency_key,
+            fingerprint=digest,
+            created_at=now,
+            locked_until=now + timedelta(seconds=lock_seconds),
+            expires_at=now + ttl,
+        )
+        session.add(record)
+        try:
+            session.commit()
+            return Claim(key_id, idempotency_key)
+        except IntegrityError:
+            session.rollback()
+        existing = session.get(IdempotencyRecord, (key_id, idempotency_key), populate_existing=True)
+        if existing is None:
+            continue  # purged in between: claim again
+        if existing.expires_at > now:
+            if existing.fingerprint != digest:
+                session.rollback()
+                raise IdempotencyKeyReused(
+                    f"{HEADER} {idempotency_key!r} was used for a different request; use a new key for a new request"
+                )
+            if existing.response_status is not None:
+                session.rollback()
+                return Replay(existing.response_status, existing.response_body or {})
+            if existing.locked_until > now:
+                session.rollback()
+                raise RequestInProgress(f"the first request with {HEADER} {idempotency_key!r} is still running")
+        if _take_over(session, key_id, idempotency_key, digest, now, lock_seconds, ttl):
+            return Claim(key_id, idempotency_key)
+    raise RequestInProgress(f"the request with {HEADER} {idempotency_key!r} is contended; retry")
+
+
+def _take_over(
+    session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str, now: datetime, lock_seconds: float, ttl: timedelta
+) -> bool:
+    """Claim an expired record, or a running one whose request died, unless someone else just did."""
+    result = session.execute(
+        update(IdempotencyRecord)
+        .where(
+            IdempotencyRecord.key_id == key_id,
+            IdempotencyRecord.idempotency_key == idempotency_key,
+            or_(
+                IdempotencyRecord.expires_at <= now,
+                (IdempotencyRecord.response_status.is_(None)) & (IdempotencyRecord.locked_until <= now),
+            ),
+        )
+        .values(
+            fingerprint=digest,
+            response_status=None,
+            response_body=None,
+            created_at=now,
+            locked_until=now + timedelta(seconds=lock_seconds),
+            expires_at=now + ttl,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def save_response(session: Session, held: Claim, status: int, body: dict[str, Any]) -> None:
+    """Store the response of the claiming request; the caller commits it with the request's work."""
+    session.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.key_id == held.key_id, IdempotencyRecord.idempotency_key == held.idempotency_key)
+        .values(response_status=status, response_body=body)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def release(session: Session, held: Claim) -> None:
+    """Drop the claim of a request that failed, so that a retry runs afresh."""
+    session.rollback()
+    session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.key_id == held.key_id,
+            IdempotencyRecord.idempotency_key == held.idempotency_key,
+            IdempotencyRecord.response_status.is_(None),
+        )
+    )
+    session.commit()
+
+
+def purge_expired(session: Session) -> int:
+    """Delete every expired record; returns how many."""
+    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow()))
+    session.commit()
+    return result.rowcount
+
+
+def purge_now_and_then(session: Session, app: Flask) -> None:
+    """Purge expired records at most once per PURGE_INTERVAL_SECONDS in this process."""
+    state = app.extensions["parley.idempotency"]
+    if time.monotonic() - state["last_purge"] >= PURGE_INTERVAL_SECONDS:
+        state["last_purge"] = time.monotonic()
+        purge_expired(session)
+
+
+@click.command("idempotency-purge")
+@with_appcontext
+def purge_command() -> None:
+    """Delete expired idempotency records (older than IDEMPOTENCY_TTL_HOURS)."""
+    click.echo(f"Deleted {purge_expired(get_session())} expired idempotency records.")
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["parley.idempotency"] = {"last_purge": float("-inf")}
+    app.cli.add_command(purge_command)
+
+

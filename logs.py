@@ -1,0 +1,66 @@
+"""Log lines as JSON (or plain text), each carrying the request's ID.
+
+A request's ID is the client's `X-Request-ID` when it sends a sensible one,
+otherwise a new one; it is echoed in the response's `X-Request-ID` and put
+on every log line written while the request is served.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+
+from flask import Flask, Response, g, has_request_context, request
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_HANDLER_NAME = "parley"
+log = logging.getLogger("parley.request")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id") if has_request_context() else None
+        return True
+
+
+def configure(log_format: str) -> None:
+    """Send every log line to stderr as JSON (`json`) or text (`text`), once per process."""
+    root = logging.getLogger()
+    if any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s", timestamp=False)
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def init_app(app: Flask) -> None:
+    configure(app.config["LOG_FORMAT"])
+
+    @app.before_request
+    def _assign_request_id() -> None:
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+        g.log_started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id") or uuid.uuid4().hex
+        elapsed_ms = (time.perf_counter() - g.get("log_started", time.perf_counter())) * 1000
+        log.info(
+            "request",
+            extra={"method": request.method, "path": request.path, "status": response.status_code,
+                   "duration_ms": round(elapsed_ms, 2)},
+        )
+        return response

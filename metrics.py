@@ -1,0 +1,127 @@
+"""Prometheus metrics, served at `/metrics`.
+
+Under gunicorn every worker is its own process, so the samples of all of
+them must be merged: `gunicorn.conf.py` sets `PROMETHEUS_MULTIPROC_DIR`,
+each worker writes its samples there (prometheus-client's multiprocess
+mode) and `/metrics` reads them all. Without that variable (`make run`,
+tests) the process's own samples are served.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from sqlalchemy import Engine, event
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The service's metrics, registered on a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "parley_http_requests", "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"], registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "parley_http_request_duration_seconds", "Time to answer a request (to its first byte when streamed).",
+            ["route", "method"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.model_seconds = Histogram(
+            "parley_model_request_duration_seconds", "Time the model provider took for a reply, retries included.",
+            ["provider", "outcome"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.model_tokens = Counter(
+            "parley_model_tokens", "Tokens the provider reported, by direction (input or output).",
+            ["provider", "direction"], registry=registry,
+        )
+        self.turns_in_flight = Gauge(
+            "parley_turns_in_flight", "Turns between taking their lease and storing their reply.",
+            multiprocess_mode="livesum", registry=registry,
+        )
+        self.db_connections_in_use = Gauge(
+            "parley_db_pool_connections_in_use", "Database connections checked out of the pools.",
+            multiprocess_mode="livesum", registry=registry,
+        )
+        self.db_pool_size = Gauge(
+            "parley_db_pool_size", "Connections the pools keep open (overflow not counted).",
+            multiprocess_mode="livesum", registry=registry,
+        )
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        self.turns_in_flight.inc()
+        try:
+            yield
+        finally:
+            self.turns_in_flight.dec()
+
+    @contextmanager
+    def model_call(self, provider: str) -> Iterator[None]:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            self.model_seconds.labels(provider, outcome).observe(time.perf_counter() - started)
+
+    def count_tokens(self, provider: str, usage: dict[str, int]) -> None:
+        self.model_tokens.labels(provider, "input").inc(usage.get("input_tokens", 0))
+        self.model_tokens.labels(provider, "output").inc(usage.get("output_tokens", 0))
+
+    def watch_pool(self, engine: Engine) -> None:
+        size = getattr(engine.pool, "size", None)
+        if callable(size):
+            self.db_pool_size.inc(size())
+        event.listen(engine, "checkout", lambda *_: self.db_connections_in_use.inc())
+        event.listen(engine, "checkin", lambda *_: self.db_connections_in_use.dec())
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
+
+def get_metrics(app: Flask) -> Metrics:
+    return app.extensions["parley.metrics"]
+
+
+def init_app(app: Flask, engine: Engine) -> Metrics:
+    metrics = Metrics()
+    app.extensions["parley.metrics"] = metrics
+    metrics.watch_pool(engine)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _count_request(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route, request.method).observe(elapsed)
+        return response
+
+    app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST))
+    return metrics
+
+
