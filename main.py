@@ -160,8 +160,8 @@ def _authorize() -> Response | None:
         return None
     session = get_session()
     digest = idempotency.fingerprint(request.method, request.path, request.get_json(silent=True))
-    outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
     idempotency.purge_now_and_then(session, current_app)
+    outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
     if isinstance(outcome, idempotency.Replay):
         response = current_app.response_class(json.dumps(outcome.body), outcome.status, mimetype="application/json")
         response.headers[idempotency.REPLAYED_HEADER] = "true"

@@ -174,3 +174,26 @@ def admin_client(app, keys) -> FlaskClient:
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def provider_app(app_config, keys, fake_model, monkeypatch):
+    """A client of an app whose provider talks to the fake model server, set up via each SDK's env vars."""
+    apps = []
+
+    def build(provider: str, **overrides):
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+        monkeypatch.setenv("ANTHROPIC_BEDROCK_BASE_URL", fake_model.base_url)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{fake_model.base_url}/v1")
+        config = {**app_config, "LLM_PROVIDER": provider, "LLM_MODEL": f"{provider}-test-model", "LLM_MAX_RETRIES": 0}
+        app = create_app({**config, **overrides})
+        apps.append(app)
+        return client_with_key(app, keys["client_a"])
+
+    yield build
+    for app in apps:
+        app.extensions["parley.engine"].dispose()
+

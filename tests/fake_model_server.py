@@ -31,6 +31,7 @@ import base64
 import contextlib
 import json
 import re
+import socket
 import struct
 import threading
 import time
@@ -230,7 +231,7 @@ def _provider(path: str, headers: dict[str, str]) -> str:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128  # the default backlog of 5 drops bursts of concurrent clients
+    request_queue_size = 2048  # the default backlog of 5 drops bursts of concurrent clients
 
     def __init__(self, fake: FakeModelServer, port: int) -> None:
         self.fake = fake
@@ -249,11 +250,18 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         headers = {name.lower(): value for name, value in self.headers.items()}
         body = self._read_json()
-        fault, delay = fake._record(RecordedRequest(path, headers, body, query))
-        if delay:
-            fake._stopping.wait(delay)
-        with contextlib.suppress(ConnectionError):  # the client may have gone away, e.g. timed out
-            self._respond(path, headers, body, fault)
+        fault, delay, drip = fake._record(RecordedRequest(path, headers, body, query))
+        fake._enter()
+        try:
+            if delay:
+                fake._stopping.wait(delay)
+            with contextlib.suppress(ConnectionError):  # the client may have gone away, e.g. timed out
+                if drip:
+                    self._drip(drip, path, headers, body)
+                else:
+                    self._respond(path, headers, body, fault)
+        finally:
+            fake._leave()
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
 
@@ -268,7 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, path: str, headers: dict[str, str], body: Json, fault: _Fault | None) -> None:
         bedrock = _BEDROCK_PATH.fullmatch(path)
         override = self.server.fake.reply_override
-        if fault is not None:
+        if fault is not None and fault.status == 0:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)  # a reset: no answer at all
+        elif fault is not None:
             message = f"Injected error (HTTP {fault.status}) from FakeModelServer"
             default = _error_body(_provider(path, headers), fault.status, message)
             payload = fault.body if fault.body is not None else default
@@ -282,6 +293,20 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             message = f"No route for {self.command} {path}"
             self._send_json(404, _error_body(_provider(path, headers), 404, message))
+
+    def _drip(self, bytes_per_second: float, path: str, headers: dict[str, str], body: Json) -> None:
+        """A whole, valid reply, sent one byte at a time."""
+        reply = _make_reply(body, str(body.get("model", "")), self.server.fake.reply_override)
+        data = json.dumps(_openai_completion(reply) if "chat/completions" in path else _anthropic_message(reply)).encode()
+        self._start(200, "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        for offset in range(len(data)):
+            if self.server.fake._stopping.wait(1 / bytes_per_second):
+                return
+            self.wfile.write(data[offset : offset + 1])
+            self.wfile.flush()
 
     def _anthropic(self, reply: _Reply, body: Json) -> None:
         if not body.get("stream"):
@@ -305,11 +330,11 @@ class _Handler(BaseHTTPRequestHandler):
         frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage)]
         self._send_stream("text/event-stream; charset=utf-8", [*frames, b"data: [DONE]\n\n"])
 
-    def _start(self, status: int, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.close_connection = True
+    def _start(self, status: int, content_type: str, extra: dict[str, str] | None = None, keep_alive: bool = False) -> None:
+        self.close_connection = not keep_alive
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Connection", "close")
+        self.send_header("Connection", "keep-alive" if keep_alive else "close")
         self.send_header("request-id", f"req_fake_{uuid.uuid4().hex[:16]}")
         self.send_header("x-request-id", f"req_fake_{uuid.uuid4().hex[:16]}")
         for name, value in (extra or {}).items():
@@ -317,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: Json, extra: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
-        self._start(status, "application/json", extra)
+        self._start(status, "application/json", extra, keep_alive=True)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -340,6 +365,11 @@ class FakeModelServer:
         self._requests: list[RecordedRequest] = []
         self._faults: deque[_Fault] = deque()
         self._delays: deque[float] = deque()
+        self._drips: deque[float] = deque()
+        # Seconds every request waits before its answer, on top of delay_next.
+        self.latency = 0.0
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -370,7 +400,10 @@ class FakeModelServer:
             self._requests.clear()
             self._faults.clear()
             self._delays.clear()
+            self._drips.clear()
             self.reply_override = None
+            self.latency = 0.0
+            self.peak_in_flight = self.in_flight
 
     def fail_next(
         self, status: int, body: Json | None = None, count: int = 1, headers: dict[str, str] | None = None
@@ -379,10 +412,29 @@ class FakeModelServer:
         with self._lock:
             self._faults.extend(_Fault(status, body, dict(headers or {})) for _ in range(count))
 
+    def drop_next(self, count: int = 1) -> None:
+        """Close the connection of the next ``count`` requests without answering."""
+        with self._lock:
+            self._faults.extend(_Fault(0, None) for _ in range(count))
+
     def delay_next(self, seconds: float, count: int = 1) -> None:
         """Sleep ``seconds`` before answering each of the next ``count`` requests."""
         with self._lock:
             self._delays.extend(seconds for _ in range(count))
+
+    def drip_next(self, bytes_per_second: float, count: int = 1) -> None:
+        """Send the next ``count`` replies (JSON) a byte at a time, ``bytes_per_second`` fast."""
+        with self._lock:
+            self._drips.extend(bytes_per_second for _ in range(count))
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def start(self) -> None:
         """Serve on a background daemon thread."""
@@ -411,10 +463,11 @@ class FakeModelServer:
     ) -> None:
         self.stop()
 
-    def _record(self, request: RecordedRequest) -> tuple[_Fault | None, float]:
-        """Record ``request`` and take the fault and delay (if any) queued for it."""
+    def _record(self, request: RecordedRequest) -> tuple[_Fault | None, float, float]:
+        """Record ``request`` and take the fault, delay and drip rate (if any) queued for it."""
         with self._lock:
             self._requests.append(request)
             fault = self._faults.popleft() if self._faults else None
-            delay = self._delays.popleft() if self._delays else 0.0
-        return fault, delay
+            delay = (self._delays.popleft() if self._delays else 0.0) + self.latency
+            drip = self._drips.popleft() if self._drips else 0.0
+        return fault, delay, drip

@@ -1,0 +1,187 @@
+"""Idempotency-Key on POST /new_chat, /chat and /end_chat (Stripe's semantics)."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from auth import authenticate
+from database_utils import Conversation, IdempotencyRecord, get_session
+from idempotency import Claim, claim, fingerprint
+from tests.conftest import client_with_key
+
+
+def _conversation(client) -> str:
+    return client.post("/new_chat", json={"user_id": "u-1"}).json["conversation_id"]
+
+
+def _post(client, path: str, body: dict, key: str | None):
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    return client.post(path, json=body, headers=headers)
+
+
+def test_a_retried_turn_returns_the_first_response_without_calling_the_model_again(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "charge my card once"}
+
+    first = _post(client, "/chat", body, "turn-1")
+    retry = _post(client, "/chat", body, "turn-1")
+
+    assert first.status_code == retry.status_code == 200
+    assert retry.json == first.json
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert len([r for r in fake_model.requests if r.path == "/v1/messages"]) == 1
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert log["message_count"] == 2
+
+
+def test_a_retried_new_chat_opens_one_conversation(app, client):
+    body = {"user_id": "once", "conversation_name": "Only one"}
+
+    first = _post(client, "/new_chat", body, "open-1")
+    retry = _post(client, "/new_chat", body, "open-1")
+
+    assert first.status_code == retry.status_code == 201
+    assert retry.json["conversation_id"] == first.json["conversation_id"]
+    with app.app_context():
+        count = get_session().scalar(select(func.count()).select_from(Conversation).where(Conversation.user_id == "once"))
+    assert count == 1
+
+
+def test_a_retried_end_chat_returns_the_first_response(client):
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id}
+
+    first = _post(client, "/end_chat", body, "end-1")
+    retry = _post(client, "/end_chat", body, "end-1")
+
+    assert first.status_code == retry.status_code == 200
+    assert retry.json == first.json
+    assert retry.headers["Idempotent-Replayed"] == "true"
+
+
+def test_the_same_key_with_another_body_or_route_is_422(client):
+    conversation_id = _conversation(client)
+    _post(client, "/chat", {"conversation_id": conversation_id, "message": "a"}, "k-1")
+
+    other_body = _post(client, "/chat", {"conversation_id": conversation_id, "message": "b"}, "k-1")
+    other_route = _post(client, "/end_chat", {"conversation_id": conversation_id}, "k-1")
+
+    assert other_body.status_code == other_route.status_code == 422
+    assert other_body.json["error"] == "idempotency_key_reused"
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert log["message_count"] == 2
+
+
+def test_key_order_in_the_body_does_not_make_another_request(client):
+    conversation_id = _conversation(client)
+    first = client.post("/chat", data=f'{{"conversation_id": "{conversation_id}", "message": "x"}}',
+                        headers={"Idempotency-Key": "order", "Content-Type": "application/json"})
+    retry = client.post("/chat", data=f'{{"message": "x", "conversation_id": "{conversation_id}"}}',
+                        headers={"Idempotency-Key": "order", "Content-Type": "application/json"})
+
+    assert retry.status_code == 200 and retry.json == first.json
+
+
+def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "slow"}
+    fake_model.delay_next(1.5)
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "slow-1")))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    during = _post(client, "/chat", body, "slow-1")
+    thread.join()
+    after = _post(client, "/chat", body, "slow-1")
+
+    assert during.status_code == 409
+    assert during.json["error"] == "request_in_progress"
+    assert "Retry-After" in during.headers
+    assert results["first"].status_code == 200
+    assert after.json == results["first"].json
+
+
+def test_a_failed_request_stores_nothing_so_its_retry_runs(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "try again"}
+    fake_model.fail_next(500)
+
+    failed = _post(client, "/chat", body, "retry-me")
+    retried = _post(client, "/chat", body, "retry-me")
+
+    assert failed.status_code == 502
+    assert retried.status_code == 200
+    assert "Idempotent-Replayed" not in retried.headers
+    assert len(fake_model.requests) == 2
+
+
+def test_keys_are_scoped_to_the_api_key(app, keys):
+    client_a, client_b = client_with_key(app, keys["client_a"]), client_with_key(app, keys["client_b"])
+
+    a = _post(client_a, "/new_chat", {"user_id": "a"}, "shared-key")
+    b = _post(client_b, "/new_chat", {"user_id": "b"}, "shared-key")
+
+    assert a.status_code == b.status_code == 201
+    assert a.json["conversation_id"] != b.json["conversation_id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "ключ", "two words"])
+def test_a_malformed_key_is_400(client, key):
+    response = _post(client, "/new_chat", {"user_id": "u"}, key)
+
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json["message"]
+
+
+def test_a_claim_left_by_a_dead_worker_is_taken_over_after_its_lock(app, client, keys):
+    app.config["TURN_LEASE_SECONDS"] = 1
+    body = {"user_id": "late"}
+    with app.app_context():
+        session = get_session()
+        caller = authenticate(session, f"Bearer {keys['client_a']}")
+        # A request that claimed the key and whose worker then died.
+        held = claim(session, caller.key_id, "orphan", fingerprint("POST", "/new_chat", body), app.config)
+        assert isinstance(held, Claim)
+
+    blocked = _post(client, "/new_chat", body, "orphan")
+    time.sleep(1.1)
+    taken_over = _post(client, "/new_chat", body, "orphan")
+
+    assert blocked.status_code == 409
+    assert taken_over.status_code == 201
+
+
+def test_expired_records_are_purged(app, client, runner):
+    app.config["IDEMPOTENCY_TTL_HOURS"] = 0
+    _post(client, "/new_chat", {"user_id": "u"}, "gone-soon")
+
+    result = runner.invoke(args=["idempotency-purge"])
+    again = _post(client, "/new_chat", {"user_id": "u"}, "gone-soon")
+
+    assert result.exit_code == 0
+    assert "Deleted 1 expired idempotency records." in result.output
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+    with app.app_context():
+        remaining = get_session().scalar(select(func.count()).select_from(IdempotencyRecord))
+    assert remaining == 1
+
+
+def test_records_are_kept_for_the_configured_time(app, client):
+    _post(client, "/new_chat", {"user_id": "u"}, str(uuid.uuid4()))
+
+    with app.app_context():
+        record = get_session().scalars(select(IdempotencyRecord)).one()
+    kept = record.expires_at - record.created_at
+
+    assert kept.total_seconds() == pytest.approx(24 * 3600)

@@ -1,0 +1,155 @@
+"""Model failures: bounded retries, one total deadline, the documented 5xx, a consistent conversation.
+
+The real SDKs talk to the local fake model server, which injects the faults.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+PROVIDERS = ["anthropic", "bedrock", "openai"]
+
+
+def _conversation(client) -> str:
+    return client.post("/new_chat", json={"user_id": "u-1"}).json["conversation_id"]
+
+
+def _say(client, conversation_id: str, message: str = "hi"):
+    return client.post("/chat", json={"conversation_id": conversation_id, "message": message})
+
+
+def _log(client, conversation_id: str) -> list[dict]:
+    return client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("upstream_status", [429, 500, 529])
+def test_passing_failures_are_retried_and_the_turn_succeeds(provider_app, fake_model, provider, upstream_status):
+    client = provider_app(provider, LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(upstream_status, count=2, headers={"retry-after": "0"})
+
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 3
+    assert [m["role"] for m in _log(client, conversation_id)] == ["user", "assistant"]
+
+
+def test_a_connection_reset_is_retried(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.drop_next()
+
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 2
+
+
+def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(529, count=2)
+
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "status", "error"),
+    [(429, 503, "model_unavailable"), (529, 503, "model_unavailable"), (500, 502, "model_error")],
+)
+def test_exhausted_retries_answer_a_retryable_5xx_with_the_providers_retry_after(
+    provider_app, fake_model, upstream_status, status, error
+):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(upstream_status, count=2, headers={"retry-after": "1"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == status
+    assert failed.json["error"] == error
+    assert failed.json["retryable"] is True
+    assert failed.headers["Retry-After"] == "1"
+    assert len(fake_model.requests) == 2
+    # Nothing was stored, the lease was given back: the next turn works at once.
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize("upstream_status", [400, 401, 404])
+def test_a_request_the_provider_refuses_is_not_retried(provider_app, fake_model, upstream_status):
+    client = provider_app("openai", LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(upstream_status)
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 502
+    assert failed.json["retryable"] is False
+    assert len(fake_model.requests) == 1
+
+
+def test_a_retry_after_past_the_deadline_is_passed_on_instead_of_waited_for(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=3, LLM_TOTAL_TIMEOUT_SECONDS=3, LLM_RETRY_AFTER_MAX_SECONDS=60)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, count=4, headers={"retry-after": "15"})
+
+    started = time.monotonic()
+    failed = _say(client, conversation_id)
+    waited = time.monotonic() - started
+
+    assert failed.status_code == 503
+    assert failed.headers["Retry-After"] == "15"
+    assert failed.json["retryable"] is True
+    assert len(fake_model.requests) == 1
+    assert waited < 3  # not the 15 s the provider asked for
+
+
+def test_an_honoured_retry_after_is_capped(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1, LLM_RETRY_AFTER_MAX_SECONDS=0.2)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, headers={"retry-after": "30"})
+
+    started = time.monotonic()
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 2
+    assert time.monotonic() - started < 5  # waited the 0.2 s cap, not 30 s
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_reply_that_trickles_in_ends_at_the_total_deadline(provider_app, fake_model, provider):
+    client = provider_app(provider, LLM_TIMEOUT_SECONDS=2, LLM_TOTAL_TIMEOUT_SECONDS=2.5, LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.drip_next(bytes_per_second=10)  # a whole reply takes over 30 s this way
+
+    started = time.monotonic()
+    failed = _say(client, conversation_id)
+    waited = time.monotonic() - started
+
+    assert failed.status_code == 504
+    assert failed.json["error"] == "model_timeout"
+    assert "LLM_TOTAL_TIMEOUT_SECONDS" in failed.json["message"]
+    assert waited < 6
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+def test_a_silent_provider_is_a_504_within_the_total_deadline(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=30, LLM_TOTAL_TIMEOUT_SECONDS=1.5)
+    conversation_id = _conversation(client)
+    fake_model.delay_next(10)
+
+    started = time.monotonic()
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 504
+    assert time.monotonic() - started < 5
+    assert _log(client, conversation_id) == []

@@ -1,0 +1,142 @@
+"""One turn at a time per conversation: the turn lease, tested in the gap between the model call and the store.
+
+The model here waits (the fake model server delays its answer), so a second
+request really arrives while the first turn is between its two halves.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from database_utils import claim_turn, get_session
+
+
+def _conversation(client, user_id: str = "u-1") -> str:
+    return client.post("/new_chat", json={"user_id": user_id}).json["conversation_id"]
+
+
+def _say(client, conversation_id: str, message: str):
+    return client.post("/chat", json={"conversation_id": conversation_id, "message": message})
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def _in_background(call):
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault("response", call()))
+    thread.start()
+    return thread, results
+
+
+def test_a_second_turn_during_a_turn_gets_409_and_then_sees_the_first_exchange(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    fake_model.delay_next(1.5)
+
+    thread, first = _in_background(lambda: _say(client, conversation_id, "first question"))
+    _wait_until(lambda: fake_model.in_flight == 1)
+    during = _say(client, conversation_id, "second question")
+    end_during = client.post("/end_chat", json={"conversation_id": conversation_id})
+    read_during = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    thread.join()
+    after = _say(client, conversation_id, "second question")
+
+    assert during.status_code == 409
+    assert during.json["error"] == "turn_in_progress"
+    assert during.headers["Retry-After"] == "1"
+    assert end_during.status_code == 409 and end_during.json["error"] == "turn_in_progress"
+    assert read_during.status_code == 200 and read_during.json["messages"] == []  # no half turn is visible
+    assert first["response"].status_code == 200
+    assert after.status_code == 200
+    sent = [m["content"] for m in fake_model.requests[-1].body["messages"]]
+    assert sent == ["first question", "reply to: first question", "second question"]
+
+
+def test_other_conversations_are_served_while_one_turn_waits(provider_app, fake_model):
+    client = provider_app("anthropic")
+    slow, other = _conversation(client), _conversation(client)
+    fake_model.delay_next(1.5)
+
+    thread, first = _in_background(lambda: _say(client, slow, "slow"))
+    _wait_until(lambda: fake_model.in_flight == 1)
+    meanwhile = _say(client, other, "quick")
+    thread.join()
+
+    assert meanwhile.status_code == 200
+    assert first["response"].status_code == 200
+
+
+def test_a_lease_left_by_a_dead_worker_expires(provider_app, app, fake_model):
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=1)
+    conversation_id = _conversation(client)
+    with app.app_context():
+        session = get_session()
+        # What a worker killed mid-turn leaves behind: a lease nobody will release.
+        assert claim_turn(session, uuid.UUID(conversation_id), None, uuid.uuid4(), lease_seconds=1) is not None
+        session.commit()
+
+    blocked = _say(client, conversation_id, "anyone there?")
+    time.sleep(1.1)
+    after_expiry = _say(client, conversation_id, "anyone there?")
+
+    assert blocked.status_code == 409
+    assert after_expiry.status_code == 200
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [m["seq"] for m in log["messages"]] == [1, 2]
+
+
+def test_a_turn_that_outlives_its_lease_stores_nothing(provider_app, fake_model):
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=1)
+    conversation_id = _conversation(client)
+    fake_model.delay_next(2.5)
+
+    thread, slow = _in_background(lambda: _say(client, conversation_id, "slow one"))
+    _wait_until(lambda: fake_model.in_flight == 1)
+    time.sleep(1.2)  # the slow turn's lease has run out
+    taker = _say(client, conversation_id, "quick one")
+    thread.join()
+
+    assert taker.status_code == 200
+    assert slow["response"].status_code == 409
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [m["content"] for m in log["messages"]] == ["quick one", "reply to: quick one"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_racing_turns_never_answer_from_a_context_missing_the_other_exchange(provider_app, fake_model):
+    """Eight clients on one conversation: every reply was generated from the whole log before it."""
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    fake_model.latency = 0.05
+    statuses = []
+
+    def talk(n: int) -> None:
+        for turn in range(5):
+            statuses.append(_say(client, conversation_id, f"client {n} turn {turn}").status_code)
+
+    threads = [threading.Thread(target=talk, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+    answered = statuses.count(200)
+    assert set(statuses) <= {200, 409} and answered >= 1
+    assert len(log) == 2 * answered
+    model_calls = [r for r in fake_model.requests if r.path == "/v1/messages"]
+    stored = [m["content"] for m in log]
+    for request in model_calls:
+        sent = [m["content"] for m in request.body["messages"]]
+        question = sent[-1]
+        if question in stored:  # a stored turn: its context is exactly the log before it
+            assert sent == stored[: stored.index(question) + 1]
