@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from auth import Caller
@@ -56,6 +58,8 @@ from errors import ApiError, Conflict, NotFound, PayloadTooLarge, TurnInProgress
 from llm import ModelReply
 from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
 from schemas import ConversationOut, MessageOut, NewChatRequest, SearchQuery
+
+log = logging.getLogger("parley")
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,22 @@ def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -
 
 
 def abandon_turn(session: Session, prepared: PreparedTurn) -> None:
-    """Release the lease of a turn whose model call failed; nothing is stored."""
-    session.rollback()
-    release_turn(session, prepared.conversation_id, prepared.lease_id)
-    session.commit()
+    """Release the lease of a turn that failed; nothing of it is stored.
+
+    Safe after a failed commit whose outcome is unknown: a stored turn has
+    released its lease already, and this changes nothing. If the database
+    is unreachable, the lease runs out after TURN_LEASE_SECONDS instead.
+    """
+    for attempt in range(2):  # the second on a fresh connection, after a restart broke the first
+        try:
+            session.rollback()
+            release_turn(session, prepared.conversation_id, prepared.lease_id)
+            session.commit()
+            return
+        except SQLAlchemyError as exc:
+            session.rollback()
+            if attempt:
+                log.warning("could not release the turn lease of %s: %s", prepared.conversation_id, exc.__class__.__name__)
 
 
 def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> None:

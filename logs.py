@@ -21,9 +21,31 @@ _HANDLER_NAME = "parley"
 log = logging.getLogger("parley.request")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each line, not as it was when set up."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class _RequestIdFilter(logging.Filter):
+    """Adds the request's ID, and keeps tracebacks out of the log.
+
+    A traceback can carry SQL with its parameters (message text) or a key, so
+    an exception is logged by its type only, whichever library logs it.
+    """
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = g.get("request_id") if has_request_context() else None
+        if record.exc_info:
+            record.msg = f"{record.getMessage()} ({record.exc_info[0].__name__})"
+            record.args = ()
+            record.exc_info = record.exc_text = record.stack_info = None
         return True
 
 
@@ -32,7 +54,7 @@ def configure(log_format: str) -> None:
     root = logging.getLogger()
     if any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(_RequestIdFilter())
     if log_format == "json":

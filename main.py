@@ -246,12 +246,11 @@ def chat(body: ChatRequest):
         try:
             with telemetry.model_call(model.provider):
                 reply = model.reply(prepared.context.system, prepared.context.messages)
+            telemetry.count_tokens(model.provider, reply.usage)
+            return _respond(ChatResponse.of(complete_turn(session, prepared, reply)))
         except BaseException:
             abandon_turn(session, prepared)
             raise
-        telemetry.count_tokens(model.provider, reply.usage)
-        turn = complete_turn(session, prepared, reply)
-        return _respond(ChatResponse.of(turn))
 
 
 @api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse})

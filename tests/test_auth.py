@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import timedelta
 
@@ -216,3 +217,40 @@ def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):
     text = caplog.text
     assert all(secret not in text for secret in keys.values())
     assert "Traceback" not in text and "SELECT" not in text and "INSERT" not in text
+
+
+def test_a_key_revoked_by_another_worker_stops_working_within_the_cache_time(app_config, keys):
+    """Two apps on one database stand for two workers; each caches key lookups for AUTH_CACHE_SECONDS."""
+    config = {**app_config, "AUTH_CACHE_SECONDS": 1}
+    worker_a, worker_b = create_app(config), create_app(config)
+    client_on_b = client_with_key(worker_b, keys["client_a"])
+    admin_on_a = client_with_key(worker_a, keys["admin"])
+    key_id = next(k["key_id"] for k in admin_on_a.get("/keys").json["keys"] if k["name"] == "client_a")
+
+    assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 201  # now cached on b
+    assert admin_on_a.post("/keys/revoke", json={"key_id": key_id}).status_code == 200
+    still_cached = client_on_b.post("/new_chat", json={"user_id": "u"}).status_code
+    on_the_revoking_worker = client_with_key(worker_a, keys["client_a"]).post("/new_chat", json={"user_id": "u"}).status_code
+    time.sleep(1.1)
+    after_the_cache_time = client_on_b.post("/new_chat", json={"user_id": "u"}).status_code
+
+    assert on_the_revoking_worker == 401
+    assert still_cached == 201  # the documented window
+    assert after_the_cache_time == 401
+    for worker in (worker_a, worker_b):
+        worker.extensions["parley.engine"].dispose()
+
+
+def test_with_the_cache_off_revocation_is_immediate_everywhere(app_config, keys):
+    config = {**app_config, "AUTH_CACHE_SECONDS": 0}
+    worker_a, worker_b = create_app(config), create_app(config)
+    client_on_b = client_with_key(worker_b, keys["client_a"])
+    admin_on_a = client_with_key(worker_a, keys["admin"])
+    key_id = next(k["key_id"] for k in admin_on_a.get("/keys").json["keys"] if k["name"] == "client_a")
+
+    assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 201
+    admin_on_a.post("/keys/revoke", json={"key_id": key_id})
+
+    assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 401
+    for worker in (worker_a, worker_b):
+        worker.extensions["parley.engine"].dispose()
