@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 
 run: $(VENV)/.runtime
 	$(BIN)/flask --app main keys bootstrap
-	$(BIN)/flask --app main run --port $${PORT:-8000}
+	BIND=127.0.0.1:$${PORT:-8000} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} LOG_FORMAT=$${LOG_FORMAT:-text} \
+		$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -16,6 +17,9 @@ test: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
 	$(BIN)/python -m bench.staff_search
+	$(BIN)/python -m bench.hot_path
+	$(BIN)/python -m bench.capacity
+	$(BIN)/python -m bench.soak
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -5,25 +5,75 @@
 Turns are served cooperatively on gevent workers: a turn waiting on the
 model holds a socket and a greenlet, not a thread, so one worker carries
 hundreds of turns at once. Every setting below can be changed from the
-environment (documented defaults) or overridden on the command line.
+environment (documented defaults in the README) or on the command line,
+which wins over this file.
 
-Nothing from Parley is imported here: gevent patches the standard library
-when each worker starts, and modules that create sockets or locks must be
-imported after that, which gunicorn does when it loads the app in the worker.
+Nothing from Parley is imported here, and nothing that makes sockets or
+locks: gevent patches the standard library when each worker starts, after
+this file and the hooks' master-side code have run. The app itself is
+loaded in each worker, after the patching.
 """
+import json
 import os
+import shutil
+import tempfile
 
 bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent"
-# Concurrent connections (turns in flight, streams) per worker.
+worker_class = os.environ.get("WORKER_CLASS", "gevent")
+# Connections (turns in flight, streams) each worker carries at once.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
-# A worker silent this long is restarted. gevent workers notify from their
-# own loop, so a long model call does not count against it.
-timeout = int(os.environ.get("WORKER_TIMEOUT", "60"))
-# On SIGTERM, turns in flight get this long to finish before the worker stops.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "90"))
+# A worker that stops answering its master this long is restarted. gevent
+# workers report from their own loop, so a long model call does not count.
+timeout = int(os.environ.get("WORKER_TIMEOUT", "30"))
+# On SIGTERM, turns in flight get this long to finish before workers stop:
+# longer than LLM_TOTAL_TIMEOUT_SECONDS, so no turn is cut short.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "150"))
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
+# What gunicorn refuses before Parley sees a request: a request line over
+# 8 KiB (414), more than 100 headers or one over 8 KiB (431). The answer is
+# JSON like every other error (see on_starting).
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+# The runtime control socket is one path per machine user; several servers
+# on one machine would share it. Parley is managed with signals instead.
+control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+# prometheus-client's multiprocess mode: every worker writes its samples
+# here and /metrics merges them. Must be set before any worker imports it.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
+
+
+def on_starting(server):
+    """Start with no samples from an earlier run; answer refused requests in JSON."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+
+    from gunicorn import util
+
+    util.write_error = _write_json_error
+
+
+def child_exit(server, worker):
+    """A worker's gauges leave the totals with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own error page (for a bad request line, too many headers ...), as Parley's JSON error."""
+    from gunicorn import util
+
+    body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": mesg or reason}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)

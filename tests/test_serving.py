@@ -1,0 +1,246 @@
+"""The production server: gunicorn with the repository's config, as the README runs it.
+
+Each test starts `gunicorn -c gunicorn.conf.py "main:create_app()"` in a
+subprocess, against the test database, with the model provider pointed at
+the local fake model server.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from auth import create_key
+from database_utils import get_session
+from main import create_app
+from tests.seaweed import free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+class Server:
+    """A running gunicorn, its port, its log, and a client key."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, key: str) -> None:
+        self.process, self.port, self.log, self.key = process, port, log, key
+
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            payload = json.dumps(body) if body is not None else None
+            sent = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json", **(headers or {})}
+            connection.request(method, path, body=payload, headers=sent)
+            response = connection.getresponse()
+            raw = response.read()
+            data = json.loads(raw) if response.getheader("Content-Type", "").startswith("application/json") else {"text": raw.decode()}
+            return response.status, data, dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def new_chat(self) -> str:
+        return self.request("POST", "/new_chat", {"user_id": "serving"})[1]["conversation_id"]
+
+    def chat(self, conversation_id: str, message: str) -> int:
+        return self.request("POST", "/chat", {"conversation_id": conversation_id, "message": message})[0]
+
+
+@pytest.fixture
+def serve(app_config, fake_model, tmp_path) -> Iterator:
+    """Start gunicorn with the production command and the given environment."""
+    started: list[subprocess.Popen] = []
+
+    def start(**env: str) -> Server:
+        with create_app(app_config).app_context():
+            key = create_key(get_session(), "client", "serving")[1]
+        port = free_ports(1)[0]
+        log = tmp_path / f"gunicorn-{port}.log"
+        environment = {
+            **os.environ,
+            "DATABASE_URL": app_config["DATABASE_URL"],
+            "ARCHIVE_URL": app_config["ARCHIVE_URL"],
+            "S3_ENDPOINT_URL": app_config.get("S3_ENDPOINT_URL") or "",
+            "LLM_PROVIDER": "anthropic",
+            "ANTHROPIC_API_KEY": "sk-ant-test",
+            "ANTHROPIC_BASE_URL": fake_model.base_url,
+            "RATELIMIT_ENABLED": "false",
+            "RATE_LIMIT": "100000 per minute",
+            "PORT": str(port),
+            "BIND": f"127.0.0.1:{port}",
+            "WEB_CONCURRENCY": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
+            **env,
+        }
+        handle = open(log, "wb")  # noqa: SIM115 - kept open for the server's life
+        process = subprocess.Popen(
+            [GUNICORN, "-c", "gunicorn.conf.py", "main:create_app()"], cwd=ROOT, env=environment, stdout=handle, stderr=handle
+        )
+        handle.close()
+        started.append(process)
+        server = Server(process, port, log, key)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if server.request("GET", "/healthz")[0] == 200:
+                    return server
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_model):
+    server = serve()
+    conversations = [server.new_chat() for _ in range(60)]
+    fake_model.latency = 1.0
+
+    with ThreadPoolExecutor(max_workers=60) as pool:
+        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
+
+    assert statuses == [200] * 60
+    assert fake_model.peak_in_flight == 60  # all sixty waited on the model together, in one worker
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_metrics_add_up_across_workers(serve):
+    server = serve(WEB_CONCURRENCY="2")
+    for _ in range(30):
+        server.new_chat()
+
+    status, page, _ = server.request("GET", "/metrics")
+    lines = page["text"].splitlines()
+
+    assert status == 200
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("parley_http_requests_total{") and 'route="/new_chat"' in line)
+    pool = next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("parley_db_pool_size "))
+    assert counted == 30
+    assert pool == 2 * 10  # each worker's pool (DB_POOL_SIZE), summed over the two live workers
+
+
+def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_model):
+    server = serve()
+    conversation_id = server.new_chat()
+    fake_model.delay_next(2.0)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("status", server.chat(conversation_id, "finish me")))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    server.process.send_signal(signal.SIGTERM)
+    thread.join()
+    exit_code = server.process.wait(timeout=30)
+
+    assert result["status"] == 200
+    assert exit_code == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1)
+
+
+def test_a_refused_large_body_does_not_break_the_connection(serve):
+    """413 on a keep-alive connection: the next request on it is answered, or the server closes it cleanly."""
+    server = serve()
+    body = b'{"user_id": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            head = (
+                f"POST /new_chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            sender = threading.Thread(target=lambda c=connection: _send_quietly(c, head + body))
+            sender.start()
+            first = _read_response(connection)
+            sender.join()
+            assert first.startswith(b"HTTP/1.1 413")
+            assert b'"payload_too_large"' in first
+            closing = b"connection: close" in first.lower()
+            _send_quietly(connection, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            second = _read_response(connection)
+            assert second.startswith(b"HTTP/1.1 200") or (closing and second == b"")
+
+
+def test_what_gunicorn_refuses_is_answered_in_json(serve):
+    server = serve()
+
+    status, body, headers = server.request("GET", "/get_conversation?conversation_id=" + "a" * 10_000)
+
+    assert status == 414
+    assert headers["Content-Type"] == "application/json"
+    assert body["error"] == "request-uri_too_long" or body["error"].endswith("too_long")
+
+
+def test_log_lines_are_json_with_the_request_id(serve):
+    server = serve()
+
+    _, _, headers = server.request("POST", "/new_chat", {"user_id": "traced"}, {"X-Request-ID": "serving-trace-1"})
+    server.process.terminate()
+    server.process.wait(timeout=30)
+    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+
+    assert headers["X-Request-ID"] == "serving-trace-1"
+    logged = [line for line in lines if line.get("request_id") == "serving-trace-1"]
+    assert logged and logged[0]["path"] == "/new_chat" and logged[0]["status"] == 201
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_the_embedded_default_serves_turns_at_once_too(serve, fake_model):
+    server = serve()
+    conversations = [server.new_chat() for _ in range(20)]
+    fake_model.latency = 1.0
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
+
+    assert statuses == [200] * 20
+    assert fake_model.peak_in_flight == 20
+
+
+def _send_quietly(connection: socket.socket, data: bytes) -> None:
+    try:
+        connection.sendall(data)
+    except OSError:
+        pass  # the server may answer and close before reading everything
+
+
+def _read_response(connection: socket.socket) -> bytes:
+    """One HTTP response (headers and a Content-Length body), or b"" if the connection closed."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+        while len(rest) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return head + b"\r\n\r\n" + rest
+    except (ConnectionResetError, TimeoutError):
+        return data
