@@ -24,7 +24,7 @@ from sqlalchemy import text
 from tqdm import tqdm
 
 from auth import create_key
-from database_utils import CLIENT, get_session, list_messages, upgrade_database
+from database_utils import Role, get_session, list_messages, upgrade_database
 from main import create_app
 from tests.factories import seed_conversation, truncate_conversation
 from tests.postgres import admin_url, temporary_database
@@ -54,7 +54,7 @@ def run(turns: int) -> dict[str, list[float]]:
             }
         )
         with app.app_context():
-            key, secret = create_key(get_session(), CLIENT, "bench")
+            key, secret = create_key(get_session(), Role.CLIENT, "bench")
             ids = {size: seed_conversation(get_session(), size, owner_key_id=key.key_id) for size in SIZES}
             # Give the planner the statistics autovacuum would have gathered.
             get_session().execute(text("ANALYZE"))

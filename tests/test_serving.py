@@ -170,7 +170,7 @@ def test_a_refused_large_body_does_not_break_the_connection(serve):
                 f"POST /new_chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode()
-            sender = threading.Thread(target=lambda c=connection: _send_quietly(c, head + body))
+            sender = threading.Thread(target=_send_quietly, args=(connection, head + body))
             sender.start()
             first = _read_response(connection)
             sender.join()

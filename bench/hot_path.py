@@ -1,0 +1,67 @@
+"""Hot path: /chat with a zero-latency model, 16 clients, against the minimal persisting turn.
+
+All three run under the production command (`gunicorn -c gunicorn.conf.py`,
+2 gevent workers), on one PostgreSQL database, driven by the same load
+generator, one after another and repeated, so that noise hits them alike:
+- baseline: `bench.minimal_app` (parse the body; in one transaction, one
+  UPDATE of the conversation and one INSERT of two messages);
+- Parley with the echo model (no network: the service's own cost);
+- Parley with the anthropic SDK against the local fake server answering at
+  once (adds the SDK and an HTTP round trip per turn).
+
+    python -m bench.hot_path [--seconds 15] [--rounds 2] [--clients 16]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from bench.serving import client_key, database, fake_model, gunicorn, open_conversations, run_load, summarize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=16)
+    options = parser.parse_args()
+    results: dict[str, list[dict]] = {"baseline": [], "parley (echo)": [], "parley (anthropic SDK, fake at 0 s)": []}
+    with database() as url, fake_model(0.0) as model_url:
+        key = client_key(url)
+        common = {"DATABASE_URL": url, "ARCHIVE_URL": "file:///tmp/parley-bench-archive", "WEB_CONCURRENCY": "2"}
+        setups = {
+            "baseline": ("bench.minimal_app:create_app()", common),
+            "parley (echo)": ("main:create_app()", {**common, "LLM_PROVIDER": "echo"}),
+            "parley (anthropic SDK, fake at 0 s)": (
+                "main:create_app()",
+                {**common, "LLM_PROVIDER": "anthropic", "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": model_url},
+            ),
+        }
+        for round_number in range(options.rounds):
+            for name, (app, env) in setups.items():
+                with gunicorn(app, env) as (server, _pid):
+                    # The baseline has no /new_chat: open the conversations through Parley's API beforehand.
+                    conversations = _conversations(url, key, options.clients, common)
+                    report = run_load(server, key, conversations, options.seconds)
+                summary = summarize(report, warmup=2.0)
+                results[name].append(summary)
+                print(f"round {round_number + 1} {name:<38} {summary['per_second']:8.1f} turns/s  "
+                      f"p50 {summary['p50_ms']:6.1f} ms  p99 {summary['p99_ms']:6.1f} ms  {summary['statuses']}")
+    baseline = statistics.median(r["per_second"] for r in results["baseline"])
+    baseline_p99 = statistics.median(r["p99_ms"] for r in results["baseline"])
+    print(f"\n{'':<38} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}")
+    for name, runs in results.items():
+        rate = statistics.median(r["per_second"] for r in runs)
+        p50 = statistics.median(r["p50_ms"] for r in runs)
+        p99 = statistics.median(r["p99_ms"] for r in runs)
+        print(f"{name:<38} {rate:9.1f} {p50:8.1f} {p99:8.1f} {rate / baseline:6.2f}x")
+    print(f"(ratio: throughput against the baseline's {baseline:.1f} turns/s; baseline p99 {baseline_p99:.1f} ms)")
+
+
+def _conversations(url: str, key: str, count: int, env: dict[str, str]) -> list[str]:
+    with gunicorn("main:create_app()", {**env, "LLM_PROVIDER": "echo", "WEB_CONCURRENCY": "1"}) as (parley, _pid):
+        return open_conversations(parley, key, count)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""What the serving benchmarks share: a database, a fake model, gunicorn, the load, memory.
+
+Every server is started the way production starts it,
+`gunicorn -c gunicorn.conf.py APP`, on 127.0.0.1 ports picked at random.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from auth import create_key
+from database_utils import Role, get_session, upgrade_database
+from main import create_app
+from tests.postgres import admin_url, temporary_database
+from tests.seaweed import free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    with temporary_database(admin_url(), prefix="parley_bench") as url:
+        upgrade_database(url)
+        yield url
+
+
+def client_key(url: str) -> str:
+    app = create_app({"DATABASE_URL": url, "LLM_PROVIDER": "echo", "ARCHIVE_URL": "file:///tmp/parley-bench-archive"})
+    with app.app_context():
+        secret = create_key(get_session(), Role.CLIENT, "bench")[1]
+    app.extensions["parley.engine"].dispose()
+    return secret
+
+
+@contextmanager
+def fake_model(latency: float) -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_model", "--latency", str(latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@contextmanager
+def gunicorn(app: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """Start `gunicorn -c gunicorn.conf.py APP`; yields its URL and the master's PID."""
+    port = free_ports(1)[0]
+    # A rate limit no benchmark reaches; the limiter itself stays on the path.
+    environment = {**os.environ, "BIND": f"127.0.0.1:{port}", "RATE_LIMIT": "100000000 per minute", **env}
+    log = open(f"/tmp/parley-bench-gunicorn-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app], cwd=ROOT, env=environment,
+                               stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn did not start; see {log.name}") from None
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=200)
+        log.close()
+
+
+def open_conversations(url: str, key: str, count: int, user: str = "bench") -> list[str]:
+    ids = []
+    for _ in range(count):
+        request = urllib.request.Request(
+            f"{url}/new_chat", data=json.dumps({"user_id": user}).encode(), method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            ids.append(json.load(response)["conversation_id"])
+    return ids
+
+
+def run_load(url: str, key: str, conversations: list[str], seconds: float, names: list[str] | None = None) -> dict:
+    """Each conversation gets one client (names label them); returns the load generator's report."""
+    names = names or [f"c{n}" for n in range(len(conversations))]
+    plan = {"url": url, "key": key, "seconds": seconds,
+            "clients": [{"conversation_id": c, "name": n} for c, n in zip(conversations, names, strict=True)]}
+    done = subprocess.run([sys.executable, "-m", "bench.load"], cwd=ROOT, input=json.dumps(plan), capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def summarize(report: dict, warmup: float = 0.0) -> dict:
+    """Requests/s, p50/p99 latency (ms) and statuses, leaving out requests started in the warm-up."""
+    requests = report["requests"]
+    first = min((r["started"] for r in requests), default=0.0)
+    counted = [r for r in requests if r["started"] - first >= warmup]
+    span = max((r["started"] + r["seconds"] for r in counted), default=0.0) - min((r["started"] for r in counted), default=0.0)
+    ok = sorted(r["seconds"] for r in counted if r["status"] == 200)
+    return {
+        "requests": len(counted),
+        "per_second": len(ok) / span if span else 0.0,
+        "p50_ms": statistics.median(ok) * 1000 if ok else float("nan"),
+        "p99_ms": ok[min(int(len(ok) * 0.99), len(ok) - 1)] * 1000 if ok else float("nan"),
+        "statuses": dict(Counter(str(r["status"]) for r in counted)),
+    }
+
+
+class WorkerMemory:
+    """Samples the resident memory of a gunicorn master's workers until stopped; keeps the peak."""
+
+    def __init__(self, master_pid: int) -> None:
+        self.master_pid = master_pid
+        self.peak_total_mib = 0.0
+        self.peak_worker_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            sizes = [_rss_mib(pid) for pid in _children(self.master_pid)]
+            if sizes:
+                self.peak_total_mib = max(self.peak_total_mib, sum(sizes))
+                self.peak_worker_mib = max(self.peak_worker_mib, max(sizes))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
