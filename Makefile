@@ -1,16 +1,36 @@
 # `make run` starts Parley on the embedded default; `make test` runs every test.
+# Every target uses the project's own .venv; no need to activate it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run serve test bench lint-docker db-upgrade archive-prepare keys parley clean
 
 run: $(VENV)/.runtime
-	$(BIN)/flask --app main keys bootstrap
-	$(BIN)/flask --app main run --port $${PORT:-8000}
+	$(BIN)/parley keys bootstrap
+	$(BIN)/parley run --port $${PORT:-8000}
+
+# The production server (gunicorn.conf.py), with the same settings as `make run`.
+serve: $(VENV)/.runtime
+	$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
+
+db-upgrade: $(VENV)/.runtime
+	$(BIN)/parley db-upgrade
+
+archive-prepare: $(VENV)/.runtime
+	$(BIN)/parley archive-prepare
+
+# make keys ARGS="create --role client --name 'my app'"   (or list, revoke ID, rotate ID)
+keys: $(VENV)/.runtime
+	$(BIN)/parley keys $(ARGS)
+
+# Any other command: make parley ARGS="audit-prune"
+parley: $(VENV)/.runtime
+	$(BIN)/parley $(ARGS)
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
@@ -21,13 +41,18 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -r requirements.txt
+# `-e .` installs the `parley` command (pyproject.toml) linked to this checkout.
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -r requirements.txt -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt -e .
 	touch $@ $(VENV)/.runtime
+
+# The container files are checked by a linter; nothing is built here.
+lint-docker: $(VENV)/.dev
+	$(BIN)/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache
