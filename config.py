@@ -29,6 +29,10 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
+    "TRUSTED_PROXY_HOPS": (0, int),
+    "CORS_ORIGINS": (None, str),
+    "READYZ_TIMEOUT_SECONDS": (3.0, float),
+    "AUDIT_RETENTION_DAYS": (None, int),
 }
 
 DEFAULT_MODELS = {
@@ -49,6 +53,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             config[name] = parse(raw) if raw else default
         except ValueError as exc:
             raise ValueError(f"{name}={raw!r} is not a valid {parse.__name__}") from exc
+    # The echo model says why it is answering: chosen, or no key configured.
+    config["LLM_PROVIDER_CHOSEN"] = config["LLM_PROVIDER"] is not None
     config["LLM_PROVIDER"] = (config["LLM_PROVIDER"] or _default_provider(environ)).lower()
     if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
         raise ValueError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")

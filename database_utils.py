@@ -6,6 +6,7 @@ default). The schema is made only by the Alembic revisions in migrations/.
 from __future__ import annotations
 
 import fcntl
+import functools
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import click
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 from sqlalchemy import (
@@ -39,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Fewest rows fetched per step when walking back from the newest message.
@@ -127,7 +131,8 @@ class Conversation(Base):
         Index("ix_conversations_user_created", "user_id", "created_at", "conversation_id"),
         Index("ix_conversations_status_created", "status", "created_at", "conversation_id"),
         Index("ix_conversations_ended_at", "ended_at"),
-        Index("ix_conversations_owner", "owner_key_id"),
+        # A client's own list: newest first, same cursor as staff search.
+        Index("ix_conversations_owner_created", "owner_key_id", "created_at", "conversation_id"),
         Index(
             "ix_conversations_name_trgm",
             "conversation_name",
@@ -167,6 +172,8 @@ class AuditEvent(Base):
     __table_args__ = (
         Index("ix_audit_events_conversation", "conversation_id", "created_at"),
         Index("ix_audit_events_key", "key_id", "created_at"),
+        # Retention deletes by age (audit-prune).
+        Index("ix_audit_events_created", "created_at"),
     )
 
 
@@ -215,8 +222,16 @@ def get_engine() -> Engine:
 
 
 def get_session() -> Session:
-    """The session of the current request (or CLI command), opened on first use."""
+    """The session of the current request (or CLI command), opened on first use.
+
+    Until the schema has once been seen at the latest revision, each first
+    use checks it, so that an unmigrated database is reported as such
+    (`DatabaseNotMigrated`) rather than as a failing query.
+    """
     if "db_session" not in g:
+        if not current_app.extensions.get("parley.schema_current"):
+            require_current_schema(get_engine())
+            current_app.extensions["parley.schema_current"] = True
         g.db_session = current_app.extensions["parley.sessions"]()
     return g.db_session
 
@@ -242,8 +257,63 @@ def alembic_config(url: str) -> AlembicConfig:
     return config
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    alembic_command.upgrade(alembic_config(url), revision)
+class DatabaseNotMigrated(click.ClickException):
+    """The schema is not at the revision this code needs.
+
+    A ClickException, so that every CLI command reports it in one line; the
+    API answers it with 503 `database_not_migrated`.
+    """
+
+    def __init__(self, current: tuple[str, ...], expected: tuple[str, ...]) -> None:
+        have, need = ", ".join(current) or "none (empty database)", ", ".join(expected)
+        if set(current) - set(_known_revisions()):
+            message = (f"the database schema is at revision {have}, which this release does not know "
+                       f"(it needs {need}); run the release that migrated it")
+        else:
+            message = f"the database schema is at revision {have} but this release needs {need}: run `parley db-upgrade`"
+        super().__init__(message)
+
+
+@functools.cache
+def _script_directory() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS_DIR))
+
+
+def head_revisions() -> tuple[str, ...]:
+    return tuple(sorted(_script_directory().get_heads()))
+
+
+def _known_revisions() -> set[str]:
+    return {script.revision for script in _script_directory().walk_revisions()}
+
+
+def current_revisions(engine: Engine) -> tuple[str, ...]:
+    with engine.connect() as connection:
+        return tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise `DatabaseNotMigrated` unless the schema is at the latest revision."""
+    current = current_revisions(engine)
+    if current != head_revisions():
+        raise DatabaseNotMigrated(current, head_revisions())
+
+
+def upgrade_database(url: str, revision: str = "head") -> list[str]:
+    """Apply the pending revisions; returns them, oldest first, as `id (description)`."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        before = current_revisions(engine)
+        alembic_command.upgrade(alembic_config(url), revision)
+        after = current_revisions(engine)
+    finally:
+        engine.dispose()
+    applied = []
+    for head in after:
+        for script in _script_directory().iterate_revisions(head, before[0] if before else "base"):
+            if script.revision not in before:
+                applied.append(f"{script.revision} ({script.doc})")
+    return applied[::-1]
 
 
 def upgrade_embedded_database(url: str) -> None:
@@ -264,8 +334,12 @@ def check_database(url: str) -> None:
 @with_appcontext
 def db_upgrade_command() -> None:
     """Apply all database migrations."""
-    upgrade_database(current_app.config["DATABASE_URL"])
-    click.echo("Database is up to date.")
+    applied = upgrade_database(current_app.config["DATABASE_URL"])
+    head = ", ".join(head_revisions())
+    if applied:
+        click.echo(f"Applied {len(applied)} revision(s): " + "; ".join(applied) + f". Database is now at {head}.")
+    else:
+        click.echo(f"Database is up to date (revision {head}); nothing applied.")
 
 
 @click.command("db-check")
@@ -373,6 +447,8 @@ def find_conversations(
     put while new conversations arrive: they sort before every cursor.
     """
     query = select(Conversation)
+    if filters.get("owner_key_id"):
+        query = query.where(Conversation.owner_key_id == filters["owner_key_id"])
     if filters.get("user_id"):
         query = query.where(Conversation.user_id == filters["user_id"])
     if filters.get("status"):

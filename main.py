@@ -1,7 +1,7 @@
 """Parley's application factory and HTTP routes.
 
-Run it with `flask --app main run` (embedded default) or
-`gunicorn "main:create_app()"` (production).
+Run it with `parley run` (embedded default) or
+`gunicorn -c gunicorn.conf.py "main:create_app()"` (production).
 """
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import current_app, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from werkzeug.exceptions import BadRequest
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+import ansi
+import archive_setup
+import audit
 import auth
 import database_utils
 import errors
+import readiness
 from auth import authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
@@ -30,8 +36,10 @@ from conversations import (
 from database_utils import ADMIN, CLIENT, STAFF, ApiKey, get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import make_model
-from s3_utils import ArchiveError, make_archive
+from s3_utils import make_archive
 from schemas import (
+    AuditPage,
+    AuditQuery,
     ChatRequest,
     ChatResponse,
     ConversationDetail,
@@ -47,6 +55,7 @@ from schemas import (
     NewChatRequest,
     SearchPage,
     SearchQuery,
+    ServiceIndex,
 )
 
 __version__ = "0.2.0"
@@ -57,13 +66,14 @@ ACCESS: dict[str, set[str]] = {
     "chat": {CLIENT},
     "end_chat": {CLIENT},
     "get_conversation": {CLIENT, STAFF},
-    "search": {STAFF},
+    "search": {CLIENT, STAFF},
+    "audit_events": {ADMIN},
     "keys_create": {ADMIN},
     "keys_list": {ADMIN},
     "keys_revoke": {ADMIN},
 }
 
-_ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429)}
+_ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 502, 503, 504)}
 
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
@@ -94,10 +104,23 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     # If Redis goes away, keep limiting per process rather than failing requests.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ansi.init_app(app)
+    if app.config["TRUSTED_PROXY_HOPS"]:
+        # Take the client's address and scheme from that many proxies' X-Forwarded-* headers.
+        hops = app.config["TRUSTED_PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=0, x_port=0, x_prefix=0)
+    if app.config["CORS_ORIGINS"]:
+        origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
+        CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+             expose_headers=["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"],
+             max_age=600)
 
     errors.init_app(app)
     database_utils.init_app(app)
     auth.init_app(app)
+    archive_setup.init_app(app)
+    audit.init_app(app)
+    readiness.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -129,9 +152,12 @@ def _require_json_body() -> None:
 @api.before_request
 def _authorize() -> None:
     """401 without a usable key, 403 when its role may not call this route."""
+    if request.method == "OPTIONS":
+        return  # a browser's CORS preflight carries no key
     key = _authenticated_key()
-    if key.role not in ACCESS[request.endpoint.rpartition(".")[2]]:
-        raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}")
+    allowed = ACCESS[request.endpoint.rpartition(".")[2]]
+    if key.role not in allowed:
+        raise Forbidden(f"{request.method} {request.path} needs a {' or '.join(sorted(allowed))} key; this is a {key.role} key")
     g.api_key = key
 
 
@@ -206,10 +232,20 @@ def get_conversation(query: ConversationRef):
     return read_conversation(get_session(), _archive(), _caller(), query.conversation_id)
 
 
-@api.get("/conversations", tags=[staff], responses={200: SearchPage})
+@api.get("/conversations", tags=[chats, staff], responses={200: SearchPage})
 def search(query: SearchQuery):
-    """Find conversations by user, status, dates or name text, newest first."""
+    """Find conversations by user, status, dates or name text, newest first.
+
+    A client key lists the conversations created with it; staff see all
+    (each search is audited).
+    """
     return search_conversations(get_session(), _caller(), query)
+
+
+@api.get("/audit", tags=[admin], responses={200: AuditPage})
+def audit_events(query: AuditQuery):
+    """Audit events (staff reads and searches), newest first, with filters and a cursor."""
+    return audit.list_audit_events(get_session(), query)
 
 
 @api.post("/keys", tags=[admin], responses={201: KeyCreated})
@@ -246,6 +282,12 @@ def _key_dict(key: ApiKey) -> dict[str, Any]:
     }
 
 
+@probes.get("/", tags=[ops], responses={200: ServiceIndex})
+def index():
+    """Where to start: the API documentation."""
+    return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+
+
 @probes.get("/healthz", tags=[ops], responses={200: Health})
 def healthz():
     """The process is up."""
@@ -254,15 +296,8 @@ def healthz():
 
 @probes.get("/readyz", tags=[ops], responses={200: Health, 503: Health})
 def readyz():
-    """The database and the archive are reachable."""
-    checks = {"database": "ok", "archive": "ok"}
-    try:
-        database_utils.ping()
-    except Exception as exc:  # any failure means not ready; the type is enough to report
-        checks["database"] = f"unavailable ({exc.__class__.__name__})"
-    try:
-        _archive().ping()
-    except ArchiveError:
-        checks["archive"] = "unavailable"
-    ready = all(value == "ok" for value in checks.values())
-    return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    """The database is reachable with its schema at the latest revision, and
+    the archive is reachable; each failed check says why, within
+    READYZ_TIMEOUT_SECONDS."""
+    body, ready = readiness.check_readiness(current_app._get_current_object())
+    return body, 200 if ready else 503
