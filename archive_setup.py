@@ -75,7 +75,8 @@ def prepare_archive(
 
 
 def _prepare_bucket(bucket: str, prefix: str, endpoint_url: str | None, create: bool, say: Callable[[str], None]) -> None:
-    client = boto3.client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
+    # A session of its own: credentials are looked up now, not reused from earlier clients.
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
     where = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
 
     def step(action: str, call: Callable[[], object]) -> object:

@@ -32,10 +32,15 @@ def create_key(session: Session, role: str, name: str, expires_at: datetime | No
     """Make a key; returns the stored row and the secret, which is not kept."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
+    key, secret = _new_key(role, name, expires_at)
     session.add(key)
     session.commit()
+    return key, secret
+
+
+def _new_key(role: str, name: str, expires_at: datetime | None) -> tuple[ApiKey, str]:
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
     return key, secret
 
 
@@ -66,11 +71,7 @@ def rotate_key(
     old = session.get(ApiKey, key_id)
     if old is None:
         raise NotFound(f"key {key_id} does not exist")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    new = ApiKey(
-        name=name or old.name, role=old.role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS],
-        expires_at=expires_at,
-    )
+    new, secret = _new_key(old.role, name or old.name, expires_at)
     session.add(new)
     session.flush()
     moved = session.execute(

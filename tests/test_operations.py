@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import boto3
 import pytest
 
 from auth import create_key
@@ -111,7 +112,13 @@ def test_archive_prepare_without_creating_names_the_missing_bucket(app, app_conf
 
 
 @pytest.fixture
-def no_aws_credentials(monkeypatch, tmp_path):
+def fresh_boto3_session(monkeypatch):
+    """boto3's default session keeps the credentials it found first; start a new one."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path, fresh_boto3_session):
     """No credentials anywhere botocore looks, and no instance metadata lookups."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
@@ -155,7 +162,7 @@ def s3_with_identities(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("bucket", "step"), [("not-there", "create bucket"), ("existing", "write a probe object")])
-def test_access_denied_is_named_in_one_line(s3_with_identities, monkeypatch, tmp_path, bucket, step):
+def test_access_denied_is_named_in_one_line(s3_with_identities, fresh_boto3_session, monkeypatch, tmp_path, bucket, step):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
     app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": f"s3://{bucket}/p",
