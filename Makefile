@@ -36,6 +36,7 @@ test: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
 	$(BIN)/python -m bench.staff_search
+	$(BIN)/python -m bench.client_list
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -75,7 +75,7 @@ def main() -> None:
             ), {"keys": [str(key) for key in keys], "n": args.keys})
             session.execute(text("ANALYZE conversations"))
             session.commit()
-            owner = keys[7]
+            owner = keys[len(keys) // 2]
             cases = _cases(session, owner, deep=min(40, args.conversations // args.keys // (PAGE - 1) // 2))
             indexed = {name: _time(session, filters, after, args.repeat) for name, (filters, after) in cases.items()}
             # The baseline: the index revision 0002 had, instead of 0005's.
