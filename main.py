@@ -157,7 +157,8 @@ def _authorize() -> None:
     key = _authenticated_key()
     allowed = ACCESS[request.endpoint.rpartition(".")[2]]
     if key.role not in allowed:
-        raise Forbidden(f"{request.method} {request.path} needs a {' or '.join(sorted(allowed))} key; this is a {key.role} key")
+        needed = " or ".join(sorted(allowed))
+        raise Forbidden(f"{request.method} {request.path} needs a {needed} key; this key's role is {key.role}")
     g.api_key = key
 
 

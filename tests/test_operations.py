@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from auth import create_key
-from database_utils import get_session, upgrade_database
+from database_utils import _script_directory, get_session, head_revisions, upgrade_database
 from main import create_app
 from tests.conftest import client_with_key
 from tests.postgres import admin_url, temporary_database
@@ -218,9 +218,13 @@ def test_unmigrated_database_is_named_by_api_readyz_and_cli(empty_postgres, tmp_
 
     upgraded = app.test_cli_runner().invoke(args=["db-upgrade"])
 
+    revisions = [script.revision for script in _script_directory().walk_revisions()][::-1]
     assert upgraded.exit_code == 0
-    assert re.search(r"Applied 3 revision\(s\): 0001 \(.+\); 0002 \(.+\); 0005 \(.+\)\. Database is now at 0005\.",
-                     upgraded.output), upgraded.output
+    listed = re.fullmatch(r"Applied (\d+) revision\(s\): (.+)\. Database is now at (\w+)\.\n", upgraded.output)
+    assert listed, upgraded.output
+    assert int(listed[1]) == len(revisions) and listed[3] == head_revisions()[0]
+    assert [part.split(" ", 1)[0] for part in listed[2].split("; ")] == revisions
+    assert all(re.fullmatch(r"\w+ \(.+\)", part) for part in listed[2].split("; "))
     assert client.get("/readyz").status_code == 200
     with app.app_context():
         secret = create_key(get_session(), "client", "after upgrade")[1]
@@ -234,7 +238,7 @@ def test_database_behind_the_code_is_not_migrated(empty_postgres, tmp_path):
     response = client_with_key(app, "prly_anything").get("/conversations")
 
     assert response.status_code == 503 and response.json["error"] == "database_not_migrated"
-    assert "revision 0002" in response.json["message"] and "0005" in response.json["message"]
+    assert "revision 0002" in response.json["message"] and head_revisions()[0] in response.json["message"]
 
 
 # ---------------------------------------------------------------- readyz reasons and time bound

@@ -234,7 +234,7 @@ def test_forbidden_says_which_roles_may_call_the_route(admin_client):
     response = admin_client.post("/new_chat", json={"user_id": "u"})
 
     assert response.status_code == 403
-    assert response.json["message"] == "POST /new_chat needs a client key; this is a admin key"
+    assert response.json["message"] == "POST /new_chat needs a client key; this key's role is admin"
 
 
 def test_a_date_without_offset_gets_an_example(staff_client):
