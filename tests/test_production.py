@@ -16,7 +16,8 @@ Fast and offline: right after the venv is made, a `.pth` file gives it this
 test venv's site-packages, so pip finds every requirement already installed;
 pip runs with PIP_NO_INDEX=1 (nothing is downloaded) and
 PIP_NO_BUILD_ISOLATION=0 (the editable build uses the setuptools and wheel at
-hand instead of fetching them). The walk takes about 15 seconds.
+hand instead of fetching them). The walk took 26 s here (the venv, pip, four
+commands that each start Python and import the app, and the gevent server).
 """
 from __future__ import annotations
 
