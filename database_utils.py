@@ -17,6 +17,7 @@ from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicCommandError
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 from sqlalchemy import (
@@ -346,7 +347,11 @@ def db_upgrade_command() -> None:
 @with_appcontext
 def db_check_command() -> None:
     """Fail if the models and the migrations disagree."""
-    check_database(current_app.config["DATABASE_URL"])
+    require_current_schema(get_engine())  # alembic's own complaint would be a traceback
+    try:
+        check_database(current_app.config["DATABASE_URL"])
+    except AlembicCommandError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo("Models and migrations agree.")
 
 

@@ -231,6 +231,15 @@ def test_unmigrated_database_is_named_by_api_readyz_and_cli(empty_postgres, tmp_
     assert client_with_key(app, secret).post("/new_chat", json={"user_id": "u"}).status_code == 201
 
 
+def test_db_check_on_an_unmigrated_database_is_one_line(empty_postgres, tmp_path):
+    app = create_app({"DATABASE_URL": empty_postgres, "ARCHIVE_URL": (tmp_path / "a").as_uri()})
+
+    result = app.test_cli_runner().invoke(args=["db-check"])
+
+    assert result.exit_code == 1
+    assert "parley db-upgrade" in _one_error_line(result.output)
+
+
 def test_database_behind_the_code_is_not_migrated(empty_postgres, tmp_path):
     upgrade_database(empty_postgres, "0002")
     app = create_app({"DATABASE_URL": empty_postgres, "ARCHIVE_URL": (tmp_path / "a").as_uri()})

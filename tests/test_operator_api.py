@@ -141,6 +141,18 @@ def test_rotating_a_client_key_moves_its_conversations_to_the_new_key(app, keys,
     assert new_key.role == "client" and owners == {new_key.key_id} and old_state == "revoked"
 
 
+def test_a_revoked_key_can_be_rotated_to_give_its_conversations_an_owner(app, keys, client, runner):
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    old_id = _key_id(app, "client_a")
+    runner.invoke(args=["keys", "revoke", str(old_id)])
+
+    result = runner.invoke(args=["keys", "rotate", str(old_id)])
+
+    rotated = client_with_key(app, result.stdout.strip().splitlines()[-1])
+    assert result.exit_code == 0 and "its 1 conversation(s)" in result.output
+    assert rotated.get("/get_conversation", query_string={"conversation_id": conversation_id}).status_code == 200
+
+
 def test_rotating_an_unknown_key_is_one_line(runner):
     result = runner.invoke(args=["keys", "rotate", str(uuid.uuid4())])
 
