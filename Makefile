@@ -1,17 +1,37 @@
 # `make run` starts Parley on the embedded default; `make test` runs every test.
+# Every target uses the project's own .venv; no need to activate it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run serve test bench lint-docker db-upgrade archive-prepare keys parley clean
 
 run: $(VENV)/.runtime
-	$(BIN)/flask --app main keys bootstrap
+	$(BIN)/parley keys bootstrap
 	BIND=127.0.0.1:$${PORT:-8000} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} LOG_FORMAT=$${LOG_FORMAT:-text} \
 		$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
 
+# The production server (gunicorn.conf.py), with the same settings as `make run`.
+serve: $(VENV)/.runtime
+	$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
+
+db-upgrade: $(VENV)/.runtime
+	$(BIN)/parley db-upgrade
+
+archive-prepare: $(VENV)/.runtime
+	$(BIN)/parley archive-prepare
+
+# make keys ARGS="create --role client --name 'my app'"   (or list, revoke ID, rotate ID)
+keys: $(VENV)/.runtime
+	$(BIN)/parley keys $(ARGS)
+
+# Any other command: make parley ARGS="audit-prune"
+parley: $(VENV)/.runtime
+	$(BIN)/parley $(ARGS)
+
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
@@ -20,18 +40,24 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.hot_path
 	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.client_list
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -r requirements.txt
+# `-e .` installs the `parley` command (pyproject.toml) linked to this checkout.
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -r requirements.txt -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt -e .
 	touch $@ $(VENV)/.runtime
+
+# The container files are checked by a linter; nothing is built here.
+lint-docker: $(VENV)/.dev
+	$(BIN)/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache

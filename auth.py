@@ -21,10 +21,10 @@ import click
 from cachetools import TTLCache
 from flask import Flask, current_app
 from flask.cli import AppGroup
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from database_utils import ApiKey, Role, get_session, utcnow
+from database_utils import ApiKey, Conversation, Role, get_session, utcnow
 from errors import NotFound, Unauthorized
 
 KEY_PREFIX = "prly_"
@@ -79,10 +79,15 @@ def create_key(session: Session, role: str, name: str, expires_at: datetime | No
     """Make a key; returns the stored row and the secret, which is not kept."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
+    key, secret = _new_key(role, name, expires_at)
     session.add(key)
     session.commit()
+    return key, secret
+
+
+def _new_key(role: str, name: str, expires_at: datetime | None) -> tuple[ApiKey, str]:
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
     return key, secret
 
 
@@ -100,6 +105,31 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
         session.commit()
     _key_cache().clear()
     return key
+
+
+def rotate_key(
+    session: Session, key_id: uuid.UUID, name: str | None = None, expires_at: datetime | None = None
+) -> tuple[ApiKey, str, int]:
+    """Replace a key: a new key of the same role takes over the old key's
+    conversations, and the old key is revoked, all in one transaction.
+
+    Returns the new key, its secret and how many conversations moved. A key
+    that was already revoked (a leak is often revoked first) can be rotated too.
+    """
+    old = session.get(ApiKey, key_id)
+    if old is None:
+        raise NotFound(f"key {key_id} does not exist")
+    new, secret = _new_key(old.role, name or old.name, expires_at)
+    session.add(new)
+    session.flush()
+    moved = session.execute(
+        update(Conversation).where(Conversation.owner_key_id == old.key_id).values(owner_key_id=new.key_id)
+    ).rowcount
+    if old.revoked_at is None:
+        old.revoked_at = utcnow()
+    session.commit()
+    _key_cache().clear()
+    return new, secret, moved
 
 
 def authenticate(session: Session, authorization: str | None) -> Caller:
@@ -168,11 +198,30 @@ def revoke_key_command(key_id: uuid.UUID) -> None:
     click.echo(f"Revoked {key.key_id} ({key.name}).")
 
 
+@keys_cli.command("rotate")
+@click.argument("key_id", type=click.UUID)
+@click.option("--name", default=None, help="Name of the new key (default: the old key's).")
+@click.option("--expires-in-days", type=click.IntRange(min=1), default=None, help="Default: never expires.")
+def rotate_key_command(key_id: uuid.UUID, name: str | None, expires_in_days: int | None) -> None:
+    """Make a new key that takes over KEY_ID's conversations, and revoke KEY_ID."""
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    try:
+        key, secret, moved = rotate_key(get_session(), key_id, name, expires_at)
+    except NotFound as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Revoked {key_id}; new {key.role} key {key.key_id} ({key.name}) owns its {moved} conversation(s). "
+               "Store it now; it is not shown again:", err=True)
+    click.echo(secret)
+
+
 @keys_cli.command("bootstrap")
 def bootstrap_command() -> None:
     """Create a first admin and client key if there are no keys yet."""
     created = bootstrap_keys(get_session())
     if not created:
+        click.echo("API keys exist already, so none were made. Make another with:\n"
+                   "  parley keys create --role client --name 'my app'   (from the venv: .venv/bin/parley,"
+                   " or: make keys ARGS=\"create --role client --name 'my app'\")", err=True)
         return
     url = current_app.config.get("SERVER_NAME") or "http://127.0.0.1:8000"
     click.echo("No API keys existed, so these were made. They are shown only this once:", err=True)

@@ -38,6 +38,10 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "DB_MAX_OVERFLOW": (20, int),
     "DB_POOL_TIMEOUT": (10.0, float),
     "LOG_FORMAT": ("json", str),
+    "TRUSTED_PROXY_HOPS": (0, int),
+    "CORS_ORIGINS": (None, str),
+    "READYZ_TIMEOUT_SECONDS": (3.0, float),
+    "AUDIT_RETENTION_DAYS": (None, int),
 }
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.
@@ -61,6 +65,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             config[name] = parse(raw) if raw else default
         except ValueError as exc:
             raise ValueError(f"{name}={raw!r} is not a valid {parse.__name__}") from exc
+    # The echo model says why it is answering: chosen, or no key configured.
+    config["LLM_PROVIDER_CHOSEN"] = config["LLM_PROVIDER"] is not None
     config["LLM_PROVIDER"] = (config["LLM_PROVIDER"] or _default_provider(environ)).lower()
     if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
         raise ValueError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")

@@ -257,10 +257,15 @@ def message_dict(row: Message) -> dict[str, Any]:
 
 
 def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -> dict[str, Any]:
-    """Staff lookup, newest first, one page at a time (audited)."""
+    """Conversations newest first, one page at a time: a client sees its own,
+    staff see all (and staff searches are audited)."""
     after = decode_cursor(query.cursor) if query.cursor else None
-    rows = find_conversations(session, query.model_dump(exclude={"cursor", "limit"}), after, query.limit + 1)
-    record_audit(session, viewer, "search_conversations", detail=query.model_dump(mode="json", exclude_none=True))
+    filters = query.model_dump(exclude={"cursor", "limit"})
+    if viewer.role == Role.CLIENT:
+        filters["owner_key_id"] = viewer.key_id
+    rows = find_conversations(session, filters, after, query.limit + 1)
+    if viewer.role == Role.STAFF:
+        record_audit(session, viewer, "search_conversations", detail=query.model_dump(mode="json", exclude_none=True))
     page = rows[: query.limit]
     more = len(rows) > query.limit
     return {

@@ -16,6 +16,9 @@ from typing import Any
 import click
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicCommandError
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 from sqlalchemy import (
@@ -44,6 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from conversation_memory import MemoryMessage
 
@@ -160,7 +164,8 @@ class Conversation(Base):
         Index("ix_conversations_user_created", "user_id", "created_at", "conversation_id"),
         Index("ix_conversations_status_created", "status", "created_at", "conversation_id"),
         Index("ix_conversations_ended_at", "ended_at"),
-        Index("ix_conversations_owner", "owner_key_id"),
+        # A client's own list: newest first, same cursor as staff search.
+        Index("ix_conversations_owner_created", "owner_key_id", "created_at", "conversation_id"),
         Index(
             "ix_conversations_name_trgm",
             "conversation_name",
@@ -200,6 +205,8 @@ class AuditEvent(Base):
     __table_args__ = (
         Index("ix_audit_events_conversation", "conversation_id", "created_at"),
         Index("ix_audit_events_key", "key_id", "created_at"),
+        # Retention deletes by age (audit-prune).
+        Index("ix_audit_events_created", "created_at"),
     )
 
 
@@ -271,8 +278,16 @@ def get_engine() -> Engine:
 
 
 def get_session() -> Session:
-    """The session of the current request (or CLI command), opened on first use."""
+    """The session of the current request (or CLI command), opened on first use.
+
+    Until the schema has once been seen at the latest revision, each first
+    use checks it, so that an unmigrated database is reported as such
+    (`DatabaseNotMigrated`) rather than as a failing query.
+    """
     if "db_session" not in g:
+        if not current_app.extensions.get("parley.schema_current"):
+            require_current_schema(get_engine())
+            current_app.extensions["parley.schema_current"] = True
         g.db_session = current_app.extensions["parley.sessions"]()
     return g.db_session
 
@@ -298,8 +313,63 @@ def alembic_config(url: str) -> AlembicConfig:
     return config
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    alembic_command.upgrade(alembic_config(url), revision)
+class DatabaseNotMigrated(click.ClickException):
+    """The schema is not at the revision this code needs.
+
+    A ClickException, so that every CLI command reports it in one line; the
+    API answers it with 503 `database_not_migrated`.
+    """
+
+    def __init__(self, current: tuple[str, ...], expected: tuple[str, ...]) -> None:
+        have, need = ", ".join(current) or "none (empty database)", ", ".join(expected)
+        if set(current) - set(_known_revisions()):
+            message = (f"the database schema is at revision {have}, which this release does not know "
+                       f"(it needs {need}); run the release that migrated it")
+        else:
+            message = f"the database schema is at revision {have} but this release needs {need}: run `parley db-upgrade`"
+        super().__init__(message)
+
+
+@functools.cache
+def _script_directory() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS_DIR))
+
+
+def head_revisions() -> tuple[str, ...]:
+    return tuple(sorted(_script_directory().get_heads()))
+
+
+def _known_revisions() -> set[str]:
+    return {script.revision for script in _script_directory().walk_revisions()}
+
+
+def current_revisions(engine: Engine) -> tuple[str, ...]:
+    with engine.connect() as connection:
+        return tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise `DatabaseNotMigrated` unless the schema is at the latest revision."""
+    current = current_revisions(engine)
+    if current != head_revisions():
+        raise DatabaseNotMigrated(current, head_revisions())
+
+
+def upgrade_database(url: str, revision: str = "head") -> list[str]:
+    """Apply the pending revisions; returns them, oldest first, as `id (description)`."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        before = current_revisions(engine)
+        alembic_command.upgrade(alembic_config(url), revision)
+        after = current_revisions(engine)
+    finally:
+        engine.dispose()
+    applied = []
+    for head in after:
+        for script in _script_directory().iterate_revisions(head, before[0] if before else "base"):
+            if script.revision not in before:
+                applied.append(f"{script.revision} ({script.doc})")
+    return applied[::-1]
 
 
 def upgrade_embedded_database(url: str) -> None:
@@ -320,15 +390,23 @@ def check_database(url: str) -> None:
 @with_appcontext
 def db_upgrade_command() -> None:
     """Apply all database migrations."""
-    upgrade_database(current_app.config["DATABASE_URL"])
-    click.echo("Database is up to date.")
+    applied = upgrade_database(current_app.config["DATABASE_URL"])
+    head = ", ".join(head_revisions())
+    if applied:
+        click.echo(f"Applied {len(applied)} revision(s): " + "; ".join(applied) + f". Database is now at {head}.")
+    else:
+        click.echo(f"Database is up to date (revision {head}); nothing applied.")
 
 
 @click.command("db-check")
 @with_appcontext
 def db_check_command() -> None:
     """Fail if the models and the migrations disagree."""
-    check_database(current_app.config["DATABASE_URL"])
+    require_current_schema(get_engine())  # alembic's own complaint would be a traceback
+    try:
+        check_database(current_app.config["DATABASE_URL"])
+    except AlembicCommandError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo("Models and migrations agree.")
 
 
@@ -522,6 +600,8 @@ def find_conversations(
     put while new conversations arrive: they sort before every cursor.
     """
     query = select(Conversation)
+    if filters.get("owner_key_id"):
+        query = query.where(Conversation.owner_key_id == filters["owner_key_id"])
     if filters.get("user_id"):
         query = query.where(Conversation.user_id == filters["user_id"])
     if filters.get("status"):

@@ -13,8 +13,9 @@ from flask import Flask, Response, current_app, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from database_utils import DatabaseNotMigrated
 from llm import ModelError
 from s3_utils import ArchiveError
 
@@ -91,9 +92,20 @@ def error_response(
     return response
 
 
+# Pydantic's messages for dates, completed with an example of what it takes.
+_DATE_EXAMPLE = "use ISO 8601 with an offset, e.g. 2026-11-01T00:00:00Z or 2026-11-01T09:30:00+01:00"
+_DATE_ERRORS = {"timezone_aware", "datetime_parsing", "datetime_from_date_parsing", "datetime_type"}
+
+
 def validation_error_response(exc: ValidationError) -> Response:
     """400 listing each invalid field, without echoing the input back."""
-    details = [{"field": ".".join(str(part) for part in e["loc"]), "problem": e["msg"]} for e in exc.errors()]
+    details = [
+        {
+            "field": ".".join(str(part) for part in e["loc"]),
+            "problem": f"{e['msg']}: {_DATE_EXAMPLE}" if e["type"] in _DATE_ERRORS else e["msg"],
+        }
+        for e in exc.errors()
+    ]
     summary = "; ".join(f"{d['field'] or 'body'}: {d['problem']}" for d in details)
     return error_response(400, "invalid_request", summary, details)
 
@@ -102,6 +114,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(ModelError, _model_error)
     app.register_error_handler(ArchiveError, _archive_error)
+    app.register_error_handler(DatabaseNotMigrated, _database_not_migrated)
     app.register_error_handler(OperationalError, _database_unavailable)
     app.register_error_handler(InterfaceError, _database_unavailable)
     app.register_error_handler(PendingRollbackError, _database_unavailable)
@@ -145,6 +158,11 @@ def _database_error(exc: DBAPIError) -> Response:
     return _unexpected_error(exc)
 
 
+def _database_not_migrated(exc: DatabaseNotMigrated) -> Response:
+    log.error("database not migrated: %s", exc.message)
+    return error_response(503, "database_not_migrated", exc.message)
+
+
 def _http_error(exc: HTTPException) -> Response:
     if exc.code == 429:
         return error_response(429, "rate_limited", f"rate limit of {exc.description} exceeded; retry after Retry-After seconds")
@@ -155,7 +173,10 @@ def _http_error(exc: HTTPException) -> Response:
         response.headers["Connection"] = "close"
         return response
     error = (exc.name or "error").lower().replace(" ", "_")
-    return error_response(exc.code or 500, error, exc.description or exc.name)
+    response = error_response(exc.code or 500, error, exc.description or exc.name)
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
 
 
 def _drain_body() -> None:

@@ -35,6 +35,8 @@ import openai
 from conversation_memory import USER, estimate_tokens
 
 ECHO_LABEL = "[echo model: not a real LLM, no API key configured]"
+ECHO_CHOSEN_LABEL = "[echo model: not a real LLM, chosen with LLM_PROVIDER=echo]"
+
 # Provider statuses worth another attempt: rate limited, server errors, overloaded.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 BACKOFF_BASE_SECONDS = 0.5
@@ -227,9 +229,12 @@ class EchoModel:
     provider = "echo"
     model = "echo"
 
+    def __init__(self, label: str = ECHO_LABEL) -> None:
+        self.label = label
+
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == USER), "")
-        text = f"{ECHO_LABEL} You said: {last_user}"
+        text = f"{self.label} You said: {last_user}"
         prompt_tokens = sum(estimate_tokens(m["content"]) for m in messages)
         if system:
             prompt_tokens += estimate_tokens(system)
@@ -253,7 +258,7 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
     if provider == "openai":
         return OpenAIModel(openai.OpenAI(**client_options), config)
     if provider == "echo":
-        return EchoModel()
+        return EchoModel(ECHO_CHOSEN_LABEL if config.get("LLM_PROVIDER_CHOSEN") else ECHO_LABEL)
     raise ValueError(f"unknown LLM_PROVIDER {provider!r}")
 
 

@@ -1,7 +1,7 @@
 """Parley's application factory and HTTP routes.
 
-Run it with `flask --app main run` (embedded default) or
-`gunicorn "main:create_app()"` (production).
+Run it with `parley run` (embedded default) or
+`gunicorn -c gunicorn.conf.py "main:create_app()"` (production).
 """
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Response, current_app, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import BadRequest
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+import ansi
+import archive_setup
+import audit
 import auth
 import database_utils
 import errors
 import idempotency
 import logs
 import metrics
+import readiness
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
@@ -37,8 +43,10 @@ from conversations import (
 from database_utils import Role, get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import make_model
-from s3_utils import ArchiveError, make_archive
+from s3_utils import make_archive
 from schemas import (
+    AuditPage,
+    AuditQuery,
     ChatRequest,
     ChatResponse,
     ConversationDetail,
@@ -54,6 +62,7 @@ from schemas import (
     NewChatRequest,
     SearchPage,
     SearchQuery,
+    ServiceIndex,
 )
 
 __version__ = "0.3.0"
@@ -65,7 +74,7 @@ ROUTE_ROLES: dict[str, frozenset[Role]] = {}
 # Routes that honour an Idempotency-Key header.
 IDEMPOTENT_ROUTES = frozenset({"new_chat", "chat", "end_chat"})
 
-_ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429)}
+_ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
 
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
@@ -105,6 +114,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     # If Redis goes away, keep limiting per process rather than failing requests.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
+    ansi.init_app(app)
+    if app.config["TRUSTED_PROXY_HOPS"]:
+        # Take the client's address and scheme from that many proxies' X-Forwarded-* headers.
+        hops = app.config["TRUSTED_PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=0, x_port=0, x_prefix=0)
+    if app.config["CORS_ORIGINS"]:
+        origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
+        CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+             expose_headers=["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"],
+             max_age=600)
 
     logs.init_app(app)
     errors.init_app(app)
@@ -112,6 +131,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     metrics.init_app(app, app.extensions["parley.engine"])
     auth.init_app(app)
     idempotency.init_app(app)
+    archive_setup.init_app(app)
+    audit.init_app(app)
+    readiness.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -148,12 +170,14 @@ def _authorize() -> Response | None:
     Then, on the idempotent routes, claim the request's Idempotency-Key: a
     replay is answered here, without running the route.
     """
+    if request.method == "OPTIONS":
+        return None  # a browser's CORS preflight carries no key
     key = _authenticated_key()
     endpoint = request.endpoint.rpartition(".")[2]
     roles = ROUTE_ROLES[endpoint]
     if key.role not in roles:
-        allowed = " or ".join(sorted(roles))
-        raise Forbidden(f"a {key.role} key may not call {request.method} {request.path}; it needs a {allowed} key")
+        needed = " or ".join(sorted(roles))
+        raise Forbidden(f"{request.method} {request.path} needs a {needed} key; this key's role is {key.role}")
     g.api_key = key
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
@@ -271,11 +295,22 @@ def get_conversation(query: ConversationRef):
     return read_conversation(get_session(), _archive(), _caller(), query.conversation_id)
 
 
-@api.get("/conversations", tags=[staff], responses={200: SearchPage})
-@allow(Role.STAFF)
+@api.get("/conversations", tags=[chats, staff], responses={200: SearchPage})
+@allow(Role.CLIENT, Role.STAFF)
 def search(query: SearchQuery):
-    """Find conversations by user, status, dates or name text, newest first."""
+    """Find conversations by user, status, dates or name text, newest first.
+
+    A client key lists the conversations created with it; staff see all
+    (each search is audited).
+    """
     return search_conversations(get_session(), _caller(), query)
+
+
+@api.get("/audit", tags=[admin], responses={200: AuditPage})
+@allow(Role.ADMIN)
+def audit_events(query: AuditQuery):
+    """Audit events (staff reads and searches), newest first, with filters and a cursor."""
+    return audit.list_audit_events(get_session(), query)
 
 
 @api.post("/keys", tags=[admin], responses={201: KeyCreated})
@@ -303,6 +338,12 @@ def keys_revoke(body: KeyRef):
     return KeyOut.of(revoke_key(get_session(), body.key_id), utcnow()).model_dump(mode="json")
 
 
+@probes.get("/", tags=[ops], responses={200: ServiceIndex})
+def index():
+    """Where to start: the API documentation."""
+    return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+
+
 @probes.get("/healthz", tags=[ops], responses={200: Health})
 def healthz():
     """The process is up."""
@@ -311,15 +352,8 @@ def healthz():
 
 @probes.get("/readyz", tags=[ops], responses={200: Health, 503: Health})
 def readyz():
-    """The database and the archive are reachable."""
-    checks = {"database": "ok", "archive": "ok"}
-    try:
-        database_utils.ping()
-    except Exception as exc:  # any failure means not ready; the type is enough to report
-        checks["database"] = f"unavailable ({exc.__class__.__name__})"
-    try:
-        _archive().ping()
-    except ArchiveError:
-        checks["archive"] = "unavailable"
-    ready = all(value == "ok" for value in checks.values())
-    return {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    """The database is reachable with its schema at the latest revision, and
+    the archive is reachable; each failed check says why, within
+    READYZ_TIMEOUT_SECONDS."""
+    body, ready = readiness.check_readiness(current_app._get_current_object())
+    return body, 200 if ready else 503

@@ -104,7 +104,9 @@ class FileArchive:
                 os.close(directory)
         except OSError as exc:
             raise ArchiveError(f"could not write {path}: {exc.strerror}") from exc
-        return path.as_uri()
+        # Not path.as_uri(): that percent-encodes `dt=` and the location
+        # could no longer be pasted into a shell. get() reads both forms.
+        return f"file://{path}"
 
     def get(self, location: str) -> bytes:
         path = Path(unquote(urlparse(location).path)).resolve()

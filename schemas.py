@@ -182,9 +182,22 @@ class ConversationDetail(ConversationOut):
     messages: list[MessageOut]
 
 
+class CheckReason(BaseModel):
+    error: str = Field(description="Error class or S3 error code, e.g. OperationalError, NoSuchBucket, Timeout.")
+    hint: str = Field(description="What to check or run; never contains a secret.")
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+    reasons: dict[str, CheckReason] | None = Field(default=None, description="Why each failed check failed.")
+
+
+class ServiceIndex(BaseModel):
+    name: str
+    version: str
+    docs: str = Field(description="The interactive API documentation.")
+    openapi: str = Field(description="The OpenAPI document.")
 
 
 class SearchQuery(_Request):
@@ -209,6 +222,36 @@ class SearchPage(BaseModel):
 
 
 Role = Literal["client", "staff", "admin"]
+
+
+class AuditQuery(_Request):
+    key_id: uuid.UUID | None = Field(default=None, description="Events made with this key.")
+    action: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z_]+$")] | None = Field(
+        default=None, description="e.g. read_conversation, search_conversations."
+    )
+    conversation_id: uuid.UUID | None = None
+    created_from: UtcDatetime | None = Field(default=None, description="At or after (ISO 8601 with offset).")
+    created_to: UtcDatetime | None = Field(default=None, description="Before.")
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")] | None = Field(
+        default=None, description="next_cursor from the previous page."
+    )
+
+
+class AuditEventOut(BaseModel):
+    event_id: int
+    key_id: uuid.UUID
+    key_name: str
+    key_role: Role
+    action: str
+    conversation_id: uuid.UUID | None
+    detail: dict[str, Any] | None
+    created_at: datetime
+
+
+class AuditPage(BaseModel):
+    events: list[AuditEventOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
 
 
 class KeyCreate(_Request):

@@ -43,8 +43,10 @@ def _weed_binary() -> str:
 
 
 class SeaweedS3:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, s3_config: Path | None = None) -> None:
+        """`s3_config`: a SeaweedFS identities file; without it any credentials work."""
         self.data_dir = data_dir
+        self.s3_config = s3_config
         self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -69,6 +71,8 @@ class SeaweedS3:
             # no extra listeners on fixed ports, and no telemetry leaving the machine
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
         ]  # fmt: skip
+        if self.s3_config is not None:
+            command.append(f"-s3.config={self.s3_config}")
         log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self._wait_until_ready()

@@ -26,23 +26,27 @@ ROUTES = {
     "end_chat": ("POST", "/end_chat", lambda w: {"json": {"conversation_id": w["conversation_id"]}}),
     "get_conversation": ("GET", "/get_conversation", lambda w: {"query_string": {"conversation_id": w["conversation_id"]}}),
     "search": ("GET", "/conversations", lambda w: {"query_string": {"user_id": "user-of-a"}}),
+    "audit": ("GET", "/audit", lambda w: {}),
     "keys_create": ("POST", "/keys", lambda w: {"json": {"role": "client", "name": "new"}}),
     "keys_list": ("GET", "/keys", lambda w: {}),
     "keys_revoke": ("POST", "/keys/revoke", lambda w: {"json": {"key_id": w["client_b_key_id"]}}),
     "healthz": ("GET", "/healthz", lambda w: {}),
     "readyz": ("GET", "/readyz", lambda w: {}),
+    "index": ("GET", "/", lambda w: {}),
 }
 ALLOWED = {
     "new_chat": {"client_a": 201, "client_b": 201},
     "chat": {"client_a": 200, "client_b": 404},
     "end_chat": {"client_a": 200, "client_b": 404},
     "get_conversation": {"client_a": 200, "client_b": 404, "staff": 200},
-    "search": {"staff": 200},
+    # A client lists only its own conversations (B's list is empty; checked below).
+    "search": {"client_a": 200, "client_b": 200, "staff": 200},
+    "audit": {"admin": 200},
     "keys_create": {"admin": 201},
     "keys_list": {"admin": 200},
     "keys_revoke": {"admin": 200},
 }
-PUBLIC = {"healthz", "readyz"}
+PUBLIC = {"healthz", "readyz", "index"}
 
 
 def _expected(route: str, caller: str) -> int:

@@ -1,4 +1,4 @@
-"""Operations: Prometheus metrics, JSON logs with request IDs, database faults under load."""
+"""Observability and faults: Prometheus metrics, JSON logs with request IDs, database restarts under load."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,30 @@
+"""The `parley` command: Flask's CLI for `main:create_app`.
+
+Every command the app registers (`keys`, `db-upgrade`, `archive-prepare`,
+`audit-prune`, `run`, and any added later) is available as
+`parley <command>`, with settings read from the environment exactly as the
+server reads them.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from flask.cli import FlaskGroup
+
+# Parley runs from its checkout. The editable install maps only the modules
+# listed in pyproject.toml; with the checkout on the path, modules added
+# since then are found too.
+CHECKOUT = str(Path(__file__).resolve().parent)
+
+
+def _create_app():
+    from main import create_app
+
+    return create_app()
+
+
+def main() -> None:
+    if CHECKOUT not in sys.path:
+        sys.path.insert(0, CHECKOUT)
+    FlaskGroup(name="parley", create_app=_create_app, help="Parley's commands (Flask's CLI for main:create_app).")()

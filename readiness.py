@@ -1,0 +1,75 @@
+"""What `/readyz` checks: the database (reachable, schema at the latest
+revision) and the archive, each with a reason when it fails, in bounded time.
+
+The checks run side by side on a small thread pool and the answer waits at
+most `READYZ_TIMEOUT_SECONDS`: a check still running then is reported as
+`Timeout`, so a load balancer's probe never hangs on a dead dependency.
+A reason is an error class or S3 error code and a fixed hint; never a
+message from the failure itself, which may carry a URL with a password.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+from flask import Flask
+from sqlalchemy.exc import DBAPIError
+
+import database_utils
+from archive_setup import failure_reason
+from database_utils import DatabaseNotMigrated
+
+_DATABASE_HINTS = {
+    "OperationalError": "cannot connect or the server refused: check DATABASE_URL, the server and the network",
+    "InterfaceError": "the connection failed: check DATABASE_URL and the network",
+}
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["parley.readiness_pool"] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+
+
+def check_readiness(app: Flask) -> tuple[dict[str, Any], bool]:
+    """The `/readyz` body and whether every check passed."""
+    checks: dict[str, Callable[[], None]] = {
+        "database": lambda: _check_database(app),
+        "archive": lambda: app.extensions["parley.archive"].ping(),
+    }
+    pool: ThreadPoolExecutor = app.extensions["parley.readiness_pool"]
+    futures = {name: pool.submit(check) for name, check in checks.items()}
+    timeout = app.config["READYZ_TIMEOUT_SECONDS"]
+    wait(futures.values(), timeout=timeout)
+    results: dict[str, str] = {}
+    reasons: dict[str, dict[str, str]] = {}
+    for name, future in futures.items():
+        if not future.done():
+            reason = {"error": "Timeout", "hint": f"no answer within READYZ_TIMEOUT_SECONDS={timeout:g}"}
+        elif future.exception() is None:
+            results[name] = "ok"
+            continue
+        else:
+            reason = _reason(name, future.exception())
+        results[name] = "unavailable"
+        reasons[name] = reason
+    ready = not reasons
+    body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "checks": results}
+    if reasons:
+        body["reasons"] = reasons
+    return body, ready
+
+
+def _check_database(app: Flask) -> None:
+    with app.app_context():
+        database_utils.require_current_schema(database_utils.get_engine())
+
+
+def _reason(name: str, exc: BaseException) -> dict[str, str]:
+    if name == "archive":
+        error, hint = failure_reason(exc)
+        return {"error": error, "hint": hint}
+    if isinstance(exc, DatabaseNotMigrated):
+        return {"error": "database_not_migrated", "hint": exc.message}
+    error = type(exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc).__name__
+    hint = _DATABASE_HINTS.get(type(exc).__name__, "see the server log for details")
+    return {"error": error, "hint": hint}

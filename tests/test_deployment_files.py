@@ -1,0 +1,83 @@
+"""The files an operator deploys from: Dockerfile, compose.yaml, .env.example and
+the README's configuration table. Docker cannot run here, so these are read and
+linted, never built."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from config import _SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTION_COMMAND = ["gunicorn", "-c", "gunicorn.conf.py", "main:create_app()"]
+
+
+def _readme_settings() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([A-Z0-9_]+)` \|", table, re.MULTILINE)
+
+
+def test_env_example_lists_every_setting_in_the_readme_order():
+    example = re.findall(r"^#?([A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE)
+
+    assert example == _readme_settings()
+
+
+def test_readme_documents_every_setting_parley_and_its_server_read():
+    server = set(re.findall(r"os\.environ\.get\(\s*[\"']([A-Z0-9_]+)[\"']", (ROOT / "gunicorn.conf.py").read_text()))
+    documented = _readme_settings()
+
+    assert len(documented) == len(set(documented))
+    assert set(_SETTINGS) | server | {"PORT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(documented)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+
+    result = subprocess.run([str(hadolint), "--format", "json", "Dockerfile"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout or "[]") == []
+
+
+def test_dockerfile_is_slim_non_root_with_health_check_and_the_production_command():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+    assert lines[0].startswith("FROM python:3.11-slim")
+    user = next(line for line in lines if line.startswith("USER "))
+    assert user.split()[1].split(":")[0] not in ("root", "0")
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert json.loads(lines[-1].removeprefix("CMD ")) == PRODUCTION_COMMAND
+    assert any("/healthz" in line for line in lines)
+
+
+def test_compose_runs_parley_with_postgres_s3_and_redis():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+
+    assert {"parley", "postgres", "redis"} <= set(services)
+    assert {"seaweedfs", "minio"} & set(services)
+    parley = services["parley"]
+    assert "command" not in parley  # the image's CMD: the production command
+    assert parley["environment"]["DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert parley["environment"]["ARCHIVE_URL"].startswith("s3://")
+    assert parley["environment"]["REDIS_URL"].startswith("redis://redis:")
+    assert parley["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "parley db-upgrade" in " ".join(services["migrate"]["command"])
+    assert "parley archive-prepare" in " ".join(services["migrate"]["command"])
+
+
+def test_readme_production_section_uses_the_production_command():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running in production", 1)[1].split("\n## ", 1)[0]
+
+    assert 'gunicorn -c gunicorn.conf.py "main:create_app()"' in section
+    assert "was not built" in section
+    assert "AWS_ACCESS_KEY_ID" in readme and "AWS_SECRET_ACCESS_KEY" in readme and "AWS_REGION" in readme

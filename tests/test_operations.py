@@ -1,0 +1,330 @@
+"""Running Parley as an operator: the `parley` command, preparing the archive,
+an unmigrated database, and `/readyz` reasons within a time bound."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from auth import create_key
+from database_utils import _script_directory, get_session, head_revisions, upgrade_database
+from main import create_app
+from tests.conftest import client_with_key
+from tests.postgres import admin_url, temporary_database
+from tests.seaweed import SeaweedS3, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- the parley command
+
+
+def test_pyproject_installs_a_parley_command_for_the_flask_cli():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+    assert project["project"]["scripts"] == {"parley": "cli:main"}
+    modules = set(project["tool"]["setuptools"]["py-modules"])
+    assert modules == {path.stem for path in ROOT.glob("*.py")} - {"gunicorn.conf"}
+
+
+def test_parley_command_runs_every_registered_command(tmp_path):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "a").as_uri(),
+           "PYTHONPATH": str(ROOT)}
+    parley = [sys.executable, "-c", "import cli; cli.main()"]
+
+    listed = subprocess.run([*parley, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    created = subprocess.run([*parley, "keys", "create", "--role", "client", "--name", "cli"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+
+    assert listed.returncode == 0, listed.stderr
+    for command in ("archive-prepare", "audit-prune", "db-upgrade", "db-check", "keys", "run", "routes"):
+        assert re.search(rf"^\s+{command}\b", listed.stdout, re.MULTILINE), command
+    assert created.returncode == 0, created.stderr
+    assert re.fullmatch(r"prly_[A-Za-z0-9_\-]{43}\n", created.stdout)
+
+
+def test_make_targets_use_the_venv_and_install_the_command():
+    dry_run = subprocess.run(["make", "-n", "-B", "run", "db-upgrade", "archive-prepare"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert ".venv/bin/pip install --quiet -r requirements.txt -e ." in dry_run.stdout
+    for line in (".venv/bin/parley keys bootstrap", ".venv/bin/parley run", ".venv/bin/parley db-upgrade",
+                 ".venv/bin/parley archive-prepare"):
+        assert line in dry_run.stdout
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_second_bootstrap_says_how_to_make_a_key(runner):
+    first = runner.invoke(args=["keys", "bootstrap"])
+    second = runner.invoke(args=["keys", "bootstrap"])
+
+    assert "prly_" in first.output
+    assert second.exit_code == 0
+    assert "prly_" not in second.output
+    assert "parley keys create --role client --name" in second.output
+
+
+# ---------------------------------------------------------------- archive-prepare
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_archive_prepare_creates_the_bucket_and_cleans_up_its_probe(app_config, keys, s3_server):
+    bucket = f"fresh-{uuid.uuid4().hex[:12]}"
+    app = create_app({**app_config, "ARCHIVE_URL": f"s3://{bucket}/prod"})
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    before = client.get("/readyz")
+
+    result = app.test_cli_runner().invoke(args=["archive-prepare"])
+
+    assert before.status_code == 503
+    assert before.json["reasons"]["archive"]["error"] == "NoSuchBucket"
+    assert "archive-prepare" in before.json["reasons"]["archive"]["hint"]
+    assert result.exit_code == 0, result.output
+    assert f"bucket {bucket} created" in result.output and "is ready" in result.output
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
+    again = app.test_cli_runner().invoke(args=["archive-prepare"])
+    assert again.exit_code == 0 and f"bucket {bucket} exists" in again.output
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_archive_prepare_without_creating_names_the_missing_bucket(app, app_config):
+    app.config["ARCHIVE_URL"] = f"s3://absent-{uuid.uuid4().hex[:12]}/p"
+
+    result = app.test_cli_runner().invoke(args=["archive-prepare", "--no-create-bucket"])
+
+    assert result.exit_code == 1
+    assert "NoSuchBucket" in _one_error_line(result.output)
+
+
+@pytest.fixture
+def fresh_boto3_session(monkeypatch):
+    """boto3's default session keeps the credentials it found first; start a new one."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path, fresh_boto3_session):
+    """No credentials anywhere botocore looks, and no instance metadata lookups."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_missing_credentials_are_named_by_archive_prepare_and_readyz(app_config, no_aws_credentials):
+    app = create_app(app_config)
+
+    result = app.test_cli_runner().invoke(args=["archive-prepare"])
+    ready = app.test_client().get("/readyz")
+
+    assert result.exit_code == 1
+    error = _one_error_line(result.output)
+    assert "NoCredentialsError" in error and "AWS_ACCESS_KEY_ID" in error
+    assert ready.status_code == 503
+    assert ready.json["reasons"]["archive"]["error"] == "NoCredentialsError"
+    assert "AWS_ACCESS_KEY_ID" in ready.json["reasons"]["archive"]["hint"]
+
+
+READER = ("parley-reader", "reader-secret-not-for-logs")
+
+
+@pytest.fixture(scope="module")
+def s3_with_identities(tmp_path_factory):
+    """A SeaweedFS that checks credentials: an admin, and a key that may only read."""
+    data = tmp_path_factory.mktemp("seaweed-iam")
+    config = data / "s3.json"
+    config.write_text(json.dumps({"identities": [
+        {"name": "admin", "credentials": [{"accessKey": "parley-test", "secretKey": "parley-test"}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}], "actions": ["Read", "List"]},
+    ]}))
+    with SeaweedS3(data, s3_config=config) as server:
+        server.client().create_bucket(Bucket="existing")
+        yield server
+
+
+@pytest.mark.parametrize(("bucket", "step"), [("not-there", "create bucket"), ("existing", "write a probe object")])
+def test_access_denied_is_named_in_one_line(s3_with_identities, fresh_boto3_session, monkeypatch, tmp_path, bucket, step):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": f"s3://{bucket}/p",
+                      "S3_ENDPOINT_URL": s3_with_identities.endpoint_url})
+
+    result = app.test_cli_runner().invoke(args=["archive-prepare"])
+
+    assert result.exit_code == 1
+    error = _one_error_line(result.output)
+    assert f"could not {step}" in error and "AccessDenied" in error
+    assert READER[1] not in result.output
+
+
+def test_archive_prepare_on_a_folder(tmp_path):
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "new" / "archive").as_uri()})
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    blocked = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}", "ARCHIVE_URL": (tmp_path / "blocker" / "a").as_uri()})
+
+    ok = app.test_cli_runner().invoke(args=["archive-prepare"])
+    failed = blocked.test_cli_runner().invoke(args=["archive-prepare"])
+
+    assert ok.exit_code == 0 and list((tmp_path / "new" / "archive").iterdir()) == []
+    assert failed.exit_code == 1
+    assert "FileExistsError" in _one_error_line(failed.output) or "NotADirectoryError" in failed.output
+
+
+# ---------------------------------------------------------------- an unmigrated database
+
+
+@pytest.fixture
+def empty_postgres():
+    with temporary_database(admin_url(), prefix="parley_unmigrated") as url:
+        yield url
+
+
+def test_unmigrated_database_is_named_by_api_readyz_and_cli(empty_postgres, tmp_path):
+    app = create_app({"DATABASE_URL": empty_postgres, "ARCHIVE_URL": (tmp_path / "a").as_uri(), "LLM_PROVIDER": "echo"})
+    client = client_with_key(app, "prly_anything")
+
+    created = client.post("/new_chat", json={"user_id": "u"})
+    ready = client.get("/readyz")
+    cli = app.test_cli_runner().invoke(args=["keys", "create", "--role", "admin", "--name", "ops"])
+
+    assert created.status_code == 503
+    assert created.json["error"] == "database_not_migrated"
+    assert "parley db-upgrade" in created.json["message"]
+    assert ready.status_code == 503 and ready.json["checks"]["database"] == "unavailable"
+    assert ready.json["reasons"]["database"]["error"] == "database_not_migrated"
+    assert "parley db-upgrade" in ready.json["reasons"]["database"]["hint"]
+    assert cli.exit_code == 1
+    assert cli.output.count("\n") == 1 and "parley db-upgrade" in _one_error_line(cli.output)
+    assert "SELECT" not in cli.output and "INSERT" not in cli.output
+
+    upgraded = app.test_cli_runner().invoke(args=["db-upgrade"])
+
+    revisions = [script.revision for script in _script_directory().walk_revisions()][::-1]
+    assert upgraded.exit_code == 0
+    listed = re.fullmatch(r"Applied (\d+) revision\(s\): (.+)\. Database is now at (\w+)\.\n", upgraded.output)
+    assert listed, upgraded.output
+    assert int(listed[1]) == len(revisions) and listed[3] == head_revisions()[0]
+    assert [part.split(" ", 1)[0] for part in listed[2].split("; ")] == revisions
+    assert all(re.fullmatch(r"\w+ \(.+\)", part) for part in listed[2].split("; "))
+    assert client.get("/readyz").status_code == 200
+    with app.app_context():
+        secret = create_key(get_session(), "client", "after upgrade")[1]
+    assert client_with_key(app, secret).post("/new_chat", json={"user_id": "u"}).status_code == 201
+
+
+def test_db_check_on_an_unmigrated_database_is_one_line(empty_postgres, tmp_path):
+    app = create_app({"DATABASE_URL": empty_postgres, "ARCHIVE_URL": (tmp_path / "a").as_uri()})
+
+    result = app.test_cli_runner().invoke(args=["db-check"])
+
+    assert result.exit_code == 1
+    assert "parley db-upgrade" in _one_error_line(result.output)
+
+
+def test_database_behind_the_code_is_not_migrated(empty_postgres, tmp_path):
+    upgrade_database(empty_postgres, "0002")
+    app = create_app({"DATABASE_URL": empty_postgres, "ARCHIVE_URL": (tmp_path / "a").as_uri()})
+
+    response = client_with_key(app, "prly_anything").get("/conversations")
+
+    assert response.status_code == 503 and response.json["error"] == "database_not_migrated"
+    assert "revision 0002" in response.json["message"] and head_revisions()[0] in response.json["message"]
+
+
+# ---------------------------------------------------------------- readyz reasons and time bound
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_readyz_names_the_database_failure_without_secrets(app_config):
+    port = free_ports(1)[0]
+    config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/parley"}
+
+    ready = create_app(config).test_client().get("/readyz")
+
+    assert ready.status_code == 503
+    assert ready.json["checks"] == {"database": "unavailable", "archive": "ok"}
+    assert ready.json["reasons"]["database"]["error"] == "OperationalError"
+    assert "DATABASE_URL" in ready.json["reasons"]["database"]["hint"]
+    assert "s3cret" not in ready.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_readyz_answers_within_its_time_bound_when_the_archive_hangs(app_config):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections in the kernel, never answers
+    try:
+        app = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          "READYZ_TIMEOUT_SECONDS": 0.5})
+        started = time.monotonic()
+        ready = app.test_client().get("/readyz")
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+
+    assert ready.status_code == 503
+    assert elapsed < 3
+    assert ready.json["checks"] == {"database": "ok", "archive": "unavailable"}
+    assert ready.json["reasons"]["archive"]["error"] == "Timeout"
+
+
+# ---------------------------------------------------------------- logs
+
+
+def test_log_files_get_no_colour_codes(tmp_path):
+    port = free_ports(1)[0]
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "a").as_uri()}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", "--port", str(port)],
+                                  cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(port)
+            for path in ("/nowhere", "/healthz"):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+                except urllib.error.HTTPError:
+                    pass
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+    text = log.read_text()
+    assert "GET /nowhere" in text and "404" in text
+    assert "\x1b[" not in text
+
+
+def _one_error_line(output: str) -> str:
+    """The CLI's failure: exactly one `Error:` line and no traceback."""
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    return errors[0]
+
+
+def _wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listened on {port} within {seconds}s")
