@@ -65,6 +65,10 @@ def configure(log_format: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # Their INFO lines say nothing an operator acts on ("Context impl PostgresqlImpl.",
+    # "Found credentials in environment variables.") and would fill every command's output.
+    for chatty in ("alembic", "botocore", "httpx2", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def init_app(app: Flask) -> None:

@@ -48,7 +48,7 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     assert len(made.headers["X-Request-ID"]) == 32
     assert refused.headers["X-Request-ID"] != "bad id\twith spaces"
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
-    logged = [line for line in lines if line.get("request_id") == "trace-abc.123"]
+    logged = [line for line in lines if line.get("request_id") == "trace-abc.123" and line["message"] == "request"]
     assert logged and logged[0]["message"] == "request"
     assert (logged[0]["method"], logged[0]["path"], logged[0]["status"]) == ("POST", "/new_chat", 201)
 

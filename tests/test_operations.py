@@ -60,8 +60,8 @@ def test_make_targets_use_the_venv_and_install_the_command():
 
     assert dry_run.returncode == 0, dry_run.stderr
     assert ".venv/bin/pip install --quiet -r requirements.txt -e ." in dry_run.stdout
-    for line in (".venv/bin/parley keys bootstrap", ".venv/bin/parley run", ".venv/bin/parley db-upgrade",
-                 ".venv/bin/parley archive-prepare"):
+    for line in (".venv/bin/parley keys bootstrap", '.venv/bin/gunicorn -c gunicorn.conf.py "main:create_app()"',
+                 ".venv/bin/parley db-upgrade", ".venv/bin/parley archive-prepare"):
         assert line in dry_run.stdout
 
 

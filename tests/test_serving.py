@@ -201,7 +201,7 @@ def test_log_lines_are_json_with_the_request_id(serve):
     lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
 
     assert headers["X-Request-ID"] == "serving-trace-1"
-    logged = [line for line in lines if line.get("request_id") == "serving-trace-1"]
+    logged = [line for line in lines if line.get("request_id") == "serving-trace-1" and line["message"] == "request"]
     assert logged and logged[0]["path"] == "/new_chat" and logged[0]["status"] == 201
 
 
