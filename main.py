@@ -54,6 +54,7 @@ from schemas import (
     ConversationRef,
     ErrorResponse,
     Health,
+    IdempotencyHeader,
     KeyCreate,
     KeyCreated,
     KeyList,
@@ -248,7 +249,7 @@ def _caller() -> Caller:
 
 @api.post("/new_chat", tags=[chats], responses={201: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.CLIENT)
-def new_chat(body: NewChatRequest):
+def new_chat(body: NewChatRequest, header: IdempotencyHeader):
     """Open a conversation for a user; the server assigns its ID. Honours Idempotency-Key."""
     conversation = open_conversation(get_session(), current_app.config, body, _caller())
     return _respond(ConversationOut.of(conversation), 201)
@@ -256,7 +257,7 @@ def new_chat(body: NewChatRequest):
 
 @api.post("/chat", tags=[chats], responses={200: ChatResponse, **_MODEL_ERRORS})
 @allow(Role.CLIENT)
-def chat(body: ChatRequest):
+def chat(body: ChatRequest, header: IdempotencyHeader):
     """Post the user's message and get the model's reply. Honours Idempotency-Key.
 
     One turn at a time per conversation: while another turn is in progress
@@ -279,7 +280,7 @@ def chat(body: ChatRequest):
 
 @api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse})
 @allow(Role.CLIENT)
-def end_chat(body: ConversationRef):
+def end_chat(body: ConversationRef, header: IdempotencyHeader):
     """Archive the conversation and mark it ended. Repeating it is harmless. Honours Idempotency-Key."""
     return _respond(ConversationOut.of(end_conversation(get_session(), _archive(), _caller(), body.conversation_id)))
 

@@ -79,6 +79,19 @@ class ChatRequest(_Request):
     message: MessageText = Field(description="The user's message; limited by MAX_MESSAGE_CHARS (413 beyond).")
 
 
+class IdempotencyHeader(BaseModel):
+    """The optional header of the POST routes that change a conversation (documented in the README)."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retry safe: the same key and body return the first response without running again.",
+    )
+
+
 class ConversationRef(_Request):
     conversation_id: uuid.UUID
 
