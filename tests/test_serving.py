@@ -244,3 +244,49 @@ def _read_response(connection: socket.socket) -> bytes:
         return head + b"\r\n\r\n" + rest
     except (ConnectionResetError, TimeoutError):
         return data
+
+
+def test_a_worker_killed_mid_turn_leaves_no_half_turn_and_its_lease_runs_out(serve, fake_model):
+    server = serve(TURN_LEASE_SECONDS="15")
+    conversation_id = server.new_chat()
+    fake_model.delay_next(30)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("outcome", _chat_or_error(server, conversation_id)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not fake_model.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    claimed_at = time.monotonic()
+    workers = [int(pid) for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()]
+
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    thread.join()
+    _wait_for_health(server)
+    blocked = server.chat(conversation_id, "are you there?")
+    time.sleep(max(15.5 - (time.monotonic() - claimed_at), 0))
+    after_lease = server.chat(conversation_id, "are you there?")
+    status, log, _ = server.request("GET", f"/get_conversation?conversation_id={conversation_id}")
+
+    assert result["outcome"] == "connection lost"
+    assert blocked == 409
+    assert after_lease == 200
+    assert [m["content"] for m in log["messages"]] == ["are you there?", "reply to: are you there?"]
+
+
+def _chat_or_error(server: Server, conversation_id: str) -> int | str:
+    try:
+        return server.chat(conversation_id, "lost in the crash")
+    except (OSError, http.client.HTTPException):
+        return "connection lost"
+
+
+def _wait_for_health(server: Server) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if server.request("GET", "/healthz")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the master did not start a new worker")
