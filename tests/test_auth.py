@@ -223,13 +223,18 @@ def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):
     assert "Traceback" not in text and "SELECT" not in text and "INSERT" not in text
 
 
-def test_a_key_revoked_by_another_worker_stops_working_within_the_cache_time(app_config, keys):
+def _two_workers(app_config, keys, cache_seconds: float):
     """Two apps on one database stand for two workers; each caches key lookups for AUTH_CACHE_SECONDS."""
-    config = {**app_config, "AUTH_CACHE_SECONDS": 1}
+    config = {**app_config, "AUTH_CACHE_SECONDS": cache_seconds}
     worker_a, worker_b = create_app(config), create_app(config)
-    client_on_b = client_with_key(worker_b, keys["client_a"])
     admin_on_a = client_with_key(worker_a, keys["admin"])
     key_id = next(k["key_id"] for k in admin_on_a.get("/keys").json["keys"] if k["name"] == "client_a")
+    return worker_a, worker_b, admin_on_a, key_id
+
+
+def test_a_key_revoked_by_another_worker_stops_working_within_the_cache_time(app_config, keys):
+    worker_a, worker_b, admin_on_a, key_id = _two_workers(app_config, keys, cache_seconds=1)
+    client_on_b = client_with_key(worker_b, keys["client_a"])
 
     assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 201  # now cached on b
     assert admin_on_a.post("/keys/revoke", json={"key_id": key_id}).status_code == 200
@@ -246,11 +251,8 @@ def test_a_key_revoked_by_another_worker_stops_working_within_the_cache_time(app
 
 
 def test_with_the_cache_off_revocation_is_immediate_everywhere(app_config, keys):
-    config = {**app_config, "AUTH_CACHE_SECONDS": 0}
-    worker_a, worker_b = create_app(config), create_app(config)
+    worker_a, worker_b, admin_on_a, key_id = _two_workers(app_config, keys, cache_seconds=0)
     client_on_b = client_with_key(worker_b, keys["client_a"])
-    admin_on_a = client_with_key(worker_a, keys["admin"])
-    key_id = next(k["key_id"] for k in admin_on_a.get("/keys").json["keys"] if k["name"] == "client_a")
 
     assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 201
     admin_on_a.post("/keys/revoke", json={"key_id": key_id})

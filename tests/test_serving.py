@@ -111,16 +111,18 @@ def serve(app_config, fake_model, tmp_path) -> Iterator:
             process.wait()
 
 
-def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_model):
+@pytest.mark.parametrize(("backend", "clients"), [("postgres", 60), ("embedded", 20)])
+def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_model, clients):
+    """`make run` (the embedded default) serves concurrent turns the same way as production."""
     server = serve()
-    conversations = [server.new_chat() for _ in range(60)]
+    conversations = [server.new_chat() for _ in range(clients)]
     fake_model.latency = 1.0
 
-    with ThreadPoolExecutor(max_workers=60) as pool:
+    with ThreadPoolExecutor(max_workers=clients) as pool:
         statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
 
-    assert statuses == [200] * 60
-    assert fake_model.peak_in_flight == 60  # all sixty waited on the model together, in one worker
+    assert statuses == [200] * clients
+    assert fake_model.peak_in_flight == clients  # all waited on the model together, in one worker
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
@@ -203,19 +205,6 @@ def test_log_lines_are_json_with_the_request_id(serve):
     assert headers["X-Request-ID"] == "serving-trace-1"
     logged = [line for line in lines if line.get("request_id") == "serving-trace-1" and line["message"] == "request"]
     assert logged and logged[0]["path"] == "/new_chat" and logged[0]["status"] == 201
-
-
-@pytest.mark.parametrize("backend", ["embedded"])
-def test_the_embedded_default_serves_turns_at_once_too(serve, fake_model):
-    server = serve()
-    conversations = [server.new_chat() for _ in range(20)]
-    fake_model.latency = 1.0
-
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
-
-    assert statuses == [200] * 20
-    assert fake_model.peak_in_flight == 20
 
 
 def _send_quietly(connection: socket.socket, data: bytes) -> None:
