@@ -29,6 +29,9 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
+    "SESSION_IDLE_MINUTES": (60, int),
+    "LIVE_RETENTION_DAYS": (0, int),
+    "ARCHIVE_RETENTION_DAYS": (None, int),
 }
 
 DEFAULT_MODELS = {

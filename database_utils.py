@@ -30,7 +30,6 @@ from sqlalchemy import (
     TypeDecorator,
     Uuid,
     create_engine,
-    delete,
     event,
     literal,
     select,
@@ -45,6 +44,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_TAIL_PAGE = 16
 
 ACTIVE = "active"
+ENDING = "ending"  # frozen, being archived: no turns, live messages still readable
 ENDED = "ended"
 
 CLIENT = "client"
@@ -109,7 +109,9 @@ class Conversation(Base):
     conversation_name: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=ACTIVE)
+    # The archive object's key, relative to ARCHIVE_URL, and the SHA-256 of its bytes.
     s3_file_location: Mapped[str | None] = mapped_column(String(1024))
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]
@@ -127,6 +129,7 @@ class Conversation(Base):
         Index("ix_conversations_user_created", "user_id", "created_at", "conversation_id"),
         Index("ix_conversations_status_created", "status", "created_at", "conversation_id"),
         Index("ix_conversations_ended_at", "ended_at"),
+        Index("ix_conversations_status_updated", "status", "updated_at"),
         Index("ix_conversations_owner", "owner_key_id"),
         Index(
             "ix_conversations_name_trgm",
@@ -158,7 +161,8 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     event_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.key_id"))
+    # None for actions taken from the command line (delete-user), not with a key.
+    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id"))
     action: Mapped[str] = mapped_column(String(32))
     conversation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     detail: Mapped[dict[str, Any] | None]
@@ -354,14 +358,6 @@ def reserve_seqs(session: Session, conversation_id: uuid.UUID, count: int, token
         .returning(Conversation.message_count)
     )
     return result.scalar_one_or_none()
-
-
-def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> None:
-    """Record the archive location and drop the live messages (the caller holds the lock)."""
-    conversation.status = ENDED
-    conversation.s3_file_location = location
-    conversation.ended_at = conversation.updated_at = ended_at
-    session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))
 
 
 def find_conversations(

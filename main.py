@@ -14,15 +14,16 @@ from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from werkzeug.exceptions import BadRequest
 
+import archiving
 import auth
 import database_utils
 import errors
+import export
 from auth import authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
     chat_turn,
     conversation_dict,
-    end_conversation,
     open_conversation,
     read_conversation,
     search_conversations,
@@ -98,6 +99,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     errors.init_app(app)
     database_utils.init_app(app)
     auth.init_app(app)
+    archiving.init_app(app)
+    export.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -190,10 +193,15 @@ def chat(body: ChatRequest):
     }
 
 
-@api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 503: ErrorResponse})
+@api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 202: ConversationOut, 409: ErrorResponse, 503: ErrorResponse})
 def end_chat(body: ConversationRef):
-    """Archive the conversation and mark it ended. Repeating it is harmless."""
-    return conversation_dict(end_conversation(get_session(), _archive(), _caller(), body.conversation_id))
+    """Archive the conversation and mark it ended. Repeating it is harmless.
+
+    202 with `status: "ending"` when the archive could not be written in
+    time: the conversation is frozen and readable, and is archived later.
+    """
+    conversation = archiving.end_conversation(get_session(), _archive(), current_app.config, _caller(), body.conversation_id)
+    return conversation_dict(conversation), 200 if conversation.status == database_utils.ENDED else 202
 
 
 @api.get("/get_conversation", tags=[chats, staff], responses={200: ConversationDetail, 503: ErrorResponse})
