@@ -27,7 +27,7 @@ from typing import Any
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from database_utils import ACTIVE, ENDED, ENDING, ApiKey, AuditEvent, Conversati
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
+    REQUEST_TIMEOUTS,
     SCHEMA_VERSION,
     Archive,
     ArchiveError,
@@ -55,9 +56,10 @@ log = logging.getLogger("parley.archive")
 
 BATCH_SIZE = 100
 WORKERS = 8
-# A job that claimed an `ending` row may be writing it for up to
-# BACKGROUND_TIMEOUTS.total; only after that may archive-idle take it over.
+# How long an `ending` row stays claimed by whoever is writing it: a job may
+# take BACKGROUND_TIMEOUTS.total for one write, /end_chat REQUEST_TIMEOUTS.total.
 ENDING_LEASE = timedelta(seconds=BACKGROUND_TIMEOUTS.total + 30)
+REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
 _MESSAGE_COLUMNS = (Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage)
 
 
@@ -83,6 +85,7 @@ def end_conversation(
     if conversation.status == ACTIVE:
         conversation.status = ENDING
         conversation.ended_at = conversation.updated_at = utcnow()
+        conversation.claimed_until = conversation.ended_at + REQUEST_LEASE
     session.commit()  # the row lock ends here, before any archive I/O
     if conversation.status == ENDING:
         archive_conversations(session, archive, settings, [conversation])
@@ -158,8 +161,14 @@ def _record_archived(
     table = Conversation.__table__
     record = (
         table.update()
-        .where(table.c.conversation_id == bindparam("b_id"), table.c.status.in_((ENDING, ENDED)))
-        .values(status=ENDED, s3_file_location=bindparam("b_key"), archive_sha256=bindparam("b_sha"), updated_at=table.c.ended_at)
+        .where(table.c.conversation_id == bindparam("b_id"), or_(table.c.status == ENDING, table.c.status == ENDED))
+        .values(
+            status=ENDED,
+            s3_file_location=bindparam("b_key"),
+            archive_sha256=bindparam("b_sha"),
+            updated_at=table.c.ended_at,
+            claimed_until=None,
+        )
     )
     session.execute(record, [{"b_id": c.conversation_id, "b_key": s.key, "b_sha": s.sha256} for c, s in written])
     ids = [conversation.conversation_id for conversation, _ in written]
@@ -170,32 +179,43 @@ def _record_archived(
         for name, value in (("status", ENDED), ("s3_file_location", stored.key), ("archive_sha256", stored.sha256)):
             set_committed_value(conversation, name, value)
         set_committed_value(conversation, "updated_at", conversation.ended_at)
+        set_committed_value(conversation, "claimed_until", None)
 
 
 # ---------------------------------------------------------------- claiming work
 
 
 def claim_idle(session: Session, idle_before: datetime, now: datetime, limit: int) -> list[Conversation]:
-    """Move up to `limit` conversations idle since before `idle_before` to `ending`."""
+    """Move up to `limit` conversations idle since before `idle_before` to `ending`, claimed for ENDING_LEASE."""
     where = (Conversation.status == ACTIVE, Conversation.updated_at < idle_before)
-    return _claim(session, where, limit, status=ENDING, ended_at=now, updated_at=now)
+    return _claim(session, where, limit, status=ENDING, ended_at=now, updated_at=now, claimed_until=now + ENDING_LEASE)
 
 
-def claim_ending(session: Session, claimed_before: datetime, now: datetime, limit: int) -> list[Conversation]:
-    """Take over up to `limit` `ending` conversations last claimed before `claimed_before`."""
-    where = (Conversation.status == ENDING, Conversation.updated_at < claimed_before)
-    return _claim(session, where, limit, updated_at=now)
+def claim_ending(session: Session, free_before: datetime, now: datetime, limit: int) -> list[Conversation]:
+    """Take over up to `limit` `ending` conversations whose claim ends before `free_before`."""
+    where = (
+        Conversation.status == ENDING,
+        or_(Conversation.claimed_until.is_(None), Conversation.claimed_until < free_before),
+    )
+    return _claim(session, where, limit, claimed_until=now + ENDING_LEASE)
 
 
 def _claim(session: Session, where: tuple, limit: int, **values: Any) -> list[Conversation]:
-    """One UPDATE over rows nobody else holds (SKIP LOCKED), so parallel jobs never share a row.
+    """Lock rows nobody else holds (SKIP LOCKED), then update them, so parallel jobs never share a row.
 
-    SQLite has no row locks; its single writer gives the same guarantee.
+    Two statements, not `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
+    UPDATE SKIP LOCKED)`: PostgreSQL may rescan that subquery for each row
+    and claim far more than `limit`. SQLite has no row locks; the
+    conditions repeated in the UPDATE keep two claimers apart there.
     """
     chosen = select(Conversation.conversation_id).where(*where).order_by(Conversation.updated_at).limit(limit)
+    ids = list(session.scalars(chosen.with_for_update(skip_locked=True)))
+    if not ids:
+        session.commit()
+        return []
     claim = (
         update(Conversation)
-        .where(Conversation.conversation_id.in_(chosen.with_for_update(skip_locked=True)), *where)
+        .where(Conversation.conversation_id.in_(ids), *where)
         .values(**values)
         .returning(Conversation)
         .execution_options(synchronize_session=False, populate_existing=True)
@@ -231,24 +251,23 @@ def archive_idle(
 ) -> IdleReport:
     """End and archive every conversation idle longer than SESSION_IDLE_MINUTES.
 
-    Also finishes `ending` conversations whose claim is older than
-    ENDING_LEASE (an /end_chat that met an S3 outage, a killed job). Stops
+    Also finishes `ending` conversations whose claim has run out (an
+    /end_chat that met an S3 outage, a job that was killed). Stops
     when a whole batch fails to write: the archive is down, and claiming
     more would only freeze more conversations.
     """
     now = now or utcnow()
     idle_before = now - timedelta(minutes=settings["SESSION_IDLE_MINUTES"])
-    lease_before = now - ENDING_LEASE
     report, started = IdleReport(), time.monotonic()
     total = session.scalar(
         select(func.count()).where(
             ((Conversation.status == ACTIVE) & (Conversation.updated_at < idle_before))
-            | ((Conversation.status == ENDING) & (Conversation.updated_at < lease_before))
+            | ((Conversation.status == ENDING) & or_(Conversation.claimed_until.is_(None), Conversation.claimed_until < now))
         )
     )
     session.commit()
     with ThreadPoolExecutor(workers) as pool, tqdm(total=total, unit="conv", desc="archive-idle", disable=None) as bar:
-        while batch := claim_ending(session, lease_before, now, batch_size) or claim_idle(session, idle_before, now, batch_size):
+        while batch := claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size):
             result = archive_conversations(session, archive, settings, batch, pool)
             report.archived += len(result.archived)
             report.pending += len(result.failed)
@@ -296,7 +315,8 @@ def reconcile(
 ) -> ReconcileReport:
     """Make the archive and the database agree, and count what was repaired.
 
-    1. Every `ending` row is finished (written again and recorded).
+    1. Every `ending` row is finished (written again and recorded), even
+       one another process claims: the write is idempotent.
     2. Every object is matched with its row: an object with no row gets its
        row back from the document (the archive is the permanent record); a
        copy under another key than its row's, or of a still active
@@ -309,7 +329,9 @@ def reconcile(
     report = ReconcileReport()
     started = utcnow()
     with ThreadPoolExecutor(workers) as pool:
-        while batch := claim_ending(session, started, started, batch_size):
+        # Every `ending` row, claimed or not (writing one twice gives the same
+        # object), except those this run has claimed already.
+        while batch := claim_ending(session, started + ENDING_LEASE, started, batch_size):
             result = archive_conversations(session, archive, settings, batch, pool)
             report.ending_finished += len(result.archived)
             report.ending_failed += len(result.failed)

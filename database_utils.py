@@ -112,6 +112,8 @@ class Conversation(Base):
     # The archive object's key, relative to ARCHIVE_URL, and the SHA-256 of its bytes.
     s3_file_location: Mapped[str | None] = mapped_column(String(1024))
     archive_sha256: Mapped[str | None] = mapped_column(String(64))
+    # While `ending`: someone may be writing its object until then; after it, any job may finish it.
+    claimed_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]

@@ -58,10 +58,10 @@ class Timeouts:
         return self.attempts * (self.connect + self.read) + backoff
 
 
-# /end_chat makes one attempt and answers within REQUEST_TIMEOUTS.total (3 s)
+# /end_chat makes one attempt and answers within REQUEST_TIMEOUTS.total (4 s)
 # even when S3 hangs; a conversation whose write failed stays `ending` and
 # the background jobs finish it, so a retry here would only make clients wait.
-REQUEST_TIMEOUTS = Timeouts(connect=1.0, read=2.0, attempts=1)
+REQUEST_TIMEOUTS = Timeouts(connect=1.0, read=3.0, attempts=1)
 # archive-idle, reconcile, retention, delete-user and export may wait longer (at most 162 s).
 BACKGROUND_TIMEOUTS = Timeouts(connect=5.0, read=30.0, attempts=4)
 

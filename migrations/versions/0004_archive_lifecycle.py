@@ -1,4 +1,4 @@
-"""Archive lifecycle: object checksums, relative locations, idle lookup, CLI audit events
+"""Archive lifecycle: object checksums, claims, relative locations, idle lookup, CLI audit events
 
 Revision ID: 0004
 Revises: 0002
@@ -27,6 +27,7 @@ _MARKER = "/conversations/"
 def upgrade() -> None:
     with op.batch_alter_table("conversations") as batch_op:
         batch_op.add_column(sa.Column("archive_sha256", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index("ix_conversations_status_updated", ["status", "updated_at"])
     with op.batch_alter_table("audit_events") as batch_op:
         batch_op.alter_column("key_id", existing_type=sa.Uuid(), nullable=True)
@@ -53,4 +54,5 @@ def downgrade() -> None:
         batch_op.alter_column("key_id", existing_type=sa.Uuid(), nullable=False)
     with op.batch_alter_table("conversations") as batch_op:
         batch_op.drop_index("ix_conversations_status_updated")
+        batch_op.drop_column("claimed_until")
         batch_op.drop_column("archive_sha256")
