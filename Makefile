@@ -16,6 +16,7 @@ test: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
 	$(BIN)/python -m bench.staff_search
+	$(BIN)/python -m bench.archive_export
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
