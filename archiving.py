@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -120,8 +120,13 @@ def archive_conversations(
     written object in one transaction. A failed write leaves its row `ending`.
     """
     documents = _documents(session, conversations)
-    session.commit()
     writes = (pool.map if pool else map)(_try_write, [archive] * len(documents), documents)
+    return _record_writes(session, settings, conversations, writes)
+
+
+def _record_writes(
+    session: Session, settings: Mapping[str, Any], conversations: Sequence[Conversation], writes: Iterable[Any]
+) -> BatchResult:
     result, written = BatchResult(), []
     for conversation, outcome in zip(conversations, writes, strict=True):
         if isinstance(outcome, StoredObject):
@@ -136,6 +141,7 @@ def archive_conversations(
 
 
 def _documents(session: Session, conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
+    """The conversations' documents, from one query; commits, so no connection is held afterwards."""
     ids = [conversation.conversation_id for conversation in conversations]
     query = (
         select(Message.conversation_id, *_MESSAGE_COLUMNS)
@@ -145,6 +151,7 @@ def _documents(session: Session, conversations: Sequence[Conversation]) -> list[
     messages: dict[uuid.UUID, list[Any]] = {conversation_id: [] for conversation_id in ids}
     for row in session.execute(query):
         messages[row.conversation_id].append(row)
+    session.commit()
     return [archive_document(conversation, messages[conversation.conversation_id]) for conversation in conversations]
 
 
@@ -252,9 +259,11 @@ def archive_idle(
     """End and archive every conversation idle longer than SESSION_IDLE_MINUTES.
 
     Also finishes `ending` conversations whose claim has run out (an
-    /end_chat that met an S3 outage, a job that was killed). Stops
-    when a whole batch fails to write: the archive is down, and claiming
-    more would only freeze more conversations.
+    /end_chat that met an S3 outage, a job that was killed). The next batch
+    is claimed and read while the previous one is written. Stops when a
+    whole batch fails to write: the archive is down, and claiming more
+    would only freeze more conversations (the one batch already claimed
+    stays `ending`, for a later run).
     """
     now = now or utcnow()
     idle_before = now - timedelta(minutes=settings["SESSION_IDLE_MINUTES"])
@@ -266,17 +275,40 @@ def archive_idle(
         )
     )
     session.commit()
+    in_flight: tuple[list[Conversation], list[Future]] | None = None
     with ThreadPoolExecutor(workers) as pool, tqdm(total=total, unit="conv", desc="archive-idle", disable=None) as bar:
-        while batch := claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size):
-            result = archive_conversations(session, archive, settings, batch, pool)
-            report.archived += len(result.archived)
-            report.pending += len(result.failed)
-            bar.update(len(batch))
-            if result.failed and not result.archived:
-                report.stopped_early = True
+        while True:
+            # The next batch is claimed and read while the previous one is being written.
+            batch = claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size)
+            submitted = (batch, [pool.submit(_try_write, archive, d) for d in _documents(session, batch)]) if batch else None
+            if in_flight is not None:
+                result = _collect(session, settings, *in_flight, report, bar)
+                if result.failed and not result.archived:
+                    # The archive is down: claim no more. The batch already in flight is recorded too.
+                    report.stopped_early = True
+                    if submitted is not None:
+                        _collect(session, settings, *submitted, report, bar)
+                    break
+            if submitted is None:
                 break
+            in_flight = submitted
     report.seconds = time.monotonic() - started
     return report
+
+
+def _collect(
+    session: Session,
+    settings: Mapping[str, Any],
+    batch: list[Conversation],
+    futures: list[Future],
+    report: IdleReport,
+    bar: tqdm,
+) -> BatchResult:
+    result = _record_writes(session, settings, batch, (future.result() for future in futures))
+    report.archived += len(result.archived)
+    report.pending += len(result.failed)
+    bar.update(len(batch))
+    return result
 
 
 # ---------------------------------------------------------------- reconcile
@@ -492,15 +524,14 @@ def apply_retention(
         session.commit()
         if not rows:
             return report
-        report.conversations_dropped += _drop(session, archive, rows)
+        keys = [row.s3_file_location for row in rows if row.s3_file_location]
+        report.conversations_dropped += _drop(session, archive, [row.conversation_id for row in rows], keys)
 
 
-def _drop(session: Session, archive: Archive, rows: Sequence[Any]) -> int:
+def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str]) -> int:
     """Delete objects first, then rows: a crash in between leaves rows to retry, never an object to resurrect."""
-    for row in rows:
-        if row.s3_file_location:
-            archive.delete(row.s3_file_location)
-    ids = [row.conversation_id for row in rows]
+    for key in keys:
+        archive.delete(key)
     session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
     session.execute(delete(Conversation).where(Conversation.conversation_id.in_(ids)))
     session.commit()
@@ -534,16 +565,14 @@ def delete_user(
         )
     ).all()
     session.commit()
-    for row in rows:
-        # An `ending` row may already have its object; an ended one has its recorded key.
-        key = row.s3_file_location or (archive_key(row.conversation_id, row.ended_at) if row.status == ENDING else None)
-        if key:
-            archive.delete(key)
-            report.archive_objects += 1
-    ids = [row.conversation_id for row in rows]
-    session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
-    report.conversations = session.execute(delete(Conversation).where(Conversation.user_id == user_id)).rowcount
-    session.commit()
+    # An `ending` row may already have its object; an ended one has its recorded key.
+    keys = [
+        row.s3_file_location or archive_key(row.conversation_id, row.ended_at)
+        for row in rows
+        if row.s3_file_location or row.status == ENDING
+    ]
+    report.archive_objects = len(keys)
+    report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys)
     for target in export_targets:
         report.export_files += erase_user_from_export(target, user_id, endpoint_url)
     session.add(

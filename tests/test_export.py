@@ -250,3 +250,17 @@ def test_delete_user_rewrites_named_exports(app, runner, archived, tmp_path):
         assert manifest["totals"]["conversations"] == 6 and manifest["totals"]["messages"] == len(kept)
         for entry in manifest["files"]:
             assert hashlib.sha256((tmp_path / fmt / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_object_failing_its_checksum_is_reported_not_exported(app, runner, archived, tmp_path):
+    with app.app_context():
+        key = get_session().scalars(select(Conversation.s3_file_location).where(Conversation.conversation_name == "c0")).one()
+    archive = app.extensions["parley.background_archive"]
+    archive.put(key, archive.get(key).replace(b"\\u00fc", b"u").replace("ü".encode(), b"u"))
+
+    result = _export(runner, tmp_path / "out", "--format", "jsonl")
+
+    assert result.exit_code == 1
+    assert "export: 8 conversations" in result.output and "1 objects could not be read" in result.output
+    assert [error["key"] for error in _manifest(tmp_path / "out")["errors"]] == [key]
