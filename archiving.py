@@ -149,7 +149,8 @@ def _documents(session: Session, conversations: Sequence[Conversation]) -> list[
         .order_by(Message.conversation_id, Message.seq)
     )
     messages: dict[uuid.UUID, list[Any]] = {conversation_id: [] for conversation_id in ids}
-    for row in session.execute(query):
+    # Core rows, not the ORM's result processing: this runs for every archived message.
+    for row in session.connection().execute(query):
         messages[row.conversation_id].append(row)
     session.commit()
     return [archive_document(conversation, messages[conversation.conversation_id]) for conversation in conversations]
@@ -262,8 +263,8 @@ def archive_idle(
     /end_chat that met an S3 outage, a job that was killed). The next batch
     is claimed and read while the previous one is written. Stops when a
     whole batch fails to write: the archive is down, and claiming more
-    would only freeze more conversations (the one batch already claimed
-    stays `ending`, for a later run).
+    would only freeze more conversations (what the batch already in
+    flight could not write stays `ending`, for a later run).
     """
     now = now or utcnow()
     idle_before = now - timedelta(minutes=settings["SESSION_IDLE_MINUTES"])
