@@ -278,7 +278,7 @@ def test_hung_s3_bounds_end_chat_blocks_no_one_and_reconcile_finishes(app_config
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_s3_outage_answers_202_and_archive_idle_finishes_later(app, app_config, keys, client, unused_s3_endpoint):
+def test_s3_outage_answers_202_and_archive_idle_finishes_later(app, app_config, keys, client, staff_client, unused_s3_endpoint):
     conversation_id, other_id = _talk(client), _talk(client)
     messages = _live_messages(app, conversation_id)
     broken = client_with_key(create_app({**app_config, "S3_ENDPOINT_URL": unused_s3_endpoint}), keys["client_a"])
@@ -290,6 +290,8 @@ def test_s3_outage_answers_202_and_archive_idle_finishes_later(app, app_config, 
     assert repeated.status_code == 202
     assert client.post("/chat", json={"conversation_id": other_id, "message": "fine"}).status_code == 200
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == messages
+    stuck = staff_client.get("/conversations", query_string={"status": "ending"}).json["conversations"]
+    assert [c["conversation_id"] for c in stuck] == [conversation_id]
     time.sleep(max(0.0, (_row(app, conversation_id).claimed_until - utcnow()).total_seconds()) + 0.1)
 
     result = _run_cli(app, "archive-idle")
