@@ -370,10 +370,16 @@ def reconcile(
             report.ending_failed += len(result.failed)
             if result.failed and not result.archived:
                 break
-        for keys in _chunks(archive.list(CONVERSATIONS_PREFIX), batch_size):
-            _match_objects(session, archive, keys, report)
-        for rows in _ended_pages(session, batch_size):
-            _verify_objects(session, archive, settings, rows, pool, report)
+        with tqdm(unit="obj", desc="reconcile: objects", disable=None) as bar:
+            for keys in _chunks(archive.list(CONVERSATIONS_PREFIX), batch_size):
+                _match_objects(session, archive, keys, report)
+                bar.update(len(keys))
+        ended = session.scalar(select(func.count()).where(Conversation.status == ENDED))
+        session.commit()
+        with tqdm(total=ended, unit="conv", desc="reconcile: ended", disable=None) as bar:
+            for rows in _ended_pages(session, batch_size):
+                _verify_objects(session, archive, settings, rows, pool, report)
+                bar.update(len(rows))
     return report
 
 
