@@ -42,6 +42,9 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "CORS_ORIGINS": (None, str),
     "READYZ_TIMEOUT_SECONDS": (3.0, float),
     "AUDIT_RETENTION_DAYS": (None, int),
+    "SESSION_IDLE_MINUTES": (60, int),
+    "LIVE_RETENTION_DAYS": (0, int),
+    "ARCHIVE_RETENTION_DAYS": (None, int),
 }
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.

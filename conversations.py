@@ -49,14 +49,13 @@ from database_utils import (
     list_messages,
     load_context_tail,
     lock_conversation,
-    mark_ended,
     record_audit,
     release_turn,
     utcnow,
 )
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge, TurnInProgress
 from llm import ModelReply
-from s3_utils import SCHEMA_VERSION, Archive, get_s3_file_content, upload_conversation_to_s3
+from s3_utils import Archive, read_document
 from schemas import ConversationOut, MessageOut, NewChatRequest, SearchQuery
 
 log = logging.getLogger("parley")
@@ -194,58 +193,23 @@ def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid
     raise TurnInProgress(f"another turn on conversation {conversation_id} is in progress; retry when it is done")
 
 
-def end_conversation(session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID) -> Conversation:
-    """Archive the whole log, record where, and mark the conversation ended.
-
-    The conversation stays locked from reading its log until the archive is
-    recorded, so no turn can slip in between and no second end_chat can
-    overwrite the document. Idempotent: ending an ended conversation
-    returns it unchanged. If the archive write fails, the conversation stays
-    active and nothing is lost.
-    """
-    conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
-    if conversation.status == Status.ENDED:
-        session.commit()
-        return conversation
-    if conversation.turn_lease_expires_at is not None and conversation.turn_lease_expires_at > utcnow():
-        session.rollback()
-        raise TurnInProgress(f"a turn on conversation {conversation_id} is in progress; end it when the turn is done")
-    ended_at = utcnow()
-    document = archive_document(conversation, list_messages(session, conversation_id), ended_at)
-    location = upload_conversation_to_s3(archive, document)  # if this fails, nothing has changed
-    mark_ended(session, conversation, location, ended_at)
-    session.commit()
-    return conversation
-
-
 def read_conversation(session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID) -> dict[str, Any]:
-    """Metadata and the full log, from the database or, once ended, the archive.
+    """Metadata and the full log, from the database or, once ended, the archive (checksum verified).
 
     A staff read is recorded in the audit table before anything is returned.
     """
     conversation = _visible_conversation(session, viewer, conversation_id)
     if viewer.role == Role.STAFF:
         record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
-    if conversation.status != Status.ENDED:
+    if conversation.status != Status.ENDED:  # active, or ending: the live rows are whole until it is ended
         messages = [message_dict(row) for row in list_messages(session, conversation_id)]
         if len(messages) < conversation.message_count:
             # Ended (and its live rows deleted) between the two reads: look again.
             conversation = session.get(Conversation, conversation_id, populate_existing=True)
     if conversation.status == Status.ENDED:
-        messages = get_s3_file_content(archive, conversation.s3_file_location)["messages"]
+        location, checksum = conversation.s3_file_location, conversation.archive_sha256
+        messages = read_document(archive, location, checksum)["messages"]
     return {**conversation_dict(conversation), "messages": messages}
-
-
-def archive_document(conversation: Conversation, messages: list[Message], ended_at: datetime) -> dict[str, Any]:
-    summary = conversation_dict(conversation)
-    summary.update(status=Status.ENDED.value, ended_at=ended_at.isoformat(), updated_at=ended_at.isoformat())
-    del summary["s3_file_location"]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "conversation": summary,
-        "messages": [message_dict(row) for row in messages],
-        "usage": summary["usage"] | {"token_count": conversation.token_count},
-    }
 
 
 def conversation_dict(conversation: Conversation) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from sqlalchemy import (
     Uuid,
     bindparam,
     create_engine,
-    delete,
     event,
     insert,
     literal,
@@ -142,7 +141,11 @@ class Conversation(Base):
     conversation_name: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=Status.ACTIVE)
+    # The archive object's key, relative to ARCHIVE_URL, and the SHA-256 of its bytes.
     s3_file_location: Mapped[str | None] = mapped_column(String(1024))
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
+    # While `ending`: someone may be writing its object until then; after it, any job may finish it.
+    claimed_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]
@@ -166,6 +169,7 @@ class Conversation(Base):
         Index("ix_conversations_ended_at", "ended_at"),
         # A client's own list: newest first, same cursor as staff search.
         Index("ix_conversations_owner_created", "owner_key_id", "created_at", "conversation_id"),
+        Index("ix_conversations_status_updated", "status", "updated_at"),
         Index(
             "ix_conversations_name_trgm",
             "conversation_name",
@@ -196,7 +200,8 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     event_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.key_id"))
+    # None for actions taken from the command line (delete-user), not with a key.
+    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id"))
     action: Mapped[str] = mapped_column(String(32))
     conversation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     detail: Mapped[dict[str, Any] | None]
@@ -582,13 +587,6 @@ def list_messages(session: Session, conversation_id: uuid.UUID) -> list[Message]
     return list(session.scalars(query))
 
 
-def mark_ended(session: Session, conversation: Conversation, location: str, ended_at: datetime) -> None:
-    """Record the archive location and drop the live messages (the caller holds the lock)."""
-    check_transition(conversation.status, Status.ENDED)
-    conversation.status = Status.ENDED
-    conversation.s3_file_location = location
-    conversation.ended_at = conversation.updated_at = ended_at
-    session.execute(delete(Message).where(Message.conversation_id == conversation.conversation_id))
 
 
 def find_conversations(

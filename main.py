@@ -21,10 +21,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import ansi
 import archive_setup
+import archiving
 import audit
 import auth
 import database_utils
 import errors
+import export
 import idempotency
 import logs
 import metrics
@@ -34,13 +36,12 @@ from config import load_config
 from conversations import (
     abandon_turn,
     complete_turn,
-    end_conversation,
     open_conversation,
     prepare_turn,
     read_conversation,
     search_conversations,
 )
-from database_utils import Role, get_session, utcnow
+from database_utils import Role, Status, get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import make_model
 from s3_utils import make_archive
@@ -135,6 +136,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     archive_setup.init_app(app)
     audit.init_app(app)
     readiness.init_app(app)
+    archiving.init_app(app)
+    export.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -278,11 +281,20 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
             raise
 
 
-@api.post("/end_chat", tags=[chats], responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse})
+@api.post(
+    "/end_chat",
+    tags=[chats],
+    responses={200: ConversationOut, 202: ConversationOut, 409: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse},
+)
 @allow(Role.CLIENT)
 def end_chat(body: ConversationRef, header: IdempotencyHeader):
-    """Archive the conversation and mark it ended. Repeating it is harmless. Honours Idempotency-Key."""
-    return _respond(ConversationOut.of(end_conversation(get_session(), _archive(), _caller(), body.conversation_id)))
+    """Archive the conversation and mark it ended. Repeating it is harmless. Honours Idempotency-Key.
+
+    202 with `status: "ending"` when the archive could not be written in
+    time: the conversation is frozen and readable, and is archived later.
+    """
+    conversation = archiving.end_conversation(get_session(), _archive(), current_app.config, _caller(), body.conversation_id)
+    return _respond(ConversationOut.of(conversation), 200 if conversation.status == Status.ENDED else 202)
 
 
 @api.get("/get_conversation", tags=[chats, staff], responses={200: ConversationDetail, 503: ErrorResponse})

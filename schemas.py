@@ -215,7 +215,7 @@ class ServiceIndex(BaseModel):
 
 class SearchQuery(_Request):
     user_id: UserId | None = None
-    status: Literal["active", "ended"] | None = None
+    status: Literal["active", "ending", "ended"] | None = None
     created_from: UtcDatetime | None = Field(default=None, description="Created at or after (ISO 8601 with offset).")
     created_to: UtcDatetime | None = Field(default=None, description="Created before.")
     ended_from: UtcDatetime | None = None

@@ -254,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake._enter()
         try:
             if delay:
-                fake._stopping.wait(delay)
+                fake._interrupted().wait(delay)
             with contextlib.suppress(ConnectionError):  # the client may have gone away, e.g. timed out
                 if drip:
                     self._drip(drip, path, headers, body)
@@ -303,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         for offset in range(len(data)):
-            if self.server.fake._stopping.wait(1 / bytes_per_second):
+            if self.server.fake._interrupted().wait(1 / bytes_per_second):
                 return
             self.wfile.write(data[offset : offset + 1])
             self.wfile.flush()
@@ -371,6 +371,7 @@ class FakeModelServer:
         self.in_flight = 0
         self.peak_in_flight = 0
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._httpd = _HTTPServer(self, port)
@@ -403,6 +404,9 @@ class FakeModelServer:
             self._drips.clear()
             self.reply_override = None
             self.latency = 0.0
+            # Cut short the waits of requests still held from before, so they leave.
+            self._wake.set()
+            self._wake = threading.Event()
             self.peak_in_flight = self.in_flight
 
     def fail_next(
@@ -427,6 +431,11 @@ class FakeModelServer:
         with self._lock:
             self._drips.extend(bytes_per_second for _ in range(count))
 
+    def _interrupted(self) -> threading.Event:
+        """What ends an injected wait early: the server stopping, or a reset."""
+        with self._lock:
+            return self._stopping if self._stopping.is_set() else self._wake
+
     def _enter(self) -> None:
         with self._lock:
             self.in_flight += 1
@@ -449,6 +458,7 @@ class FakeModelServer:
             return
         self._closed = True
         self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()

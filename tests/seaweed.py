@@ -17,6 +17,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 STARTUP_SECONDS = 60
+_PROBE_BUCKET = "readiness-probe"
 _PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
 
 
@@ -84,7 +85,11 @@ class SeaweedS3:
             if self.process.poll() is not None:
                 raise RuntimeError(f"SeaweedFS exited early; see {self.data_dir / 'weed.log'}")
             try:
-                client.list_buckets()
+                # Ready means writable: the S3 gateway answers listings before
+                # a volume server has registered, and a first write then waits.
+                if not any(b["Name"] == _PROBE_BUCKET for b in client.list_buckets()["Buckets"]):
+                    client.create_bucket(Bucket=_PROBE_BUCKET)
+                client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ready")
                 return
             except (BotoCoreError, ClientError):
                 time.sleep(0.25)

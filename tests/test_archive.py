@@ -14,15 +14,15 @@ from main import create_app
 from s3_utils import (
     SCHEMA_VERSION,
     ArchiveError,
+    ChecksumMismatch,
     FileArchive,
     S3Archive,
     archive_key,
-    get_s3_file_content,
     make_archive,
-    upload_conversation_to_s3,
+    read_document,
+    sha256_hex,
+    write_document,
 )
-from tests.conftest import client_with_key
-from tests.seaweed import free_ports
 
 
 def _finished_conversation(client, turns: int = 2, **body) -> str:
@@ -39,11 +39,14 @@ def test_archived_object_in_s3_holds_exactly_the_stored_messages(client, app, s3
 
     ended = client.post("/end_chat", json={"conversation_id": conversation_id}).json
 
-    bucket, _, key = ended["s3_file_location"].removeprefix("s3://").partition("/")
-    prefix = app.config["ARCHIVE_URL"].split("/", 3)[3]
+    bucket, _, prefix = app.config["ARCHIVE_URL"].removeprefix("s3://").partition("/")
     ended_on = datetime.fromisoformat(ended["ended_at"]).strftime("%Y-%m-%d")
-    assert key == f"{prefix}/conversations/dt={ended_on}/{conversation_id}.json"
-    document = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    # stored relative to ARCHIVE_URL, so the archive can move to another bucket
+    assert ended["s3_file_location"] == f"conversations/dt={ended_on}/{conversation_id}.json"
+    stored = s3_server.client().get_object(Bucket=bucket, Key=f"{prefix}/{ended['s3_file_location']}")
+    body = stored["Body"].read()
+    assert stored["Metadata"]["sha256"] == sha256_hex(body)
+    document = json.loads(body)
     assert document["schema_version"] == SCHEMA_VERSION
     assert document["messages"] == live["messages"]
     assert document["conversation"]["conversation_name"] == "S3 check"
@@ -61,24 +64,6 @@ def test_file_archive_uses_the_same_layout(client, app_config):
     files = list(root.glob(f"conversations/dt=*/{conversation_id}.json"))
     assert len(files) == 1
     assert json.loads(files[0].read_text())["conversation"]["ended_at"] == ended["ended_at"]
-
-
-@pytest.mark.parametrize("backend", ["postgres"])
-def test_s3_outage_keeps_conversation_active_and_whole(app_config, keys, client):
-    conversation_id = _finished_conversation(client)
-    broken_app = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_ports(1)[0]}"})
-    broken = client_with_key(broken_app, keys["client_a"])
-
-    failed = broken.post("/end_chat", json={"conversation_id": conversation_id})
-    not_ready = broken.get("/readyz")
-
-    assert failed.status_code == 503
-    assert failed.json["error"] == "archive_unavailable"
-    assert not_ready.status_code == 503 and not_ready.json["checks"]["archive"] == "unavailable"
-    live = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
-    assert live["status"] == "active" and len(live["messages"]) == 4
-    # once the archive is back, the same call succeeds
-    assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
@@ -111,10 +96,12 @@ def test_round_trip_through_moto_s3():
             "messages": [{"seq": 1, "role": "user", "content": "ünï"}],
         }
 
-        location = upload_conversation_to_s3(archive, document)
+        stored = write_document(archive, document)
 
-        assert location == f"s3://archive/some/prefix/conversations/dt=2026-03-04/{uuid.UUID(int=7)}.json"
-        assert get_s3_file_content(archive, location) == document
+        assert stored.key == f"conversations/dt=2026-03-04/{uuid.UUID(int=7)}.json"
+        assert read_document(archive, stored.key, stored.sha256) == document
+        with pytest.raises(ChecksumMismatch):
+            read_document(archive, stored.key, sha256_hex(b"something else"))
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc/passwd", "x/../../y", "", "00000000-0000-0000-0000-00000000000g"])
@@ -123,7 +110,9 @@ def test_archive_key_rejects_anything_but_a_uuid(bad_id):
         archive_key(bad_id, datetime.now(timezone.utc))
 
 
-@pytest.mark.parametrize("location", ["file:///etc/passwd", "file:///tmp/../etc/passwd", "s3://other/key", "/etc/passwd"])
+@pytest.mark.parametrize(
+    "location", ["file:///etc/passwd", "file:///tmp/../etc/passwd", "s3://other/key", "/etc/passwd", "conversations/../../x"]
+)
 def test_file_archive_refuses_locations_outside_its_root(tmp_path, location):
     with pytest.raises(ArchiveError, match="outside the archive"):
         FileArchive(tmp_path / "archive").get(location)
@@ -131,9 +120,9 @@ def test_file_archive_refuses_locations_outside_its_root(tmp_path, location):
 
 def test_unknown_schema_version_is_refused(tmp_path):
     archive = FileArchive(tmp_path)
-    location = archive.put("conversations/dt=2026-01-01/a.json", b'{"schema_version": 99}')
+    archive.put("conversations/dt=2026-01-01/a.json", b'{"schema_version": 99}')
     with pytest.raises(ArchiveError, match="schema_version"):
-        get_s3_file_content(archive, location)
+        read_document(archive, "conversations/dt=2026-01-01/a.json")
 
 
 @pytest.mark.parametrize("url", ["ftp://host/x", "s3://", "bucket/prefix"])

@@ -52,7 +52,8 @@ def test_two_assistants_at_once_are_kept_apart_and_archived_exactly(claude_app, 
         assert [m["content"] for m in live["messages"][::2]] == messages
 
         ended = client.post("/end_chat", json={"conversation_id": ids[name]}).json
-        bucket, _, key = ended["s3_file_location"].removeprefix("s3://").partition("/")
+        bucket, _, prefix = claude_app.config["ARCHIVE_URL"].removeprefix("s3://").partition("/")
+        key = f"{prefix}/{ended['s3_file_location']}"
         stored = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
         assert stored["messages"] == live["messages"]
         assert stored["conversation"]["system_prompt"] == prompt

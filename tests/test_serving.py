@@ -117,6 +117,10 @@ def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_
     server = serve()
     conversations = [server.new_chat() for _ in range(clients)]
     fake_model.latency = 1.0
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight and time.monotonic() < deadline:  # requests of earlier tests leaving
+        time.sleep(0.05)
+    fake_model.peak_in_flight = 0
 
     with ThreadPoolExecutor(max_workers=clients) as pool:
         statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))

@@ -1,0 +1,266 @@
+"""Batch export: read back with DuckDB and pyarrow and compared with the database, row for row."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as ds
+import pytest
+from pyarrow import fs
+from sqlalchemy import select, update
+
+from archiving import archive_idle
+from database_utils import Conversation, Message, get_session
+from s3_utils import read_document
+from tests.factories import seed_conversation
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY1 = datetime(2026, 11, 2, 12, tzinfo=timezone.utc)
+DAY2 = datetime(2026, 11, 4, 9, tzinfo=timezone.utc)
+RANGE = ["--since", "2026-11-01", "--until", "2026-11-30"]
+
+
+def _archive_on(app, day: datetime, ids: list) -> None:
+    """End `ids` with archive-idle as if it ran on `day`, so their objects land under that dt=."""
+    with app.app_context():
+        session = get_session()
+        session.execute(
+            update(Conversation)
+            .where(Conversation.conversation_id.in_([uuid.UUID(str(c)) for c in ids]))
+            .values(updated_at=day - timedelta(hours=2))
+        )
+        session.commit()
+        report = archive_idle(session, app.extensions["parley.background_archive"], app.config, now=day)
+    assert report.archived == len(ids)
+
+
+@pytest.fixture
+def archived(app, client) -> dict[str, datetime]:
+    """Nine conversations of three users, archived on two days; live messages kept to compare with."""
+    app.config["LIVE_RETENTION_DAYS"] = 3650
+    days: dict[str, datetime] = {}
+    for n in range(9):
+        conversation_id = client.post("/new_chat", json={"user_id": f"user-{n % 3}", "conversation_name": f"c{n}"}).json["conversation_id"]
+        for turn in range(1 + n % 3):
+            client.post("/chat", json={"conversation_id": conversation_id, "message": f"ünïcode {n}/{turn}"})
+        days[conversation_id] = DAY1 if n < 5 else DAY2
+    for day in (DAY1, DAY2):
+        _archive_on(app, day, [c for c, d in days.items() if d == day])
+    return days
+
+
+def _database_rows(app, user_id: str | None = None) -> list[tuple]:
+    with app.app_context():
+        query = (
+            select(Conversation.conversation_id, Conversation.user_id, Message.seq, Message.role, Message.content, Conversation.ended_at)
+            .join(Message, Message.conversation_id == Conversation.conversation_id)
+            .order_by(Conversation.conversation_id, Message.seq)
+        )
+        if user_id:
+            query = query.where(Conversation.user_id == user_id)
+        return [(str(c), u, s, r, t, e.strftime("%Y-%m-%d")) for c, u, s, r, t, e in get_session().execute(query)]
+
+
+def _export(runner, out, *options: str):
+    return runner.invoke(args=["export", *RANGE, "--out", str(out), *options])
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "_manifest.json").read_text())
+
+
+def test_parquet_export_matches_the_database_in_duckdb_and_pyarrow(app, runner, archived, tmp_path):
+    out = tmp_path / "parquet"
+    expected = _database_rows(app)
+
+    result = _export(runner, out, "--format", "parquet", "--workers", "4")
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"export: 9 conversations, {len(expected)} messages, 2 files")
+    rows = duckdb.sql(
+        f"SELECT conversation_id, user_id, seq, role, content, CAST(dt AS VARCHAR) "
+        f"FROM read_parquet('{out}/**/*.parquet', hive_partitioning = true) ORDER BY conversation_id, seq"
+    ).fetchall()
+    assert rows == expected
+    table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == len(expected)
+    assert {str(day) for day in table["dt"].to_pylist()} == {"2026-11-02", "2026-11-04"}
+    manifest = _manifest(out)
+    assert manifest["status"] == "complete" and manifest["arguments"]["format"] == "parquet"
+    assert manifest["totals"] == {"files": 2, "conversations": 9, "messages": len(expected), "bytes": manifest["totals"]["bytes"]}
+    for entry in manifest["files"]:
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_jsonl_export_holds_the_archive_documents_and_listing_gives_the_same(app, runner, archived, tmp_path):
+    archive = app.extensions["parley.background_archive"]
+    with app.app_context():
+        rows = get_session().execute(
+            select(Conversation.s3_file_location, Conversation.archive_sha256)
+            .where(Conversation.user_id == "user-1")
+            .order_by(Conversation.ended_at, Conversation.conversation_id)
+        ).all()
+    documents = [read_document(archive, key, sha) for key, sha in rows]
+
+    from_database = _export(runner, tmp_path / "db", "--format", "jsonl", "--user-id", "user-1")
+    from_listing = _export(runner, tmp_path / "listing", "--format", "jsonl", "--user-id", "user-1", "--from-listing")
+
+    assert from_database.exit_code == 0 and from_listing.exit_code == 0, from_database.output + from_listing.output
+    files = sorted((tmp_path / "db").glob("dt=*/*.jsonl"))
+    lines = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    assert lines == documents
+    count = duckdb.sql(f"SELECT count(*) FROM read_json('{tmp_path / 'db'}/*/*.jsonl', format = 'newline_delimited')").fetchall()
+    assert count == [(3,)]
+    assert [f["sha256"] for f in _manifest(tmp_path / "db")["files"]] == [
+        f["sha256"] for f in _manifest(tmp_path / "listing")["files"]
+    ]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_export_to_an_s3_prefix(app, runner, archived, s3_server, s3_bucket):
+    prefix = f"exports-{uuid.uuid4().hex}"
+
+    result = _export(runner, f"s3://{s3_bucket}/{prefix}", "--format", "parquet")
+
+    assert result.exit_code == 0, result.output
+    host = s3_server.endpoint_url.removeprefix("http://")
+    s3 = fs.S3FileSystem(
+        access_key="parley-test", secret_key="parley-test", endpoint_override=host, scheme="http", region="us-east-1"
+    )
+    table = ds.dataset(f"{s3_bucket}/{prefix}", filesystem=s3, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == len(_database_rows(app))
+    manifest = json.loads(s3_server.client().get_object(Bucket=s3_bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
+    assert manifest["status"] == "complete" and manifest["totals"]["conversations"] == 9
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_export_killed_with_9_resumes_without_duplicates(app, app_config, runner, tmp_path):
+    app.config["LIVE_RETENTION_DAYS"] = 3650
+    with app.app_context():
+        ids = [seed_conversation(get_session(), 10, user_id=f"user-{n % 7}") for n in range(120)]
+    _archive_on(app, DAY1, ids)
+    out = tmp_path / "resumable"
+    options = ["--format", "parquet", "--part-mb", "0.002", "--workers", "2"]
+    env = {
+        **os.environ,
+        "DATABASE_URL": app_config["DATABASE_URL"],
+        "ARCHIVE_URL": app_config["ARCHIVE_URL"],
+        "S3_ENDPOINT_URL": app_config["S3_ENDPOINT_URL"],
+        "LLM_PROVIDER": "echo",
+    }
+    job = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "main", "export", *RANGE, "--out", str(out), *options],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.joinpath("_manifest.json").exists() and len(_manifest(out)["files"]) >= 5):
+        time.sleep(0.02)
+    os.kill(job.pid, signal.SIGKILL)
+    assert job.wait(10) == -signal.SIGKILL
+    interrupted = _manifest(out)
+    assert interrupted["status"] == "running" and 5 <= len(interrupted["files"]) < 120
+
+    result = _export(runner, out, *options)
+
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    assert manifest["status"] == "complete" and manifest["totals"]["conversations"] == 120
+    published = sorted(p.relative_to(out).as_posix() for p in out.glob("dt=*/*.parquet"))
+    assert published == sorted(f["path"] for f in manifest["files"])
+    [(total, distinct)] = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT (conversation_id, seq)) FROM read_parquet('{out}/**/*.parquet', hive_partitioning = true)"
+    ).fetchall()
+    assert total == distinct == 1_200
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--since", "2026-11-05", "--until", "2026-11-01", "--format", "jsonl"], "must not be before --since"),
+        (["--since", "2026-11-01", "--until", "2026-11-05", "--format", "csv"], "'csv' is not one of"),
+        (["--since", "2026-11-01", "--until", "2026-11-05", "--format", "jsonl", "--status", "active"], "'active' is not"),
+        (["--since", "yesterday", "--until", "2026-11-05", "--format", "jsonl"], "does not match the format"),
+    ],
+)
+def test_export_refuses_bad_arguments(runner, tmp_path, options, message):
+    result = runner.invoke(args=["export", "--out", str(tmp_path / "x"), *options])
+
+    assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_export_refuses_an_out_holding_another_export(runner, archived, tmp_path):
+    assert _export(runner, tmp_path / "out", "--format", "jsonl").exit_code == 0
+
+    again = _export(runner, tmp_path / "out", "--format", "jsonl")
+    other = _export(runner, tmp_path / "out", "--format", "parquet")
+
+    assert again.exit_code == 0 and again.output.startswith("export: 9 conversations")
+    assert other.exit_code == 1 and "made with other arguments" in other.output
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_duckdb_queries_the_archive_in_place(app, app_config, archived):
+    """The query the README gives, over the archive folder's JSON documents."""
+    root = app_config["ARCHIVE_URL"].removeprefix("file://")
+    expected = _database_rows(app)
+
+    per_day = duckdb.sql(
+        f"SELECT CAST(dt AS VARCHAR) AS day, count(*) AS conversations, sum(len(messages)) AS messages "
+        f"FROM read_json('{root}/conversations/*/*.json', hive_partitioning = true) GROUP BY day ORDER BY day"
+    ).fetchall()
+
+    assert per_day == [
+        (day, len({row[0] for row in expected if row[5] == day}), sum(1 for row in expected if row[5] == day))
+        for day in ("2026-11-02", "2026-11-04")
+    ]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_delete_user_rewrites_named_exports(app, runner, archived, tmp_path):
+    for fmt in ("parquet", "jsonl"):
+        assert _export(runner, tmp_path / fmt, "--format", fmt).exit_code == 0
+    kept = [row for row in _database_rows(app) if row[1] != "user-1"]
+
+    result = runner.invoke(
+        args=["delete-user", "user-1", "--export-prefix", str(tmp_path / "parquet"), "--export-prefix", str(tmp_path / "jsonl")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "removed 3 conversations, 3 archive objects, rewrote 4 export files" in result.output
+    rows = duckdb.sql(
+        f"SELECT conversation_id, user_id, seq, role, content, CAST(dt AS VARCHAR) "
+        f"FROM read_parquet('{tmp_path / 'parquet'}/**/*.parquet', hive_partitioning = true) ORDER BY conversation_id, seq"
+    ).fetchall()
+    assert rows == kept
+    users = {json.loads(line)["conversation"]["user_id"] for p in (tmp_path / "jsonl").glob("dt=*/*.jsonl") for line in p.read_text().splitlines()}
+    assert users == {"user-0", "user-2"}
+    for fmt in ("parquet", "jsonl"):
+        manifest = _manifest(tmp_path / fmt)
+        assert manifest["totals"]["conversations"] == 6 and manifest["totals"]["messages"] == len(kept)
+        for entry in manifest["files"]:
+            assert hashlib.sha256((tmp_path / fmt / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_object_failing_its_checksum_is_reported_not_exported(app, runner, archived, tmp_path):
+    with app.app_context():
+        key = get_session().scalars(select(Conversation.s3_file_location).where(Conversation.conversation_name == "c0")).one()
+    archive = app.extensions["parley.background_archive"]
+    archive.put(key, archive.get(key).replace(b"\\u00fc", b"u").replace("ü".encode(), b"u"))
+
+    result = _export(runner, tmp_path / "out", "--format", "jsonl")
+
+    assert result.exit_code == 1
+    assert "export: 8 conversations" in result.output and "1 objects could not be read" in result.output
+    assert [error["key"] for error in _manifest(tmp_path / "out")["errors"]] == [key]
