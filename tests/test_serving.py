@@ -132,17 +132,29 @@ def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_metrics_add_up_across_workers(serve):
     server = serve(WEB_CONCURRENCY="2")
+    # Each worker adds its pool (DB_POOL_SIZE) once it has loaded the app: wait for both.
+    pool, deadline = 0.0, time.monotonic() + 60
+    while pool < 2 * 10 and time.monotonic() < deadline:
+        pool = _sample(server.request("GET", "/metrics")[1]["text"], "parley_db_pool_size ")
+        time.sleep(0.2)
     for _ in range(30):
         server.new_chat()
 
     status, page, _ = server.request("GET", "/metrics")
-    lines = page["text"].splitlines()
+    counted = _sample(page["text"], "parley_http_requests_total{", 'route="/new_chat"')
 
     assert status == 200
-    counted = sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("parley_http_requests_total{") and 'route="/new_chat"' in line)
-    pool = next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("parley_db_pool_size "))
+    assert pool == 2 * 10  # the two live workers' pools, summed
     assert counted == 30
-    assert pool == 2 * 10  # each worker's pool (DB_POOL_SIZE), summed over the two live workers
+
+
+def _sample(exposition: str, prefix: str, *labels: str) -> float:
+    """The sum of the samples whose line starts with `prefix` and has every label."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith(prefix) and all(label in line for label in labels)
+    )
 
 
 def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_model):
