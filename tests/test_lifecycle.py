@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, delete, select, text, update
 
 from archiving import ENDING_LEASE, archive_document, archive_idle
 from conversations import message_dict
-from database_utils import ENDED, ENDING, AuditEvent, Conversation, Message, get_session, utcnow
+from database_utils import AuditEvent, Conversation, Message, Status, get_session, utcnow
 from main import create_app
 from s3_utils import REQUEST_TIMEOUTS, archive_key, conversation_id_of, encode_document, read_document, write_document
 from tests.conftest import BACKENDS, client_with_key
@@ -75,7 +75,7 @@ def _objects(app, conversation_id) -> list[str]:
 def _assert_archived_once(app, conversation_id, messages: list[dict]) -> None:
     """The invariant: ended, exactly one object, at the recorded key, holding exactly these messages."""
     row = _row(app, conversation_id)
-    assert row.status == ENDED
+    assert row.status == Status.ENDED
     assert _objects(app, conversation_id) == [row.s3_file_location]
     document = read_document(app.extensions["parley.background_archive"], row.s3_file_location, row.archive_sha256)
     assert document["messages"] == messages
@@ -135,7 +135,7 @@ def test_archive_retention_drops_old_objects_and_rows(app, client):
 
     assert result.exit_code == 0 and "dropped 1 archived conversations" in result.output
     assert _row(app, old) is None and _objects(app, old) == []
-    assert _row(app, recent).status == ENDED and len(_objects(app, recent)) == 1
+    assert _row(app, recent).status == Status.ENDED and len(_objects(app, recent)) == 1
 
 
 def test_archive_location_is_relative_so_the_archive_can_move(app, app_config, client, keys, backend, tmp_path):
@@ -335,9 +335,9 @@ def test_s3_stopped_mid_batch_then_reconcile_leaves_one_object_per_ended_convers
         repaired = _run_cli(app, "reconcile")
         assert repaired.exit_code == 0, repaired.output
         statuses = {c: _row(app, c).status for c in ids}
-        assert ENDING not in statuses.values()
+        assert Status.ENDING not in statuses.values()
         for conversation_id, status in statuses.items():
-            if status == ENDED:
+            if status == Status.ENDED:
                 _assert_archived_once(app, conversation_id, expected[conversation_id])
             else:
                 assert _objects(app, conversation_id) == [] and _live_messages(app, conversation_id) == expected[conversation_id]
@@ -414,7 +414,7 @@ def test_kill_9_between_s3_write_and_commit_is_repaired(app, app_config, client,
     _kill_between_write_and_commit(app, app_config, conversation_id)
 
     left = _row(app, conversation_id)
-    assert left.status == ENDING and _objects(app, conversation_id) == [archive_key(conversation_id, left.ended_at)]
+    assert left.status == Status.ENDING and _objects(app, conversation_id) == [archive_key(conversation_id, left.ended_at)]
     if repair == "reconcile":
         result = _run_cli(app, "reconcile")
         assert result.exit_code == 0 and "finished 1 ending" in result.output, result.output
@@ -451,7 +451,7 @@ def test_reconcile_repairs_every_kind_of_disagreement(app, client):
         app,
         update(Conversation)
         .where(Conversation.conversation_id == uuid.UUID(ids["ending"]))
-        .values(status=ENDING, ended_at=utcnow(), claimed_until=utcnow() + timedelta(minutes=1)),
+        .values(status=Status.ENDING, ended_at=utcnow(), claimed_until=utcnow() + timedelta(minutes=1)),
     )
 
     result = _run_cli(app, "reconcile")

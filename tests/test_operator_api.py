@@ -262,8 +262,9 @@ def test_local_archive_location_can_be_pasted_into_a_shell(client):
 
     location = client.post("/end_chat", json={"conversation_id": conversation_id}).json["s3_file_location"]
 
+    root = Path(client.application.config["ARCHIVE_URL"].removeprefix("file://"))
     assert "%" not in location and "/dt=" in location
-    assert Path(location.removeprefix("file://")).is_file()
+    assert (root / location).is_file()  # the location is relative to ARCHIVE_URL
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).status_code == 200
 
 

@@ -152,9 +152,9 @@ def test_readme_production_section_from_pip_install_to_an_archived_conversation(
     assert created[0] == 201
     assert chat[0] == 200 and chat[1]["reply"] == "reply to: hello"
     assert ended[0] == 200 and ended[1]["status"] == "ended"
-    location = ended[1]["s3_file_location"]
-    assert location.startswith(f"s3://{bucket}/prod/conversations/dt=")
-    document = json.loads(s3_server.client().get_object(Bucket=bucket, Key=location.split("/", 3)[3])["Body"].read())
+    location = ended[1]["s3_file_location"]  # relative to ARCHIVE_URL, s3://{bucket}/prod
+    assert location.startswith("conversations/dt=")
+    document = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"prod/{location}")["Body"].read())
     assert [m["content"] for m in document["messages"]] == ["hello", "reply to: hello"]
     assert ready == (200, {"status": "ok", "checks": {"database": "ok", "archive": "ok"}})
 
