@@ -28,6 +28,7 @@ import errors
 import idempotency
 import logs
 import metrics
+import pages
 import readiness
 import streaming
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
@@ -135,6 +136,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     archive_setup.init_app(app)
     audit.init_app(app)
     readiness.init_app(app)
+    pages.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -389,8 +391,10 @@ def keys_revoke(body: KeyRef):
 
 @probes.get("/", tags=[ops], responses={200: ServiceIndex})
 def index():
-    """Where to start: the API documentation."""
-    return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+    """The chat page; clients that prefer JSON (`Accept: application/json`) get where the API documentation is."""
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+        return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+    return pages.chat_page(__version__)
 
 
 @probes.get("/healthz", tags=[ops], responses={200: Health})
