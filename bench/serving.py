@@ -5,6 +5,7 @@ Every server is started the way production starts it,
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from auth import create_key
 from database_utils import Role, get_session, upgrade_database
@@ -45,9 +47,11 @@ def client_key(url: str) -> str:
 
 
 @contextmanager
-def fake_model(latency: float) -> Iterator[str]:
+def fake_model(latency: float, *options: str) -> Iterator[str]:
+    """bench.fake_model in a process of its own; `options` are more of its arguments. Yields its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_model", "--latency", str(latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "bench.fake_model", "--latency", str(latency), *options], cwd=ROOT, stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         yield process.stdout.readline().strip()
@@ -119,6 +123,39 @@ def summarize(report: dict, warmup: float = 0.0) -> dict:
         "p99_ms": ok[min(int(len(ok) * 0.99), len(ok) - 1)] * 1000 if ok else float("nan"),
         "statuses": dict(Counter(str(r["status"]) for r in counted)),
     }
+
+
+# The marks of a delta in each wire format: Parley's events, Anthropic's.
+DELTA_LINES = (b"event: delta", b"event: content_block_delta")
+END_LINES = {b"event: done": "done", b"event: error": "error", b"event: message_stop": "done"}
+
+
+def read_stream(url: str, path: str, headers: dict, body: dict) -> dict:
+    """Send one streamed request and time each delta's arrival."""
+    target = urlparse(url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+    started = time.monotonic()
+    deltas: list[float] = []
+    ended = "cut"
+    status: int | str = 0
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers=headers)
+        response = connection.getresponse()
+        status = response.status
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            line = line.rstrip(b"\r\n")
+            if line in DELTA_LINES:
+                deltas.append(time.monotonic() - started)
+            elif line in END_LINES:
+                ended = END_LINES[line]
+    except (OSError, http.client.HTTPException) as exc:
+        status = f"error:{exc.__class__.__name__}"
+    finally:
+        connection.close()
+    return {"status": status, "ended": ended, "deltas": deltas, "seconds": time.monotonic() - started}
 
 
 class WorkerMemory:
