@@ -47,6 +47,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.client_list
+	$(BIN)/python -m bench.stream_first_delta
+	$(BIN)/python -m bench.stream_concurrency
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -234,6 +234,13 @@ class Health(BaseModel):
 
 
 class ServiceIndex(BaseModel):
+    model_config = ConfigDict(
+        openapi_extra={
+            "description": "The chat page (text/html), or this object for clients that ask for application/json.",
+            "content": {"text/html": {"schema": {"type": "string", "description": "The chat page."}}},
+        }
+    )
+
     name: str
     version: str
     docs: str = Field(description="The interactive API documentation.")

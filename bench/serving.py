@@ -29,6 +29,8 @@ from tests.seaweed import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# A stream straight from the fake Claude server, as Parley's SDK asks for it.
+DIRECT_HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
 
 
 @contextmanager
@@ -58,6 +60,19 @@ def fake_model(latency: float, *options: str) -> Iterator[str]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def claude_env(database_url: str, model_url: str) -> dict[str, str]:
+    """Parley's settings for the production command, with Claude at the fake model server."""
+    return {
+        "DATABASE_URL": database_url,
+        "ARCHIVE_URL": "file:///tmp/parley-bench-archive",
+        "LLM_PROVIDER": "anthropic",
+        "LLM_MODEL": "claude-bench",
+        "ANTHROPIC_API_KEY": "sk-bench",
+        "ANTHROPIC_BASE_URL": model_url,
+        "WEB_CONCURRENCY": "2",
+    }
 
 
 @contextmanager

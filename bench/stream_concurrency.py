@@ -22,10 +22,12 @@ import sys
 import time
 
 from bench.serving import (
+    DIRECT_HEADERS,
     ROOT,
     WorkerMemory,
     _children,
     _rss_mib,
+    claude_env,
     client_key,
     database,
     fake_model,
@@ -68,19 +70,10 @@ def main() -> None:
     interval, words = options.interval, options.words
     with database() as url, fake_model(0.0, "--stream-interval", str(interval), "--reply-words", str(words)) as model_url:
         key = client_key(url)
-        env = {
-            "DATABASE_URL": url,
-            "ARCHIVE_URL": "file:///tmp/parley-bench-archive",
-            "LLM_PROVIDER": "anthropic",
-            "LLM_MODEL": "claude-bench",
-            "ANTHROPIC_API_KEY": "sk-bench",
-            "ANTHROPIC_BASE_URL": model_url,
-            "WEB_CONCURRENCY": "2",
-        }
+        env = claude_env(url, model_url)
         direct_body = {"model": "claude-bench", "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "go"}]}
-        direct_headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
         started = time.monotonic()
-        baseline = run_streams(model_url, "/v1/messages", direct_headers, [direct_body] * options.clients)
+        baseline = run_streams(model_url, "/v1/messages", DIRECT_HEADERS, [direct_body] * options.clients)
         print(f"baseline: {options.clients} direct streams in {time.monotonic() - started:.1f} s", flush=True)
         with gunicorn("main:create_app()", env) as (server, master_pid):
             conversations = open_conversations(server, key, options.clients)

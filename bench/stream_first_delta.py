@@ -15,7 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.serving import client_key, database, fake_model, gunicorn, open_conversations, read_stream
+from bench.serving import (
+    DIRECT_HEADERS,
+    claude_env,
+    client_key,
+    database,
+    fake_model,
+    gunicorn,
+    open_conversations,
+    read_stream,
+)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -29,25 +38,16 @@ def main() -> None:
     options = parser.parse_args()
     with database() as url, fake_model(0.0) as model_url:
         key = client_key(url)
-        env = {
-            "DATABASE_URL": url,
-            "ARCHIVE_URL": "file:///tmp/parley-bench-archive",
-            "LLM_PROVIDER": "anthropic",
-            "LLM_MODEL": "claude-bench",
-            "ANTHROPIC_API_KEY": "sk-bench",
-            "ANTHROPIC_BASE_URL": model_url,
-            "WEB_CONCURRENCY": "2",
-        }
+        env = claude_env(url, model_url)
         with gunicorn("main:create_app()", env) as (server, _):
             conversations = open_conversations(server, key, options.streams + 10)
             parley_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-            direct_headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
             direct, through, failures = [], [], 0
             for n, conversation_id in enumerate(conversations):
                 message = f"question {n}"
                 body = {"model": "claude-bench", "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": message}]}
                 runs = [
-                    (direct, lambda b=body: read_stream(model_url, "/v1/messages", direct_headers, b)),
+                    (direct, lambda b=body: read_stream(model_url, "/v1/messages", DIRECT_HEADERS, b)),
                     (through, lambda c=conversation_id, m=message: read_stream(
                         server, "/chat", parley_headers, {"conversation_id": c, "message": m, "stream": True})),
                 ]

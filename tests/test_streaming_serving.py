@@ -3,18 +3,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
 
 from tests.test_serving import serve  # noqa: F401 - the fixture that starts gunicorn
-
-
-def wait_for(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+from tests.test_streaming import wait_for
 
 
 def open_stream(server, conversation_id: str, message: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -41,7 +32,7 @@ def test_a_client_that_disconnects_stops_the_upstream_stream_at_once(serve, fake
     connection.sock.close()  # the client goes away mid-stream
     response.close()
 
-    assert wait_for(lambda: fake_model.streams_closed_early == 1)
+    assert wait_for(lambda: fake_model.streams_closed_early == 1, seconds=20)
     assert fake_model.streams_completed == 0 and fake_model.early_close_frames[0] < 60  # of 300-odd frames
     status, detail, _ = server.request("GET", f"/get_conversation?conversation_id={conversation_id}")
     assert status == 200
