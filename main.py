@@ -16,6 +16,7 @@ from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import BadRequest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -34,6 +35,8 @@ import streaming
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
+    PreparedTurn,
+    Turn,
     abandon_turn,
     complete_turn,
     end_conversation,
@@ -44,7 +47,7 @@ from conversations import (
 )
 from database_utils import Role, get_session, utcnow
 from errors import Forbidden, Unauthorized
-from llm import make_model
+from llm import ChatModel, make_model
 from s3_utils import make_archive
 from schemas import (
     AuditPage,
@@ -297,7 +300,7 @@ def chat(body: ChatRequest):
             raise
 
 
-def _stream_chat(session, model, prepared) -> Response:
+def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> Response:
     """Open the provider's stream (failures are JSON answers), then stream the turn.
 
     The stream outlives the view (and its teardown), so it takes the
@@ -312,7 +315,7 @@ def _stream_chat(session, model, prepared) -> Response:
         raise
     claim = g.pop("idempotency_claim", None)
 
-    def commit(turn) -> dict[str, Any]:
+    def commit(turn: Turn) -> dict[str, Any]:
         telemetry.count_tokens(model.provider, turn.reply.usage)
         data = ChatResponse.of(turn).model_dump(mode="json")
         if claim is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from flask import Response, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from conversations import PreparedTurn, Turn, abandon_turn, complete_turn
@@ -37,6 +38,8 @@ log = logging.getLogger("parley")
 MIMETYPE = "text/event-stream"
 HEARTBEAT = ": heartbeat\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Tries to get a database connection for storing a finished reply (DB_POOL_TIMEOUT each).
+STORE_ATTEMPTS = 3
 # How long a stream's end waits for its reader to stop after closing the provider's stream.
 _READER_JOIN_SECONDS = 5.0
 
@@ -96,15 +99,24 @@ def stream_turn(
                 yield event("error", _error_body(value))
                 return
             else:
-                try:
-                    body = commit(complete_turn(session, prepared, upstream.reply))
-                except ApiError as exc:  # the lease was lost meanwhile: nothing stored
-                    _abandon(session, prepared, forget)
-                    settled = True
-                    yield event("error", _error_body(exc))
-                    return
+                body, failure = None, None
+                for _ in range(STORE_ATTEMPTS):
+                    try:
+                        body = commit(complete_turn(session, prepared, upstream.reply))
+                        break
+                    except PoolTimeoutError as exc:  # the reply is paid for and its client waits: try again
+                        session.rollback()
+                        failure = exc
+                        yield HEARTBEAT
+                    except (ApiError, SQLAlchemyError) as exc:  # the lease was lost, or the database failed
+                        failure = exc
+                        break
                 settled = True
-                yield event("done", body)
+                if body is None:
+                    _abandon(session, prepared, forget)
+                    yield event("error", _error_body(failure))
+                else:
+                    yield event("done", body)
                 return
     finally:
         reader.stop()
@@ -141,6 +153,9 @@ def _error_body(exc: BaseException) -> dict[str, Any]:
         return {"error": exc.error, "message": exc.message, "retryable": exc.retryable}
     if isinstance(exc, ApiError):
         return {"error": exc.error, "message": exc.message}
+    if isinstance(exc, SQLAlchemyError):
+        log.warning("could not store a streamed turn: %s", exc.__class__.__name__)
+        return {"error": "database_unavailable", "message": "the reply could not be stored; send the message again"}
     log.error("stream failed: %s", exc.__class__.__name__)
     return {"error": "internal_error", "message": "the reply failed; retry"}
 

@@ -141,31 +141,36 @@ def summarize(report: dict, warmup: float = 0.0) -> dict:
 
 
 # The marks of a delta in each wire format: Parley's events, Anthropic's.
-DELTA_LINES = (b"event: delta", b"event: content_block_delta")
-END_LINES = {b"event: done": "done", b"event: error": "error", b"event: message_stop": "done"}
+DELTA_MARKS = (b"event: delta\n", b"event: content_block_delta\n")
+END_MARKS = {b"event: done\n": "done", b"event: error\n": "error", b"event: message_stop\n": "done"}
 
 
 def read_stream(url: str, path: str, headers: dict, body: dict) -> dict:
-    """Send one streamed request and time each delta's arrival."""
+    """Send one streamed request and time each delta's arrival.
+
+    Reads whatever has arrived and counts the deltas in it (cheaper than a
+    line at a time, so that a thousand readers in one process keep up).
+    """
     target = urlparse(url)
     connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
     started = time.monotonic()
     deltas: list[float] = []
     ended = "cut"
     status: int | str = 0
+    tail = b""
     try:
         connection.request("POST", path, body=json.dumps(body), headers=headers)
         response = connection.getresponse()
         status = response.status
-        while True:
-            line = response.readline()
-            if not line:
-                break
-            line = line.rstrip(b"\r\n")
-            if line in DELTA_LINES:
-                deltas.append(time.monotonic() - started)
-            elif line in END_LINES:
-                ended = END_LINES[line]
+        while chunk := response.read1(65536):
+            data = tail + chunk
+            cut = data.rfind(b"\n") + 1
+            lines, tail = data[:cut], data[cut:]
+            at = time.monotonic() - started
+            deltas += [at] * sum(lines.count(mark) for mark in DELTA_MARKS)
+            for mark, outcome in END_MARKS.items():
+                if mark in lines:
+                    ended = outcome
     except (OSError, http.client.HTTPException) as exc:
         status = f"error:{exc.__class__.__name__}"
     finally:

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 from bench.serving import (
     DIRECT_HEADERS,
@@ -56,7 +57,8 @@ def summarize(label: str, streams: list[dict], interval: float, words: int) -> d
     held = [s for s in streams if s["status"] == 200 and s["ended"] == "done" and len(s["deltas"]) == words]
     late = sorted(delays(held, interval))
     p99 = late[min(int(len(late) * 0.99), len(late) - 1)] if late else float("nan")
-    return {"label": label, "held": len(held), "errors": len(streams) - len(held),
+    failures = Counter(f"{s['status']}/{s['ended']}" for s in streams if s not in held)
+    return {"label": label, "held": len(held), "errors": len(streams) - len(held), "failures": dict(failures),
             "p50": statistics.median(late) if late else float("nan"), "p99": p99,
             "longest": max((s["seconds"] for s in held), default=0.0)}
 
@@ -90,6 +92,9 @@ def main() -> None:
     print(f"{'path':<22}{'held':>7}{'errors':>8}{'delay p50 ms':>14}{'delay p99 ms':>14}{'longest s':>11}")
     for row in rows:
         print(f"{row['label']:<22}{row['held']:>7}{row['errors']:>8}{row['p50']:14.1f}{row['p99']:14.1f}{row['longest']:11.1f}")
+    for row in rows:
+        if row["failures"]:
+            print(f"{row['label']}: failed streams by (status, end): {row['failures']}")
     per_stream = (memory.peak_total_mib - at_rest) * 1024 / max(rows[1]["held"], 1)
     print(f"workers' memory: {at_rest:.0f} MiB at rest, {memory.peak_total_mib:.0f} MiB peak; "
           f"{per_stream:.0f} KiB per stream")
