@@ -154,6 +154,18 @@ def test_the_page_names_a_bad_key_and_can_end_the_conversation(served, page):
     expect(page.get_by_label("Message")).to_be_disabled()
 
 
+def test_the_page_says_when_the_model_is_unavailable(serve, page, fake_model):
+    base_url, secret, _ = serve("anthropic")
+    start_conversation(page, base_url, secret)
+    fake_model.fail_next(529)
+
+    page.get_by_label("Message").fill("are you there?")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("The model is unavailable right now")
+    expect(page.locator("#messages .assistant .meta")).to_have_text("not stored")
+
+
 def test_the_page_shows_when_the_context_was_trimmed(serve, page):
     base_url, secret, _ = serve("echo")
     start_conversation(page, base_url, secret)

@@ -178,10 +178,13 @@ def test_heartbeat_comments_while_the_model_is_silent(provider_app, fake_model):
         ("no_key", 401, "unauthorized"),
         ("busy", 409, "turn_in_progress"),
         ("provider_down", 503, "model_unavailable"),
+        ("rate_limited", 429, "rate_limited"),
+        ("key_reused", 422, "idempotency_key_reused"),
     ],
 )
 def test_errors_before_the_first_byte_are_json(provider_app, fake_model, app, keys, arrange, status, error):
-    client = provider_app("anthropic")
+    limits = {"RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute"} if arrange == "rate_limited" else {}
+    client = provider_app("anthropic", **limits)
     conversation_id = open_chat(client)
     body = {"conversation_id": conversation_id, "message": "hello", "stream": True}
     headers = {"Accept": "text/event-stream"}
@@ -197,6 +200,11 @@ def test_errors_before_the_first_byte_are_json(provider_app, fake_model, app, ke
         next(iter(first.response))
     elif arrange == "provider_down":
         fake_model.fail_next(529)
+    elif arrange == "rate_limited":
+        client.get("/get_conversation", query_string={"conversation_id": conversation_id})  # the second request of two
+    elif arrange == "key_reused":
+        headers["Idempotency-Key"] = "used-once"
+        client.post("/chat", json={**body, "message": "something else"}, headers=headers).close()
 
     response = client.post("/chat", json=body, headers=headers)
 
@@ -241,3 +249,17 @@ def test_openapi_describes_the_events(client):
     for name in ("delta", "done", "error", "heartbeat"):
         assert name in stream["schema"]["description"]
     assert "stream" in document["components"]["schemas"]["ChatRequest"]["properties"]
+
+
+def test_a_stream_closed_before_its_first_read_releases_everything(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = open_chat(client)
+    fake_model.reply_override = " ".join(f"word{n}" for n in range(100))
+    fake_model.stream_interval = 0.05
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True}, buffered=False)
+    response.close()
+
+    assert wait_for(lambda: fake_model.streams_closed_early == 1)
+    fake_model.stream_interval = 0.0
+    assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
