@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run serve test bench lint-docker db-upgrade archive-prepare keys parley clean
+.PHONY: run serve test bench browser lint-docker db-upgrade archive-prepare keys parley clean
 
 run: $(VENV)/.runtime
 	$(BIN)/parley keys bootstrap
@@ -29,10 +30,15 @@ keys: $(VENV)/.runtime
 parley: $(VENV)/.runtime
 	$(BIN)/parley $(ARGS)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev browser
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The chat page's tests drive Debian's chromium through Playwright (which cannot
+# download a browser of its own here): installed with apt-get only when missing.
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
@@ -42,6 +48,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.client_list
 	$(BIN)/python -m bench.archive_export
+	$(BIN)/python -m bench.stream_first_delta
+	$(BIN)/python -m bench.stream_concurrency
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

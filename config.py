@@ -25,6 +25,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "LLM_TOTAL_TIMEOUT_SECONDS": (120.0, float),
     "LLM_MAX_RETRIES": (2, int),
     "LLM_RETRY_AFTER_MAX_SECONDS": (10.0, float),
+    "STREAM_HEARTBEAT_SECONDS": (15.0, float),
     "TURN_LEASE_SECONDS": (None, float),
     "CONTEXT_MAX_TOKENS": (8000, int),
     "CONTEXT_MAX_MESSAGES": (None, int),

@@ -51,6 +51,7 @@ class MemoryMessage:
     seq: int | None = None
     created_at: datetime | None = None
     usage: dict[str, int] | None = None
+    incomplete: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -157,6 +157,7 @@ def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -
         token_count=estimate_tokens(reply.text),
         created_at=utcnow(),
         usage=reply.usage,
+        incomplete=reply.incomplete,
     )
     last_seq = finish_turn(session, prepared.conversation_id, prepared.lease_id, [prepared.user, assistant], reply.usage)
     if last_seq is None:

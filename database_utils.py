@@ -37,6 +37,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    false,
     insert,
     literal,
     or_,
@@ -192,6 +193,8 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     token_count: Mapped[int] = mapped_column(Integer)
     usage: Mapped[dict[str, Any] | None]
+    # A streamed reply stored as far as it came when its client went away.
+    incomplete: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class AuditEvent(Base):
@@ -484,7 +487,7 @@ _TAIL = (
     .limit(bindparam("page", type_=Integer))
 )
 _TAIL_BEFORE = _TAIL.where(_messages.c.seq < bindparam("before"))
-_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage")
+_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete")
 
 
 @functools.cache

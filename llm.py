@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
 # Requests in flight to the provider per process (gunicorn's worker_connections).
 MAX_MODEL_CONNECTIONS = 1000
+# The echo model's pause between streamed words.
+ECHO_WORD_SECONDS = 0.03
 
 # When the model call in progress must be over (time.monotonic()), if any.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("parley_model_deadline", default=None)
@@ -56,6 +59,8 @@ class ModelReply:
     input_tokens: int
     output_tokens: int
     stop_reason: str | None = None
+    # True when the stream stopped before the model finished (the client went away).
+    incomplete: bool = False
 
     @property
     def usage(self) -> dict[str, int]:
@@ -155,6 +160,130 @@ class ChatModel(Protocol):
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply: ...
 
+    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream: ...
+
+
+class ReplyStream:
+    """A reply as the provider streams it.
+
+    Iterating yields the text deltas; `reply` holds the whole reply once the
+    iteration ended normally. `close()` stops the upstream request at once
+    (from any thread or greenlet), and `partial_reply()` is what came so far.
+    Errors are `ModelError`s, mid-stream too.
+    """
+
+    def __init__(self, provider: str, model: str, input_tokens: int = 0) -> None:
+        self.provider = provider
+        self.model = model
+        self.input_tokens = input_tokens
+        self.output_tokens = 0
+        self.stop_reason: str | None = None
+        self.parts: list[str] = []
+        self.reply: ModelReply | None = None
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for text in self._deltas():
+                if self.closed:
+                    return
+                if text:
+                    self.parts.append(text)
+                    yield text
+        except ModelError:
+            raise
+        except Exception as exc:
+            if self.closed:
+                return  # closed under the reader's feet: the end the caller asked for
+            raise _stream_error(exc, self.provider) from exc
+        if not self.closed:
+            self.reply = self._whole(_storable_reply("".join(self.parts), self.provider), incomplete=False)
+
+    def partial_reply(self) -> ModelReply | None:
+        """What the model said before the stream stopped, or None if nothing."""
+        text = "".join(self.parts).replace("\x00", "")
+        return self._whole(text, incomplete=True) if text.strip() else None
+
+    def close(self) -> None:
+        self.closed = True
+        self._close_upstream()
+
+    def _whole(self, text: str, incomplete: bool) -> ModelReply:
+        output_tokens = self.output_tokens or estimate_tokens(text)
+        return ModelReply(text, self.model, self.input_tokens, output_tokens, self.stop_reason, incomplete)
+
+    def _deltas(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def _close_upstream(self) -> None:
+        """Close the provider's connection."""
+
+
+class _SDKStream(ReplyStream):
+    """A stream of SDK events (`anthropic.Stream` or `openai.Stream`)."""
+
+    def __init__(self, provider: str, model: str, events: Any, read: Callable[[ReplyStream, Any], str | None]) -> None:
+        super().__init__(provider, model)
+        self._events = events
+        self._read = read
+
+    def _deltas(self) -> Iterator[str]:
+        finished = False
+        for event in self._events:
+            text = self._read(self, event)
+            if text is None:
+                finished = True
+            else:
+                yield text
+        if not finished and self.stop_reason is None and not self.closed:
+            raise ModelError(502, "model_error", f"the {self.provider} model's stream ended before the reply was complete", retryable=True)
+
+    def _close_upstream(self) -> None:
+        self._events.close()
+
+
+def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
+    """Text of a Messages stream event ("" for bookkeeping), None at message_stop."""
+    if event.type == "message_start":
+        stream.model = event.message.model or stream.model
+        stream.input_tokens = event.message.usage.input_tokens
+    elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+        return event.delta.text
+    elif event.type == "message_delta":
+        stream.output_tokens = event.usage.output_tokens
+        stream.stop_reason = event.delta.stop_reason
+    elif event.type == "message_stop":
+        return None
+    return ""
+
+
+def _read_openai_chunk(stream: ReplyStream, chunk: Any) -> str | None:
+    """Text of a Chat Completions chunk; None once the usage chunk (the last) or a finish arrived."""
+    stream.model = chunk.model or stream.model
+    if chunk.usage is not None:
+        stream.input_tokens = chunk.usage.prompt_tokens
+        stream.output_tokens = chunk.usage.completion_tokens
+    if not chunk.choices:
+        return None if chunk.usage is not None else ""
+    choice = chunk.choices[0]
+    if choice.finish_reason is not None:
+        stream.stop_reason = choice.finish_reason
+    return choice.delta.content or ""
+
+
+class _EchoStream(ReplyStream):
+    def __init__(self, reply: ModelReply) -> None:
+        super().__init__("echo", reply.model, reply.input_tokens)
+        self._text = reply.text
+        self.output_tokens = reply.output_tokens
+        self.stop_reason = reply.stop_reason
+
+    def _deltas(self) -> Iterator[str]:
+        for n, word in enumerate(re.findall(r"\S+\s*", self._text)):
+            if n:
+                time.sleep(ECHO_WORD_SECONDS)  # paced like a model, so a page shows it arriving
+            yield word
+
 
 class AnthropicModel:
     """Claude via the Messages API, direct or on Bedrock."""
@@ -168,11 +297,7 @@ class AnthropicModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
-        options: dict[str, Any] = {"system": system} if system else {}
-        if self.temperature is not None:
-            # This SDK release has no `temperature` argument (newer Claude
-            # models fix it); models that still take one get it in the body.
-            options["extra_body"] = {"temperature": self.temperature}
+        options = self._options(system)
         response = self.retries.call(
             lambda: self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=messages, **options),
             anthropic,
@@ -186,6 +311,26 @@ class AnthropicModel:
             output_tokens=response.usage.output_tokens,
             stop_reason=response.stop_reason,
         )
+
+    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+        """Messages streaming; failures before the first event are retried like `reply`'s."""
+        options = self._options(system)
+        events = self.retries.call(
+            lambda: self.client.messages.create(
+                model=self.model, max_tokens=self.max_tokens, messages=messages, stream=True, **options
+            ),
+            anthropic,
+            self.provider,
+        )
+        return _SDKStream(self.provider, self.model, events, _read_anthropic_event)
+
+    def _options(self, system: str | None) -> dict[str, Any]:
+        options: dict[str, Any] = {"system": system} if system else {}
+        if self.temperature is not None:
+            # This SDK release has no `temperature` argument (newer Claude
+            # models fix it); models that still take one get it in the body.
+            options["extra_body"] = {"temperature": self.temperature}
+        return options
 
 
 class OpenAIModel:
@@ -222,6 +367,24 @@ class OpenAIModel:
             stop_reason=choice.finish_reason,
         )
 
+    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+        """`stream=True`, asking for the usage chunk at the end."""
+        prompt = ([{"role": "system", "content": system}] if system else []) + messages
+        options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
+        chunks = self.retries.call(
+            lambda: self.client.chat.completions.create(
+                model=self.model,
+                messages=prompt,
+                max_tokens=self.max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            ),
+            openai,
+            self.provider,
+        )
+        return _SDKStream(self.provider, self.model, chunks, _read_openai_chunk)
+
 
 class EchoModel:
     """Offline stand-in: answers with the user's own words, clearly labelled."""
@@ -245,6 +408,10 @@ class EchoModel:
             output_tokens=estimate_tokens(text),
             stop_reason="end_turn",
         )
+
+    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+        """The same reply, word by word."""
+        return _EchoStream(self.reply(system, messages))
 
 
 def make_model(config: Mapping[str, Any]) -> ChatModel:
@@ -278,6 +445,18 @@ def _storable_reply(text: str, provider: str) -> str:
     if not text.strip():
         raise ModelError(502, "model_error", f"the {provider} model returned an empty reply", retryable=True)
     return text
+
+
+def _stream_error(exc: Exception, provider: str) -> ModelError:
+    """A failure while reading a stream, as the status Parley reports in its `error` event."""
+    for sdk in (anthropic, openai):
+        if isinstance(exc, sdk.APIError):
+            return _provider_error(exc, sdk, provider)
+    if isinstance(exc, httpx2.TimeoutException):
+        return ModelError(504, "model_timeout", f"the {provider} model did not finish within LLM_TOTAL_TIMEOUT_SECONDS", retryable=True)
+    if isinstance(exc, httpx2.HTTPError):
+        return ModelError(502, "model_error", f"the {provider} model's stream broke off", retryable=True)
+    raise exc
 
 
 def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bool = False) -> ModelError:

@@ -16,6 +16,7 @@ from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import BadRequest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -30,10 +31,14 @@ import export
 import idempotency
 import logs
 import metrics
+import pages
 import readiness
+import streaming
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
+    PreparedTurn,
+    Turn,
     abandon_turn,
     complete_turn,
     open_conversation,
@@ -43,7 +48,7 @@ from conversations import (
 )
 from database_utils import Role, Status, get_session, utcnow
 from errors import Forbidden, Unauthorized
-from llm import make_model
+from llm import ChatModel, make_model
 from s3_utils import make_archive
 from schemas import (
     AuditPage,
@@ -138,6 +143,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     readiness.init_app(app)
     archiving.init_app(app)
     export.init_app(app)
+    pages.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -191,6 +197,10 @@ def _authorize() -> Response | None:
     idempotency.purge_now_and_then(session, current_app)
     outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
     if isinstance(outcome, idempotency.Replay):
+        if endpoint == "chat" and outcome.status == 200 and _wants_stream():
+            response = streaming.respond(streaming.replay(outcome.body))
+            response.headers[idempotency.REPLAYED_HEADER] = "true"
+            return response
         response = current_app.response_class(json.dumps(outcome.body), outcome.status, mimetype="application/json")
         response.headers[idempotency.REPLAYED_HEADER] = "true"
         return response
@@ -220,6 +230,12 @@ def _respond(body: BaseModel, status: int = 200) -> tuple[dict[str, Any], int]:
         g.idempotency_saved = True
     session.commit()
     return data, status
+
+
+def _wants_stream() -> bool:
+    body = request.get_json(silent=True)
+    flag = isinstance(body, dict) and body.get("stream") is True
+    return streaming.wanted(flag, request.headers.get("Accept"), request.accept_mimetypes)
 
 
 def _authenticated_key() -> Caller:
@@ -265,11 +281,18 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
 
     One turn at a time per conversation: while another turn is in progress
     the answer is 409 `turn_in_progress` with `Retry-After`.
+
+    With `"stream": true` (or `Accept: text/event-stream`) the reply comes as
+    server-sent events: `delta` `{text}`..., then one `done` (this route's
+    JSON answer) or one `error` (`{error, message}`). Errors found before the
+    stream starts are ordinary JSON responses.
     """
     model = current_app.extensions["parley.model"]
     telemetry = metrics.get_metrics(current_app)
     session = get_session()
     prepared = prepare_turn(session, current_app.config, _caller(), body.conversation_id, body.message)
+    if _wants_stream():
+        return _stream_chat(session, model, prepared)
     with telemetry.turn():
         try:
             with telemetry.model_call(model.provider):
@@ -279,6 +302,37 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
         except BaseException:
             abandon_turn(session, prepared)
             raise
+
+
+def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> Response:
+    """Open the provider's stream (failures are JSON answers), then stream the turn.
+
+    The stream outlives the view (and its teardown), so it takes the
+    request's Idempotency-Key claim along: stored with the turn, or released.
+    """
+    telemetry = metrics.get_metrics(current_app)
+    try:
+        with telemetry.model_call(model.provider):
+            upstream = model.stream(prepared.context.system, prepared.context.messages)
+    except BaseException:
+        abandon_turn(session, prepared)
+        raise
+    claim = g.pop("idempotency_claim", None)
+
+    def commit(turn: Turn) -> dict[str, Any]:
+        telemetry.count_tokens(model.provider, turn.reply.usage)
+        data = ChatResponse.of(turn).model_dump(mode="json")
+        if claim is not None:
+            idempotency.save_response(get_session(), claim, 200, data)
+        get_session().commit()
+        return data
+
+    def forget() -> None:
+        if claim is not None:
+            idempotency.release(get_session(), claim)
+
+    heartbeat = current_app.config["STREAM_HEARTBEAT_SECONDS"]
+    return streaming.respond(streaming.stream_turn(prepared, upstream, heartbeat, commit, forget))
 
 
 @api.post(
@@ -353,8 +407,10 @@ def keys_revoke(body: KeyRef):
 
 @probes.get("/", tags=[ops], responses={200: ServiceIndex})
 def index():
-    """Where to start: the API documentation."""
-    return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+    """The chat page; clients that prefer JSON (`Accept: application/json`) get where the API documentation is."""
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+        return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+    return pages.chat_page(__version__)
 
 
 @probes.get("/healthz", tags=[ops], responses={200: Health})

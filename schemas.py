@@ -77,6 +77,10 @@ class NewChatRequest(_Request):
 class ChatRequest(_Request):
     conversation_id: uuid.UUID
     message: MessageText = Field(description="The user's message; limited by MAX_MESSAGE_CHARS (413 beyond).")
+    stream: bool = Field(
+        default=False,
+        description="Answer with server-sent events (as does `Accept: text/event-stream`): `delta`..., then `done` or `error`.",
+    )
 
 
 class IdempotencyHeader(BaseModel):
@@ -108,13 +112,46 @@ class ContextInfo(BaseModel):
     truncated: bool = Field(description="True when the newest message alone exceeded the budget and was cut.")
 
 
+_STREAM_EVENTS = """Server-sent events, when the request has `"stream": true` or `Accept: text/event-stream`:
+
+- `event: delta`, `data: {"text": "..."}`: the next piece of the reply, as the provider produces it;
+- `event: done`, `data:` this ChatResponse object (`conversation_id`, `reply`, `seq`, `usage`, `context`,
+  `model`, `incomplete`): once, last, after the turn is stored;
+- `event: error`, `data: {"error": "...", "message": "..."}` (the JSON error shape): once, last,
+  instead of `done`, when the provider fails mid-stream; nothing of the turn is stored.
+
+A comment line `: heartbeat` comes every STREAM_HEARTBEAT_SECONDS (15) while the model is silent.
+Errors found before the stream starts (400, 401, 403, 404, 409, 413, 422, 429, and a provider that
+fails before its first byte: 502, 503, 504) are ordinary JSON responses with their status."""
+_STREAM_EXAMPLE = (
+    'event: delta\ndata: {"text": "Hello"}\n\nevent: delta\ndata: {"text": " there"}\n\n'
+    'event: done\ndata: {"conversation_id": "...", "reply": "Hello there", "seq": 2, "model": "claude-sonnet-4-5", '
+    '"usage": {"input_tokens": 12, "output_tokens": 3}, "context": {"messages_sent": 1, "messages_dropped": 0, '
+    '"tokens": 12, "truncated": false}, "incomplete": false}\n\n'
+)
+
+
 class ChatResponse(BaseModel):
+    model_config = ConfigDict(
+        openapi_extra={
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string", "description": _STREAM_EVENTS},
+                    "example": _STREAM_EXAMPLE,
+                }
+            }
+        }
+    )
+
     conversation_id: uuid.UUID
     reply: str
     seq: int = Field(description="Sequence number of the reply in the conversation's log.")
     model: str
     usage: Usage = Field(description="Tokens the provider reported for this turn.")
     context: ContextInfo
+    incomplete: bool = Field(
+        default=False, description="True when a streamed reply stopped early because its client went away."
+    )
 
     @classmethod
     def of(cls, turn: Any) -> ChatResponse:
@@ -126,6 +163,7 @@ class ChatResponse(BaseModel):
             seq=turn.seq,
             model=turn.reply.model,
             usage=Usage(**turn.reply.usage),
+            incomplete=turn.reply.incomplete,
             context=ContextInfo(
                 messages_sent=context.messages_sent,
                 messages_dropped=context.messages_dropped,
@@ -142,6 +180,7 @@ class MessageOut(BaseModel):
     created_at: Timestamp
     token_count: int = Field(description="Local estimate of the message's tokens.")
     usage: Usage | None = Field(default=None, description="Provider-reported usage, on replies.")
+    incomplete: bool = Field(default=False, description="A streamed reply cut short because its client went away.")
 
     @classmethod
     def of(cls, message: Any) -> MessageOut:
@@ -153,6 +192,7 @@ class MessageOut(BaseModel):
             created_at=message.created_at,
             token_count=message.token_count,
             usage=message.usage,
+            incomplete=bool(message.incomplete),
         )
 
 
@@ -207,6 +247,13 @@ class Health(BaseModel):
 
 
 class ServiceIndex(BaseModel):
+    model_config = ConfigDict(
+        openapi_extra={
+            "description": "The chat page (text/html), or this object for clients that ask for application/json.",
+            "content": {"text/html": {"schema": {"type": "string", "description": "The chat page."}}},
+        }
+    )
+
     name: str
     version: str
     docs: str = Field(description="The interactive API documentation.")

@@ -5,6 +5,7 @@ Every server is started the way production starts it,
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from auth import create_key
 from database_utils import Role, get_session, upgrade_database
@@ -27,6 +29,8 @@ from tests.seaweed import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# A stream straight from the fake Claude server, as Parley's SDK asks for it.
+DIRECT_HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
 
 
 @contextmanager
@@ -45,15 +49,30 @@ def client_key(url: str) -> str:
 
 
 @contextmanager
-def fake_model(latency: float) -> Iterator[str]:
+def fake_model(latency: float, *options: str) -> Iterator[str]:
+    """bench.fake_model in a process of its own; `options` are more of its arguments. Yields its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_model", "--latency", str(latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "bench.fake_model", "--latency", str(latency), *options], cwd=ROOT, stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         yield process.stdout.readline().strip()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def claude_env(database_url: str, model_url: str) -> dict[str, str]:
+    """Parley's settings for the production command, with Claude at the fake model server."""
+    return {
+        "DATABASE_URL": database_url,
+        "ARCHIVE_URL": "file:///tmp/parley-bench-archive",
+        "LLM_PROVIDER": "anthropic",
+        "LLM_MODEL": "claude-bench",
+        "ANTHROPIC_API_KEY": "sk-bench",
+        "ANTHROPIC_BASE_URL": model_url,
+        "WEB_CONCURRENCY": "2",
+    }
 
 
 @contextmanager
@@ -119,6 +138,44 @@ def summarize(report: dict, warmup: float = 0.0) -> dict:
         "p99_ms": ok[min(int(len(ok) * 0.99), len(ok) - 1)] * 1000 if ok else float("nan"),
         "statuses": dict(Counter(str(r["status"]) for r in counted)),
     }
+
+
+# The marks of a delta in each wire format: Parley's events, Anthropic's.
+DELTA_MARKS = (b"event: delta\n", b"event: content_block_delta\n")
+END_MARKS = {b"event: done\n": "done", b"event: error\n": "error", b"event: message_stop\n": "done"}
+
+
+def read_stream(url: str, path: str, headers: dict, body: dict) -> dict:
+    """Send one streamed request and time each delta's arrival.
+
+    Reads whatever has arrived and counts the deltas in it (cheaper than a
+    line at a time, so that a thousand readers in one process keep up).
+    """
+    target = urlparse(url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+    started = time.monotonic()
+    deltas: list[float] = []
+    ended = "cut"
+    status: int | str = 0
+    tail = b""
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers=headers)
+        response = connection.getresponse()
+        status = response.status
+        while chunk := response.read1(65536):
+            data = tail + chunk
+            cut = data.rfind(b"\n") + 1
+            lines, tail = data[:cut], data[cut:]
+            at = time.monotonic() - started
+            deltas += [at] * sum(lines.count(mark) for mark in DELTA_MARKS)
+            for mark, outcome in END_MARKS.items():
+                if mark in lines:
+                    ended = outcome
+    except (OSError, http.client.HTTPException) as exc:
+        status = f"error:{exc.__class__.__name__}"
+    finally:
+        connection.close()
+    return {"status": status, "ended": ended, "deltas": deltas, "seconds": time.monotonic() - started}
 
 
 class WorkerMemory:

@@ -313,14 +313,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, _anthropic_message(reply))
             return
         frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in _anthropic_events(reply)]
-        self._send_stream("text/event-stream; charset=utf-8", frames)
+        error = _error_body("anthropic", 529, "Overloaded (injected mid-stream by FakeModelServer)")
+        self._send_stream("text/event-stream; charset=utf-8", frames, f"event: error\ndata: {json.dumps(error)}\n\n".encode())
 
     def _bedrock(self, reply: _Reply, action: str) -> None:
         if action == "invoke":
             self._send_json(200, _anthropic_message(reply))
             return
         frames = [_bedrock_chunk(event) for event in _anthropic_events(reply)]
-        self._send_stream("application/vnd.amazon.eventstream", frames)
+        self._send_stream("application/vnd.amazon.eventstream", frames, b"")  # a mid-stream fault cuts the stream
 
     def _openai(self, reply: _Reply, body: Json) -> None:
         if not body.get("stream"):
@@ -328,7 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage)]
-        self._send_stream("text/event-stream; charset=utf-8", [*frames, b"data: [DONE]\n\n"])
+        error = _error_body("openai", 500, "Server error (injected mid-stream by FakeModelServer)")
+        self._send_stream("text/event-stream; charset=utf-8", [*frames, b"data: [DONE]\n\n"], f"data: {json.dumps(error)}\n\n".encode())
 
     def _start(self, status: int, content_type: str, extra: dict[str, str] | None = None, keep_alive: bool = False) -> None:
         self.close_connection = not keep_alive
@@ -347,13 +349,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_stream(self, content_type: str, frames: list[bytes]) -> None:
-        """Write each frame as it comes; the body ends when the connection closes."""
+    def _send_stream(self, content_type: str, frames: list[bytes], error_frame: bytes) -> None:
+        """Write each frame as it comes, `stream_interval` apart; the body ends when the connection closes.
+
+        A queued mid-stream fault sends `error_frame` (or nothing) after that
+        many frames and ends the stream. A client that closes the stream early
+        is counted in `streams_closed_early`.
+        """
+        fake = self.server.fake
+        interval, fault_after = fake._take_stream_plan()
         self._start(200, content_type, {"Cache-Control": "no-cache"})
         self.end_headers()
-        for frame in frames:
-            self.wfile.write(frame)
-            self.wfile.flush()
+        try:
+            for n, frame in enumerate(frames):
+                if fault_after is not None and n == fault_after:
+                    self.wfile.write(error_frame)
+                    self.wfile.flush()
+                    return
+                if n and interval and fake._stopping.wait(interval):
+                    return
+                self.wfile.write(frame)
+                self.wfile.flush()
+        except ConnectionError:
+            fake._count_early_close(n)
+            raise
+        fake._count_full_stream()
 
 
 class FakeModelServer:
@@ -366,6 +386,13 @@ class FakeModelServer:
         self._faults: deque[_Fault] = deque()
         self._delays: deque[float] = deque()
         self._drips: deque[float] = deque()
+        self._stream_faults: deque[int] = deque()
+        # Seconds between the frames of a streamed reply.
+        self.stream_interval = 0.0
+        # Streams the client closed before their end (and how many frames each had been sent), streams sent whole.
+        self.streams_closed_early = 0
+        self.early_close_frames: list[int] = []
+        self.streams_completed = 0
         # Seconds every request waits before its answer, on top of delay_next.
         self.latency = 0.0
         self.in_flight = 0
@@ -402,6 +429,11 @@ class FakeModelServer:
             self._faults.clear()
             self._delays.clear()
             self._drips.clear()
+            self._stream_faults.clear()
+            self.stream_interval = 0.0
+            self.streams_closed_early = 0
+            self.early_close_frames = []
+            self.streams_completed = 0
             self.reply_override = None
             self.latency = 0.0
             # Cut short the waits of requests still held from before, so they leave.
@@ -420,6 +452,25 @@ class FakeModelServer:
         """Close the connection of the next ``count`` requests without answering."""
         with self._lock:
             self._faults.extend(_Fault(0, None) for _ in range(count))
+
+    def fail_stream_next(self, after_frames: int) -> None:
+        """Break the next stream after ``after_frames`` frames: an ``error`` event (Anthropic,
+        OpenAI) or a cut connection (Bedrock)."""
+        with self._lock:
+            self._stream_faults.append(after_frames)
+
+    def _take_stream_plan(self) -> tuple[float, int | None]:
+        with self._lock:
+            return self.stream_interval, (self._stream_faults.popleft() if self._stream_faults else None)
+
+    def _count_early_close(self, frames_sent: int) -> None:
+        with self._lock:
+            self.streams_closed_early += 1
+            self.early_close_frames.append(frames_sent)
+
+    def _count_full_stream(self) -> None:
+        with self._lock:
+            self.streams_completed += 1
 
     def delay_next(self, seconds: float, count: int = 1) -> None:
         """Sleep ``seconds`` before answering each of the next ``count`` requests."""

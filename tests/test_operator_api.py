@@ -219,7 +219,7 @@ def test_cors_allows_only_the_listed_origins(app_config, keys):
 
 
 def test_root_points_to_the_api_documentation(client):
-    index = client.get("/")
+    index = client.get("/", headers={"Accept": "application/json"})
 
     assert index.status_code == 200
     assert index.json["docs"] == "/docs/swagger" and index.json["openapi"] == "/openapi.json"

@@ -1,0 +1,266 @@
+// Parley's chat page: the same JSON API as every other client, replies streamed as server-sent events.
+// Everything that came from a person or a model is put on the page with textContent, never as HTML.
+"use strict";
+
+const KEY = "parley.key";
+const CONVERSATION = "parley.conversation";
+const USER_ID = "chat-page";
+
+const $ = (id) => document.getElementById(id);
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+class ApiFailure extends Error {
+  constructor(status, body, retryAfter) {
+    super(body.message || `HTTP ${status}`);
+    this.status = status;
+    this.error = body.error || "error";
+    this.retryAfter = retryAfter;
+  }
+}
+
+function explain(failure) {
+  if (failure.status === 401) return "That API key was not accepted. Paste a valid client key.";
+  if (failure.status === 403) return "This key may not chat: use a client key.";
+  if (failure.status === 429) {
+    const wait = failure.retryAfter ? ` Try again in ${failure.retryAfter} s.` : " Try again shortly.";
+    return "Rate limited: too many requests with this key." + wait;
+  }
+  if (failure.error === "model_unavailable") return "The model is unavailable right now (" + failure.message + "). Try again shortly.";
+  if (failure.error === "model_timeout") return "The model took too long to answer. Try again.";
+  if (failure.error === "model_error") return "The model failed: " + failure.message;
+  if (failure.error === "turn_in_progress") return "A reply is still being written. Wait for it, then send again.";
+  return failure.message;
+}
+
+async function call(method, path, body) {
+  const options = { method, headers: { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, Accept: "application/json" } };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiFailure(response.status, data, response.headers.get("Retry-After"));
+  return data;
+}
+
+function addMessage(role, text) {
+  const item = document.createElement("li");
+  item.className = `message ${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : role;
+  const body = document.createElement("p");
+  body.className = "text";
+  body.textContent = text;
+  item.append(who, body);
+  $("messages").append(item);
+  item.scrollIntoView({ block: "end" });
+  return item;
+}
+
+function addMeta(item, text, trimmed) {
+  const meta = document.createElement("span");
+  meta.className = trimmed ? "meta trimmed" : "meta";
+  meta.textContent = text;
+  item.append(meta);
+}
+
+function describeTurn(done) {
+  const context = done.context;
+  const trimmed = context.messages_dropped > 0 || context.truncated;
+  const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  let text = `${done.model} · ${plural(context.messages_sent, "message")} sent`;
+  if (context.messages_dropped > 0) text += `, ${context.messages_dropped} earlier dropped to fit the context`;
+  if (context.truncated) text += ", your message was cut to fit";
+  if (done.incomplete) text += " · incomplete";
+  return [text, trimmed];
+}
+
+// Reads a text/event-stream body, calling onEvent(name, data) for each event.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) continue; // heartbeat
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+async function send(text) {
+  const conversationId = sessionStorage.getItem(CONVERSATION);
+  addMessage("user", text);
+  const item = addMessage("assistant", "");
+  item.classList.add("streaming");
+  const body = item.querySelector(".text");
+  $("send").disabled = true;
+  try {
+    const response = await fetch("/chat", {
+      method: "POST",
+      headers: {
+        Authorization: `Bearer ${sessionStorage.getItem(KEY)}`,
+        "Content-Type": "application/json",
+        Accept: "text/event-stream",
+      },
+      body: JSON.stringify({ conversation_id: conversationId, message: text, stream: true }),
+    });
+    if (!response.ok) {
+      const data = await response.json().catch(() => ({}));
+      throw new ApiFailure(response.status, data, response.headers.get("Retry-After"));
+    }
+    let finished = false;
+    await readEvents(response, (name, data) => {
+      if (name === "delta") {
+        body.textContent += data.text;
+        item.scrollIntoView({ block: "end" });
+      } else if (name === "done") {
+        finished = true;
+        body.textContent = data.reply;
+        addMeta(item, ...describeTurn(data));
+      } else if (name === "error") {
+        finished = true;
+        throw new ApiFailure(502, data, null);
+      }
+    });
+    if (!finished) throw new ApiFailure(0, { message: "The connection closed before the reply was complete." }, null);
+    showError("");
+  } catch (failure) {
+    item.classList.add("failed");
+    addMeta(item, "not stored", false);
+    showError(failure instanceof ApiFailure ? explain(failure) : "Could not reach Parley: " + failure.message);
+  } finally {
+    item.classList.remove("streaming");
+    $("send").disabled = false;
+  }
+}
+
+function showConversation(conversation) {
+  $("chat-title").textContent = conversation.conversation_name || "Conversation";
+  $("chat-status").textContent = conversation.status;
+  const ended = conversation.status !== "active";
+  $("message").disabled = ended;
+  $("send").disabled = ended;
+  $("end-chat").disabled = ended;
+  $("new-panel").hidden = true;
+  $("chat-panel").hidden = false;
+}
+
+async function openConversation(conversationId) {
+  const conversation = await call("GET", `/get_conversation?conversation_id=${encodeURIComponent(conversationId)}`);
+  $("messages").replaceChildren();
+  for (const message of conversation.messages) {
+    const item = addMessage(message.role, message.content);
+    if (message.incomplete) addMeta(item, "incomplete: the reader left before the end", false);
+  }
+  showConversation(conversation);
+}
+
+function showStart() {
+  const hasKey = Boolean(sessionStorage.getItem(KEY));
+  $("key-form").hidden = hasKey;
+  $("key-status").hidden = !hasKey;
+  $("new-panel").hidden = !hasKey || Boolean(sessionStorage.getItem(CONVERSATION));
+  if (!hasKey) $("chat-panel").hidden = true;
+}
+
+async function restore() {
+  showStart();
+  const conversationId = sessionStorage.getItem(CONVERSATION);
+  if (!sessionStorage.getItem(KEY) || !conversationId) return;
+  try {
+    await openConversation(conversationId);
+    $("message").focus();
+  } catch (failure) {
+    sessionStorage.removeItem(CONVERSATION);
+    showStart();
+    showError(explain(failure));
+  }
+}
+
+function wire() {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, $("api-key").value.trim());
+    $("api-key").value = "";
+    showError("");
+    restore();
+    $("conversation-name").focus();
+  });
+  $("forget-key").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(CONVERSATION);
+    showStart();
+    $("api-key").focus();
+  });
+  $("new-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = { user_id: USER_ID };
+    const name = $("conversation-name").value.trim();
+    const system = $("system-prompt").value.trim();
+    if (name) body.conversation_name = name;
+    if (system) body.system_prompt = system;
+    try {
+      const conversation = await call("POST", "/new_chat", body);
+      sessionStorage.setItem(CONVERSATION, conversation.conversation_id);
+      $("messages").replaceChildren();
+      showConversation(conversation);
+      showError("");
+      $("message").focus();
+    } catch (failure) {
+      showError(explain(failure));
+    }
+  });
+  $("message").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $("send-form").requestSubmit();
+    }
+  });
+  $("send-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("message").value;
+    if (!text.trim() || $("send").disabled) return;
+    $("message").value = "";
+    send(text);
+  });
+  $("end-chat").addEventListener("click", async () => {
+    try {
+      const conversation = await call("POST", "/end_chat", { conversation_id: sessionStorage.getItem(CONVERSATION) });
+      showConversation(conversation);
+      showError("");
+    } catch (failure) {
+      showError(explain(failure));
+    }
+  });
+  $("leave-chat").addEventListener("click", () => {
+    sessionStorage.removeItem(CONVERSATION);
+    $("chat-panel").hidden = true;
+    showStart();
+    $("conversation-name").focus();
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  wire();
+  restore();
+});

@@ -1,0 +1,187 @@
+"""The chat page at GET /, in a real browser (Debian's chromium driven by Playwright).
+
+The app is served over HTTP by a real server on 127.0.0.1, with the echo
+model and with Claude through the fake model server. Each run saves a
+screenshot under the test's temporary folder (`chat-<provider>.png`).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from werkzeug.serving import make_server
+
+from auth import create_key
+from database_utils import get_session
+from main import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+INJECTED = '<script>window.injected = 1</script><img src="x" onerror="window.injected = 2"> & <b>bold</b>'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def serve(app_config, fake_model, monkeypatch) -> Iterator:
+    """Serve the app with `provider` on a free port: (base URL, client key, provider)."""
+    running = []
+
+    def start(provider: str) -> tuple[str, str, str]:
+        # A small context budget, so that a few messages show trimming.
+        config = {**app_config, "CONTEXT_MAX_TOKENS": 400}
+        if provider == "anthropic":
+            monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+            monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+            config.update(LLM_PROVIDER="anthropic", LLM_MODEL="claude-test", LLM_MAX_RETRIES=0)
+            fake_model.stream_interval = 0.03  # word by word, as a model writes
+        app = create_app(config)
+        with app.app_context():
+            secret = create_key(get_session(), "client", "browser")[1]
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        running.append((app, server, thread))
+        return f"http://127.0.0.1:{server.server_port}", secret, provider
+
+    yield start
+    for app, server, thread in running:
+        server.shutdown()
+        thread.join()
+        app.extensions["parley.engine"].dispose()
+
+
+@pytest.fixture(params=["echo", "anthropic"])
+def served(request, serve) -> tuple[str, str, str]:
+    return serve(request.param)
+
+
+@pytest.fixture
+def page(browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
+    yield page
+    context.close()
+
+
+def start_conversation(page: Page, base_url: str, secret: str) -> None:
+    page.goto(base_url + "/")
+    page.get_by_label("Paste a client key").fill(secret)
+    page.get_by_label("Paste a client key").press("Enter")
+    page.get_by_label("Name (optional)").fill("Browser test")
+    page.get_by_label("System prompt (optional)").fill("Be brief.")
+    page.get_by_role("button", name="Start").click()
+    expect(page.locator("#chat-title")).to_have_text("Browser test")
+
+
+def test_a_person_chats_and_sees_the_reply_stream_in(served, page, tmp_path):
+    base_url, secret, provider = served
+    start_conversation(page, base_url, secret)
+    # Record every text the reply shows while it streams.
+    page.evaluate(
+        """() => {
+            window.seen = [];
+            new MutationObserver(() => {
+                const replies = document.querySelectorAll('#messages .assistant .text');
+                const text = replies.length ? replies[replies.length - 1].textContent : '';
+                if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+            }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+
+    box = page.get_by_label("Message")
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    assert box.input_value() == "first line\nsecond line"
+    box.press("Enter")
+
+    reply = page.locator("#messages .assistant .text").last
+    expect(reply).to_contain_text("first line\nsecond line", timeout=15_000)
+    expect(page.locator("#messages .assistant .meta").last).to_contain_text("1 message sent")
+    seen = page.evaluate("window.seen")
+    assert len(seen) >= 3, seen  # the reply grew in steps before it was whole
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:], strict=False))
+    expect(page.locator("#messages .user .text").first).to_have_text("first line\nsecond line")
+    page.screenshot(path=str(tmp_path / f"chat-{provider}.png"), full_page=True)
+    assert (tmp_path / f"chat-{provider}.png").stat().st_size > 10_000
+    assert page.console_errors == []
+
+
+def test_a_reply_with_markup_shows_as_text_after_a_reload(served, page, tmp_path):
+    base_url, secret, provider = served
+    start_conversation(page, base_url, secret)
+
+    page.get_by_label("Message").fill(INJECTED)
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant .meta")).to_have_count(1, timeout=15_000)
+    page.reload()
+
+    reply = page.locator("#messages .assistant .text")
+    expect(reply).to_contain_text("<script>window.injected = 1</script>")
+    expect(reply).to_contain_text('<img src="x" onerror="window.injected = 2">')
+    assert page.locator("#messages img, #messages script, #messages b").count() == 0
+    assert page.evaluate("window.injected") is None
+    page.screenshot(path=str(tmp_path / f"injected-{provider}.png"), full_page=True)
+
+
+def test_the_page_names_a_bad_key_and_can_end_the_conversation(served, page):
+    base_url, secret, _ = served
+    page.goto(base_url + "/")
+    page.get_by_label("Paste a client key").fill("prly_not_a_real_key")
+    page.get_by_role("button", name="Use key").click()
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_role("alert")).to_contain_text("API key was not accepted")
+
+    page.get_by_role("button", name="Forget it").click()
+    start_conversation(page, base_url, secret)
+    page.get_by_role("button", name="End conversation").click()
+
+    expect(page.locator("#chat-status")).to_have_text("ended")
+    expect(page.get_by_label("Message")).to_be_disabled()
+
+
+def test_the_page_says_when_the_model_is_unavailable(serve, page, fake_model):
+    base_url, secret, _ = serve("anthropic")
+    start_conversation(page, base_url, secret)
+    fake_model.fail_next(529)
+
+    page.get_by_label("Message").fill("are you there?")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("The model is unavailable right now")
+    expect(page.locator("#messages .assistant .meta")).to_have_text("not stored")
+
+
+def test_the_page_shows_when_the_context_was_trimmed(serve, page):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    for n in range(3):
+        page.get_by_label("Message").fill(f"message {n} " + "lorem ipsum " * 30)
+        page.get_by_label("Message").press("Enter")
+        expect(page.locator("#messages .assistant .meta")).to_have_count(n + 1, timeout=15_000)
+
+    expect(page.locator("#messages .assistant .meta.trimmed").last).to_contain_text(re.compile(r"\d+ earlier dropped"))
+
+
+def test_the_page_sends_a_policy_against_inline_scripts(client):
+    page = client.get("/")
+
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "default-src 'none'" in policy
+    assert b"<script>" not in page.data and b"onclick" not in page.data
+    assert b"https://" not in page.data and b"http://" not in page.data  # nothing from elsewhere
