@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run serve test bench lint-docker db-upgrade archive-prepare keys parley clean
+.PHONY: run serve test bench lint-docker db-upgrade archive-prepare keys parley clean chromium
 
 run: $(VENV)/.runtime
 	$(BIN)/parley keys bootstrap
@@ -29,10 +29,15 @@ keys: $(VENV)/.runtime
 parley: $(VENV)/.runtime
 	$(BIN)/parley $(ARGS)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev chromium
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser tests (tests/test_staff_console.py) drive Debian's chromium through
+# Playwright; Playwright's own browser download is not used. Installed only when missing.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency

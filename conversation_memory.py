@@ -80,10 +80,12 @@ class ContextWindow:
     token_count: int
     messages_dropped: int
     truncated: bool = False
+    # Messages of the log sent: more than `messages` when neighbours were joined.
+    log_messages: int | None = None
 
     @property
     def messages_sent(self) -> int:
-        return len(self.messages)
+        return len(self.messages) if self.log_messages is None else self.log_messages
 
 
 @dataclass
@@ -146,6 +148,7 @@ class ConversationMemory:
             messages=_alternating(chosen),
             token_count=system_tokens + used,
             messages_dropped=self.total_messages - len(chosen),
+            log_messages=len(chosen),
         )
 
     def _exchanges(self) -> list[list[MemoryMessage]]:
