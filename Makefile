@@ -46,6 +46,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.client_list
+	$(BIN)/python -m bench.handoff_reads
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

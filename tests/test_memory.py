@@ -168,7 +168,7 @@ def test_context_invariants_hold_for_any_log(log, last, max_tokens, max_messages
     log_tail = memory.messages[-context.messages_sent:]
 
     assert sent and sent[0]["role"] == USER
-    assert all(a["role"] != b["role"] for a, b in zip(sent, sent[1:]))  # turns alternate
+    assert all(a["role"] != b["role"] for a, b in zip(sent, sent[1:], strict=False))  # turns alternate
     assert context.messages_sent + context.messages_dropped == len(memory.messages)
     if context.truncated:
         assert len(sent) == 1 and sent[0]["content"] != last
