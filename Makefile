@@ -35,10 +35,10 @@ test: $(VENV)/.dev browser
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The chat page's tests drive Debian's chromium through Playwright (which cannot
-# download a browser of its own here): installed with apt-get only when missing.
+# The browser tests (the chat page, the staff console) drive Debian's chromium through
+# Playwright (which cannot download a browser of its own here): installed with apt-get only when missing.
 browser:
-	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
@@ -50,6 +50,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.archive_export
 	$(BIN)/python -m bench.stream_first_delta
 	$(BIN)/python -m bench.stream_concurrency
+	$(BIN)/python -m bench.handoff_reads
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

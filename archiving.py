@@ -102,7 +102,7 @@ def end_conversation(
 def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dict[str, Any]:
     """The archive document of an `ending` conversation: the same input always gives the same document."""
     ended_at = conversation.ended_at.isoformat()
-    summary = conversation_dict(conversation)
+    summary = conversation_dict(conversation, history=True)
     summary.update(status=Status.ENDED, ended_at=ended_at, updated_at=ended_at)
     del summary["s3_file_location"]
     return {

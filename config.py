@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path("data")
+DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,speak to a person,human agent,real person"
+
+
+def on_off(raw: str) -> bool:
+    """A switch: on/off, true/false, yes/no or 1/0."""
+    value = raw.lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(raw)
+
 
 # name -> (default, parser). The README's configuration table mirrors this.
 _SETTINGS: dict[str, tuple[Any, type]] = {
@@ -46,6 +58,11 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "SESSION_IDLE_MINUTES": (60, int),
     "LIVE_RETENTION_DAYS": (0, int),
     "ARCHIVE_RETENTION_DAYS": (None, int),
+    "HANDOFF_PHRASES": (DEFAULT_HANDOFF_PHRASES, str),
+    "HANDOFF_AFTER_MESSAGES": (None, int),
+    "HANDOFF_TOOL": (True, on_off),
+    "VARIABLES_MAX_COUNT": (100, int),
+    "VARIABLE_MAX_BYTES": (16 * 1024, int),
 }
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.

@@ -10,6 +10,11 @@ Context rules:
   context never starts with an assistant message;
 - taking stops at the first exchange that does not fit, so the context is
   always a contiguous tail of the log;
+- a support agent's messages (role `staff`, stored during a human handoff)
+  are sent as assistant turns prefixed with `STAFF_PREFIX`, and neighbours
+  of the same role are joined, so user and assistant turns keep
+  alternating (user messages stored while a human had the conversation
+  have no reply of their own);
 - when even the newest user message does not fit, it is sent alone, cut in
   the middle to fit the budget (its head and tail kept, a marker saying how
   much was left out). The stored message stays whole.
@@ -23,7 +28,10 @@ from typing import Any
 
 USER = "user"
 ASSISTANT = "assistant"
+STAFF = "staff"
 ROLES = (USER, ASSISTANT)
+# How a staff message reaches the model: as its own side of the dialog, marked.
+STAFF_PREFIX = "[A human support agent wrote this to the user:] "
 
 # Framing tokens the providers add around every message.
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -73,10 +81,12 @@ class ContextWindow:
     token_count: int
     messages_dropped: int
     truncated: bool = False
+    # Messages of the log sent: more than `messages` when neighbours were joined.
+    log_messages: int | None = None
 
     @property
     def messages_sent(self) -> int:
-        return len(self.messages)
+        return len(self.messages) if self.log_messages is None else self.log_messages
 
 
 @dataclass
@@ -136,9 +146,10 @@ class ConversationMemory:
             return self._truncated_context(exchanges[-1][0], budget, system_tokens)
         return ContextWindow(
             system=self.system_prompt,
-            messages=[{"role": m.role, "content": m.content} for m in chosen],
+            messages=_alternating(chosen),
             token_count=system_tokens + used,
             messages_dropped=self.total_messages - len(chosen),
+            log_messages=len(chosen),
         )
 
     def _exchanges(self) -> list[list[MemoryMessage]]:
@@ -172,6 +183,18 @@ class ConversationMemory:
         data = json.loads(text)
         data["messages"] = [MemoryMessage.from_dict(message) for message in data["messages"]]
         return cls(**data)
+
+
+def _alternating(messages: list[MemoryMessage]) -> list[dict[str, str]]:
+    """Provider messages: staff ones as marked assistant turns, same-role neighbours joined."""
+    sent: list[dict[str, str]] = []
+    for message in messages:
+        role, content = (ASSISTANT, STAFF_PREFIX + message.content) if message.role == STAFF else (message.role, message.content)
+        if sent and sent[-1]["role"] == role:
+            sent[-1]["content"] += "\n\n" + content
+        else:
+            sent.append({"role": role, "content": content})
+    return sent
 
 
 def _cut_middle(text: str, max_tokens: int) -> str:

@@ -19,7 +19,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,6 +39,7 @@ from conversation_memory import (
 )
 from database_utils import (
     Conversation,
+    Handoff,
     Message,
     Role,
     Status,
@@ -55,8 +56,9 @@ from database_utils import (
 )
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge, TurnInProgress
 from llm import ModelReply
+from prompt_template import check_template, render_system_prompt
 from s3_utils import Archive, read_document
-from schemas import ConversationOut, MessageOut, NewChatRequest, SearchQuery
+from schemas import ConversationHistory, ConversationOut, MessageOut, NewChatRequest, SearchQuery
 
 log = logging.getLogger("parley")
 
@@ -69,6 +71,9 @@ class PreparedTurn:
     lease_id: uuid.UUID
     user: MemoryMessage
     context: ContextWindow
+    handoff: str = Handoff.BOT  # not bot: the message is held for a human (handoff.py)
+    user_messages: int = 0  # before this one
+    missing_variables: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Turn:
     reply: ModelReply
     seq: int
     context: ContextWindow
+    missing_variables: list[str] = field(default_factory=list)
 
 
 def open_conversation(
@@ -89,6 +95,7 @@ def open_conversation(
             raise PayloadTooLarge(
                 f"system_prompt is about {tokens} tokens; with room for a message it must fit CONTEXT_MAX_TOKENS={budget}"
             )
+        check_template(request.system_prompt)
     now = utcnow()
     conversation = Conversation(
         conversation_id=uuid.uuid4(),
@@ -100,6 +107,10 @@ def open_conversation(
         status=Status.ACTIVE,
         created_at=now,
         updated_at=now,
+        handoff=Handoff.BOT,
+        handoff_since=now,
+        user_message_count=0,
+        variables={},
         message_count=0,
         token_count=0,
         input_tokens=0,
@@ -129,8 +140,9 @@ def prepare_turn(
     try:
         budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
         tail = load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count, budget, cap)
+        system, missing = render_system_prompt(claimed.system_prompt, claimed.variables)
         memory = ConversationMemory(
-            system_prompt=claimed.system_prompt,
+            system_prompt=system,
             max_tokens=budget,
             max_messages=cap,
             messages=tail,
@@ -142,7 +154,7 @@ def prepare_turn(
     except BaseException:
         session.rollback()
         raise
-    return PreparedTurn(conversation_id, lease_id, user, context)
+    return PreparedTurn(conversation_id, lease_id, user, context, claimed.handoff, claimed.user_message_count, missing)
 
 
 def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -> Turn:
@@ -163,7 +175,7 @@ def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -
     if last_seq is None:
         session.rollback()
         raise Conflict("the conversation ended or its turn lease expired while the reply was being generated")
-    return Turn(prepared.conversation_id, reply, last_seq, prepared.context)
+    return Turn(prepared.conversation_id, reply, last_seq, prepared.context, prepared.missing_variables)
 
 
 def abandon_turn(session: Session, prepared: PreparedTurn) -> None:
@@ -194,8 +206,11 @@ def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid
     raise TurnInProgress(f"another turn on conversation {conversation_id} is in progress; retry when it is done")
 
 
-def read_conversation(session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID) -> dict[str, Any]:
-    """Metadata and the full log, from the database or, once ended, the archive (checksum verified).
+def read_conversation(
+    session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID, after_seq: int | None = None
+) -> dict[str, Any]:
+    """Metadata and the full log (with `after_seq`, only the newer messages),
+    from the database or, once ended, the archive.
 
     A staff read is recorded in the audit table before anything is returned.
     """
@@ -203,18 +218,20 @@ def read_conversation(session: Session, archive: Archive, viewer: Caller, conver
     if viewer.role == Role.STAFF:
         record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
     if conversation.status != Status.ENDED:  # active, or ending: the live rows are whole until it is ended
-        messages = [message_dict(row) for row in list_messages(session, conversation_id)]
-        if len(messages) < conversation.message_count:
+        messages = [message_dict(row) for row in list_messages(session, conversation_id, after_seq)]
+        if len(messages) < conversation.message_count - (after_seq or 0):
             # Ended (and its live rows deleted) between the two reads: look again.
             conversation = session.get(Conversation, conversation_id, populate_existing=True)
     if conversation.status == Status.ENDED:
         location, checksum = conversation.s3_file_location, conversation.archive_sha256
         messages = read_document(archive, location, checksum)["messages"]
-    return {**conversation_dict(conversation), "messages": messages}
+        messages = [m for m in messages if after_seq is None or m["seq"] > after_seq]
+    return {**conversation_dict(conversation, history=True), "messages": messages}
 
 
-def conversation_dict(conversation: Conversation) -> dict[str, Any]:
-    return ConversationOut.of(conversation).model_dump(mode="json")
+def conversation_dict(conversation: Conversation, history: bool = False) -> dict[str, Any]:
+    """The conversation as the API shows it; with `history`, its handoff and stage transitions too."""
+    return (ConversationHistory if history else ConversationOut).of(conversation).model_dump(mode="json")
 
 
 def message_dict(row: Message) -> dict[str, Any]:
@@ -235,12 +252,12 @@ def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -
     more = len(rows) > query.limit
     return {
         "conversations": [conversation_dict(row) for row in page],
-        "next_cursor": encode_cursor(page[-1]) if more else None,
+        "next_cursor": encode_cursor(page[-1], "handoff_since" if query.handoff else "created_at") if more else None,
     }
 
 
-def encode_cursor(conversation: Conversation) -> str:
-    raw = json.dumps([conversation.created_at.isoformat(), str(conversation.conversation_id)])
+def encode_cursor(conversation: Conversation, position: str = "created_at") -> str:
+    raw = json.dumps([getattr(conversation, position).isoformat(), str(conversation.conversation_id)])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -264,3 +281,10 @@ def _visible_conversation(
     if conversation is None or (viewer.role == Role.CLIENT and conversation.owner_key_id != viewer.key_id):
         raise NotFound(f"conversation {conversation_id} does not exist")
     return conversation
+
+
+def visible_conversation(
+    session: Session, viewer: Caller, conversation_id: uuid.UUID, lock: bool = False
+) -> Conversation:
+    """The conversation if `viewer` may see it (locked until commit with `lock`), else 404."""
+    return _visible_conversation(session, viewer, conversation_id, lock)

@@ -46,7 +46,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from conversation_memory import MemoryMessage
@@ -76,6 +76,22 @@ STATUS_TRANSITIONS: dict[Status, frozenset[Status]] = {
 def check_transition(current: str, new: Status) -> None:
     if new not in STATUS_TRANSITIONS[Status(current)]:
         raise ValueError(f"a conversation cannot go from {current} to {new}")
+
+
+class Handoff(StrEnum):
+    """Who answers the user: the model, nobody yet (waiting for staff), or a staff member."""
+
+    BOT = "bot"
+    NEEDS_HUMAN = "needs_human"
+    HUMAN = "human"
+
+
+# The only moves a conversation's handoff state may make.
+HANDOFF_TRANSITIONS: dict[Handoff, frozenset[Handoff]] = {
+    Handoff.BOT: frozenset({Handoff.NEEDS_HUMAN}),
+    Handoff.NEEDS_HUMAN: frozenset({Handoff.HUMAN}),
+    Handoff.HUMAN: frozenset({Handoff.BOT}),
+}
 
 
 class Role(StrEnum):
@@ -160,6 +176,15 @@ class Conversation(Base):
     # across workers and machines. A lease whose holder died expires.
     turn_lease_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     turn_lease_expires_at: Mapped[datetime | None]
+    # Human handoff (handoff.py): the state, since when, and the staff key
+    # that claimed it; stage and variables belong to the client app.
+    handoff: Mapped[str] = mapped_column(String(16), default=Handoff.BOT, server_default=Handoff.BOT.value)
+    handoff_since: Mapped[datetime | None] = mapped_column(default=utcnow)
+    assigned_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id", name="fk_conversations_assigned_key_id"))
+    user_message_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stage: Mapped[str | None] = mapped_column(String(64))
+    variables: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    transitions: Mapped[list[Transition]] = relationship(order_by="Transition.transition_id", lazy="select")
 
     # Staff search reads newest first with a (created_at, conversation_id)
     # cursor; each filter has an index that yields rows in that order.
@@ -171,6 +196,9 @@ class Conversation(Base):
         # A client's own list: newest first, same cursor as staff search.
         Index("ix_conversations_owner_created", "owner_key_id", "created_at", "conversation_id"),
         Index("ix_conversations_status_updated", "status", "updated_at"),
+        # The staff queue: a handoff state, oldest waiting first.
+        Index("ix_conversations_handoff_since", "handoff", "handoff_since", "conversation_id"),
+        Index("ix_conversations_stage_created", "stage", "created_at", "conversation_id"),
         Index(
             "ix_conversations_name_trgm",
             "conversation_name",
@@ -195,6 +223,25 @@ class Message(Base):
     usage: Mapped[dict[str, Any] | None]
     # A streamed reply stored as far as it came when its client went away.
     incomplete: Mapped[bool] = mapped_column(default=False, server_default=false())
+
+
+class Transition(Base):
+    """One move of a conversation's handoff state or dialog stage: who, when, why."""
+
+    __tablename__ = "conversation_transitions"
+
+    transition_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.conversation_id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # "handoff" or "stage"
+    from_state: Mapped[str | None] = mapped_column(String(64))
+    to_state: Mapped[str | None] = mapped_column(String(64))
+    # The key that made it, or None for an automatic trigger (`actor` says which).
+    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id"))
+    actor: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_conversation_transitions_conversation", "conversation_id", "transition_id"),)
 
 
 class AuditEvent(Base):
@@ -454,7 +501,14 @@ _CLAIM_TURN = (
         or_(_conversations.c.turn_lease_expires_at.is_(None), _conversations.c.turn_lease_expires_at <= bindparam("now")),
     )
     .values(turn_lease_id=bindparam("lease"), turn_lease_expires_at=bindparam("lease_until"))
-    .returning(_conversations.c.system_prompt, _conversations.c.message_count, _conversations.c.token_count)
+    .returning(
+        _conversations.c.system_prompt,
+        _conversations.c.message_count,
+        _conversations.c.token_count,
+        _conversations.c.handoff,
+        _conversations.c.user_message_count,
+        _conversations.c.variables,
+    )
 )
 _CLAIM_OWN_TURN = _CLAIM_TURN.where(_conversations.c.owner_key_id == bindparam("owner"))
 _FINISH_TURN = (
@@ -469,6 +523,7 @@ _FINISH_TURN = (
         token_count=_conversations.c.token_count + bindparam("add_tokens"),
         input_tokens=_conversations.c.input_tokens + bindparam("add_input"),
         output_tokens=_conversations.c.output_tokens + bindparam("add_output"),
+        user_message_count=_conversations.c.user_message_count + bindparam("add_user"),
         updated_at=bindparam("now"),
         turn_lease_id=None,
         turn_lease_expires_at=None,
@@ -534,18 +589,52 @@ def finish_turn(
             "add_tokens": sum(m.token_count for m in messages),
             "add_input": usage.get("input_tokens", 0),
             "add_output": usage.get("output_tokens", 0),
+            "add_user": sum(m.role == "user" for m in messages),
             "now": now,
         },
     ).scalar_one_or_none()
     if last_seq is None:
         return None
+    _insert_numbered(session, conversation_id, messages, last_seq, now)
+    return last_seq
+
+
+_APPEND = (
+    update(_conversations)
+    .where(_conversations.c.conversation_id == bindparam("cid"), _conversations.c.status == Status.ACTIVE.value)
+    .values(
+        message_count=_conversations.c.message_count + bindparam("add_messages"),
+        token_count=_conversations.c.token_count + bindparam("add_tokens"),
+        updated_at=bindparam("now"),
+    )
+    .returning(_conversations.c.message_count)
+)
+
+
+def append_messages(session: Session, conversation_id: uuid.UUID, messages: list[MemoryMessage]) -> int | None:
+    """Store messages outside a turn (a staff member's); the caller commits.
+
+    Numbered by the same increment as a turn's, so the two never collide.
+    Returns the last seq, or None when the conversation is not active.
+    """
+    now = utcnow()
+    parameters = {"cid": conversation_id, "now": now, "add_messages": len(messages),
+                  "add_tokens": sum(m.token_count for m in messages)}
+    last_seq = session.execute(_APPEND, parameters).scalar_one_or_none()
+    if last_seq is not None:
+        _insert_numbered(session, conversation_id, messages, last_seq, now)
+    return last_seq
+
+
+def _insert_numbered(
+    session: Session, conversation_id: uuid.UUID, messages: list[MemoryMessage], last_seq: int, now: datetime
+) -> None:
     parameters: dict[str, Any] = {"cid": conversation_id}
     for n, message in enumerate(messages):
         message.seq = last_seq - len(messages) + 1 + n
         message.created_at = message.created_at or now
         parameters.update({f"{column}_{n}": getattr(message, column) for column in _MESSAGE_COLUMNS})
     session.execute(_insert_messages(len(messages)), parameters)
-    return last_seq
 
 
 def release_turn(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID) -> None:
@@ -585,9 +674,12 @@ def load_context_tail(
     return messages
 
 
-def list_messages(session: Session, conversation_id: uuid.UUID) -> list[Message]:
-    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.seq)
-    return list(session.scalars(query))
+def list_messages(session: Session, conversation_id: uuid.UUID, after_seq: int | None = None) -> list[Message]:
+    """The log in order; with `after_seq`, only the newer messages (a range scan of the primary key)."""
+    query = select(Message).where(Message.conversation_id == conversation_id)
+    if after_seq is not None:
+        query = query.where(Message.seq > after_seq)
+    return list(session.scalars(query.order_by(Message.seq)))
 
 
 
@@ -615,11 +707,21 @@ def find_conversations(
         query = query.where(Conversation.ended_at >= filters["ended_from"])
     if filters.get("ended_to"):
         query = query.where(Conversation.ended_at < filters["ended_to"])
+    if filters.get("stage"):
+        query = query.where(Conversation.stage == filters["stage"])
+    if filters.get("handoff"):
+        query = query.where(Conversation.handoff == filters["handoff"])
     if filters.get("name"):
         pattern = "%" + filters["name"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         query = query.where(Conversation.conversation_name.ilike(pattern, escape="\\"))
-    if after is not None:
-        position = tuple_(literal(after[0], UTCDateTime()), literal(after[1], Uuid()))
+    position = None if after is None else tuple_(literal(after[0], UTCDateTime()), literal(after[1], Uuid()))
+    if filters.get("handoff"):
+        # A queue: the conversation waiting longest in that state first.
+        if position is not None:
+            query = query.where(tuple_(Conversation.handoff_since, Conversation.conversation_id) > position)
+        order = (Conversation.handoff_since.asc(), Conversation.conversation_id.asc())
+        return list(session.scalars(query.order_by(*order).limit(limit)))
+    if position is not None:
         query = query.where(tuple_(Conversation.created_at, Conversation.conversation_id) < position)
     order = (Conversation.created_at.desc(), Conversation.conversation_id.desc())
     return list(session.scalars(query.order_by(*order).limit(limit)))
@@ -635,3 +737,28 @@ def record_audit(
     """Write an audit event and commit it, before the audited data is returned."""
     session.add(AuditEvent(key_id=key.key_id, action=action, conversation_id=conversation_id, detail=detail))
     session.commit()
+
+
+def add_transition(
+    conversation: Conversation, kind: str, to_state: str | None, key: Any | None, actor: str, reason: str | None
+) -> None:
+    """Move the conversation's handoff state or stage and keep the move; the caller commits."""
+    from_state = conversation.handoff if kind == "handoff" else conversation.stage
+    now = utcnow()
+    if kind == "handoff":
+        conversation.handoff = to_state
+        conversation.handoff_since = now
+    else:
+        conversation.stage = to_state
+    conversation.updated_at = now
+    conversation.transitions.append(
+        Transition(kind=kind, from_state=from_state, to_state=to_state, key_id=key.key_id if key else None,
+                   actor=actor, reason=reason, created_at=now)
+    )
+
+
+def add_audit(
+    session: Session, key: Any, action: str, conversation_id: uuid.UUID | None = None, detail: dict[str, Any] | None = None
+) -> None:
+    """An audit event committed with the staff action it records (not before, as a read's is)."""
+    session.add(AuditEvent(key_id=key.key_id, action=action, conversation_id=conversation_id, detail=detail))

@@ -20,6 +20,7 @@ covers the retries, the waits and a reply that arrives slowly.
 from __future__ import annotations
 
 import contextvars
+import json
 import math
 import random
 import re
@@ -47,6 +48,19 @@ MAX_MODEL_CONNECTIONS = 1000
 # The echo model's pause between streamed words.
 ECHO_WORD_SECONDS = 0.03
 
+# The tool offered to the model (HANDOFF_TOOL) to hand the conversation to a person.
+REQUEST_HUMAN = "request_human"
+_REQUEST_HUMAN_DESCRIPTION = (
+    "Hand this conversation to a human support agent. Use it when the user asks for a person, "
+    "or when you cannot help and a person should take over. The user is told a person will answer."
+)
+_REQUEST_HUMAN_INPUT = {
+    "type": "object",
+    "properties": {"reason": {"type": "string", "description": "Why a human is needed, for the support agent."}},
+    "required": ["reason"],
+}
+DEFAULT_HANDOFF_REASON = "the model asked for a human"
+
 # When the model call in progress must be over (time.monotonic()), if any.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("parley_model_deadline", default=None)
 T = TypeVar("T")
@@ -61,6 +75,8 @@ class ModelReply:
     stop_reason: str | None = None
     # True when the stream stopped before the model finished (the client went away).
     incomplete: bool = False
+    # Set when the model called the request_human tool: hand off instead of answering.
+    handoff_reason: str | None = None
 
     @property
     def usage(self) -> dict[str, int]:
@@ -158,7 +174,7 @@ class ChatModel(Protocol):
     provider: str
     model: str
 
-    def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply: ...
+    def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply: ...
 
     def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream: ...
 
@@ -296,16 +312,22 @@ class AnthropicModel:
         self.temperature = config["LLM_TEMPERATURE"]
         self.retries = RetryPolicy.from_config(config)
 
-    def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
+    def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
         options = self._options(system)
+        if offer_human:
+            options["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
         response = self.retries.call(
             lambda: self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=messages, **options),
             anthropic,
             self.provider,
         )
         text = "".join(block.text for block in response.content if block.type == "text")
+        handoff = next(
+            (_reason(block.input) for block in response.content if block.type == "tool_use" and block.name == REQUEST_HUMAN), None
+        )
         return ModelReply(
-            text=_storable_reply(text, self.provider),
+            text=_storable_reply(text, self.provider, handoff is not None),
+            handoff_reason=handoff,
             model=response.model,
             input_tokens=response.usage.input_tokens,
             output_tokens=response.usage.output_tokens,
@@ -345,9 +367,12 @@ class OpenAIModel:
         self.temperature = config["LLM_TEMPERATURE"]
         self.retries = RetryPolicy.from_config(config)
 
-    def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
+    def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
         prompt = ([{"role": "system", "content": system}] if system else []) + messages
         options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
+        if offer_human:
+            function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
+            options["tools"] = [{"type": "function", "function": function}]
         # max_tokens rather than max_completion_tokens: most compatible
         # servers (vLLM, Ollama, LiteLLM) only know the former.
         response = self.retries.call(
@@ -359,8 +384,14 @@ class OpenAIModel:
             raise ModelError(502, "model_error", "the openai model returned no choices", retryable=True)
         choice = response.choices[0]
         usage = response.usage
+        handoff = next(
+            (_reason(_arguments(call.function.arguments)) for call in choice.message.tool_calls or []
+             if call.type == "function" and call.function.name == REQUEST_HUMAN),
+            None,
+        )
         return ModelReply(
-            text=_storable_reply(choice.message.content or "", self.provider),
+            text=_storable_reply(choice.message.content or "", self.provider, handoff is not None),
+            handoff_reason=handoff,
             model=response.model,
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
@@ -395,7 +426,7 @@ class EchoModel:
     def __init__(self, label: str = ECHO_LABEL) -> None:
         self.label = label
 
-    def reply(self, system: str | None, messages: list[dict[str, str]]) -> ModelReply:
+    def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == USER), "")
         text = f"{self.label} You said: {last_user}"
         prompt_tokens = sum(estimate_tokens(m["content"]) for m in messages)
@@ -435,14 +466,27 @@ def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
     return httpx2.Client(transport=DeadlineTransport(limits=limits), timeout=config["LLM_TIMEOUT_SECONDS"])
 
 
-def _storable_reply(text: str, provider: str) -> str:
+def _reason(tool_input: Any) -> str:
+    reason = tool_input.get("reason") if isinstance(tool_input, dict) else None
+    return reason.replace("\x00", "")[:1000] if isinstance(reason, str) and reason.strip() else DEFAULT_HANDOFF_REASON
+
+
+def _arguments(raw: str | None) -> Any:
+    try:
+        return json.loads(raw or "{}")
+    except ValueError:
+        return {}
+
+
+def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str:
     """The reply as it can be stored and sent back next turn, or a 502.
 
     PostgreSQL refuses NUL characters and providers refuse empty assistant
-    turns, so an empty reply is a failed turn, not a stored one.
+    turns, so an empty reply is a failed turn, not a stored one (unless the
+    model handed off instead: then nothing of it is stored).
     """
     text = text.replace("\x00", "").encode("utf-8", errors="replace").decode("utf-8")
-    if not text.strip():
+    if not text.strip() and not may_be_empty:
         raise ModelError(502, "model_error", f"the {provider} model returned an empty reply", retryable=True)
     return text
 

@@ -26,14 +26,18 @@ import archiving
 import audit
 import auth
 import database_utils
+import dialog_stage
 import errors
 import export
+import handoff
 import idempotency
 import logs
 import metrics
 import pages
 import readiness
+import staff_console
 import streaming
+import variables
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
 from conversations import (
@@ -46,19 +50,23 @@ from conversations import (
     read_conversation,
     search_conversations,
 )
-from database_utils import Role, Status, get_session, utcnow
+from database_utils import Handoff, Role, Status, get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import ChatModel, make_model
 from s3_utils import make_archive
 from schemas import (
     AuditPage,
     AuditQuery,
+    ChatHeld,
     ChatRequest,
     ChatResponse,
     ConversationDetail,
     ConversationOut,
+    ConversationPath,
+    ConversationRead,
     ConversationRef,
     ErrorResponse,
+    HandoffRequest,
     Health,
     IdempotencyHeader,
     KeyCreate,
@@ -66,10 +74,19 @@ from schemas import (
     KeyList,
     KeyOut,
     KeyRef,
+    MessageOut,
     NewChatRequest,
+    ReleaseRequest,
     SearchPage,
     SearchQuery,
     ServiceIndex,
+    StaffMessageRequest,
+    StageRequest,
+    VariableOut,
+    VariablePath,
+    VariablesOut,
+    VariablesPatch,
+    VariableValue,
 )
 
 __version__ = "0.3.0"
@@ -79,13 +96,18 @@ log = logging.getLogger("parley")
 # Who may call each route on `api`, by endpoint name, filled in by `@allow`.
 ROUTE_ROLES: dict[str, frozenset[Role]] = {}
 # Routes that honour an Idempotency-Key header.
-IDEMPOTENT_ROUTES = frozenset({"new_chat", "chat", "end_chat"})
+IDEMPOTENT_ROUTES = frozenset(
+    {"new_chat", "chat", "end_chat", "request_human", "claim_conversation", "write_staff_message", "release_conversation"}
+)
+# POST routes whose body may be left out altogether.
+BODYLESS_ROUTES = frozenset({"claim_conversation", "release_conversation"})
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
 
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
 staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
+handoffs = Tag(name="handoff", description="Hand a conversation to a human and back; dialog stage; session variables")
 admin = Tag(name="keys", description="Manage API keys (admin keys)")
 ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
 
@@ -144,6 +166,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     archiving.init_app(app)
     export.init_app(app)
     pages.init_app(app)
+    staff_console.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -162,6 +185,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
 def _require_json_body() -> None:
     """Reject bodies that are not one JSON object before validation sees them."""
     if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
+        return
+    if not request.content_length and request.endpoint.rpartition(".")[2] in BODYLESS_ROUTES:
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
@@ -274,13 +299,16 @@ def new_chat(body: NewChatRequest, header: IdempotencyHeader):
     return _respond(ConversationOut.of(conversation), 201)
 
 
-@api.post("/chat", tags=[chats], responses={200: ChatResponse, **_MODEL_ERRORS})
+@api.post("/chat", tags=[chats], responses={200: ChatResponse, 202: ChatHeld, **_MODEL_ERRORS})
 @allow(Role.CLIENT)
 def chat(body: ChatRequest, header: IdempotencyHeader):
     """Post the user's message and get the model's reply. Honours Idempotency-Key.
 
     One turn at a time per conversation: while another turn is in progress
-    the answer is 409 `turn_in_progress` with `Retry-After`.
+    the answer is 409 `turn_in_progress` with `Retry-After`. While a human
+    has the conversation (handoff `needs_human` or `human`), or when a
+    handoff trigger fires, the message is stored, the model is not called,
+    and the answer is 202 `{handoff, seq}` (as JSON, also when a stream was asked for).
 
     With `"stream": true` (or `Accept: text/event-stream`) the reply comes as
     server-sent events: `delta` `{text}`..., then one `done` (this route's
@@ -291,17 +319,23 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     telemetry = metrics.get_metrics(current_app)
     session = get_session()
     prepared = prepare_turn(session, current_app.config, _caller(), body.conversation_id, body.message)
-    if _wants_stream():
-        return _stream_chat(session, model, prepared)
-    with telemetry.turn():
-        try:
+    try:
+        trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)
+        if prepared.handoff != Handoff.BOT or trigger is not None:
+            return _respond(ChatHeld(**vars(handoff.hold_turn(session, prepared, trigger))), 202)
+        if _wants_stream():
+            return _stream_chat(session, model, prepared)
+        with telemetry.turn():
             with telemetry.model_call(model.provider):
-                reply = model.reply(prepared.context.system, prepared.context.messages)
+                reply = model.reply(prepared.context.system, prepared.context.messages, current_app.config["HANDOFF_TOOL"])
             telemetry.count_tokens(model.provider, reply.usage)
+            if reply.handoff_reason is not None:
+                held = handoff.hold_turn(session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
+                return _respond(ChatHeld(**vars(held)), 202)
             return _respond(ChatResponse.of(complete_turn(session, prepared, reply)))
-        except BaseException:
-            abandon_turn(session, prepared)
-            raise
+    except BaseException:
+        abandon_turn(session, prepared)
+        raise
 
 
 def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> Response:
@@ -353,13 +387,14 @@ def end_chat(body: ConversationRef, header: IdempotencyHeader):
 
 @api.get("/get_conversation", tags=[chats, staff], responses={200: ConversationDetail, 503: ErrorResponse})
 @allow(Role.CLIENT, Role.STAFF)
-def get_conversation(query: ConversationRef):
-    """A conversation's metadata and full log, live or archived.
+def get_conversation(query: ConversationRead):
+    """A conversation's metadata, handoff and stage history, and full log, live or archived.
 
-    Clients see the conversations created with their key; staff see any
-    (each read is audited).
+    With `after_seq=N`, only the messages after seq N (how a client sees new
+    staff messages). Clients see the conversations created with their key;
+    staff see any (each read is audited).
     """
-    return read_conversation(get_session(), _archive(), _caller(), query.conversation_id)
+    return read_conversation(get_session(), _archive(), _caller(), query.conversation_id, query.after_seq)
 
 
 @api.get("/conversations", tags=[chats, staff], responses={200: SearchPage})
@@ -371,6 +406,89 @@ def search(query: SearchQuery):
     (each search is audited).
     """
     return search_conversations(get_session(), _caller(), query)
+
+
+@api.post("/conversations/<conversation_id>/handoff", tags=[handoffs], responses={200: ConversationOut, 409: ErrorResponse})
+@allow(Role.CLIENT, Role.STAFF)
+def request_human(path: ConversationPath, body: HandoffRequest):
+    """Ask for a human: `bot -> needs_human`. Honours Idempotency-Key."""
+    conversation = handoff.request_handoff(get_session(), _caller(), path.conversation_id, body.reason)
+    return _respond(ConversationOut.of(conversation))
+
+
+@api.post("/conversations/<conversation_id>/claim", tags=[handoffs, staff], responses={200: ConversationOut, 409: ErrorResponse})
+@allow(Role.STAFF)
+def claim_conversation(path: ConversationPath):
+    """Take the conversation: `needs_human -> human`, assigned to this staff key.
+    A second claimant gets 409. Honours Idempotency-Key."""
+    return _respond(ConversationOut.of(handoff.claim(get_session(), _caller(), path.conversation_id)))
+
+
+@api.post("/conversations/<conversation_id>/staff_messages", tags=[handoffs, staff],
+          responses={201: MessageOut, 409: ErrorResponse})
+@allow(Role.STAFF)
+def write_staff_message(path: ConversationPath, body: StaffMessageRequest):
+    """The assigned staff member writes to the user (role `staff`; no model call). Honours Idempotency-Key."""
+    message = handoff.post_staff_message(get_session(), current_app.config, _caller(), path.conversation_id, body.message)
+    return _respond(MessageOut.of(message), 201)
+
+
+@api.post("/conversations/<conversation_id>/release", tags=[handoffs, staff], responses={200: ConversationOut, 409: ErrorResponse})
+@allow(Role.STAFF)
+def release_conversation(path: ConversationPath, body: ReleaseRequest):
+    """Give the conversation back to the model: `human -> bot`. Honours Idempotency-Key."""
+    return _respond(ConversationOut.of(handoff.release(get_session(), _caller(), path.conversation_id, body.note)))
+
+
+@api.put("/conversations/<conversation_id>/stage", tags=[handoffs], responses={200: ConversationOut, 409: ErrorResponse})
+@allow(Role.CLIENT, Role.STAFF)
+def set_stage(path: ConversationPath, body: StageRequest):
+    """Set the dialog stage; with `expected_stage`, only if it is that now (409 otherwise)."""
+    check = "expected_stage" in body.model_fields_set
+    conversation = dialog_stage.set_stage(get_session(), _caller(), path.conversation_id, body.stage, check, body.expected_stage)
+    return _respond(ConversationOut.of(conversation))
+
+
+@api.get("/conversations/<conversation_id>/variables", tags=[handoffs], responses={200: VariablesOut})
+@allow(Role.CLIENT, Role.STAFF)
+def list_variables(path: ConversationPath):
+    """Every session variable of the conversation."""
+    conversation = variables.get_variables(get_session(), _caller(), path.conversation_id)
+    return _respond(VariablesOut(conversation_id=path.conversation_id, variables=conversation.variables))
+
+
+@api.patch("/conversations/<conversation_id>/variables", tags=[handoffs], responses={200: VariablesOut, 409: ErrorResponse})
+@allow(Role.CLIENT)
+def patch_variables(path: ConversationPath, body: VariablesPatch):
+    """Set several variables in one transaction (all or none)."""
+    values = variables.set_variables(get_session(), current_app.config, _caller(), path.conversation_id, body.model_extra or {})
+    return _respond(VariablesOut(conversation_id=path.conversation_id, variables=values))
+
+
+@api.get("/conversations/<conversation_id>/variables/<name>", tags=[handoffs], responses={200: VariableOut})
+@allow(Role.CLIENT, Role.STAFF)
+def read_variable(path: VariablePath):
+    """One variable; 404 when it is not set."""
+    value = variables.get_variable(get_session(), _caller(), path.conversation_id, path.name)
+    return _respond(VariableOut(name=path.name, value=value))
+
+
+@api.put("/conversations/<conversation_id>/variables/<name>", tags=[handoffs], responses={200: VariableOut, 409: ErrorResponse})
+@allow(Role.CLIENT)
+def put_variable(path: VariablePath, body: VariableValue):
+    """Set one variable to any JSON value."""
+    variables.set_variables(get_session(), current_app.config, _caller(), path.conversation_id, {path.name: body.value})
+    return _respond(VariableOut(name=path.name, value=body.value))
+
+
+@api.delete("/conversations/<conversation_id>/variables/<name>", tags=[handoffs], responses={204: None, 409: ErrorResponse})
+@allow(Role.CLIENT)
+def remove_variable(path: VariablePath):
+    """Delete one variable; 404 when it is not set."""
+    session = get_session()
+    variables.delete_variable(session, _caller(), path.conversation_id, path.name)
+    session.commit()
+    return "", 204
 
 
 @api.get("/audit", tags=[admin], responses={200: AuditPage})

@@ -11,7 +11,16 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    model_validator,
+)
 
 MAX_NAME_CHARS = 200
 MAX_SYSTEM_PROMPT_CHARS = 100_000
@@ -61,6 +70,11 @@ Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(),
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 MessageText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable_text), AfterValidator(_not_blank)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.@:+\-]+$")]
+STAGE_PATTERN = r"^[a-z0-9_.-]{1,64}$"
+VARIABLE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+Stage = Annotated[str, StringConstraints(pattern=STAGE_PATTERN)]
+HandoffState = Literal["bot", "needs_human", "human"]
+Reason = Annotated[Text, StringConstraints(max_length=1000)]
 
 
 class _Request(BaseModel):
@@ -100,6 +114,55 @@ class ConversationRef(_Request):
     conversation_id: uuid.UUID
 
 
+class ConversationRead(ConversationRef):
+    after_seq: int | None = Field(
+        default=None, ge=0, description="Only the messages after this seq (e.g. the last one you have): new staff messages."
+    )
+
+
+class ConversationPath(BaseModel):
+    conversation_id: uuid.UUID
+
+
+class VariablePath(BaseModel):
+    conversation_id: uuid.UUID
+    name: Annotated[str, StringConstraints(pattern=VARIABLE_NAME_PATTERN)]
+
+
+class HandoffRequest(_Request):
+    reason: Reason = Field(description="Why a human is needed; kept in the handoff history.")
+
+
+class ReleaseRequest(_Request):
+    note: Reason | None = Field(default=None, description="Kept in the handoff history.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _body_may_be_absent(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+class StaffMessageRequest(_Request):
+    message: MessageText = Field(description="Shown to the user as a staff message; the model is not called.")
+
+
+class StageRequest(_Request):
+    stage: Stage | None = Field(description="The new stage, or null to clear it.")
+    expected_stage: Stage | None = Field(
+        default=None, description="Compare-and-set: the stage you expect now (null: no stage); 409 when it differs."
+    )
+
+
+class VariableValue(_Request):
+    value: Any = Field(description="Any JSON value; VARIABLE_MAX_BYTES as JSON at most (413 beyond).")
+
+
+class VariablesPatch(BaseModel):
+    """Name -> value for each variable to set."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class Usage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -110,6 +173,9 @@ class ContextInfo(BaseModel):
     messages_dropped: int
     tokens: int = Field(description="Estimated tokens sent, system prompt included.")
     truncated: bool = Field(description="True when the newest message alone exceeded the budget and was cut.")
+    missing_variables: list[str] = Field(
+        default_factory=list, description="Placeholders of the system prompt with no variable set; rendered empty."
+    )
 
 
 _STREAM_EVENTS = """Server-sent events, when the request has `"stream": true` or `Accept: text/event-stream`:
@@ -169,8 +235,17 @@ class ChatResponse(BaseModel):
                 messages_dropped=context.messages_dropped,
                 tokens=context.token_count,
                 truncated=context.truncated,
+                missing_variables=turn.missing_variables,
             ),
         )
+
+
+class ChatHeld(BaseModel):
+    """/chat's 202: the message is stored for the human who has (or will take) the conversation."""
+
+    conversation_id: uuid.UUID
+    handoff: HandoffState
+    seq: int = Field(description="Sequence number of the last message stored (the user's, or the model's words before it asked for a human).")
 
 
 class MessageOut(BaseModel):
@@ -196,6 +271,17 @@ class MessageOut(BaseModel):
         )
 
 
+class TransitionOut(BaseModel):
+    from_state: str | None = Field(alias="from")
+    to_state: str | None = Field(alias="to")
+    by: uuid.UUID | None = Field(description="The key that made the move; null for an automatic trigger.")
+    actor: str = Field(description="client, staff, or the trigger: phrase, message_limit, model.")
+    reason: str | None
+    at: Timestamp
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
 class ConversationOut(BaseModel):
     conversation_id: uuid.UUID
     user_id: str
@@ -209,6 +295,11 @@ class ConversationOut(BaseModel):
     token_count: int
     usage: Usage
     metadata: dict[str, Any]
+    handoff: HandoffState = Field(description="bot, needs_human (waiting for staff) or human (a staff member answers).")
+    handoff_since: Timestamp | None
+    assigned_to: uuid.UUID | None = Field(description="The staff key that claimed the conversation, while `human`.")
+    stage: str | None
+    variables: dict[str, Any]
     s3_file_location: str | None = None
 
     @classmethod
@@ -227,12 +318,46 @@ class ConversationOut(BaseModel):
             token_count=conversation.token_count,
             usage=Usage(input_tokens=conversation.input_tokens, output_tokens=conversation.output_tokens),
             metadata=conversation.meta,
+            handoff=conversation.handoff,
+            handoff_since=conversation.handoff_since,
+            assigned_to=conversation.assigned_key_id,
+            stage=conversation.stage,
+            variables=conversation.variables,
             s3_file_location=conversation.s3_file_location,
         )
 
 
-class ConversationDetail(ConversationOut):
+class ConversationHistory(ConversationOut):
+    handoff_history: list[TransitionOut] = Field(description="Every handoff move, oldest first.")
+    stage_history: list[TransitionOut] = Field(description="Every stage change, oldest first.")
+
+    @classmethod
+    def of(cls, conversation: Any) -> ConversationHistory:
+        """From a `database_utils.Conversation`, loading its transitions."""
+        return cls(**dict(ConversationOut.of(conversation)), **_histories(conversation.transitions))
+
+
+def _histories(transitions: list[Any]) -> dict[str, list[TransitionOut]]:
+    histories: dict[str, list[TransitionOut]] = {"handoff_history": [], "stage_history": []}
+    for t in transitions:
+        histories[f"{t.kind}_history"].append(
+            TransitionOut(from_state=t.from_state, to_state=t.to_state, by=t.key_id, actor=t.actor, reason=t.reason, at=t.created_at)
+        )
+    return histories
+
+
+class ConversationDetail(ConversationHistory):
     messages: list[MessageOut]
+
+
+class VariablesOut(BaseModel):
+    conversation_id: uuid.UUID
+    variables: dict[str, Any]
+
+
+class VariableOut(BaseModel):
+    name: str
+    value: Any
 
 
 class CheckReason(BaseModel):
@@ -269,6 +394,10 @@ class SearchQuery(_Request):
     ended_to: UtcDatetime | None = None
     name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)] | None = Field(
         default=None, description="Text the conversation name contains (case-insensitive)."
+    )
+    stage: Stage | None = Field(default=None, description="Conversations at this dialog stage.")
+    handoff: HandoffState | None = Field(
+        default=None, description="Conversations in this handoff state, oldest waiting first (the staff queue: needs_human)."
     )
     limit: int = Field(default=50, ge=1, le=100)
     cursor: Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")] | None = Field(

@@ -13,7 +13,10 @@ unmodified (point their ``base_url`` at :attr:`FakeModelServer.base_url`):
   ``data: [DONE]``; ``stream_options.include_usage`` adds a final usage chunk).
 
 The reply is deterministic: ``"reply to: " + <text of the last user message>`` (text
-blocks are concatenated), unless :attr:`FakeModelServer.reply_override` is set. Every
+blocks are concatenated), unless :attr:`FakeModelServer.reply_override` is set.
+:meth:`FakeModelServer.tool_use_next` makes the next non-streaming reply call a tool
+instead (an Anthropic ``tool_use`` block with ``stop_reason: "tool_use"``, or OpenAI
+``tool_calls`` with ``finish_reason: "tool_calls"``). Every
 request is recorded, and errors and delays can be injected per request::
 
     with FakeModelServer() as server:
@@ -127,6 +130,29 @@ def _anthropic_message(reply: _Reply, *, streaming_start: bool = False) -> Json:
             "cache_read_input_tokens": 0,
         },
     }
+
+
+@dataclass(frozen=True)
+class _ToolUse:
+    name: str
+    input: Json
+    text: str  # words the model says before calling the tool; may be empty
+
+
+def _anthropic_tool_message(reply: _Reply, tool: _ToolUse) -> Json:
+    message = _anthropic_message(reply)
+    text = [{"type": "text", "text": tool.text}] if tool.text else []
+    use = {"type": "tool_use", "id": f"toolu_fake_{uuid.uuid4().hex[:20]}", "name": tool.name, "input": tool.input}
+    return {**message, "content": [*text, use], "stop_reason": "tool_use"}
+
+
+def _openai_tool_completion(reply: _Reply, tool: _ToolUse) -> Json:
+    completion = _openai_completion(reply)
+    call = {"id": f"call_fake{uuid.uuid4().hex[:20]}", "type": "function",
+            "function": {"name": tool.name, "arguments": json.dumps(tool.input)}}
+    message = {"role": "assistant", "content": tool.text or None, "refusal": None, "tool_calls": [call]}
+    completion["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}]
+    return completion
 
 
 def _anthropic_events(reply: _Reply) -> list[Json]:
@@ -310,7 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _anthropic(self, reply: _Reply, body: Json) -> None:
         if not body.get("stream"):
-            self._send_json(200, _anthropic_message(reply))
+            tool = self.server.fake._take_tool_use()
+            self._send_json(200, _anthropic_message(reply) if tool is None else _anthropic_tool_message(reply, tool))
             return
         frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in _anthropic_events(reply)]
         error = _error_body("anthropic", 529, "Overloaded (injected mid-stream by FakeModelServer)")
@@ -318,14 +345,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _bedrock(self, reply: _Reply, action: str) -> None:
         if action == "invoke":
-            self._send_json(200, _anthropic_message(reply))
+            tool = self.server.fake._take_tool_use()
+            self._send_json(200, _anthropic_message(reply) if tool is None else _anthropic_tool_message(reply, tool))
             return
         frames = [_bedrock_chunk(event) for event in _anthropic_events(reply)]
         self._send_stream("application/vnd.amazon.eventstream", frames, b"")  # a mid-stream fault cuts the stream
 
     def _openai(self, reply: _Reply, body: Json) -> None:
         if not body.get("stream"):
-            self._send_json(200, _openai_completion(reply))
+            tool = self.server.fake._take_tool_use()
+            self._send_json(200, _openai_completion(reply) if tool is None else _openai_tool_completion(reply, tool))
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage)]
@@ -393,6 +422,7 @@ class FakeModelServer:
         self.streams_closed_early = 0
         self.early_close_frames: list[int] = []
         self.streams_completed = 0
+        self._tool_uses: deque[_ToolUse] = deque()
         # Seconds every request waits before its answer, on top of delay_next.
         self.latency = 0.0
         self.in_flight = 0
@@ -434,6 +464,7 @@ class FakeModelServer:
             self.streams_closed_early = 0
             self.early_close_frames = []
             self.streams_completed = 0
+            self._tool_uses.clear()
             self.reply_override = None
             self.latency = 0.0
             # Cut short the waits of requests still held from before, so they leave.
@@ -486,6 +517,15 @@ class FakeModelServer:
         """What ends an injected wait early: the server stopping, or a reset."""
         with self._lock:
             return self._stopping if self._stopping.is_set() else self._wake
+
+    def tool_use_next(self, name: str, tool_input: Json, text: str = "") -> None:
+        """Make the next (non-streaming) reply call tool ``name`` with ``tool_input``, after saying ``text``."""
+        with self._lock:
+            self._tool_uses.append(_ToolUse(name, dict(tool_input), text))
+
+    def _take_tool_use(self) -> _ToolUse | None:
+        with self._lock:
+            return self._tool_uses.popleft() if self._tool_uses else None
 
     def _enter(self) -> None:
         with self._lock:

@@ -41,7 +41,9 @@ def test_chat_replies_and_stores_both_messages(client):
     assert first["reply"] == f"{ECHO_LABEL} You said: Hello there"
     assert (first["seq"], second["seq"]) == (2, 4)
     sent_tokens = sum(estimate_tokens(text) for text in ("Hello there", first["reply"], "And again"))
-    assert second["context"] == {"messages_sent": 3, "messages_dropped": 0, "tokens": sent_tokens, "truncated": False}
+    assert second["context"] == {
+        "messages_sent": 3, "messages_dropped": 0, "tokens": sent_tokens, "truncated": False, "missing_variables": []
+    }
     assert second["usage"]["input_tokens"] > 0 and second["usage"]["output_tokens"] > 0
 
     log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json

@@ -30,6 +30,18 @@ ROUTES = {
     "keys_create": ("POST", "/keys", lambda w: {"json": {"role": "client", "name": "new"}}),
     "keys_list": ("GET", "/keys", lambda w: {}),
     "keys_revoke": ("POST", "/keys/revoke", lambda w: {"json": {"key_id": w["client_b_key_id"]}}),
+    "request_human": ("POST", "/conversations/{cid}/handoff", lambda w: {"json": {"reason": "matrix"}}),
+    # The conversation is with the bot: a staff key passes authorization and meets the state machine.
+    "claim_conversation": ("POST", "/conversations/{cid}/claim", lambda w: {}),
+    "write_staff_message": ("POST", "/conversations/{cid}/staff_messages", lambda w: {"json": {"message": "hi"}}),
+    "release_conversation": ("POST", "/conversations/{cid}/release", lambda w: {}),
+    "set_stage": ("PUT", "/conversations/{cid}/stage", lambda w: {"json": {"stage": "matrix"}}),
+    "list_variables": ("GET", "/conversations/{cid}/variables", lambda w: {}),
+    "patch_variables": ("PATCH", "/conversations/{cid}/variables", lambda w: {"json": {"tier": 2}}),
+    "read_variable": ("GET", "/conversations/{cid}/variables/plan", lambda w: {}),
+    "put_variable": ("PUT", "/conversations/{cid}/variables/plan", lambda w: {"json": {"value": "silver"}}),
+    "remove_variable": ("DELETE", "/conversations/{cid}/variables/plan", lambda w: {}),
+    "staff_page": ("GET", "/staff", lambda w: {}),
     "healthz": ("GET", "/healthz", lambda w: {}),
     "readyz": ("GET", "/readyz", lambda w: {}),
     "index": ("GET", "/", lambda w: {}),
@@ -45,8 +57,18 @@ ALLOWED = {
     "keys_create": {"admin": 201},
     "keys_list": {"admin": 200},
     "keys_revoke": {"admin": 200},
+    "request_human": {"client_a": 200, "client_b": 404, "staff": 200},
+    "claim_conversation": {"staff": 409},
+    "write_staff_message": {"staff": 409},
+    "release_conversation": {"staff": 409},
+    "set_stage": {"client_a": 200, "client_b": 404, "staff": 200},
+    "list_variables": {"client_a": 200, "client_b": 404, "staff": 200},
+    "patch_variables": {"client_a": 200, "client_b": 404},
+    "read_variable": {"client_a": 200, "client_b": 404, "staff": 200},
+    "put_variable": {"client_a": 200, "client_b": 404},
+    "remove_variable": {"client_a": 204, "client_b": 404},
 }
-PUBLIC = {"healthz", "readyz", "index"}
+PUBLIC = {"healthz", "readyz", "index", "staff_page"}
 
 
 def _expected(route: str, caller: str) -> int:
@@ -64,6 +86,7 @@ def world(app, keys):
         "conversation_id"
     ]
     client_with_key(app, keys["client_a"]).post("/chat", json={"conversation_id": conversation_id, "message": SECRET_TEXT})
+    client_with_key(app, keys["client_a"]).put(f"/conversations/{conversation_id}/variables/plan", json={"value": "gold"})
     with app.app_context():
         session = get_session()
         revoked, revoked_secret = create_key(session, "client", "revoked")
@@ -78,6 +101,7 @@ def world(app, keys):
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_authorization_matrix(app, world, route, caller):
     method, path, options = ROUTES[route]
+    path = path.format(cid=world["conversation_id"])
     client = client_with_key(app, world["secrets"][caller])
 
     response = client.open(path, method=method, **options(world))
@@ -88,6 +112,7 @@ def test_authorization_matrix(app, world, route, caller):
         assert SECRET_TEXT not in body and "user-of-a" not in body
     if response.status_code >= 400:
         assert set(response.json) >= {"error", "message"}
+
 
 
 def test_staff_reads_are_audited_and_client_reads_are_not(app, client, staff_client):

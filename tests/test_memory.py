@@ -165,13 +165,16 @@ def test_context_invariants_hold_for_any_log(log, last, max_tokens, max_messages
 
     context = memory.get_current_context()
     sent = context.messages
-    log_tail = [{"role": m.role, "content": m.content} for m in memory.messages[-len(sent):]]
+    log_tail = memory.messages[-context.messages_sent:]
 
     assert sent and sent[0]["role"] == USER
+    assert all(a["role"] != b["role"] for a, b in zip(sent, sent[1:], strict=False))  # turns alternate
     assert context.messages_sent + context.messages_dropped == len(memory.messages)
     if context.truncated:
         assert len(sent) == 1 and sent[0]["content"] != last
     else:
-        assert sent == log_tail  # a contiguous tail of the log, ending with the new message
+        # A contiguous tail of the log, ending with the new message; same-role neighbours joined.
+        assert "\n\n".join(m["content"] for m in sent) == "\n\n".join(m.content for m in log_tail)
+        assert [m["role"] for m in sent] == [r for n, r in enumerate(m.role for m in log_tail) if n == 0 or r != log_tail[n - 1].role]
         assert context.token_count <= max_tokens
         assert max_messages is None or len(sent) <= max_messages

@@ -1,0 +1,197 @@
+// Parley staff console: the needs_human queue, search, one conversation's log,
+// claim / write / release. Reads the same JSON API as every other client.
+// Everything from users, models or staff is put on the page with textContent.
+"use strict";
+
+const KEY_STORAGE = "parley.staffKey";
+const REFRESH_MS = 5000;
+
+const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", open: null, lastSeq: 0, cursor: null, timer: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function say(message, isError = false) {
+  const status = $("status");
+  status.textContent = message;
+  status.classList.toggle("error", isError);
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: "Bearer " + state.key };
+  const options = { method, headers };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error((data && data.message) || response.status + " " + response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+function conversationButton(conversation) {
+  const item = el("li");
+  const button = el("button", conversation.conversation_name || conversation.user_id);
+  button.type = "button";
+  button.dataset.conversationId = conversation.conversation_id;
+  if (state.open === conversation.conversation_id) button.setAttribute("aria-current", "true");
+  const meta = [conversation.user_id, conversation.handoff, conversation.status];
+  if (conversation.stage) meta.push("stage " + conversation.stage);
+  meta.push("since " + new Date(conversation.handoff_since || conversation.created_at).toLocaleString());
+  button.append(el("span", meta.join(" · "), "meta"), el("span", conversation.conversation_id, "meta"));
+  button.addEventListener("click", () => openConversation(conversation.conversation_id));
+  item.append(button);
+  return item;
+}
+
+async function refreshQueue() {
+  if (!state.key) return;
+  try {
+    const page = await api("GET", "/conversations?handoff=needs_human&limit=100");
+    $("queue").replaceChildren(...page.conversations.map(conversationButton));
+    $("queue-count").textContent = String(page.conversations.length);
+  } catch (error) {
+    say("Queue: " + error.message, true);
+  }
+}
+
+async function search(event, more = false) {
+  if (event) event.preventDefault();
+  const params = new URLSearchParams();
+  for (const [name, value] of new FormData($("search-form"))) if (value) params.set(name, value);
+  if (more && state.cursor) params.set("cursor", state.cursor);
+  try {
+    const page = await api("GET", "/conversations?" + params.toString());
+    const items = page.conversations.map(conversationButton);
+    if (more) $("results").append(...items); else $("results").replaceChildren(...items);
+    state.cursor = page.next_cursor;
+    $("more-results").hidden = !page.next_cursor;
+    say(more || items.length ? "" : "No conversation matches.");
+  } catch (error) {
+    say("Search: " + error.message, true);
+  }
+}
+
+function summaryRow(list, label, value) {
+  list.append(el("dt", label), el("dd", value === null || value === undefined || value === "" ? "—" : value));
+}
+
+function historyItems(list, moves) {
+  list.replaceChildren(...moves.map((move) => {
+    const who = move.by ? move.actor + " " + move.by.slice(0, 8) : move.actor;
+    const text = `${move.from || "null"} → ${move.to || "null"} · ${who} · ${new Date(move.at).toLocaleString()}`;
+    return el("li", move.reason ? text + " · " + move.reason : text);
+  }));
+  if (!moves.length) list.append(el("li", "none yet", "muted"));
+}
+
+function messageItem(message) {
+  const item = el("li", null, message.role);
+  item.dataset.seq = String(message.seq);
+  const label = { user: "User", assistant: "Bot", staff: "Staff" }[message.role] || message.role;
+  item.append(el("span", `#${message.seq} · ${label} · ${new Date(message.created_at).toLocaleString()}`, "who"));
+  item.append(el("div", message.content, "text"));
+  return item;
+}
+
+function show(conversation) {
+  state.open = conversation.conversation_id;
+  $("detail").hidden = false;
+  $("detail-title").textContent = conversation.conversation_name || "Conversation " + conversation.conversation_id;
+  const summary = $("summary");
+  summary.replaceChildren();
+  summaryRow(summary, "ID", conversation.conversation_id);
+  summaryRow(summary, "User", conversation.user_id);
+  summaryRow(summary, "Status", conversation.status);
+  summaryRow(summary, "Handoff", conversation.handoff);
+  summaryRow(summary, "Assigned to", conversation.assigned_to);
+  summaryRow(summary, "Stage", conversation.stage);
+  summaryRow(summary, "Messages", conversation.message_count);
+  summaryRow(summary, "Created", new Date(conversation.created_at).toLocaleString());
+  summary.querySelectorAll("dd")[3].id = "handoff-state";
+  $("variables").textContent = JSON.stringify(conversation.variables, null, 2);
+  historyItems($("handoff-history"), conversation.handoff_history);
+  historyItems($("stage-history"), conversation.stage_history);
+  $("messages").replaceChildren(...conversation.messages.map(messageItem));
+  const last = conversation.messages[conversation.messages.length - 1];
+  state.lastSeq = last ? last.seq : 0;
+  const active = conversation.status === "active";
+  $("claim").disabled = !(active && conversation.handoff === "needs_human");
+  $("release").disabled = !(active && conversation.handoff === "human");
+  $("reply").disabled = $("reply-form").querySelector("button").disabled = !(active && conversation.handoff === "human");
+  $("messages").lastElementChild?.scrollIntoView({ block: "nearest" });
+}
+
+async function openConversation(conversationId) {
+  try {
+    show(await api("GET", "/get_conversation?conversation_id=" + encodeURIComponent(conversationId)));
+    say("");
+  } catch (error) {
+    say("Open: " + error.message, true);
+  }
+}
+
+async function act(label, method, suffix, body) {
+  if (!state.open) return;
+  try {
+    await api(method, `/conversations/${encodeURIComponent(state.open)}/${suffix}`, body);
+    say(label);
+  } catch (error) {
+    say(error.message, true);
+  }
+  await openConversation(state.open);
+  await refreshQueue();
+}
+
+function start() {
+  if (state.timer) clearInterval(state.timer);
+  if (!state.key) return;
+  refreshQueue();
+  state.timer = setInterval(refreshQueue, REFRESH_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("refresh-seconds").textContent = String(REFRESH_MS / 1000);
+  $("staff-key").value = state.key;
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.key = $("staff-key").value.trim();
+    sessionStorage.setItem(KEY_STORAGE, state.key);
+    say("Key set.");
+    start();
+  });
+  $("forget-key").addEventListener("click", () => {
+    state.key = "";
+    sessionStorage.removeItem(KEY_STORAGE);
+    $("staff-key").value = "";
+    if (state.timer) clearInterval(state.timer);
+    say("Key forgotten.");
+  });
+  $("search-form").addEventListener("submit", (event) => search(event));
+  $("more-results").addEventListener("click", () => search(null, true));
+  $("claim").addEventListener("click", () => act("Claimed: you answer the user now.", "POST", "claim"));
+  $("release").addEventListener("click", () => {
+    const note = $("release-note").value.trim();
+    $("release-note").value = "";
+    act("Released to the bot.", "POST", "release", note ? { note } : {});
+  });
+  $("reload").addEventListener("click", () => state.open && openConversation(state.open));
+  $("reply-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const message = $("reply").value;
+    if (!message.trim()) return;
+    $("reply").value = "";
+    act("Sent.", "POST", "staff_messages", { message });
+  });
+  start();
+});

@@ -1,0 +1,122 @@
+"""The staff console page in a real browser: Debian's chromium driven by Playwright.
+
+The scenario of the issue: a client conversation asks for a human; staff
+claim it in the console and reply; the client sees the staff message
+through after_seq; staff release it. A screenshot is kept in the test's
+temporary folder.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from werkzeug.serving import make_server
+
+from staff_console import CONTENT_SECURITY_POLICY
+from tests.conftest import client_with_key
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def live_url(app) -> Iterator[str]:
+    """The app served over HTTP on 127.0.0.1, for the browser."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def page() -> Iterator[Page]:
+    assert Path(CHROMIUM).exists(), "install Debian's chromium: make chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield page
+        browser.close()
+
+
+def test_staff_page_is_served_with_a_strict_csp(client):
+    response = client.get("/staff")
+
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+    html = response.get_data(as_text=True)
+    assert "<script>" not in html and "http://" not in html and "https://" not in html
+    assert client.get("/static/staff.js").status_code == 200
+
+
+def test_staff_claim_reply_and_release_in_the_browser(app, keys, live_url, page, tmp_path):
+    client = client_with_key(app, keys["client_a"])
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#status")).to_have_text("Key set.")
+
+    # The client's conversation asks for a human after the page is open: the queue refreshes by itself.
+    conversation_id = client.post("/new_chat", json={"user_id": "shopper-7", "conversation_name": "Refund"}).json["conversation_id"]
+    client.put(f"/conversations/{conversation_id}/variables/order", json={"value": {"id": 42}})
+    client.put(f"/conversations/{conversation_id}/stage", json={"stage": "awaiting_refund"})
+    client.post("/chat", json={"conversation_id": conversation_id, "message": "My parcel <b>never</b> came <img src=x>"})
+    asked = client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "asks for a refund"})
+    assert asked.status_code == 200
+    held = client.post("/chat", json={"conversation_id": conversation_id, "message": "Is anyone there?"})
+    assert held.status_code == 202
+    last_seen = held.json["seq"]
+
+    entry = page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')
+    expect(entry).to_be_visible(timeout=20_000)
+    entry.focus()
+    page.keyboard.press("Enter")  # usable with the keyboard
+
+    expect(page.locator("#handoff-state")).to_have_text("needs_human")
+    expect(page.locator("#messages li")).to_have_count(3)
+    # User text is shown as text, never as markup.
+    expect(page.locator("#messages li").first.locator(".text")).to_have_text("My parcel <b>never</b> came <img src=x>")
+    assert page.locator("#messages img, #messages b").count() == 0
+    expect(page.locator("#variables")).to_contain_text('"id": 42')
+    expect(page.locator("#handoff-history li")).to_have_count(1)
+    expect(page.locator("#handoff-history li").first).to_contain_text("asks for a refund")
+    expect(page.locator("#stage-history li").first).to_contain_text("awaiting_refund")
+
+    page.get_by_role("button", name="Claim").click()
+    expect(page.locator("#handoff-state")).to_have_text("human")
+    page.get_by_label("Write to the user").fill("Hello, this is Sam from support. Your refund is on its way.")
+    page.get_by_role("button", name="Send as staff").click()
+    expect(page.locator("#messages li.staff")).to_have_count(1)
+    expect(page.locator("#messages li.staff .text")).to_have_text("Hello, this is Sam from support. Your refund is on its way.")
+
+    # The client sees the staff message through after_seq.
+    newer = client.get("/get_conversation", query_string={"conversation_id": conversation_id, "after_seq": last_seen}).json
+    assert [(m["role"], m["content"]) for m in newer["messages"]] == [
+        ("staff", "Hello, this is Sam from support. Your refund is on its way.")
+    ]
+
+    page.get_by_label("Release note").fill("refund issued")
+    page.get_by_role("button", name="Release to the bot").click()
+    expect(page.locator("#handoff-state")).to_have_text("bot")
+    expect(page.locator("#handoff-history li")).to_have_count(3)
+    expect(page.locator("#handoff-history li").last).to_contain_text("refund issued")
+    expect(page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')).to_have_count(0)
+
+    # Search with the existing filters finds it by stage.
+    page.get_by_label("Stage").fill("awaiting_refund")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator(f'#results button[data-conversation-id="{conversation_id}"]')).to_be_visible()
+
+    screenshot = tmp_path / "staff_console.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["handoff"] == "bot"
+    assert problems == []

@@ -1,0 +1,214 @@
+"""Dialog stage (compare-and-set, history, search) and session variables
+(CRUD, limits, the system prompt's sandboxed placeholders, the archive)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from s3_utils import get_s3_file_content
+
+
+def _open(client, **body) -> str:
+    response = client.post("/new_chat", json={"user_id": "user-1", **body})
+    assert response.status_code == 201, response.json
+    return response.json["conversation_id"]
+
+
+def _stage(client, conversation_id: str, **body):
+    return client.put(f"/conversations/{conversation_id}/stage", json=body)
+
+
+def _put(client, conversation_id: str, name: str, value):
+    return client.put(f"/conversations/{conversation_id}/variables/{name}", json={"value": value})
+
+
+def test_stage_starts_null_and_is_set_with_history(client):
+    conversation_id = _open(client)
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["stage"] is None
+
+    first = _stage(client, conversation_id, stage="awaiting_confirmation")
+    second = _stage(client, conversation_id, stage="confirmed", expected_stage="awaiting_confirmation")
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.json["stage"] == "confirmed"
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [(h["from"], h["to"], h["actor"]) for h in log["stage_history"]] == [
+        (None, "awaiting_confirmation", "client"), ("awaiting_confirmation", "confirmed", "client"),
+    ]
+
+
+def test_a_stale_expected_stage_is_409_and_changes_nothing(client):
+    conversation_id = _open(client)
+    _stage(client, conversation_id, stage="confirmed")
+
+    response = _stage(client, conversation_id, stage="cancelled", expected_stage="awaiting_confirmation")
+    from_null = _stage(client, conversation_id, stage="x", expected_stage=None)
+
+    assert response.status_code == 409 and response.json["error"] == "stage_mismatch"
+    assert "at stage confirmed" in response.json["message"]
+    assert from_null.status_code == 409
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["stage"] == "confirmed"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_two_concurrent_confirmations_never_both_succeed(app, client):
+    conversation_id = _open(client)
+    _stage(client, conversation_id, stage="awaiting_confirmation")
+    barrier = threading.Barrier(6)
+    statuses: list[int] = []
+
+    def confirm() -> None:
+        own = app.test_client()
+        own.environ_base.update(client.environ_base)
+        barrier.wait()
+        statuses.append(_stage(own, conversation_id, stage="confirmed", expected_stage="awaiting_confirmation").status_code)
+
+    threads = [threading.Thread(target=confirm) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(statuses) == [200] + [409] * 5
+
+
+@pytest.mark.parametrize("stage", ["Upper", "has space", "x" * 65, ""])
+def test_stage_names_follow_the_pattern(client, stage):
+    assert _stage(client, _open(client), stage=stage).status_code == 400
+
+
+def test_stage_can_be_cleared_and_filters_search(client, staff_client):
+    waiting, other = _open(client), _open(client)
+    _stage(client, waiting, stage="awaiting_confirmation")
+    _stage(client, other, stage="browsing")
+
+    found = staff_client.get("/conversations", query_string={"stage": "awaiting_confirmation"}).json["conversations"]
+    cleared = _stage(client, waiting, stage=None)
+
+    assert [c["conversation_id"] for c in found] == [waiting]
+    assert cleared.status_code == 200 and cleared.json["stage"] is None
+
+
+def test_variables_set_read_list_and_delete(client):
+    conversation_id = _open(client)
+    values = {"name": "Ann", "plan": {"tier": "gold", "seats": 3}, "flags": [True, None], "n": 1.5}
+    for name, value in values.items():
+        assert _put(client, conversation_id, name, value).json == {"name": name, "value": value}
+
+    listed = client.get(f"/conversations/{conversation_id}/variables")
+    one = client.get(f"/conversations/{conversation_id}/variables/plan")
+    deleted = client.delete(f"/conversations/{conversation_id}/variables/n")
+
+    assert listed.json == {"conversation_id": conversation_id, "variables": values}
+    assert one.json == {"name": "plan", "value": {"tier": "gold", "seats": 3}}
+    assert deleted.status_code == 204
+    assert client.get(f"/conversations/{conversation_id}/variables/n").status_code == 404
+    assert client.delete(f"/conversations/{conversation_id}/variables/n").status_code == 404
+    detail = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert detail["variables"] == {k: v for k, v in values.items() if k != "n"}
+
+
+def test_patch_sets_several_in_one_transaction(client):
+    conversation_id = _open(client)
+    _put(client, conversation_id, "keep", 1)
+
+    done = client.patch(f"/conversations/{conversation_id}/variables", json={"a": 1, "b": "two"})
+    refused = client.patch(f"/conversations/{conversation_id}/variables", json={"c": 3, "bad-name": 4})
+
+    assert done.status_code == 200 and done.json["variables"] == {"keep": 1, "a": 1, "b": "two"}
+    assert refused.status_code == 400
+    assert client.get(f"/conversations/{conversation_id}/variables").json["variables"] == {"keep": 1, "a": 1, "b": "two"}
+
+
+@pytest.mark.parametrize("name", ["1abc", "has-dash", "a" * 65, "é"])
+def test_variable_names_follow_the_pattern(client, name):
+    assert _put(client, _open(client), name, 1).status_code in (400, 404)
+    assert client.patch(f"/conversations/{_open(client)}/variables", json={name: 1}).status_code == 400
+
+
+def test_limits_are_413(app, client):
+    app.config.update(VARIABLES_MAX_COUNT=3, VARIABLE_MAX_BYTES=100)
+    conversation_id = _open(client)
+
+    too_big = _put(client, conversation_id, "big", "x" * 200)
+    client.patch(f"/conversations/{conversation_id}/variables", json={"a": 1, "b": 2, "c": 3})
+    too_many = _put(client, conversation_id, "d", 4)
+    replace = _put(client, conversation_id, "a", 10)
+
+    assert (too_big.status_code, too_big.json["error"]) == (413, "payload_too_large")
+    assert too_many.status_code == 413 and "VARIABLES_MAX_COUNT=3" in too_many.json["message"]
+    assert replace.status_code == 200
+    assert client.get(f"/conversations/{conversation_id}/variables").json["variables"] == {"a": 10, "b": 2, "c": 3}
+
+
+def test_staff_read_variables_but_only_the_client_sets_them(client, staff_client):
+    conversation_id = _open(client)
+    _put(client, conversation_id, "a", 1)
+
+    assert staff_client.get(f"/conversations/{conversation_id}/variables").json["variables"] == {"a": 1}
+    assert _put(staff_client, conversation_id, "a", 2).status_code == 403
+
+
+def test_variables_of_an_ended_conversation_are_kept_in_the_archive(app, client):
+    conversation_id = _open(client)
+    _put(client, conversation_id, "order", {"id": 42})
+    _stage(client, conversation_id, stage="done")
+    location = client.post("/end_chat", json={"conversation_id": conversation_id}).json["s3_file_location"]
+
+    with app.app_context():
+        document = get_s3_file_content(app.extensions["parley.archive"], location)
+    assert _put(client, conversation_id, "order", 1).status_code == 409
+
+    assert document["conversation"]["variables"] == {"order": {"id": 42}}
+    assert document["conversation"]["stage"] == "done"
+    assert [h["to"] for h in document["conversation"]["stage_history"]] == ["done"]
+    assert document["conversation"]["handoff_history"] == []
+
+
+def test_system_prompt_placeholders_are_filled_at_each_turn(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _open(client, system_prompt="Help {{ name }} with plan {{ plan.tier }}. Cart: {{ cart }}.{{ missing }}")
+    client.patch(f"/conversations/{conversation_id}/variables", json={"name": "Ann", "plan": {"tier": "gold"}, "cart": [1, 2]})
+
+    first = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    _put(client, conversation_id, "name", "Bea")
+    client.post("/chat", json={"conversation_id": conversation_id, "message": "again"})
+
+    systems = [request.body["system"] for request in fake_model.requests]
+    assert systems == ["Help Ann with plan gold. Cart: [1, 2].", "Help Bea with plan gold. Cart: [1, 2]."]
+    assert first.json["context"]["missing_variables"] == ["missing"]
+    stored = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert stored["system_prompt"].startswith("Help {{ name }}")
+
+
+@pytest.mark.parametrize(
+    "template", ["{{ name.__class__.__mro__ }}", "{{ name.__init__.__globals__ }}", "{{ ''.__class__.__subclasses__() }}"]
+)
+def test_the_template_sandbox_gives_nothing_away(provider_app, fake_model, template):
+    client = provider_app("anthropic")
+    conversation_id = _open(client, system_prompt="x" + template)
+    _put(client, conversation_id, "name", "Ann")
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    if response.status_code == 200:
+        assert fake_model.requests[-1].body["system"] == "x"
+    else:
+        assert response.status_code == 422 and response.json["error"] == "system_prompt_error"
+
+
+def test_an_invalid_template_is_refused_when_the_conversation_opens(client):
+    response = client.post("/new_chat", json={"user_id": "u", "system_prompt": "Hello {{ name"})
+
+    assert response.status_code == 400 and "template" in response.json["message"]
+
+
+def test_a_failing_template_is_a_clear_422_and_releases_the_turn(client):
+    conversation_id = _open(client, system_prompt="{{ 1 / 0 }}")
+
+    first = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    again = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert (first.status_code, again.status_code) == (422, 422)
+    assert first.json["error"] == "system_prompt_error"
