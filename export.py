@@ -70,6 +70,8 @@ PARQUET_SCHEMA = pa.schema(
         ("conversation_name", pa.string()),
         ("conversation_created_at", pa.timestamp("us", tz="UTC")),
         ("ended_at", pa.timestamp("us", tz="UTC")),
+        ("stage", pa.string()),
+        ("variables", pa.string()),  # the session variables, as JSON text
         ("seq", pa.int32()),
         ("role", pa.string()),
         ("content", pa.string()),
@@ -77,6 +79,7 @@ PARQUET_SCHEMA = pa.schema(
         ("token_count", pa.int32()),
         ("input_tokens", pa.int64()),
         ("output_tokens", pa.int64()),
+        ("incomplete", pa.bool_()),
     ]
 )
 
@@ -297,6 +300,7 @@ class _Part:
     def _add_rows(self, document: dict[str, Any]) -> None:
         conversation, rows = document["conversation"], self._rows
         created, ended = _timestamp(conversation["created_at"]), _timestamp(conversation["ended_at"])
+        variables = json.dumps(conversation.get("variables") or {}, ensure_ascii=False, sort_keys=True)
         for message in document["messages"]:
             usage = message.get("usage") or {}
             rows["conversation_id"].append(conversation["conversation_id"])
@@ -304,6 +308,8 @@ class _Part:
             rows["conversation_name"].append(conversation["conversation_name"])
             rows["conversation_created_at"].append(created)
             rows["ended_at"].append(ended)
+            rows["stage"].append(conversation.get("stage"))
+            rows["variables"].append(variables)
             rows["seq"].append(message["seq"])
             rows["role"].append(message["role"])
             rows["content"].append(message["content"])
@@ -311,6 +317,7 @@ class _Part:
             rows["token_count"].append(message["token_count"])
             rows["input_tokens"].append(usage.get("input_tokens"))
             rows["output_tokens"].append(usage.get("output_tokens"))
+            rows["incomplete"].append(bool(message.get("incomplete")))
         if len(rows["seq"]) >= ROW_GROUP_ROWS:
             self._flush_rows()
 

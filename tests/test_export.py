@@ -264,3 +264,23 @@ def test_an_object_failing_its_checksum_is_reported_not_exported(app, runner, ar
     assert result.exit_code == 1
     assert "export: 8 conversations" in result.output and "1 objects could not be read" in result.output
     assert [error["key"] for error in _manifest(tmp_path / "out")["errors"]] == [key]
+
+
+def test_exports_carry_the_session_variables_and_stage(app, client, runner, tmp_path):
+    app.config["LIVE_RETENTION_DAYS"] = 3650
+    conversation_id = client.post("/new_chat", json={"user_id": "with-vars"}).json["conversation_id"]
+    client.post("/chat", json={"conversation_id": conversation_id, "message": "hello"})
+    assert client.patch(f"/conversations/{conversation_id}/variables", json={"plan": "gold", "seats": 3}).status_code == 200
+    assert client.put(f"/conversations/{conversation_id}/stage", json={"stage": "awaiting_confirmation"}).status_code == 200
+    _archive_on(app, DAY1, [conversation_id])
+
+    parquet = _export(runner, tmp_path / "parquet", "--format", "parquet")
+    jsonl = _export(runner, tmp_path / "jsonl", "--format", "jsonl")
+
+    assert parquet.exit_code == 0 and jsonl.exit_code == 0, parquet.output + jsonl.output
+    rows = duckdb.sql(
+        f"SELECT DISTINCT variables, stage FROM read_parquet('{tmp_path / 'parquet'}/**/*.parquet', hive_partitioning = true)"
+    ).fetchall()
+    assert [(json.loads(variables), stage) for variables, stage in rows] == [({"plan": "gold", "seats": 3}, "awaiting_confirmation")]
+    line = json.loads(next((tmp_path / "jsonl").glob("dt=*/*.jsonl")).read_text())
+    assert line["conversation"]["variables"] == {"plan": "gold", "seats": 3}

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from s3_utils import get_s3_file_content
+from s3_utils import read_document
 
 
 def _open(client, **body) -> str:
@@ -157,7 +157,7 @@ def test_variables_of_an_ended_conversation_are_kept_in_the_archive(app, client)
     location = client.post("/end_chat", json={"conversation_id": conversation_id}).json["s3_file_location"]
 
     with app.app_context():
-        document = get_s3_file_content(app.extensions["parley.archive"], location)
+        document = read_document(app.extensions["parley.archive"], location)
     assert _put(client, conversation_id, "order", 1).status_code == 409
 
     assert document["conversation"]["variables"] == {"order": {"id": 42}}
