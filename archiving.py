@@ -62,7 +62,9 @@ WORKERS = 8
 # take BACKGROUND_TIMEOUTS.total for one write, /end_chat REQUEST_TIMEOUTS.total.
 ENDING_LEASE = timedelta(seconds=BACKGROUND_TIMEOUTS.total + 30)
 REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
-_MESSAGE_COLUMNS = (Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage)
+_MESSAGE_COLUMNS = (
+    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete
+)
 
 
 @dataclass

@@ -2,30 +2,25 @@
 (templates/staff.html, static/staff.js, static/staff.css) that call the same
 JSON API as every other client, with the staff key the user pastes.
 
-The page's Content-Security-Policy allows scripts, styles and requests from
-this origin only: no inline script, nothing from elsewhere.
+It is served with the chat page's headers (`pages.secure`): the same
+Content-Security-Policy, which allows scripts, styles and requests from this
+origin only, so no inline script runs.
 """
 from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, render_template
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+from pages import secure
 
-pages = Blueprint("staff_console", __name__)
+staff_pages = Blueprint("staff_console", __name__)
 
 
-@pages.get("/staff")
+@staff_pages.get("/staff")
 def staff_page() -> Response:
-    response = Response(render_template("staff.html"), mimetype="text/html")
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response = secure(Response(render_template("staff.html"), mimetype="text/html"))
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
 def init_app(app: Flask) -> None:
-    app.register_blueprint(pages)
+    app.register_blueprint(staff_pages)

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from werkzeug.serving import make_server
 
-from staff_console import CONTENT_SECURITY_POLICY
+from pages import CONTENT_SECURITY_POLICY
 from tests.conftest import client_with_key
 
 CHROMIUM = "/usr/bin/chromium"
@@ -42,11 +42,12 @@ def page() -> Iterator[Page]:
         browser.close()
 
 
-def test_staff_page_is_served_with_a_strict_csp(client):
+def test_staff_page_is_served_with_the_chat_pages_strict_csp(client):
     response = client.get("/staff")
 
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert client.get("/", headers={"Accept": "text/html"}).headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
     html = response.get_data(as_text=True)
     assert "<script>" not in html and "http://" not in html and "https://" not in html
