@@ -55,6 +55,7 @@ MAX_NAME_CHARS = 255
 PNG, JPEG, GIF, WEBP, PDF = "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"
 TEXT, MARKDOWN = "text/plain", "text/markdown"
 IMAGES = frozenset({PNG, JPEG, GIF, WEBP})
+ALLOWED_TYPES = (PNG, JPEG, GIF, WEBP, PDF, TEXT, MARKDOWN)
 # Leading bytes of each binary type (WebP: "RIFF", 4 bytes of size, "WEBP").
 SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
     (PNG, b"\x89PNG\r\n\x1a\n", 0),

@@ -529,7 +529,8 @@ def list_files(path: ConversationPath):
 
 
 @api.get("/conversations/<conversation_id>/files/<file_id>", tags=[files_tag],
-         responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+         responses={200: {"description": "The file's bytes, with its stored type",
+                          "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in files.ALLOWED_TYPES}},
                     503: ErrorResponse})
 @allow(Role.CLIENT, Role.STAFF)
 def download_file(path: FilePath):

@@ -19,7 +19,6 @@ from database_utils import AuditEvent, Conversation, ConversationFile, Message, 
 from tests.conftest import client_with_key
 from tests.test_streaming import parse_events
 
-
 # ---------------------------------------------------------------- sample files
 
 
