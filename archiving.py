@@ -36,6 +36,7 @@ from auth import Caller
 from conversations import _visible_conversation, conversation_dict, message_dict
 from database_utils import AuditEvent, Conversation, Message, Status, check_transition, get_session, utcnow
 from errors import TurnInProgress
+from files import delete_files, files_by_conversation
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
@@ -63,7 +64,8 @@ WORKERS = 8
 ENDING_LEASE = timedelta(seconds=BACKGROUND_TIMEOUTS.total + 30)
 REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
 _MESSAGE_COLUMNS = (
-    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete
+    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete,
+    Message.file_ids,
 )
 
 
@@ -101,8 +103,13 @@ def end_conversation(
     return conversation
 
 
-def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dict[str, Any]:
-    """The archive document of an `ending` conversation: the same input always gives the same document."""
+def archive_document(
+    conversation: Conversation, messages: Iterable[Any], files: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The archive document of an `ending` conversation: the same input always gives the same document.
+
+    `files` are its uploaded files (files.py), as the files API lists them; the bytes stay in their own objects.
+    """
     ended_at = conversation.ended_at.isoformat()
     summary = conversation_dict(conversation, history=True)
     summary.update(status=Status.ENDED, ended_at=ended_at, updated_at=ended_at)
@@ -111,6 +118,7 @@ def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dic
         "schema_version": SCHEMA_VERSION,
         "conversation": summary,
         "messages": [message_dict(row) for row in messages],
+        "files": list(files),
         "usage": summary["usage"] | {"token_count": conversation.token_count},
     }
 
@@ -161,8 +169,12 @@ def _documents(session: Session, conversations: Sequence[Conversation]) -> list[
     # Core rows, not the ORM's result processing: this runs for every archived message.
     for row in session.connection().execute(query):
         messages[row.conversation_id].append(row)
+    files = files_by_conversation(session, ids)
     session.commit()
-    return [archive_document(conversation, messages[conversation.conversation_id]) for conversation in conversations]
+    return [
+        archive_document(conversation, messages[conversation.conversation_id], files[conversation.conversation_id])
+        for conversation in conversations
+    ]
 
 
 def _try_write(archive: Archive, document: dict[str, Any]) -> StoredObject | ArchiveError:
@@ -550,9 +562,11 @@ def apply_retention(
 
 
 def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str]) -> int:
-    """Delete objects first, then rows: a crash in between leaves rows to retry, never an object to resurrect."""
+    """Delete objects first (documents and uploaded files), then rows: a crash in between
+    leaves rows to retry, never an object to resurrect."""
     for key in keys:
         archive.delete(key)
+    delete_files(session, archive, ids)
     session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
     session.execute(delete(Conversation).where(Conversation.conversation_id.in_(ids)))
     session.commit()

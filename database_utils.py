@@ -225,6 +225,29 @@ class Message(Base):
     usage: Mapped[dict[str, Any] | None]
     # A streamed reply stored as far as it came when its client went away.
     incomplete: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # The conversation files (files.py) a user message referred to, as ID strings.
+    file_ids: Mapped[list[str] | None] = mapped_column(JSON)
+
+
+class ConversationFile(Base):
+    """A file uploaded into a conversation; its bytes are in the archive store at `location`."""
+
+    __tablename__ = "conversation_files"
+
+    file_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.conversation_id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The object's key, relative to ARCHIVE_URL, like Conversation.s3_file_location.
+    location: Mapped[str] = mapped_column(String(1024))
+    # What the file costs in the context budget when a turn sends it (files.py says how it is estimated).
+    token_estimate: Mapped[int] = mapped_column(Integer)
+    uploaded_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id"))
+    uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_conversation_files_conversation", "conversation_id", "uploaded_at", "file_id"),)
 
 
 class Transition(Base):
@@ -555,7 +578,7 @@ _TAIL = (
     .limit(bindparam("page", type_=Integer))
 )
 _TAIL_BEFORE = _TAIL.where(_messages.c.seq < bindparam("before"))
-_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete")
+_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete", "file_ids")
 
 
 # Executed with a list of rows: with RETURNING, SQLAlchemy sends them as one
