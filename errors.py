@@ -167,7 +167,7 @@ def _http_error(exc: HTTPException) -> Response:
     if exc.code == 429:
         return error_response(429, "rate_limited", f"rate limit of {exc.description} exceeded; retry after Retry-After seconds")
     if exc.code == 413:
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        limit = request.max_content_length or current_app.config["MAX_CONTENT_LENGTH"]
         response = error_response(413, PayloadTooLarge.error, f"the request body is larger than {limit} bytes")
         _drain_body()
         response.headers["Connection"] = "close"

@@ -31,6 +31,7 @@ import errors
 import export
 import handoff
 import idempotency
+import knowledge
 import logs
 import metrics
 import pages
@@ -74,6 +75,10 @@ from schemas import (
     KeyList,
     KeyOut,
     KeyRef,
+    KnowledgeDocumentList,
+    KnowledgeDocumentOut,
+    KnowledgeDocumentPath,
+    KnowledgeListQuery,
     MessageOut,
     NewChatRequest,
     ReleaseRequest,
@@ -87,6 +92,7 @@ from schemas import (
     VariablesOut,
     VariablesPatch,
     VariableValue,
+    knowledge_upload_body,
 )
 
 __version__ = "0.3.0"
@@ -101,6 +107,8 @@ IDEMPOTENT_ROUTES = frozenset(
 )
 # POST routes whose body may be left out altogether.
 BODYLESS_ROUTES = frozenset({"claim_conversation", "release_conversation"})
+# POST routes that also take multipart/form-data uploads.
+UPLOAD_ROUTES = frozenset({knowledge.UPLOAD_ENDPOINT})
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
@@ -109,6 +117,7 @@ chats = Tag(name="conversations", description="Open, talk in, end and read conve
 staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
 handoffs = Tag(name="handoff", description="Hand a conversation to a human and back; dialog stage; session variables")
 admin = Tag(name="keys", description="Manage API keys (admin keys)")
+knowledge_base = Tag(name="knowledge", description="Load, list and remove knowledge base documents (admin or staff keys)")
 ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
 
 api = APIBlueprint("parley", __name__, abp_responses=_ERRORS, abp_security=[{"bearer": []}])
@@ -167,6 +176,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     export.init_app(app)
     pages.init_app(app)
     staff_console.init_app(app)
+    knowledge.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -187,6 +197,8 @@ def _require_json_body() -> None:
     if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
         return
     if not request.content_length and request.endpoint.rpartition(".")[2] in BODYLESS_ROUTES:
+        return
+    if request.mimetype == "multipart/form-data" and request.endpoint.rpartition(".")[2] in UPLOAD_ROUTES:
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
@@ -323,6 +335,9 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
         trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)
         if prepared.handoff != Handoff.BOT or trigger is not None:
             return _respond(ChatHeld(**vars(handoff.hold_turn(session, prepared, trigger))), 202)
+        prepared = knowledge.consult(session, current_app.config, knowledge.get_backend(), prepared, body.message)
+        if prepared.retrieval is not None and prepared.retrieval.action != "model":
+            return _answer_from_knowledge(session, prepared)
         if _wants_stream():
             return _stream_chat(session, model, prepared)
         with telemetry.turn():
@@ -336,6 +351,15 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     except BaseException:
         abandon_turn(session, prepared)
         raise
+
+
+def _answer_from_knowledge(session: Session, prepared: PreparedTurn):
+    """A low-confidence turn without a model call: held for a human (202), or the fixed decline reply."""
+    if prepared.retrieval.action == "handoff":
+        held = handoff.hold_turn(session, prepared, knowledge.handoff_trigger(prepared.retrieval))
+        return _respond(ChatHeld(**vars(held)), 202)
+    data, status = _respond(ChatResponse.of(complete_turn(session, prepared, knowledge.decline_reply(current_app.config))))
+    return streaming.respond(streaming.replay(data)) if _wants_stream() else (data, status)
 
 
 def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> Response:
@@ -487,6 +511,43 @@ def remove_variable(path: VariablePath):
     """Delete one variable; 404 when it is not set."""
     session = get_session()
     variables.delete_variable(session, _caller(), path.conversation_id, path.name)
+    session.commit()
+    return "", 204
+
+
+@api.post(
+    "/knowledge/documents",
+    tags=[knowledge_base],
+    responses={201: KnowledgeDocumentOut, 409: ErrorResponse, 415: ErrorResponse},
+    openapi_extensions=knowledge_upload_body(),
+)
+@allow(Role.ADMIN, Role.STAFF)
+def add_knowledge_document():
+    """Load a document: JSON `{title, text, source_url?}`, or multipart with `file` (.txt, .md, .html, .pdf)
+    and optional `title` and `source_url` fields. Up to KNOWLEDGE_MAX_BYTES.
+
+    400 for a document without text or content that is not what its type says
+    (e.g. a broken PDF), 415 for other types, 409 when the same text is loaded already.
+    """
+    title, text, kind, source_url = knowledge.document_from_request(request)
+    document = knowledge.add_document(get_session(), current_app.config, title, text, kind, source_url, _caller())
+    return _respond(KnowledgeDocumentOut.of(document), 201)
+
+
+@api.get("/knowledge/documents", tags=[knowledge_base], responses={200: KnowledgeDocumentList})
+@allow(Role.ADMIN, Role.STAFF)
+def list_knowledge_documents(query: KnowledgeListQuery):
+    """The knowledge base's documents, newest first, a page at a time, with the total."""
+    documents, total = knowledge.list_documents(get_session(), query.limit, query.offset)
+    return KnowledgeDocumentList(documents=[KnowledgeDocumentOut.of(d) for d in documents], total=total).model_dump(mode="json")
+
+
+@api.delete("/knowledge/documents/<document_id>", tags=[knowledge_base], responses={204: None})
+@allow(Role.ADMIN, Role.STAFF)
+def delete_knowledge_document(path: KnowledgeDocumentPath):
+    """Remove a document and its passages from the knowledge base; 404 when there is none."""
+    session = get_session()
+    knowledge.delete_document(session, path.document_id)
     session.commit()
     return "", 204
 
