@@ -126,8 +126,8 @@ def _check_knowledge(config: dict[str, Any]) -> None:
     config["KENDRA_MIN_CONFIDENCE"] = config["KENDRA_MIN_CONFIDENCE"].upper()
     if config["KENDRA_MIN_CONFIDENCE"] not in KENDRA_CONFIDENCES:
         raise ValueError(f"KENDRA_MIN_CONFIDENCE must be one of {', '.join(KENDRA_CONFIDENCES)}")
-    if config["KNOWLEDGE_BACKEND"] == "kendra" and not config["KENDRA_INDEX_ID"]:
-        raise ValueError("KNOWLEDGE_BACKEND=kendra needs KENDRA_INDEX_ID")
+    if config["KNOWLEDGE_BACKEND"] == "kendra" and len(config["KENDRA_INDEX_ID"] or "") != 36:
+        raise ValueError("KNOWLEDGE_BACKEND=kendra needs KENDRA_INDEX_ID, the index's 36-character ID")
     if not config["KNOWLEDGE_LANGUAGE"].replace("_", "").isalnum():
         raise ValueError("KNOWLEDGE_LANGUAGE must be a text search configuration name, e.g. english")
     if not 1 <= config["KNOWLEDGE_TOP_K"] <= 20:

@@ -44,6 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bs4 import BeautifulSoup
 from flask import Flask, current_app, request
 from flask.cli import with_appcontext
+from pydantic import BaseModel, ValidationError
 from pypdf import PdfReader
 from sqlalchemy import Uuid, bindparam, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
@@ -88,6 +89,10 @@ _STOP_WORDS = frozenset(
     "with would you your".split()
 )
 _MARKDOWN_TITLE = re.compile(r"^#\s+(.+)$", re.MULTILINE)
+
+
+class InvalidRequest(ApiError):
+    error = "invalid_request"
 
 
 class InvalidDocument(ApiError):
@@ -202,8 +207,8 @@ def add_document(
     passages = split_passages(body)
     if not passages:
         raise InvalidDocument("the document has no text")
-    words = " ".join(passages)
-    digest = hashlib.sha256(" ".join(body.split()).encode()).hexdigest()
+    words = " ".join(body.split())
+    digest = hashlib.sha256(words.encode()).hexdigest()
     existing = session.scalar(select(KnowledgeDocument.document_id).where(KnowledgeDocument.sha256 == digest))
     if existing is not None:
         raise DuplicateDocument(f"this text is loaded already, as document {existing}")
@@ -238,12 +243,21 @@ def document_from_request(incoming: Any) -> tuple[str, str, str, str | None]:
         upload = incoming.files.get("file")
         if upload is None:
             raise InvalidDocument("a multipart upload needs its document in the field `file`")
-        form = KnowledgeUploadForm.model_validate(incoming.form.to_dict())
+        form = _validated(KnowledgeUploadForm, incoming.form.to_dict())
         found = extract(kind_of(upload.filename, upload.mimetype), upload.read())
         title = form.title or found.title or Path(upload.filename or "document").stem
         return title, found.text, found.kind, form.source_url
-    body = KnowledgeText.model_validate(incoming.get_json())
+    body = _validated(KnowledgeText, incoming.get_json())
     return body.title, body.text, "text", body.source_url
+
+
+def _validated(model: type[BaseModel], data: Any) -> Any:
+    """The model, or 400 `invalid_request` naming each bad field (without echoing the input)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(problems) from None
 
 
 def list_documents(session: Session, limit: int, offset: int) -> tuple[list[KnowledgeDocument], int]:
