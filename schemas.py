@@ -208,7 +208,9 @@ class ContextInfo(BaseModel):
         default_factory=list, description="Placeholders of the system prompt with no variable set; rendered empty."
     )
     knowledge: KnowledgeReport | None = Field(
-        default=None, description="On a knowledge-base conversation: what the turn's search found and how it was used."
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Only on a knowledge-base conversation: what the turn's search found and how it was used.",
     )
 
 
