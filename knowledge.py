@@ -383,17 +383,22 @@ class DatabaseSearch:
 # websearch_to_tsquery reads the message as a web search would (quotes, -, or);
 # its AND-ed terms are OR-ed (and negations dropped), so passages that answer
 # with some of the question's words are found, and ts_rank_cd ranks those with
-# more of them, closer together, first.
+# more of them, closer together, first. Only the top k rows are joined to
+# their text and titles (sorting every match with its text cost a third more).
 POSTGRES_SEARCH = text(
     """
-    SELECT p.passage_id, p.document_id, d.title, d.source_url, p.text,
-           ts_rank_cd(p.search_vector, q.query, 32) AS score
-    FROM (SELECT CAST(translate(CAST(websearch_to_tsquery(CAST(:language AS regconfig), :query) AS text), '&!', '|')
-                      AS tsquery) AS query) AS q
-    JOIN knowledge_passages AS p ON p.search_vector @@ q.query
+    SELECT p.passage_id, p.document_id, d.title, d.source_url, p.text, top.score
+    FROM (
+        SELECT m.passage_id, ts_rank_cd(m.search_vector, q.query, 32) AS score
+        FROM (SELECT CAST(translate(CAST(websearch_to_tsquery(CAST(:language AS regconfig), :query) AS text), '&!', '|')
+                          AS tsquery) AS query) AS q
+        JOIN knowledge_passages AS m ON m.search_vector @@ q.query
+        ORDER BY score DESC, m.passage_id
+        LIMIT :k
+    ) AS top
+    JOIN knowledge_passages AS p ON p.passage_id = top.passage_id
     JOIN knowledge_documents AS d ON d.document_id = p.document_id
-    ORDER BY score DESC, p.passage_id
-    LIMIT :k
+    ORDER BY top.score DESC, top.passage_id
     """
 ).columns(document_id=Uuid)
 SQLITE_SEARCH = text(

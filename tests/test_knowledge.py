@@ -85,7 +85,7 @@ def test_passages_have_the_documented_size_and_overlap():
 
     assert all(len(p) <= knowledge.PASSAGE_CHARS for p in passages)
     assert len(passages) == 6
-    for before, after in zip(passages, passages[1:]):
+    for before, after in zip(passages, passages[1:], strict=False):
         shared = [w for w in after.split() if w in set(before.split())]
         assert after.startswith(" ".join(shared)) and before.endswith(" ".join(shared))
         assert knowledge.PASSAGE_OVERLAP_CHARS - 6 <= len(" ".join(shared)) <= knowledge.PASSAGE_OVERLAP_CHARS
@@ -544,3 +544,33 @@ def test_kendra_documents_are_loaded_in_kendra_not_here(kendra_client, keys):
     response = admin.post("/knowledge/documents", json={"title": "t", "text": "some text"})
 
     assert response.status_code == 409 and "Kendra" in response.json["message"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({"KNOWLEDGE_LOW_CONFIDENCE_POLICY": "shrug"}, "KNOWLEDGE_LOW_CONFIDENCE_POLICY"),
+        ({"KNOWLEDGE_BACKEND": "elastic"}, "KNOWLEDGE_BACKEND"),
+        ({"KNOWLEDGE_BACKEND": "kendra"}, "KENDRA_INDEX_ID"),
+        ({"KENDRA_MIN_CONFIDENCE": "SOMEWHAT"}, "KENDRA_MIN_CONFIDENCE"),
+        ({"KNOWLEDGE_LANGUAGE": "english; drop table"}, "KNOWLEDGE_LANGUAGE"),
+        ({"KNOWLEDGE_TOP_K": "0"}, "KNOWLEDGE_TOP_K"),
+    ],
+)
+def test_bad_knowledge_settings_are_refused_at_start(environ, problem):
+    from config import load_config
+
+    with pytest.raises(ValueError, match=problem):
+        load_config(environ)
+
+
+def test_good_knowledge_settings_are_normalised():
+    from config import load_config
+
+    config = load_config({"KNOWLEDGE_BACKEND": "Kendra", "KENDRA_INDEX_ID": "0123abcd-4567-89ab-cdef-0123456789ab",
+                          "KNOWLEDGE_LOW_CONFIDENCE_POLICY": "HANDOFF", "KENDRA_MIN_CONFIDENCE": "medium",
+                          "KNOWLEDGE_DEFAULT": "on", "KNOWLEDGE_MIN_SCORE": "0.3"})
+
+    assert (config["KNOWLEDGE_BACKEND"], config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"], config["KENDRA_MIN_CONFIDENCE"]) == (
+        "kendra", "handoff", "MEDIUM")
+    assert config["KNOWLEDGE_DEFAULT"] is True and config["KNOWLEDGE_MIN_SCORE"] == 0.3
