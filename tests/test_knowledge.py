@@ -272,13 +272,16 @@ def test_migration_makes_a_gin_index_that_the_search_uses(app):
         column = session.execute(text(
             "SELECT data_type FROM information_schema.columns WHERE table_name = 'knowledge_passages' AND column_name = 'search_vector'"
         )).scalar()
+        storage = session.execute(text(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'knowledge_passages'::regclass AND attname = 'search_vector'"
+        )).scalar()
         session.execute(text("SET LOCAL enable_seqscan = off"))  # ten rows: let the plan show the index is usable
         plan = "\n".join(session.execute(
             text("EXPLAIN " + str(knowledge.POSTGRES_SEARCH)), {"language": "english", "query": "refund", "k": 3}
         ).scalars())
 
     assert "USING gin (search_vector)" in index
-    assert column == "tsvector"
+    assert column == "tsvector" and storage == "m"  # STORAGE MAIN: kept in the row
     assert "Bitmap Index Scan on ix_knowledge_passages_search" in plan
 
 
