@@ -127,10 +127,12 @@ def quality(session: Session, backend: knowledge.DatabaseSearch, settings: dict,
         high_right += item["expected"] in used
         if item["expected"] not in titles:
             misses.append(item["question"])
-    stayed_low = sum(
-        1 for item in unanswerable
-        if not (found := _turn_search(session, backend, item["question"], k)) or found[0].score < threshold
-    )
+    went_high = []
+    for item in unanswerable:
+        found = _turn_search(session, backend, item["question"], k)
+        if found and found[0].score >= threshold:
+            went_high.append(f"{item['question']} -> {found[0].title} ({found[0].score})")
+    stayed_low = len(unanswerable) - len(went_high)
     return {
         "threshold": threshold,
         "recall@1": at1 / len(answerable),
@@ -140,6 +142,7 @@ def quality(session: Session, backend: knowledge.DatabaseSearch, settings: dict,
         "answerable": len(answerable),
         "unanswerable": len(unanswerable),
         "misses": misses,
+        "went high": went_high,
     }
 
 
@@ -150,6 +153,8 @@ def _print_quality(name: str, result: dict, k: int) -> None:
           f"unanswerable kept in the low band {result['unanswerable kept low']:.0%}")
     for question in result["misses"]:
         print(f"  not in the top {k}: {question}")
+    for question in result["went high"]:
+        print(f"  unanswerable but high: {question}")
 
 
 def main() -> None:
