@@ -322,6 +322,12 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     handoff trigger fires, the message is stored, the model is not called,
     and the answer is 202 `{handoff, seq}` (as JSON, also when a stream was asked for).
 
+    On a conversation opened with `"knowledge": true`, the message is searched
+    in the knowledge base first (knowledge.py): passages that reach the
+    threshold go to the model and come back as `citations`; below it,
+    KNOWLEDGE_LOW_CONFIDENCE_POLICY answers, declines (no model call) or hands
+    off (202). `context.knowledge` reports what was found.
+
     With `"stream": true` (or `Accept: text/event-stream`) the reply comes as
     server-sent events: `delta` `{text}`..., then one `done` (this route's
     JSON answer) or one `error` (`{error, message}`). Errors found before the

@@ -1,4 +1,4 @@
-"""Knowledge base: documents, passages and their full-text index; the conversation's knowledge switch
+"""Knowledge base: documents, passages, their full-text index and the conversation's knowledge switch
 
 Revision ID: 0008
 Revises: 0007
