@@ -70,7 +70,8 @@ MAX_TITLE_CHARS = 300
 MAX_TEXT_TITLE_CHARS = 100
 # Distinct words of the user's message searched on SQLite (FTS5 has no stop words).
 MAX_QUERY_TERMS = 32
-# Kendra's Retrieve takes up to this many characters of query text.
+# At most this many characters of the message go to Kendra (which reads only about
+# its first 30 words; AWS's Query documentation says it truncates there).
 KENDRA_MAX_QUERY_CHARS = 1000
 # KNOWLEDGE_MIN_SCORE's default per database: the two rankings have their own scales
 # (chosen on the labelled questions of bench/knowledge_questions.json).
