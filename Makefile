@@ -52,6 +52,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.stream_concurrency
 	$(BIN)/python -m bench.handoff_reads
 	$(BIN)/python -m bench.files
+	$(BIN)/python -m bench.knowledge_search
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

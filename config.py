@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path("data")
+DEFAULT_DECLINE_REPLY = "I could not find this in the knowledge base, so I cannot answer it reliably."
 DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,speak to a person,human agent,real person"
 
 
@@ -64,6 +65,18 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "HANDOFF_TOOL": (True, on_off),
     "VARIABLES_MAX_COUNT": (100, int),
     "VARIABLE_MAX_BYTES": (16 * 1024, int),
+    "KNOWLEDGE_BACKEND": ("database", str),
+    "KNOWLEDGE_DEFAULT": (False, on_off),
+    "KNOWLEDGE_LANGUAGE": ("english", str),
+    "KNOWLEDGE_TOP_K": (3, int),
+    "KNOWLEDGE_MIN_SCORE": (None, float),
+    "KNOWLEDGE_LOW_CONFIDENCE_POLICY": ("answer", str),
+    "KNOWLEDGE_DECLINE_REPLY": (DEFAULT_DECLINE_REPLY, str),
+    "KNOWLEDGE_MAX_BYTES": (10 * 1024 * 1024, int),
+    "KENDRA_INDEX_ID": (None, str),
+    "KENDRA_REGION": (None, str),
+    "KENDRA_ENDPOINT_URL": (None, str),
+    "KENDRA_MIN_CONFIDENCE": ("HIGH", str),
 }
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.
@@ -95,7 +108,31 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ValueError("LOG_FORMAT must be json or text")
+    _check_knowledge(config)
     return config
+
+
+KNOWLEDGE_BACKENDS = ("database", "kendra")
+KNOWLEDGE_POLICIES = ("answer", "decline", "handoff")
+KENDRA_CONFIDENCES = ("VERY_HIGH", "HIGH", "MEDIUM", "LOW")
+
+
+def _check_knowledge(config: dict[str, Any]) -> None:
+    config["KNOWLEDGE_BACKEND"] = config["KNOWLEDGE_BACKEND"].lower()
+    if config["KNOWLEDGE_BACKEND"] not in KNOWLEDGE_BACKENDS:
+        raise ValueError(f"KNOWLEDGE_BACKEND must be one of {', '.join(KNOWLEDGE_BACKENDS)}")
+    config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"] = config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"].lower()
+    if config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"] not in KNOWLEDGE_POLICIES:
+        raise ValueError(f"KNOWLEDGE_LOW_CONFIDENCE_POLICY must be one of {', '.join(KNOWLEDGE_POLICIES)}")
+    config["KENDRA_MIN_CONFIDENCE"] = config["KENDRA_MIN_CONFIDENCE"].upper()
+    if config["KENDRA_MIN_CONFIDENCE"] not in KENDRA_CONFIDENCES:
+        raise ValueError(f"KENDRA_MIN_CONFIDENCE must be one of {', '.join(KENDRA_CONFIDENCES)}")
+    if config["KNOWLEDGE_BACKEND"] == "kendra" and len(config["KENDRA_INDEX_ID"] or "") != 36:
+        raise ValueError("KNOWLEDGE_BACKEND=kendra needs KENDRA_INDEX_ID, the index's 36-character ID")
+    if not config["KNOWLEDGE_LANGUAGE"].replace("_", "").isalnum():
+        raise ValueError("KNOWLEDGE_LANGUAGE must be a text search configuration name, e.g. english")
+    if not 1 <= config["KNOWLEDGE_TOP_K"] <= 20:
+        raise ValueError("KNOWLEDGE_TOP_K must be between 1 and 20")
 
 
 def turn_lease_seconds(config: Mapping[str, Any]) -> float:

@@ -74,6 +74,8 @@ class PreparedTurn:
     handoff: str = Handoff.BOT  # not bot: the message is held for a human (handoff.py)
     user_messages: int = 0  # before this one
     missing_variables: list[str] = field(default_factory=list)
+    knowledge: bool = False  # the conversation searches the knowledge base on each turn
+    retrieval: Any = None  # knowledge.Retrieval, once searched (between the two halves)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Turn:
     seq: int
     context: ContextWindow
     missing_variables: list[str] = field(default_factory=list)
+    retrieval: Any = None  # knowledge.Retrieval: citations and the context's knowledge report
 
 
 def open_conversation(
@@ -111,6 +114,7 @@ def open_conversation(
         handoff_since=now,
         user_message_count=0,
         variables={},
+        knowledge=settings["KNOWLEDGE_DEFAULT"] if request.knowledge is None else request.knowledge,
         message_count=0,
         token_count=0,
         input_tokens=0,
@@ -162,7 +166,9 @@ def prepare_turn(
     except BaseException:
         session.rollback()
         raise
-    return PreparedTurn(conversation_id, lease_id, user, context, claimed.handoff, claimed.user_message_count, missing)
+    return PreparedTurn(
+        conversation_id, lease_id, user, context, claimed.handoff, claimed.user_message_count, missing, claimed.knowledge
+    )
 
 
 def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -> Turn:
@@ -183,7 +189,7 @@ def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -
     if last_seq is None:
         session.rollback()
         raise Conflict("the conversation ended or its turn lease expired while the reply was being generated")
-    return Turn(prepared.conversation_id, reply, last_seq, prepared.context, prepared.missing_variables)
+    return Turn(prepared.conversation_id, reply, last_seq, prepared.context, prepared.missing_variables, prepared.retrieval)
 
 
 def abandon_turn(session: Session, prepared: PreparedTurn) -> None:

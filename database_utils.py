@@ -186,6 +186,8 @@ class Conversation(Base):
     user_message_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     stage: Mapped[str | None] = mapped_column(String(64))
     variables: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # Each turn searches the knowledge base (knowledge.py).
+    knowledge: Mapped[bool] = mapped_column(default=False, server_default=false())
     transitions: Mapped[list[Transition]] = relationship(order_by="Transition.transition_id", lazy="select")
 
     # Staff search reads newest first with a (created_at, conversation_id)
@@ -267,6 +269,46 @@ class Transition(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_conversation_transitions_conversation", "conversation_id", "transition_id"),)
+
+
+class KnowledgeDocument(Base):
+    """A document of the knowledge base; its text lives in its passages."""
+
+    __tablename__ = "knowledge_documents"
+
+    document_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    title: Mapped[str] = mapped_column(String(300))
+    source_url: Mapped[str | None] = mapped_column(String(2048))
+    content_type: Mapped[str] = mapped_column(String(32))  # text, markdown, html or pdf
+    # Of the extracted text: the same document is loaded once.
+    sha256: Mapped[str] = mapped_column(String(64))
+    char_count: Mapped[int] = mapped_column(Integer)
+    passage_count: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_knowledge_documents_created", "created_at", "document_id"),
+        Index("ix_knowledge_documents_sha256", "sha256", unique=True),
+    )
+
+
+class KnowledgePassage(Base):
+    """A piece of a document, the unit that is searched and cited.
+
+    Its full-text index is made by migration 0008 only and not described
+    here: a `search_vector` tsvector column with a GIN index on PostgreSQL,
+    the FTS5 table `knowledge_fts` on SQLite.
+    """
+
+    __tablename__ = "knowledge_passages"
+
+    passage_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("knowledge_documents.document_id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_knowledge_passages_document", "document_id", "position"),)
 
 
 class AuditEvent(Base):
@@ -544,6 +586,7 @@ _CLAIM_TURN = (
         _conversations.c.handoff,
         _conversations.c.user_message_count,
         _conversations.c.variables,
+        _conversations.c.knowledge,
     )
 )
 _CLAIM_OWN_TURN = _CLAIM_TURN.where(_conversations.c.owner_key_id == bindparam("owner"))

@@ -33,6 +33,7 @@ import export
 import files
 import handoff
 import idempotency
+import knowledge
 import logs
 import metrics
 import pages
@@ -79,6 +80,10 @@ from schemas import (
     KeyList,
     KeyOut,
     KeyRef,
+    KnowledgeDocumentList,
+    KnowledgeDocumentOut,
+    KnowledgeDocumentPath,
+    KnowledgeListQuery,
     MessageOut,
     NewChatRequest,
     ReleaseRequest,
@@ -92,6 +97,7 @@ from schemas import (
     VariablesOut,
     VariablesPatch,
     VariableValue,
+    knowledge_upload_body,
 )
 
 __version__ = "0.3.0"
@@ -106,8 +112,13 @@ IDEMPOTENT_ROUTES = frozenset(
 )
 # POST routes whose body may be left out altogether.
 BODYLESS_ROUTES = frozenset({"claim_conversation", "release_conversation"})
-# POST routes that take multipart/form-data (up to MAX_FILE_BYTES) instead of JSON.
-MULTIPART_ROUTES = frozenset({"upload_file"})
+# POST routes that take multipart/form-data uploads, each with its own body
+# limit (MAX_CONTENT_LENGTH stays small for JSON); the knowledge route also takes JSON.
+UPLOAD_LIMITS: dict[str, Callable[[Mapping[str, Any]], int]] = {
+    "upload_file": files.max_request_bytes,
+    knowledge.UPLOAD_ENDPOINT: knowledge.max_request_bytes,
+}
+MULTIPART_ONLY_ROUTES = frozenset({"upload_file"})
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
@@ -117,6 +128,7 @@ staff = Tag(name="staff", description="Look up any conversation (staff keys; aud
 handoffs = Tag(name="handoff", description="Hand a conversation to a human and back; dialog stage; session variables")
 admin = Tag(name="keys", description="Manage API keys (admin keys)")
 files_tag = Tag(name="files", description="Files in a conversation: upload, list, download; /chat sends them to the model")
+knowledge_base = Tag(name="knowledge", description="Load, list and remove knowledge base documents (admin or staff keys)")
 ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
 
 api = APIBlueprint("parley", __name__, abp_responses=_ERRORS, abp_security=[{"bearer": []}])
@@ -175,6 +187,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     export.init_app(app)
     pages.init_app(app)
     staff_console.init_app(app)
+    knowledge.init_app(app)
     if app.config["DATABASE_URL"].startswith("sqlite"):
         # The embedded default needs no setup step: bring its schema up to date.
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
@@ -194,11 +207,12 @@ def _require_json_body() -> None:
     """Reject bodies that are not one JSON object before validation sees them."""
     if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
         return
-    if request.endpoint.rpartition(".")[2] in MULTIPART_ROUTES:
-        # MAX_CONTENT_LENGTH stays small for JSON; an upload may carry one file.
-        request.max_content_length = files.max_request_bytes(current_app.config)
-        return
-    if not request.content_length and request.endpoint.rpartition(".")[2] in BODYLESS_ROUTES:
+    endpoint = request.endpoint.rpartition(".")[2]
+    if endpoint in UPLOAD_LIMITS:
+        request.max_content_length = UPLOAD_LIMITS[endpoint](current_app.config)
+        if endpoint in MULTIPART_ONLY_ROUTES or request.mimetype == "multipart/form-data":
+            return
+    if not request.content_length and endpoint in BODYLESS_ROUTES:
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
@@ -322,6 +336,12 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     handoff trigger fires, the message is stored, the model is not called,
     and the answer is 202 `{handoff, seq}` (as JSON, also when a stream was asked for).
 
+    On a conversation opened with `"knowledge": true`, the message is searched
+    in the knowledge base first (knowledge.py): passages that reach the
+    threshold go to the model and come back as `citations`; below it,
+    KNOWLEDGE_LOW_CONFIDENCE_POLICY answers, declines (no model call) or hands
+    off (202). `context.knowledge` reports what was found.
+
     With `"stream": true` (or `Accept: text/event-stream`) the reply comes as
     server-sent events: `delta` `{text}`..., then one `done` (this route's
     JSON answer) or one `error` (`{error, message}`). Errors found before the
@@ -337,6 +357,9 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
         trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)
         if prepared.handoff != Handoff.BOT or trigger is not None:
             return _respond(ChatHeld(**vars(handoff.hold_turn(session, prepared, trigger))), 202)
+        prepared = knowledge.consult(session, current_app.config, knowledge.get_backend(), prepared, body.message)
+        if prepared.retrieval is not None and prepared.retrieval.action != "model":
+            return _answer_from_knowledge(session, prepared)
         if _wants_stream():
             return _stream_chat(session, model, prepared)
         with telemetry.turn():
@@ -350,6 +373,15 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     except BaseException:
         abandon_turn(session, prepared)
         raise
+
+
+def _answer_from_knowledge(session: Session, prepared: PreparedTurn):
+    """A low-confidence turn without a model call: held for a human (202), or the fixed decline reply."""
+    if prepared.retrieval.action == "handoff":
+        held = handoff.hold_turn(session, prepared, knowledge.handoff_trigger(prepared.retrieval))
+        return _respond(ChatHeld(**vars(held)), 202)
+    data, status = _respond(ChatResponse.of(complete_turn(session, prepared, knowledge.decline_reply(current_app.config))))
+    return streaming.respond(streaming.replay(data)) if _wants_stream() else (data, status)
 
 
 def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> Response:
@@ -540,6 +572,43 @@ def download_file(path: FilePath):
                          etag=row.sha256, max_age=0)
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+@api.post(
+    "/knowledge/documents",
+    tags=[knowledge_base],
+    responses={201: KnowledgeDocumentOut, 409: ErrorResponse, 415: ErrorResponse},
+    openapi_extensions=knowledge_upload_body(),
+)
+@allow(Role.ADMIN, Role.STAFF)
+def add_knowledge_document():
+    """Load a document: JSON `{title, text, source_url?}`, or multipart with `file` (.txt, .md, .html, .pdf)
+    and optional `title` and `source_url` fields. Up to KNOWLEDGE_MAX_BYTES.
+
+    400 for a document without text or content that is not what its type says
+    (e.g. a broken PDF), 415 for other types, 409 when the same text is loaded already.
+    """
+    title, text, kind, source_url = knowledge.document_from_request(request)
+    document = knowledge.add_document(get_session(), current_app.config, title, text, kind, source_url, _caller())
+    return _respond(KnowledgeDocumentOut.of(document), 201)
+
+
+@api.get("/knowledge/documents", tags=[knowledge_base], responses={200: KnowledgeDocumentList})
+@allow(Role.ADMIN, Role.STAFF)
+def list_knowledge_documents(query: KnowledgeListQuery):
+    """The knowledge base's documents, newest first, a page at a time, with the total."""
+    documents, total = knowledge.list_documents(get_session(), query.limit, query.offset)
+    return KnowledgeDocumentList(documents=[KnowledgeDocumentOut.of(d) for d in documents], total=total).model_dump(mode="json")
+
+
+@api.delete("/knowledge/documents/<document_id>", tags=[knowledge_base], responses={204: None})
+@allow(Role.ADMIN, Role.STAFF)
+def delete_knowledge_document(path: KnowledgeDocumentPath):
+    """Remove a document and its passages from the knowledge base; 404 when there is none."""
+    session = get_session()
+    knowledge.delete_document(session, path.document_id)
+    session.commit()
+    return "", 204
 
 
 @api.get("/audit", tags=[admin], responses={200: AuditPage})

@@ -91,6 +91,9 @@ class NewChatRequest(_Request):
     conversation_name: Annotated[Text, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     system_prompt: Annotated[Text, StringConstraints(max_length=MAX_SYSTEM_PROMPT_CHARS)] | None = None
     metadata: Annotated[dict[str, Any], AfterValidator(_storable_metadata)] = Field(default_factory=dict)
+    knowledge: bool | None = Field(
+        default=None, description="Search the knowledge base on each turn (citations in replies); default KNOWLEDGE_DEFAULT."
+    )
 
 
 class ChatRequest(_Request):
@@ -217,6 +220,34 @@ class VariablesPatch(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class KnowledgePassageReport(BaseModel):
+    passage_id: str
+    document_id: str | None
+    title: str
+    score: float = Field(description="0..1; for Kendra its ScoreConfidence as 1.0, 0.75, 0.5, 0.25 or 0.")
+    confidence: str | None = Field(default=None, description="Kendra's ScoreConfidence label.")
+    used: bool = Field(description="Put into the system context (and cited).")
+
+
+class KnowledgeReport(BaseModel):
+    backend: Literal["database", "kendra"]
+    band: Literal["high", "low"] = Field(description="high: the best passage reached the threshold.")
+    threshold: float = Field(description="KNOWLEDGE_MIN_SCORE, or KENDRA_MIN_CONFIDENCE as a score.")
+    policy: Literal["answer", "decline", "handoff"] | None = Field(
+        description="KNOWLEDGE_LOW_CONFIDENCE_POLICY, applied when the band is low; null when high."
+    )
+    tokens: int = Field(description="Estimated tokens the passages added to the system context.")
+    passages: list[KnowledgePassageReport] = Field(description="What the search found, best first (KNOWLEDGE_TOP_K at most).")
+
+
+class Citation(BaseModel):
+    passage_id: str
+    document_id: str | None
+    title: str
+    source_url: str | None
+    score: float
+
+
 class Usage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -229,6 +260,11 @@ class ContextInfo(BaseModel):
     truncated: bool = Field(description="True when the newest message alone exceeded the budget and was cut.")
     missing_variables: list[str] = Field(
         default_factory=list, description="Placeholders of the system prompt with no variable set; rendered empty."
+    )
+    knowledge: KnowledgeReport | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Only on a knowledge-base conversation: what the turn's search found and how it was used.",
     )
 
 
@@ -272,6 +308,9 @@ class ChatResponse(BaseModel):
     incomplete: bool = Field(
         default=False, description="True when a streamed reply stopped early because its client went away."
     )
+    citations: list[Citation] = Field(
+        default_factory=list, description="The knowledge base passages the reply was given (high confidence only)."
+    )
 
     @classmethod
     def of(cls, turn: Any) -> ChatResponse:
@@ -290,7 +329,9 @@ class ChatResponse(BaseModel):
                 tokens=context.token_count,
                 truncated=context.truncated,
                 missing_variables=turn.missing_variables,
+                knowledge=turn.retrieval.report() if turn.retrieval else None,
             ),
+            citations=turn.retrieval.citations() if turn.retrieval else [],
         )
 
 
@@ -331,7 +372,7 @@ class TransitionOut(BaseModel):
     from_state: str | None = Field(alias="from")
     to_state: str | None = Field(alias="to")
     by: uuid.UUID | None = Field(description="The key that made the move; null for an automatic trigger.")
-    actor: str = Field(description="client, staff, or the trigger: phrase, message_limit, model.")
+    actor: str = Field(description="client, staff, or the trigger: phrase, message_limit, model, knowledge.")
     reason: str | None
     at: Timestamp
 
@@ -356,6 +397,7 @@ class ConversationOut(BaseModel):
     assigned_to: uuid.UUID | None = Field(description="The staff key that claimed the conversation, while `human`.")
     stage: str | None
     variables: dict[str, Any]
+    knowledge: bool = Field(default=False, description="Each turn searches the knowledge base.")
     s3_file_location: str | None = None
 
     @classmethod
@@ -379,6 +421,7 @@ class ConversationOut(BaseModel):
             assigned_to=conversation.assigned_key_id,
             stage=conversation.stage,
             variables=conversation.variables,
+            knowledge=bool(conversation.knowledge),
             s3_file_location=conversation.s3_file_location,
         )
 
@@ -549,3 +592,88 @@ class ErrorResponse(BaseModel):
     retryable: bool | None = Field(
         default=None, description="On model failures: whether sending the same request again may succeed."
     )
+
+
+class KnowledgeText(_Request):
+    """A document sent as JSON: plain text or Markdown."""
+
+    title: Annotated[Text, StringConstraints(min_length=1, max_length=300), AfterValidator(_not_blank)]
+    text: Annotated[Text, StringConstraints(min_length=1), AfterValidator(_not_blank)] = Field(
+        description="Plain text or Markdown; split into passages of 1,200 characters overlapping by 200."
+    )
+    source_url: Annotated[Text, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+        default=None, description="Where the document lives; shown with its citations."
+    )
+
+
+class KnowledgeUploadForm(_Request):
+    """The form fields of a multipart upload, beside `file`."""
+
+    title: Annotated[Text, StringConstraints(max_length=300)] | None = Field(
+        default=None, description="Default: the document's own title (HTML <title>, PDF metadata, a Markdown # heading), else the file name."
+    )
+    source_url: Annotated[Text, StringConstraints(min_length=1, max_length=2048)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_absent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v != ""} if isinstance(data, dict) else data
+
+
+class KnowledgeDocumentOut(BaseModel):
+    document_id: uuid.UUID
+    title: str
+    source_url: str | None
+    content_type: Literal["text", "markdown", "html", "pdf"]
+    char_count: int = Field(description="Characters of extracted text, whitespace collapsed.")
+    passage_count: int
+    created_by: uuid.UUID | None = Field(description="The key that loaded it; null when loaded with knowledge-load.")
+    created_at: Timestamp
+
+    @classmethod
+    def of(cls, document: Any) -> KnowledgeDocumentOut:
+        """From a `database_utils.KnowledgeDocument`."""
+        return cls(
+            document_id=document.document_id,
+            title=document.title,
+            source_url=document.source_url,
+            content_type=document.content_type,
+            char_count=document.char_count,
+            passage_count=document.passage_count,
+            created_by=document.created_by,
+            created_at=document.created_at,
+        )
+
+
+class KnowledgeDocumentList(BaseModel):
+    documents: list[KnowledgeDocumentOut]
+    total: int
+
+
+class KnowledgeListQuery(_Request):
+    limit: int = Field(default=100, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0, le=10_000_000)
+
+
+class KnowledgeDocumentPath(BaseModel):
+    document_id: uuid.UUID
+
+
+def knowledge_upload_body() -> dict[str, Any]:
+    """POST /knowledge/documents' request body for the OpenAPI document: JSON or a multipart upload."""
+    form = KnowledgeUploadForm.model_json_schema()
+    form["properties"]["file"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "A .txt, .md, .html or .pdf file (by extension, else by the part's Content-Type).",
+    }
+    form["required"] = ["file"]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": KnowledgeText.model_json_schema()},
+                "multipart/form-data": {"schema": form},
+            },
+        }
+    }

@@ -30,8 +30,31 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
     return only is None or only == context.get_context().dialect.name
 
 
+# The knowledge base's full-text index (revision 0008), which the models do not
+# describe: SQLite's FTS5 table and its shadow tables, PostgreSQL's tsvector column.
+_UNMODELLED_TABLE_PREFIX = "knowledge_fts"
+_UNMODELLED_COLUMNS = {("knowledge_passages", "search_vector")}
+_UNMODELLED_INDEXES = {"ix_knowledge_passages_search"}
+
+
+def include_name(name, type_, parent_names) -> bool:
+    """Leave the database-specific search objects out of the comparison."""
+    if type_ == "table":
+        return not (name or "").startswith(_UNMODELLED_TABLE_PREFIX)
+    if type_ == "column":
+        return (parent_names.get("table_name"), name) not in _UNMODELLED_COLUMNS
+    if type_ == "index":
+        return name not in _UNMODELLED_INDEXES
+    return True
+
+
 # Batch mode lets ALTER-style revisions also run on SQLite.
-_OPTIONS = {"target_metadata": target_metadata, "render_as_batch": True, "include_object": include_object}
+_OPTIONS = {
+    "target_metadata": target_metadata,
+    "render_as_batch": True,
+    "include_object": include_object,
+    "include_name": include_name,
+}
 
 
 def run_migrations_offline() -> None:

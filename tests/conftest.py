@@ -125,7 +125,7 @@ def clean_postgres(postgres_url: str) -> Iterator[str]:
     yield postgres_url
     engine = create_engine(postgres_url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE audit_events, messages, conversations, api_keys CASCADE"))
+        connection.execute(text("TRUNCATE audit_events, messages, conversations, api_keys, knowledge_documents CASCADE"))
     engine.dispose()
 
 

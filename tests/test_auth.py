@@ -41,6 +41,9 @@ ROUTES = {
     "read_variable": ("GET", "/conversations/{cid}/variables/plan", lambda w: {}),
     "put_variable": ("PUT", "/conversations/{cid}/variables/plan", lambda w: {"json": {"value": "silver"}}),
     "remove_variable": ("DELETE", "/conversations/{cid}/variables/plan", lambda w: {}),
+    "knowledge_add": ("POST", "/knowledge/documents", lambda w: {"json": {"title": "matrix", "text": "matrix text"}}),
+    "knowledge_list": ("GET", "/knowledge/documents", lambda w: {}),
+    "knowledge_delete": ("DELETE", f"/knowledge/documents/{uuid.uuid4()}", lambda w: {}),
     "staff_page": ("GET", "/staff", lambda w: {}),
     "healthz": ("GET", "/healthz", lambda w: {}),
     "readyz": ("GET", "/readyz", lambda w: {}),
@@ -67,6 +70,9 @@ ALLOWED = {
     "read_variable": {"client_a": 200, "client_b": 404, "staff": 200},
     "put_variable": {"client_a": 200, "client_b": 404},
     "remove_variable": {"client_a": 204, "client_b": 404},
+    "knowledge_add": {"staff": 201, "admin": 201},
+    "knowledge_list": {"staff": 200, "admin": 200},
+    "knowledge_delete": {"staff": 404, "admin": 404},
 }
 PUBLIC = {"healthz", "readyz", "index", "staff_page"}
 

@@ -23,7 +23,13 @@ EXAMPLES_PER_OPERATION = 100
 # future, limits set at run time) and rightly answer 400 or 413.
 # Which key each operation is called with, so that generated requests get past auth;
 # the authorization matrix in test_auth.py covers the other keys.
-ROLE_FOR_PATH = {"/conversations": "staff", "/keys": "admin", "/keys/revoke": "admin"}
+ROLE_FOR_PATH = {
+    "/conversations": "staff",
+    "/keys": "admin",
+    "/keys/revoke": "admin",
+    "/knowledge/documents": "staff",
+    "/knowledge/documents/{document_id}": "admin",
+}
 
 
 @pytest.fixture
