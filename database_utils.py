@@ -764,6 +764,18 @@ def list_messages(session: Session, conversation_id: uuid.UUID, after_seq: int |
 _CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
 
 
+def plan_for_these_values(session: Session) -> None:
+    """Have PostgreSQL plan this transaction's statements for their own values.
+
+    psycopg prepares a statement it has run 5 times, and PostgreSQL may then
+    reuse one generic plan; for `name ILIKE $1` that plan cannot use the
+    trigram index (measured: 10x slower). Searches call this; the turn's
+    statements keep their cached plans.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_CUSTOM_PLANS)
+
+
 def find_conversations(
     session: Session, filters: dict[str, Any], after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[Conversation]:
@@ -772,12 +784,7 @@ def find_conversations(
     Ordered by (created_at, conversation_id) so that a page boundary stays
     put while new conversations arrive: they sort before every cursor.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        # psycopg prepares a statement it has run 5 times, and PostgreSQL may
-        # then reuse one generic plan; for `name ILIKE $1` that plan cannot use
-        # the trigram index (measured: 10x slower). Searches get a plan for
-        # their own values; the turn's statements keep their cached plans.
-        session.execute(_CUSTOM_PLANS)
+    plan_for_these_values(session)
     query = select(Conversation)
     if filters.get("owner_key_id"):
         query = query.where(Conversation.owner_key_id == filters["owner_key_id"])

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from auth import Caller
 from conversation_memory import estimate_tokens
 from conversations import PreparedTurn
-from database_utils import KnowledgeDocument, KnowledgePassage, get_session, utcnow
+from database_utils import KnowledgeDocument, KnowledgePassage, get_session, plan_for_these_values, utcnow
 from errors import ApiError, Conflict, NotFound
 from handoff import Trigger
 from llm import ModelReply
@@ -369,6 +369,7 @@ class DatabaseSearch:
 
     def search(self, session: Session, query: str, k: int) -> list[Passage]:
         if session.get_bind().dialect.name == "postgresql":
+            plan_for_these_values(session)  # as it was measured: a generic plan would guess the query's selectivity
             rows = session.execute(POSTGRES_SEARCH, {"language": self.language, "query": query, "k": k}).all()
             scores = [row.score for row in rows]
         else:
