@@ -1,6 +1,7 @@
 """Schema, migrations, the tail query, concurrency and database faults."""
 from __future__ import annotations
 
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,6 +123,37 @@ def test_service_recovers_after_database_drops_connections(app, client, postgres
 
     assert response.status_code == 200
     assert response.json["seq"] == 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_closed_connections_are_found_on_descriptors_above_1024(app, client, postgres_url):
+    """A thousand turns in flight open sockets past select()'s limit of 1024; the checkout check must still work."""
+    app.extensions["parley.engine"].dispose()
+    filler = []
+    try:
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < 1100:  # the next connections open above descriptor 1100
+            filler.append(fd)
+        os.close(fd)
+        conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+        assert client.post("/chat", json={"conversation_id": conversation_id, "message": "one"}).status_code == 200
+        _terminate_other_backends(postgres_url)
+
+        response = client.post("/chat", json={"conversation_id": conversation_id, "message": "after restart"})
+
+        assert response.status_code == 200
+        assert response.json["seq"] == 4
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
+def _terminate_other_backends(url: str) -> None:
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        )
+    admin.dispose()
 
 
 def test_unreachable_database_is_503_without_details(app_config, keys):
