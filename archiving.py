@@ -103,15 +103,24 @@ def end_conversation(
 
 def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dict[str, Any]:
     """The archive document of an `ending` conversation: the same input always gives the same document."""
+    return _document(_summary(conversation), messages)
+
+
+def _summary(conversation: Conversation) -> dict[str, Any]:
+    """The document's `conversation` part: read from the ORM object here, so that workers get plain data."""
     ended_at = conversation.ended_at.isoformat()
     summary = conversation_dict(conversation, history=True)
     summary.update(status=Status.ENDED, ended_at=ended_at, updated_at=ended_at)
     del summary["s3_file_location"]
+    return summary
+
+
+def _document(summary: dict[str, Any], messages: Iterable[Any]) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "conversation": summary,
         "messages": [_message_document(row) for row in messages],
-        "usage": summary["usage"] | {"token_count": conversation.token_count},
+        "usage": summary["usage"] | {"token_count": summary["token_count"]},
     }
 
 
@@ -150,8 +159,7 @@ def archive_conversations(
     while writing), writes in parallel on `pool`, then records every
     written object in one transaction. A failed write leaves its row `ending`.
     """
-    documents = _documents(session, conversations)
-    writes = (pool.map if pool else map)(_try_write, [archive] * len(documents), documents)
+    writes = (pool.map if pool else map)(_try_write, [archive] * len(conversations), *_read(session, conversations))
     return _record_writes(session, settings, conversations, writes)
 
 
@@ -171,8 +179,12 @@ def _record_writes(
     return result
 
 
-def _documents(session: Session, conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
-    """The conversations' documents, from one query; commits, so no connection is held afterwards."""
+def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """Each conversation's summary and message rows, from two queries; commits, so no connection is held afterwards.
+
+    The documents themselves are built by `_try_write`, on the writers'
+    threads: the caller's thread stays free to claim and read the next batch.
+    """
     ids = [conversation.conversation_id for conversation in conversations]
     query = (
         select(Message.conversation_id, *_MESSAGE_COLUMNS)
@@ -185,7 +197,7 @@ def _documents(session: Session, conversations: Sequence[Conversation]) -> list[
         messages[row.conversation_id].append(row)
     _load_transitions(session, conversations, ids)
     session.commit()
-    return [archive_document(conversation, messages[conversation.conversation_id]) for conversation in conversations]
+    return [_summary(conversation) for conversation in conversations], [messages[conversation_id] for conversation_id in ids]
 
 
 def _load_transitions(session: Session, conversations: Sequence[Conversation], ids: list[uuid.UUID]) -> None:
@@ -198,9 +210,9 @@ def _load_transitions(session: Session, conversations: Sequence[Conversation], i
         set_committed_value(conversation, "transitions", found[conversation.conversation_id])
 
 
-def _try_write(archive: Archive, document: dict[str, Any]) -> StoredObject | ArchiveError:
+def _try_write(archive: Archive, summary: dict[str, Any], messages: list[Any]) -> StoredObject | ArchiveError:
     try:
-        return write_document(archive, document)
+        return write_document(archive, _document(summary, messages))
     except ArchiveError as exc:
         return exc
 
@@ -328,7 +340,7 @@ def archive_idle(
         while True:
             # The next batch is claimed and read while the previous one is being written.
             batch = claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size)
-            submitted = (batch, [pool.submit(_try_write, archive, d) for d in _documents(session, batch)]) if batch else None
+            submitted = (batch, [pool.submit(_try_write, archive, *read) for read in zip(*_read(session, batch))]) if batch else None
             if in_flight is not None:
                 result = _collect(session, settings, *in_flight, report, bar)
                 if result.failed and not result.archived:
