@@ -340,7 +340,7 @@ def archive_idle(
         while True:
             # The next batch is claimed and read while the previous one is being written.
             batch = claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size)
-            submitted = (batch, [pool.submit(_try_write, archive, *read) for read in zip(*_read(session, batch))]) if batch else None
+            submitted = (batch, _submit(pool, archive, *_read(session, batch))) if batch else None
             if in_flight is not None:
                 result = _collect(session, settings, *in_flight, report, bar)
                 if result.failed and not result.archived:
@@ -354,6 +354,10 @@ def archive_idle(
             in_flight = submitted
     report.seconds = time.monotonic() - started
     return report
+
+
+def _submit(pool: Executor, archive: Archive, summaries: list[dict[str, Any]], messages: list[list[Any]]) -> list[Future]:
+    return [pool.submit(_try_write, archive, summary, rows) for summary, rows in zip(summaries, messages, strict=True)]
 
 
 def _collect(
