@@ -15,6 +15,7 @@ are plain functions here with thin click commands on top.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import time
 import uuid
@@ -22,12 +23,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import click
+import orjson
 from flask import Flask, current_app
 from flask.cli import with_appcontext
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import ARRAY, Text, any_, bindparam, cast, delete, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from tqdm import tqdm
@@ -62,9 +65,13 @@ WORKERS = 8
 # take BACKGROUND_TIMEOUTS.total for one write, /end_chat REQUEST_TIMEOUTS.total.
 ENDING_LEASE = timedelta(seconds=BACKGROUND_TIMEOUTS.total + 30)
 REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
+# `usage` as its JSON text: the driver's JSON decoding of every message cost as much as the rest
+# of the row; the writer threads decode it with orjson.
 _MESSAGE_COLUMNS = (
-    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete
-)
+    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count,
+    cast(Message.usage, Text).label("usage"), Message.incomplete,
+)  # fmt: skip
+_MESSAGE_FIELDS = tuple(column.key for column in _MESSAGE_COLUMNS)
 
 
 @dataclass
@@ -103,7 +110,14 @@ def end_conversation(
 
 def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dict[str, Any]:
     """The archive document of an `ending` conversation: the same input always gives the same document."""
-    return _document(_summary(conversation), messages)
+    return _document(_summary(conversation), [_message_tuple(row) for row in messages])
+
+
+def _message_tuple(row: Any) -> tuple:
+    """A message (an ORM Message, any row with its attributes) as `_read` gives it: usage as JSON text."""
+    values = {name: getattr(row, name) for name in _MESSAGE_FIELDS}
+    values["usage"] = None if values["usage"] is None else json.dumps(values["usage"])
+    return tuple(values.values())
 
 
 def _summary(conversation: Conversation) -> dict[str, Any]:
@@ -115,35 +129,44 @@ def _summary(conversation: Conversation) -> dict[str, Any]:
     return summary
 
 
-def _document(summary: dict[str, Any], messages: Iterable[Any]) -> dict[str, Any]:
+def _document(summary: dict[str, Any], messages: Iterable[tuple]) -> dict[str, Any]:
+    """The document from its summary and its messages as tuples of _MESSAGE_COLUMNS."""
     return {
         "schema_version": SCHEMA_VERSION,
         "conversation": summary,
-        "messages": [_message_document(row) for row in messages],
+        "messages": [_message_document(message) for message in messages],
         "usage": summary["usage"] | {"token_count": summary["token_count"]},
     }
 
 
-def _message_document(row: Any) -> dict[str, Any]:
-    """`message_dict(row)`, built directly: pydantic costs several times more, and this runs for every archived message.
+def _message_document(message: tuple) -> dict[str, Any]:
+    """`message_dict` of a message, built directly: pydantic costs several times more, and this runs for every archived message.
 
     Usage that is not two plain integer counts goes through `message_dict`,
     which validates it as the API does (tests check the two agree).
     """
-    usage = row.usage
+    seq, role, content, created_at, token_count, usage_json, incomplete = message
+    usage = None if usage_json is None else _loads(usage_json)
     if usage is not None:
         if not (isinstance(usage, dict) and type(usage.get("input_tokens")) is int and type(usage.get("output_tokens")) is int):
-            return message_dict(row)
+            return message_dict(SimpleNamespace(**dict(zip(_MESSAGE_FIELDS, message, strict=True)) | {"usage": usage}))
         usage = {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]}
     return {
-        "seq": row.seq,
-        "role": row.role,
-        "content": row.content,
-        "created_at": row.created_at.isoformat(),
-        "token_count": row.token_count,
+        "seq": seq,
+        "role": role,
+        "content": content,
+        "created_at": created_at.isoformat(),
+        "token_count": token_count,
         "usage": usage,
-        "incomplete": bool(row.incomplete),
+        "incomplete": bool(incomplete),
     }
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # what orjson refuses and json takes: integers beyond 64 bits
+        return json.loads(text)
 
 
 def archive_conversations(
@@ -188,13 +211,13 @@ def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list
     ids = [conversation.conversation_id for conversation in conversations]
     query = (
         select(Message.conversation_id, *_MESSAGE_COLUMNS)
-        .where(Message.conversation_id.in_(ids))
+        .where(_among(session, Message.conversation_id, ids))
         .order_by(Message.conversation_id, Message.seq)
     )
-    messages: dict[uuid.UUID, list[Any]] = {conversation_id: [] for conversation_id in ids}
+    messages: dict[uuid.UUID, list[tuple]] = {conversation_id: [] for conversation_id in ids}
     # Core rows, not the ORM's result processing, fetched at once: this runs for every archived message.
     for row in session.connection().execute(query).all():
-        messages[row.conversation_id].append(row)
+        messages[row[0]].append(row[1:])
     _load_transitions(session, conversations, ids)
     session.commit()
     return [_summary(conversation) for conversation in conversations], [messages[conversation_id] for conversation_id in ids]
@@ -203,14 +226,27 @@ def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list
 def _load_transitions(session: Session, conversations: Sequence[Conversation], ids: list[uuid.UUID]) -> None:
     """Every conversation's transitions from one query, instead of one lazy load per document."""
     found: dict[uuid.UUID, list[Transition]] = {conversation_id: [] for conversation_id in ids}
-    query = select(Transition).where(Transition.conversation_id.in_(ids)).order_by(Transition.transition_id)
+    query = select(Transition).where(_among(session, Transition.conversation_id, ids)).order_by(Transition.transition_id)
     for transition in session.scalars(query):
         found[transition.conversation_id].append(transition)
     for conversation in conversations:
         set_committed_value(conversation, "transitions", found[conversation.conversation_id])
 
 
-def _try_write(archive: Archive, summary: dict[str, Any], messages: list[Any]) -> StoredObject | ArchiveError:
+def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> Any:
+    """`column IN (ids)`; on PostgreSQL `column = ANY(:ids)` with one array parameter.
+
+    A batch's IN list makes a statement of hundreds of parameters that
+    psycopg parses again on every call (its cache keeps short statements
+    only) and the server plans again; the array form is one short
+    statement, parsed once and prepared.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(ids, ARRAY(column.type)))
+    return column.in_(ids)
+
+
+def _try_write(archive: Archive, summary: dict[str, Any], messages: list[tuple]) -> StoredObject | ArchiveError:
     try:
         return write_document(archive, _document(summary, messages))
     except ArchiveError as exc:
@@ -235,7 +271,9 @@ def _record_archived(
     session.execute(record, [{"b_id": c.conversation_id, "b_key": s.key, "b_sha": s.sha256} for c, s in written])
     ids = [conversation.conversation_id for conversation, _ in written]
     if delete_messages:
-        session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
+        # No ORM synchronisation: the messages were read as Core rows, none is in the session.
+        messages = delete(Message).where(_among(session, Message.conversation_id, ids))
+        session.execute(messages.execution_options(synchronize_session=False))
     session.commit()
     for conversation, stored in written:
         for name, value in (("status", Status.ENDED), ("s3_file_location", stored.key), ("archive_sha256", stored.sha256)):
@@ -282,7 +320,7 @@ def _claim(session: Session, where: tuple, limit: int, **values: Any) -> list[Co
         return []
     claim = (
         update(Conversation)
-        .where(Conversation.conversation_id.in_(ids), *where)
+        .where(_among(session, Conversation.conversation_id, ids), *where)
         .values(**values)
         .returning(Conversation)
         .execution_options(synchronize_session=False, populate_existing=True)
