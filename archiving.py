@@ -374,10 +374,13 @@ def archive_idle(
     )
     session.commit()
     in_flight: tuple[list[Conversation], list[Future]] | None = None
+    ending_left = True  # until a claim finds none: then only idle ones (one query a batch, not two)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=total, unit="conv", desc="archive-idle", disable=None) as bar:
         while True:
             # The next batch is claimed and read while the previous one is being written.
-            batch = claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size)
+            batch = claim_ending(session, now, now, batch_size) if ending_left else []
+            ending_left = bool(batch)
+            batch = batch or claim_idle(session, idle_before, now, batch_size)
             submitted = (batch, _submit(pool, archive, *_read(session, batch))) if batch else None
             if in_flight is not None:
                 result = _collect(session, settings, *in_flight, report, bar)
