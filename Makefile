@@ -51,6 +51,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.stream_first_delta
 	$(BIN)/python -m bench.stream_concurrency
 	$(BIN)/python -m bench.handoff_reads
+	$(BIN)/python -m bench.files
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

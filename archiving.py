@@ -39,6 +39,7 @@ from auth import Caller
 from conversations import _visible_conversation, conversation_dict, message_dict
 from database_utils import AuditEvent, Conversation, Message, Status, Transition, check_transition, get_session, utcnow
 from errors import TurnInProgress
+from files import delete_files, files_by_conversation
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
@@ -69,9 +70,10 @@ REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
 # of the row; the writer threads decode it with orjson.
 _MESSAGE_COLUMNS = (
     Message.seq, Message.role, Message.content, Message.created_at, Message.token_count,
-    cast(Message.usage, Text).label("usage"), Message.incomplete,
+    cast(Message.usage, Text).label("usage"), Message.incomplete, cast(Message.file_ids, Text).label("file_ids"),
 )  # fmt: skip
 _MESSAGE_FIELDS = tuple(column.key for column in _MESSAGE_COLUMNS)
+_JSON_FIELDS = ("usage", "file_ids")
 
 
 @dataclass
@@ -108,15 +110,21 @@ def end_conversation(
     return conversation
 
 
-def archive_document(conversation: Conversation, messages: Iterable[Any]) -> dict[str, Any]:
-    """The archive document of an `ending` conversation: the same input always gives the same document."""
-    return _document(_summary(conversation), [_message_tuple(row) for row in messages])
+def archive_document(
+    conversation: Conversation, messages: Iterable[Any], files: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The archive document of an `ending` conversation: the same input always gives the same document.
+
+    `files` are its uploaded files (files.py), as the files API lists them; the bytes stay in their own objects.
+    """
+    return _document(_summary(conversation), [_message_tuple(row) for row in messages], files)
 
 
 def _message_tuple(row: Any) -> tuple:
-    """A message (an ORM Message, any row with its attributes) as `_read` gives it: usage as JSON text."""
+    """A message (an ORM Message, any row with its attributes) as `_read` gives it: JSON columns as JSON text."""
     values = {name: getattr(row, name) for name in _MESSAGE_FIELDS}
-    values["usage"] = None if values["usage"] is None else json.dumps(values["usage"])
+    for name in _JSON_FIELDS:
+        values[name] = None if values[name] is None else json.dumps(values[name])
     return tuple(values.values())
 
 
@@ -129,12 +137,13 @@ def _summary(conversation: Conversation) -> dict[str, Any]:
     return summary
 
 
-def _document(summary: dict[str, Any], messages: Iterable[tuple]) -> dict[str, Any]:
-    """The document from its summary and its messages as tuples of _MESSAGE_COLUMNS."""
+def _document(summary: dict[str, Any], messages: Iterable[tuple], files: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The document from its summary, its messages as tuples of _MESSAGE_COLUMNS, and its files."""
     return {
         "schema_version": SCHEMA_VERSION,
         "conversation": summary,
         "messages": [_message_document(message) for message in messages],
+        "files": list(files),
         "usage": summary["usage"] | {"token_count": summary["token_count"]},
     }
 
@@ -142,14 +151,20 @@ def _document(summary: dict[str, Any], messages: Iterable[tuple]) -> dict[str, A
 def _message_document(message: tuple) -> dict[str, Any]:
     """`message_dict` of a message, built directly: pydantic costs several times more, and this runs for every archived message.
 
-    Usage that is not two plain integer counts goes through `message_dict`,
-    which validates it as the API does (tests check the two agree).
+    Usage that is not two plain integer counts, and file references, go
+    through `message_dict`, which validates them as the API does (tests
+    check the two agree).
     """
-    seq, role, content, created_at, token_count, usage_json, incomplete = message
+    seq, role, content, created_at, token_count, usage_json, incomplete, file_ids_json = message
     usage = None if usage_json is None else _loads(usage_json)
+    plain_usage = usage is None or (
+        isinstance(usage, dict) and type(usage.get("input_tokens")) is int and type(usage.get("output_tokens")) is int
+    )
+    if not plain_usage or file_ids_json not in (None, "null", "[]"):
+        file_ids = None if file_ids_json is None else _loads(file_ids_json)
+        fields = dict(zip(_MESSAGE_FIELDS, message, strict=True)) | {"usage": usage, "file_ids": file_ids}
+        return message_dict(SimpleNamespace(**fields))
     if usage is not None:
-        if not (isinstance(usage, dict) and type(usage.get("input_tokens")) is int and type(usage.get("output_tokens")) is int):
-            return message_dict(SimpleNamespace(**dict(zip(_MESSAGE_FIELDS, message, strict=True)) | {"usage": usage}))
         usage = {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]}
     return {
         "seq": seq,
@@ -159,6 +174,7 @@ def _message_document(message: tuple) -> dict[str, Any]:
         "token_count": token_count,
         "usage": usage,
         "incomplete": bool(incomplete),
+        "file_ids": [],
     }
 
 
@@ -202,8 +218,8 @@ def _record_writes(
     return result
 
 
-def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
-    """Each conversation's summary and message rows, from two queries; commits, so no connection is held afterwards.
+def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list[dict[str, Any]], list[list[tuple]], list[list[Any]]]:
+    """Each conversation's summary, message rows and files, from three queries; commits, so no connection is held afterwards.
 
     The documents themselves are built by `_try_write`, on the writers'
     threads: the caller's thread stays free to claim and read the next batch.
@@ -219,8 +235,13 @@ def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list
     for row in session.connection().execute(query).all():
         messages[row[0]].append(row[1:])
     _load_transitions(session, conversations, ids)
+    files = files_by_conversation(session, ids)
     session.commit()
-    return [_summary(conversation) for conversation in conversations], [messages[conversation_id] for conversation_id in ids]
+    return (
+        [_summary(conversation) for conversation in conversations],
+        [messages[conversation_id] for conversation_id in ids],
+        [files[conversation_id] for conversation_id in ids],
+    )
 
 
 def _load_transitions(session: Session, conversations: Sequence[Conversation], ids: list[uuid.UUID]) -> None:
@@ -246,9 +267,11 @@ def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> Any:
     return column.in_(ids)
 
 
-def _try_write(archive: Archive, summary: dict[str, Any], messages: list[tuple]) -> StoredObject | ArchiveError:
+def _try_write(
+    archive: Archive, summary: dict[str, Any], messages: list[tuple], files: list[dict[str, Any]]
+) -> StoredObject | ArchiveError:
     try:
-        return write_document(archive, _document(summary, messages))
+        return write_document(archive, _document(summary, messages, files))
     except ArchiveError as exc:
         return exc
 
@@ -397,8 +420,8 @@ def archive_idle(
     return report
 
 
-def _submit(pool: Executor, archive: Archive, summaries: list[dict[str, Any]], messages: list[list[Any]]) -> list[Future]:
-    return [pool.submit(_try_write, archive, summary, rows) for summary, rows in zip(summaries, messages, strict=True)]
+def _submit(pool: Executor, archive: Archive, *read: list[Any]) -> list[Future]:
+    return [pool.submit(_try_write, archive, *one) for one in zip(*read, strict=True)]
 
 
 def _collect(
@@ -640,9 +663,11 @@ def apply_retention(
 
 
 def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str]) -> int:
-    """Delete objects first, then rows: a crash in between leaves rows to retry, never an object to resurrect."""
+    """Delete objects first (documents and uploaded files), then rows: a crash in between
+    leaves rows to retry, never an object to resurrect."""
     for key in keys:
         archive.delete(key)
+    delete_files(session, archive, ids)
     session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
     session.execute(delete(Conversation).where(Conversation.conversation_id.in_(ids)))
     session.commit()

@@ -43,6 +43,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "CONTEXT_MAX_MESSAGES": (None, int),
     "MAX_MESSAGE_CHARS": (32_000, int),
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
+    "MAX_FILE_BYTES": (10 * 1024 * 1024, int),
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
     "AUTH_CACHE_SECONDS": (5.0, float),

@@ -60,6 +60,8 @@ class MemoryMessage:
     created_at: datetime | None = None
     usage: dict[str, int] | None = None
     incomplete: bool = False
+    # IDs of the conversation files a user message referred to.
+    file_ids: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -122,13 +122,20 @@ def open_conversation(
 
 
 def prepare_turn(
-    session: Session, settings: Mapping[str, Any], viewer: Caller, conversation_id: uuid.UUID, text: str
+    session: Session,
+    settings: Mapping[str, Any],
+    viewer: Caller,
+    conversation_id: uuid.UUID,
+    text: str,
+    file_ids: list[str] | None = None,
+    file_tokens: int = 0,
 ) -> PreparedTurn:
     """Take the turn lease and build the context for the user's message `text`.
 
     409 `turn_in_progress` while another turn holds the conversation. The
     lease is committed before returning, and given back if building the
-    context fails.
+    context fails. Files sent with the message (files.py) are recorded on it
+    by `file_ids` and take `file_tokens` of the budget.
     """
     if len(text) > settings["MAX_MESSAGE_CHARS"]:
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
@@ -138,7 +145,7 @@ def prepare_turn(
     if claimed is None:
         _explain_unclaimable(session, viewer, conversation_id)
     try:
-        budget, cap = settings["CONTEXT_MAX_TOKENS"], settings["CONTEXT_MAX_MESSAGES"]
+        budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
         tail = load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count, budget, cap)
         system, missing = render_system_prompt(claimed.system_prompt, claimed.variables)
         memory = ConversationMemory(
@@ -149,6 +156,7 @@ def prepare_turn(
             earlier_messages=claimed.message_count - len(tail),
         )
         user = memory.update_memory(USER, text)
+        user.file_ids = file_ids
         context = memory.get_current_context()
         session.commit()
     except BaseException:

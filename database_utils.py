@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
+from select import select as wait_for_sockets
 from typing import Any
 
 import click
@@ -46,6 +47,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -223,6 +225,29 @@ class Message(Base):
     usage: Mapped[dict[str, Any] | None]
     # A streamed reply stored as far as it came when its client went away.
     incomplete: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # The conversation files (files.py) a user message referred to, as ID strings.
+    file_ids: Mapped[list[str] | None] = mapped_column(JSON)
+
+
+class ConversationFile(Base):
+    """A file uploaded into a conversation; its bytes are in the archive store at `location`."""
+
+    __tablename__ = "conversation_files"
+
+    file_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.conversation_id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The object's key, relative to ARCHIVE_URL, like Conversation.s3_file_location.
+    location: Mapped[str] = mapped_column(String(1024))
+    # What the file costs in the context budget when a turn sends it (files.py says how it is estimated).
+    token_estimate: Mapped[int] = mapped_column(Integer)
+    uploaded_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.key_id"))
+    uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_conversation_files_conversation", "conversation_id", "uploaded_at", "file_id"),)
 
 
 class Transition(Base):
@@ -293,20 +318,31 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_time
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # pre_ping replaces connections that a database restart has closed.
-    # psycopg prepares statements it has run 5 times; a generic plan for
-    # `name ILIKE $1` cannot use the trigram index (measured: 10x slower
-    # staff search), so every execution gets a plan for its own values.
     # A turn holds a connection only for its two short transactions, never
     # during the model call, so a small pool serves many turns in flight.
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
-        connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
     )
+    event.listen(engine, "checkout", _replace_closed_connection)
+    return engine
+
+
+def _replace_closed_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Replace pooled connections the server has closed (a restart, an idle timeout).
+
+    An idle connection has nothing to read: a readable socket means the
+    server sent its goodbye or closed it. This zero-timeout poll takes the
+    place of `pool_pre_ping`, whose `SELECT 1` cost a round trip on every
+    checkout (two per turn). The pool drops every older connection too, as
+    the pre-ping does, and retries with a new one. A peer that vanished
+    without closing is caught by the statement itself: a 503, and the pool
+    is invalidated.
+    """
+    if dbapi_connection.closed or wait_for_sockets([dbapi_connection.fileno()], [], [], 0)[0]:
+        raise InvalidatePoolError("the database closed this connection")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -542,16 +578,14 @@ _TAIL = (
     .limit(bindparam("page", type_=Integer))
 )
 _TAIL_BEFORE = _TAIL.where(_messages.c.seq < bindparam("before"))
-_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete")
+_MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete", "file_ids")
 
 
-@functools.cache
-def _insert_messages(count: int):
-    """One INSERT of `count` messages of one conversation (a multi-row VALUES)."""
-    # Typed explicitly: only the first row's parameters would take the columns' types.
-    conversation = {"conversation_id": bindparam("cid", type_=_messages.c.conversation_id.type)}
-    rows = [conversation | {c: bindparam(f"{c}_{n}", type_=_messages.c[c].type) for c in _MESSAGE_COLUMNS} for n in range(count)]
-    return insert(_messages).values(rows)
+# Executed with a list of rows: with RETURNING, SQLAlchemy sends them as one
+# multi-row INSERT ("insertmanyvalues") from a cached compilation. A prebuilt
+# multi-row VALUES has no cache key and was compiled on every turn; psycopg's
+# executemany pipeline (without RETURNING) cost more CPU than this.
+_INSERT_MESSAGES = insert(_messages).returning(_messages.c.seq)
 
 
 def claim_turn(
@@ -629,12 +663,12 @@ def append_messages(session: Session, conversation_id: uuid.UUID, messages: list
 def _insert_numbered(
     session: Session, conversation_id: uuid.UUID, messages: list[MemoryMessage], last_seq: int, now: datetime
 ) -> None:
-    parameters: dict[str, Any] = {"cid": conversation_id}
+    rows = []
     for n, message in enumerate(messages):
         message.seq = last_seq - len(messages) + 1 + n
         message.created_at = message.created_at or now
-        parameters.update({f"{column}_{n}": getattr(message, column) for column in _MESSAGE_COLUMNS})
-    session.execute(_insert_messages(len(messages)), parameters)
+        rows.append({"conversation_id": conversation_id} | {column: getattr(message, column) for column in _MESSAGE_COLUMNS})
+    session.execute(_INSERT_MESSAGES, rows)
 
 
 def release_turn(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID) -> None:
@@ -684,6 +718,9 @@ def list_messages(session: Session, conversation_id: uuid.UUID, after_seq: int |
 
 
 
+_CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
+
+
 def find_conversations(
     session: Session, filters: dict[str, Any], after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[Conversation]:
@@ -692,6 +729,12 @@ def find_conversations(
     Ordered by (created_at, conversation_id) so that a page boundary stays
     put while new conversations arrive: they sort before every cursor.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        # psycopg prepares a statement it has run 5 times, and PostgreSQL may
+        # then reuse one generic plan; for `name ILIKE $1` that plan cannot use
+        # the trigram index (measured: 10x slower). Searches get a plan for
+        # their own values; the turn's statements keep their cached plans.
+        session.execute(_CUSTOM_PLANS)
     query = select(Conversation)
     if filters.get("owner_key_id"):
         query = query.where(Conversation.owner_key_id == filters["owner_key_id"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -167,7 +167,7 @@ def _http_error(exc: HTTPException) -> Response:
     if exc.code == 429:
         return error_response(429, "rate_limited", f"rate limit of {exc.description} exceeded; retry after Retry-After seconds")
     if exc.code == 413:
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        limit = request.max_content_length  # MAX_CONTENT_LENGTH, or an upload route's own limit
         response = error_response(413, PayloadTooLarge.error, f"the request body is larger than {limit} bytes")
         _drain_body()
         response.headers["Connection"] = "close"

@@ -80,6 +80,8 @@ PARQUET_SCHEMA = pa.schema(
         ("input_tokens", pa.int64()),
         ("output_tokens", pa.int64()),
         ("incomplete", pa.bool_()),
+        ("file_ids", pa.list_(pa.string())),  # the conversation files this message referred to
+        ("files", pa.string()),  # the conversation's files (the archive document's `files`), as JSON text
     ]
 )
 
@@ -301,6 +303,7 @@ class _Part:
         conversation, rows = document["conversation"], self._rows
         created, ended = _timestamp(conversation["created_at"]), _timestamp(conversation["ended_at"])
         variables = json.dumps(conversation.get("variables") or {}, ensure_ascii=False, sort_keys=True)
+        files = json.dumps(document.get("files") or [], ensure_ascii=False, sort_keys=True)
         for message in document["messages"]:
             usage = message.get("usage") or {}
             rows["conversation_id"].append(conversation["conversation_id"])
@@ -318,6 +321,8 @@ class _Part:
             rows["input_tokens"].append(usage.get("input_tokens"))
             rows["output_tokens"].append(usage.get("output_tokens"))
             rows["incomplete"].append(bool(message.get("incomplete")))
+            rows["file_ids"].append(message.get("file_ids") or [])
+            rows["files"].append(files)
         if len(rows["seq"]) >= ROW_GROUP_ROWS:
             self._flush_rows()
 

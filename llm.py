@@ -20,6 +20,7 @@ covers the retries, the waits and a reply that arrives slowly.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import math
 import random
@@ -45,6 +46,8 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
 # Requests in flight to the provider per process (gunicorn's worker_connections).
 MAX_MODEL_CONNECTIONS = 1000
+# Connection pools per process that the model's requests are spread over (DeadlineTransport).
+POOL_SHARDS = 16
 # The echo model's pause between streamed words.
 ECHO_WORD_SECONDS = 0.03
 
@@ -130,18 +133,37 @@ class RetryPolicy:
             _deadline.reset(token)
 
 
-class DeadlineTransport(httpx2.HTTPTransport):
+class DeadlineTransport(httpx2.BaseTransport):
     """Holds each request to the deadline of the model call it belongs to.
 
     The SDKs' timeouts apply per read, so a reply that trickles in a byte at
     a time never times out; here the read timeout shrinks to the time left,
     and the body stops with a timeout once the deadline has passed.
+
+    Requests take turns over `shards` connection pools. httpcore's pool walks
+    every one of its connections each time a request starts or ends
+    (pydantic/httpx2#1169), so with hundreds of replies in flight one pool
+    spent an eighth of a worker's CPU on that bookkeeping (measured with
+    py-spy at 200 turns in flight per worker).
     """
 
+    def __init__(self, limits: httpx2.Limits, shards: int = POOL_SHARDS) -> None:
+        share = httpx2.Limits(
+            max_connections=-(-limits.max_connections // shards),
+            max_keepalive_connections=-(-limits.max_keepalive_connections // shards),
+        )
+        self._pools = [httpx2.HTTPTransport(limits=share) for _ in range(shards)]
+        self._next_pool = itertools.cycle(self._pools)
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.close()
+
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        pool = next(self._next_pool)
         deadline = _deadline.get()
         if deadline is None:
-            return super().handle_request(request)
+            return pool.handle_request(request)
         left = deadline - time.monotonic()
         if left <= 0:
             raise httpx2.ConnectTimeout("the model call's total deadline has passed", request=request)
@@ -149,7 +171,7 @@ class DeadlineTransport(httpx2.HTTPTransport):
         request.extensions["timeout"] = {name: min(value or left, left) for name, value in timeouts.items()} or {
             name: left for name in ("connect", "read", "write", "pool")
         }
-        response = super().handle_request(request)
+        response = pool.handle_request(request)
         response.stream = _DeadlineStream(response.stream, deadline, request)
         return response
 
@@ -368,7 +390,7 @@ class OpenAIModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        prompt = ([{"role": "system", "content": system}] if system else []) + messages
+        prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
         options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
         if offer_human:
             function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
@@ -400,7 +422,7 @@ class OpenAIModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
-        prompt = ([{"role": "system", "content": system}] if system else []) + messages
+        prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
         options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
         chunks = self.retries.call(
             lambda: self.client.chat.completions.create(
@@ -428,8 +450,11 @@ class EchoModel:
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == USER), "")
-        text = f"{self.label} You said: {last_user}"
-        prompt_tokens = sum(estimate_tokens(m["content"]) for m in messages)
+        text = f"{self.label} You said: {_said(last_user)}"
+        attached = _attachment_labels(last_user)
+        if attached:
+            text += f" (with {len(attached)} file(s): {', '.join(attached)})"
+        prompt_tokens = sum(estimate_tokens(_said(m["content"])) for m in messages)
         if system:
             prompt_tokens += estimate_tokens(system)
         return ModelReply(
@@ -464,6 +489,43 @@ def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
     """One connection pool per process, as large as the turns a worker carries."""
     limits = httpx2.Limits(max_connections=MAX_MODEL_CONNECTIONS, max_keepalive_connections=100)
     return httpx2.Client(transport=DeadlineTransport(limits=limits), timeout=config["LLM_TIMEOUT_SECONDS"])
+
+
+def _said(content: str | list[dict[str, Any]]) -> str:
+    """A message's own text: the content, or the last text block (files come before it; files.py)."""
+    if isinstance(content, str):
+        return content
+    return next((block["text"] for block in reversed(content) if block["type"] == "text"), "")
+
+
+def _attachment_labels(content: str | list[dict[str, Any]]) -> list[str]:
+    """What each file block of a message is: its media type, or `text` for an inline text file."""
+    if isinstance(content, str):
+        return []
+    return [block["source"]["media_type"] if block["type"] != "text" else "text" for block in content[:-1]]
+
+
+def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages API content blocks as Chat Completions parts: images as data URLs, text as text.
+
+    files.py refuses the other kinds (PDF) for this provider before the turn starts.
+    """
+    converted = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [_openai_part(block) for block in content]
+        converted.append({"role": message["role"], "content": content})
+    return converted
+
+
+def _openai_part(block: dict[str, Any]) -> dict[str, Any]:
+    if block["type"] == "text":
+        return {"type": "text", "text": block["text"]}
+    if block["type"] == "image":
+        source = block["source"]
+        return {"type": "image_url", "image_url": {"url": f"data:{source['media_type']};base64,{source['data']}"}}
+    raise ValueError(f"the openai provider cannot take a {block['type']} block")
 
 
 def _reason(tool_input: Any) -> str:

@@ -5,12 +5,13 @@ Run it with `parley run` (embedded default) or
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import Response, current_app, g, request
+from flask import Response, current_app, g, request, send_file
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
@@ -29,6 +30,7 @@ import database_utils
 import dialog_stage
 import errors
 import export
+import files
 import handoff
 import idempotency
 import logs
@@ -46,7 +48,6 @@ from conversations import (
     abandon_turn,
     complete_turn,
     open_conversation,
-    prepare_turn,
     read_conversation,
     search_conversations,
 )
@@ -66,6 +67,10 @@ from schemas import (
     ConversationRead,
     ConversationRef,
     ErrorResponse,
+    FileList,
+    FileOut,
+    FilePath,
+    FileUpload,
     HandoffRequest,
     Health,
     IdempotencyHeader,
@@ -101,6 +106,8 @@ IDEMPOTENT_ROUTES = frozenset(
 )
 # POST routes whose body may be left out altogether.
 BODYLESS_ROUTES = frozenset({"claim_conversation", "release_conversation"})
+# POST routes that take multipart/form-data (up to MAX_FILE_BYTES) instead of JSON.
+MULTIPART_ROUTES = frozenset({"upload_file"})
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
@@ -109,6 +116,7 @@ chats = Tag(name="conversations", description="Open, talk in, end and read conve
 staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
 handoffs = Tag(name="handoff", description="Hand a conversation to a human and back; dialog stage; session variables")
 admin = Tag(name="keys", description="Manage API keys (admin keys)")
+files_tag = Tag(name="files", description="Files in a conversation: upload, list, download; /chat sends them to the model")
 ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
 
 api = APIBlueprint("parley", __name__, abp_responses=_ERRORS, abp_security=[{"bearer": []}])
@@ -185,6 +193,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
 def _require_json_body() -> None:
     """Reject bodies that are not one JSON object before validation sees them."""
     if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
+        return
+    if request.endpoint.rpartition(".")[2] in MULTIPART_ROUTES:
+        # MAX_CONTENT_LENGTH stays small for JSON; an upload may carry one file.
+        request.max_content_length = files.max_request_bytes(current_app.config)
         return
     if not request.content_length and request.endpoint.rpartition(".")[2] in BODYLESS_ROUTES:
         return
@@ -318,7 +330,9 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     model = current_app.extensions["parley.model"]
     telemetry = metrics.get_metrics(current_app)
     session = get_session()
-    prepared = prepare_turn(session, current_app.config, _caller(), body.conversation_id, body.message)
+    prepared = files.prepare_turn_with_files(
+        session, _archive(), current_app.config, _caller(), body.conversation_id, body.message, body.file_ids, model.provider
+    )
     try:
         trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)
         if prepared.handoff != Handoff.BOT or trigger is not None:
@@ -489,6 +503,43 @@ def remove_variable(path: VariablePath):
     variables.delete_variable(session, _caller(), path.conversation_id, path.name)
     session.commit()
     return "", 204
+
+
+@api.post("/conversations/<conversation_id>/files", tags=[files_tag],
+          responses={201: FileOut, 409: ErrorResponse, 415: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse})
+@allow(Role.CLIENT, Role.STAFF)
+def upload_file(path: ConversationPath, form: FileUpload):
+    """Add a file to an active conversation (multipart/form-data, part `file`): its owner, or the staff key assigned to it.
+
+    PNG, JPEG, GIF, WebP, PDF, plain text or Markdown, recognised by content;
+    at most MAX_FILE_BYTES (413). 415 `unsupported_file_type` or
+    `file_type_mismatch` (name or declared type disagree with the bytes),
+    422 `empty_file`. Nothing is stored unless the file is accepted.
+    """
+    row = files.upload_file(get_session(), _archive(), current_app.config, _caller(), path.conversation_id, form.file)
+    return _respond(FileOut.of(row), 201)
+
+
+@api.get("/conversations/<conversation_id>/files", tags=[files_tag], responses={200: FileList})
+@allow(Role.CLIENT, Role.STAFF)
+def list_files(path: ConversationPath):
+    """The conversation's files, oldest first (staff reads are audited)."""
+    rows = files.list_files(get_session(), _caller(), path.conversation_id)
+    return FileList(files=[FileOut.of(row) for row in rows]).model_dump(mode="json")
+
+
+@api.get("/conversations/<conversation_id>/files/<file_id>", tags=[files_tag],
+         responses={200: {"description": "The file's bytes, with its stored type",
+                          "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in files.ALLOWED_TYPES}},
+                    503: ErrorResponse})
+@allow(Role.CLIENT, Role.STAFF)
+def download_file(path: FilePath):
+    """The file's bytes, with its type and `Content-Disposition: attachment` (staff reads are audited)."""
+    row, data = files.read_file(get_session(), _archive(), _caller(), path.conversation_id, path.file_id)
+    response = send_file(io.BytesIO(data), mimetype=row.content_type, as_attachment=True, download_name=row.name,
+                         etag=row.sha256, max_age=0)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 @api.get("/audit", tags=[admin], responses={200: AuditPage})

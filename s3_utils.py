@@ -7,6 +7,7 @@ the UTC date the conversation ended so that Athena, Spark or DuckDB can prune
 by date:
 
     conversations/dt=YYYY-MM-DD/{conversation_id}.json
+    files/{conversation_id}/{file_id}        (files.py: uploads, any type)
 
 The end date is fixed when the conversation enters `ending`, before anything
 is written, so every retry of the write, on any day, targets the same key.
@@ -94,7 +95,7 @@ class ListedObject:
 class Archive(Protocol):
     url: str
 
-    def put(self, key: str, body: bytes) -> str: ...
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> str: ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -157,14 +158,14 @@ class S3Archive:
         _check_key(key, self.url)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, key: str, body: bytes) -> str:
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> str:
         full_key, checksum = self._full_key(key), sha256_hex(body)
         try:
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=full_key,
                 Body=body,
-                ContentType="application/json",
+                ContentType=content_type,
                 Metadata={CHECKSUM_METADATA: checksum},
             )
         except (BotoCoreError, ClientError) as exc:
@@ -225,7 +226,7 @@ class FileArchive:
             raise ArchiveError(f"{key!r} is outside the archive {self.url}")
         return path
 
-    def put(self, key: str, body: bytes) -> str:
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> str:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

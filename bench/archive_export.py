@@ -88,7 +88,7 @@ def documents(sessions) -> list[tuple[str, bytes]]:
     """The documents archive-idle will write, made up front for the put_object baseline."""
     session = sessions()
     found: dict[uuid.UUID, list] = {}
-    columns = (Message.conversation_id, Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete)
+    columns = (Message.conversation_id, Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete, Message.file_ids)
     for row in session.execute(select(*columns).order_by(Message.conversation_id, Message.seq)):
         found.setdefault(row.conversation_id, []).append(row)
     bodies = []

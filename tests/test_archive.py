@@ -141,7 +141,8 @@ _USAGES = [
 
 @pytest.mark.parametrize("usage", _USAGES)
 @pytest.mark.parametrize("incomplete", [False, True])
-def test_archived_messages_have_the_api_shape(usage, incomplete):
+@pytest.mark.parametrize("file_ids", [None, [], ["9F8E2C56-0B1A-4C8E-9A0E-3C1D2B4A5E6F"]])
+def test_archived_messages_have_the_api_shape(usage, incomplete, file_ids):
     """archive-idle builds message dicts without pydantic; they must equal the API's MessageOut."""
     from types import SimpleNamespace
 
@@ -155,14 +156,18 @@ def test_archived_messages_have_the_api_shape(usage, incomplete):
         message_count=2, token_count=9, input_tokens=1, output_tokens=2, meta={}, handoff="bot", variables={},
     )  # fmt: skip
     rows = [
-        SimpleNamespace(seq=1, role="user", content="héllo\n", created_at=when, token_count=4, usage=None, incomplete=False),
-        SimpleNamespace(seq=2, role="assistant", content="ok", created_at=when, token_count=5, usage=usage, incomplete=incomplete),
+        SimpleNamespace(
+            seq=1, role="user", content="héllo\n", created_at=when, token_count=4, usage=None, incomplete=False, file_ids=file_ids
+        ),
+        SimpleNamespace(
+            seq=2, role="assistant", content="ok", created_at=when, token_count=5, usage=usage, incomplete=incomplete, file_ids=None
+        ),
     ]
 
     document = archive_document(conversation, rows)
 
     assert document["messages"] == [message_dict(row) for row in rows]
-    assert list(document["messages"][1]) == list(message_dict(rows[1]))  # same key order, so the same bytes
+    assert [list(message) for message in document["messages"]] == [list(message_dict(row)) for row in rows]  # same key order
 
 
 def test_documents_encode_as_compact_json_and_big_integers_still_encode():

@@ -200,6 +200,30 @@ def test_a_refused_large_body_does_not_break_the_connection(serve):
             assert second.startswith(b"HTTP/1.1 200") or (closing and second == b"")
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_ten_mebibyte_upload_passes_gunicorn_and_one_byte_more_is_413(serve):
+    """gunicorn's limit_request_* bound the request line and headers only; the body limit is Parley's."""
+    server = serve()
+    conversation_id = server.new_chat()
+    answers = []
+    for size in (10 * 1024 * 1024, 10 * 1024 * 1024 + 1):
+        boundary = "parley-test-boundary"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\n"
+        ).encode() + b"a" * size + f"\r\n--{boundary}--\r\n".encode()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("POST", f"/conversations/{conversation_id}/files", body=body, headers={
+            "Authorization": f"Bearer {server.key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        connection.close()
+
+    (created, stored), (refused, error) = answers
+    assert created == 201 and stored["size"] == 10 * 1024 * 1024, stored
+    assert refused == 413 and error["error"] == "payload_too_large"
+
+
 def test_what_gunicorn_refuses_is_answered_in_json(serve):
     server = serve()
 
