@@ -15,6 +15,7 @@ are plain functions here with thin click commands on top.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import time
 import uuid
@@ -22,19 +23,21 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import click
+import orjson
 from flask import Flask, current_app
 from flask.cli import with_appcontext
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import ARRAY, Text, any_, bindparam, cast, delete, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from tqdm import tqdm
 
 from auth import Caller
 from conversations import _visible_conversation, conversation_dict, message_dict
-from database_utils import AuditEvent, Conversation, Message, Status, check_transition, get_session, utcnow
+from database_utils import AuditEvent, Conversation, Message, Status, Transition, check_transition, get_session, utcnow
 from errors import TurnInProgress
 from files import delete_files, files_by_conversation
 from s3_utils import (
@@ -63,10 +66,14 @@ WORKERS = 8
 # take BACKGROUND_TIMEOUTS.total for one write, /end_chat REQUEST_TIMEOUTS.total.
 ENDING_LEASE = timedelta(seconds=BACKGROUND_TIMEOUTS.total + 30)
 REQUEST_LEASE = timedelta(seconds=REQUEST_TIMEOUTS.total + 1)
+# `usage` as its JSON text: the driver's JSON decoding of every message cost as much as the rest
+# of the row; the writer threads decode it with orjson.
 _MESSAGE_COLUMNS = (
-    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete,
-    Message.file_ids,
-)
+    Message.seq, Message.role, Message.content, Message.created_at, Message.token_count,
+    cast(Message.usage, Text).label("usage"), Message.incomplete, cast(Message.file_ids, Text).label("file_ids"),
+)  # fmt: skip
+_MESSAGE_FIELDS = tuple(column.key for column in _MESSAGE_COLUMNS)
+_JSON_FIELDS = ("usage", "file_ids")
 
 
 @dataclass
@@ -110,17 +117,72 @@ def archive_document(
 
     `files` are its uploaded files (files.py), as the files API lists them; the bytes stay in their own objects.
     """
+    return _document(_summary(conversation), [_message_tuple(row) for row in messages], files)
+
+
+def _message_tuple(row: Any) -> tuple:
+    """A message (an ORM Message, any row with its attributes) as `_read` gives it: JSON columns as JSON text."""
+    values = {name: getattr(row, name) for name in _MESSAGE_FIELDS}
+    for name in _JSON_FIELDS:
+        values[name] = None if values[name] is None else json.dumps(values[name])
+    return tuple(values.values())
+
+
+def _summary(conversation: Conversation) -> dict[str, Any]:
+    """The document's `conversation` part: read from the ORM object here, so that workers get plain data."""
     ended_at = conversation.ended_at.isoformat()
     summary = conversation_dict(conversation, history=True)
     summary.update(status=Status.ENDED, ended_at=ended_at, updated_at=ended_at)
     del summary["s3_file_location"]
+    return summary
+
+
+def _document(summary: dict[str, Any], messages: Iterable[tuple], files: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The document from its summary, its messages as tuples of _MESSAGE_COLUMNS, and its files."""
     return {
         "schema_version": SCHEMA_VERSION,
         "conversation": summary,
-        "messages": [message_dict(row) for row in messages],
+        "messages": [_message_document(message) for message in messages],
         "files": list(files),
-        "usage": summary["usage"] | {"token_count": conversation.token_count},
+        "usage": summary["usage"] | {"token_count": summary["token_count"]},
     }
+
+
+def _message_document(message: tuple) -> dict[str, Any]:
+    """`message_dict` of a message, built directly: pydantic costs several times more, and this runs for every archived message.
+
+    Usage that is not two plain integer counts, and file references, go
+    through `message_dict`, which validates them as the API does (tests
+    check the two agree).
+    """
+    seq, role, content, created_at, token_count, usage_json, incomplete, file_ids_json = message
+    usage = None if usage_json is None else _loads(usage_json)
+    plain_usage = usage is None or (
+        isinstance(usage, dict) and type(usage.get("input_tokens")) is int and type(usage.get("output_tokens")) is int
+    )
+    if not plain_usage or file_ids_json not in (None, "null", "[]"):
+        file_ids = None if file_ids_json is None else _loads(file_ids_json)
+        fields = dict(zip(_MESSAGE_FIELDS, message, strict=True)) | {"usage": usage, "file_ids": file_ids}
+        return message_dict(SimpleNamespace(**fields))
+    if usage is not None:
+        usage = {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]}
+    return {
+        "seq": seq,
+        "role": role,
+        "content": content,
+        "created_at": created_at.isoformat(),
+        "token_count": token_count,
+        "usage": usage,
+        "incomplete": bool(incomplete),
+        "file_ids": [],
+    }
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # what orjson refuses and json takes: integers beyond 64 bits
+        return json.loads(text)
 
 
 def archive_conversations(
@@ -136,8 +198,7 @@ def archive_conversations(
     while writing), writes in parallel on `pool`, then records every
     written object in one transaction. A failed write leaves its row `ending`.
     """
-    documents = _documents(session, conversations)
-    writes = (pool.map if pool else map)(_try_write, [archive] * len(documents), documents)
+    writes = (pool.map if pool else map)(_try_write, [archive] * len(conversations), *_read(session, conversations))
     return _record_writes(session, settings, conversations, writes)
 
 
@@ -157,29 +218,60 @@ def _record_writes(
     return result
 
 
-def _documents(session: Session, conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
-    """The conversations' documents, from one query; commits, so no connection is held afterwards."""
+def _read(session: Session, conversations: Sequence[Conversation]) -> tuple[list[dict[str, Any]], list[list[tuple]], list[list[Any]]]:
+    """Each conversation's summary, message rows and files, from three queries; commits, so no connection is held afterwards.
+
+    The documents themselves are built by `_try_write`, on the writers'
+    threads: the caller's thread stays free to claim and read the next batch.
+    """
     ids = [conversation.conversation_id for conversation in conversations]
     query = (
         select(Message.conversation_id, *_MESSAGE_COLUMNS)
-        .where(Message.conversation_id.in_(ids))
+        .where(_among(session, Message.conversation_id, ids))
         .order_by(Message.conversation_id, Message.seq)
     )
-    messages: dict[uuid.UUID, list[Any]] = {conversation_id: [] for conversation_id in ids}
-    # Core rows, not the ORM's result processing: this runs for every archived message.
-    for row in session.connection().execute(query):
-        messages[row.conversation_id].append(row)
+    messages: dict[uuid.UUID, list[tuple]] = {conversation_id: [] for conversation_id in ids}
+    # Core rows, not the ORM's result processing, fetched at once: this runs for every archived message.
+    for row in session.connection().execute(query).all():
+        messages[row[0]].append(row[1:])
+    _load_transitions(session, conversations, ids)
     files = files_by_conversation(session, ids)
     session.commit()
-    return [
-        archive_document(conversation, messages[conversation.conversation_id], files[conversation.conversation_id])
-        for conversation in conversations
-    ]
+    return (
+        [_summary(conversation) for conversation in conversations],
+        [messages[conversation_id] for conversation_id in ids],
+        [files[conversation_id] for conversation_id in ids],
+    )
 
 
-def _try_write(archive: Archive, document: dict[str, Any]) -> StoredObject | ArchiveError:
+def _load_transitions(session: Session, conversations: Sequence[Conversation], ids: list[uuid.UUID]) -> None:
+    """Every conversation's transitions from one query, instead of one lazy load per document."""
+    found: dict[uuid.UUID, list[Transition]] = {conversation_id: [] for conversation_id in ids}
+    query = select(Transition).where(_among(session, Transition.conversation_id, ids)).order_by(Transition.transition_id)
+    for transition in session.scalars(query):
+        found[transition.conversation_id].append(transition)
+    for conversation in conversations:
+        set_committed_value(conversation, "transitions", found[conversation.conversation_id])
+
+
+def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> Any:
+    """`column IN (ids)`; on PostgreSQL `column = ANY(:ids)` with one array parameter.
+
+    A batch's IN list makes a statement of hundreds of parameters that
+    psycopg parses again on every call (its cache keeps short statements
+    only) and the server plans again; the array form is one short
+    statement, parsed once and prepared.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(ids, ARRAY(column.type)))
+    return column.in_(ids)
+
+
+def _try_write(
+    archive: Archive, summary: dict[str, Any], messages: list[tuple], files: list[dict[str, Any]]
+) -> StoredObject | ArchiveError:
     try:
-        return write_document(archive, document)
+        return write_document(archive, _document(summary, messages, files))
     except ArchiveError as exc:
         return exc
 
@@ -202,7 +294,9 @@ def _record_archived(
     session.execute(record, [{"b_id": c.conversation_id, "b_key": s.key, "b_sha": s.sha256} for c, s in written])
     ids = [conversation.conversation_id for conversation, _ in written]
     if delete_messages:
-        session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
+        # No ORM synchronisation: the messages were read as Core rows, none is in the session.
+        messages = delete(Message).where(_among(session, Message.conversation_id, ids))
+        session.execute(messages.execution_options(synchronize_session=False))
     session.commit()
     for conversation, stored in written:
         for name, value in (("status", Status.ENDED), ("s3_file_location", stored.key), ("archive_sha256", stored.sha256)):
@@ -249,7 +343,7 @@ def _claim(session: Session, where: tuple, limit: int, **values: Any) -> list[Co
         return []
     claim = (
         update(Conversation)
-        .where(Conversation.conversation_id.in_(ids), *where)
+        .where(_among(session, Conversation.conversation_id, ids), *where)
         .values(**values)
         .returning(Conversation)
         .execution_options(synchronize_session=False, populate_existing=True)
@@ -303,11 +397,14 @@ def archive_idle(
     )
     session.commit()
     in_flight: tuple[list[Conversation], list[Future]] | None = None
+    ending_left = True  # until a claim finds none: then only idle ones (one query a batch, not two)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=total, unit="conv", desc="archive-idle", disable=None) as bar:
         while True:
             # The next batch is claimed and read while the previous one is being written.
-            batch = claim_ending(session, now, now, batch_size) or claim_idle(session, idle_before, now, batch_size)
-            submitted = (batch, [pool.submit(_try_write, archive, d) for d in _documents(session, batch)]) if batch else None
+            batch = claim_ending(session, now, now, batch_size) if ending_left else []
+            ending_left = bool(batch)
+            batch = batch or claim_idle(session, idle_before, now, batch_size)
+            submitted = (batch, _submit(pool, archive, *_read(session, batch))) if batch else None
             if in_flight is not None:
                 result = _collect(session, settings, *in_flight, report, bar)
                 if result.failed and not result.archived:
@@ -321,6 +418,10 @@ def archive_idle(
             in_flight = submitted
     report.seconds = time.monotonic() - started
     return report
+
+
+def _submit(pool: Executor, archive: Archive, *read: list[Any]) -> list[Future]:
+    return [pool.submit(_try_write, archive, *one) for one in zip(*read, strict=True)]
 
 
 def _collect(

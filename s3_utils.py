@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import boto3
+import orjson
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -304,8 +305,18 @@ def make_archive(
 
 
 def encode_document(document: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON on one line: the same document always gives the same bytes."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON on one line: the same document always gives the same bytes.
+
+    orjson writes what `json.dumps(ensure_ascii=False, separators=(",", ":"))`
+    writes (strings, integers and most floats byte for byte; `1e-7` where
+    json writes `1e-07`) about ten times faster, and this runs for every
+    archived conversation. An integer beyond 64 bits (possible in metadata)
+    is beyond orjson: such a document is written by json instead.
+    """
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def write_document(archive: Archive, document: dict[str, Any]) -> StoredObject:

@@ -88,7 +88,7 @@ def documents(sessions) -> list[tuple[str, bytes]]:
     """The documents archive-idle will write, made up front for the put_object baseline."""
     session = sessions()
     found: dict[uuid.UUID, list] = {}
-    columns = (Message.conversation_id, Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage)
+    columns = (Message.conversation_id, Message.seq, Message.role, Message.content, Message.created_at, Message.token_count, Message.usage, Message.incomplete, Message.file_ids)
     for row in session.execute(select(*columns).order_by(Message.conversation_id, Message.seq)):
         found.setdefault(row.conversation_id, []).append(row)
     bodies = []
@@ -110,6 +110,13 @@ def timed(function, *args) -> tuple[float, object]:
     started = time.perf_counter()
     result = function(*args)
     return time.perf_counter() - started, result
+
+
+def cpu_timed(function, *args) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one call."""
+    cpu = time.process_time()
+    seconds, _ = timed(function, *args)
+    return seconds, time.process_time() - cpu
 
 
 def peak_rss_mib(command: list[str], env: dict[str, str]) -> float:
@@ -139,6 +146,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=20_000)
     parser.add_argument("--small", type=int, default=2_000)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--archive-only", action="store_true", help="Stop after archive-idle (quicker while tuning it).")
     options = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "parley-test")  # SeaweedFS takes these from the environment too
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "parley-test")
@@ -163,7 +171,7 @@ def main() -> None:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(put, items))
 
-        put_seconds, _ = timed(put_all, bodies)
+        put_seconds, put_cpu = cpu_timed(put_all, bodies)
         bodies.clear()
         archive = make_archive(f"s3://{BUCKET}/archive", s3.endpoint_url, BACKGROUND_TIMEOUTS, max_connections=workers)
 
@@ -174,10 +182,16 @@ def main() -> None:
                 session.close()
                 assert report.pending == 0, report.line()
 
-        idle_seconds, _ = timed(run_archive_idle)
+        idle_seconds, idle_cpu = cpu_timed(run_archive_idle)
         put_rate, idle_rate = count / put_seconds, count / idle_seconds
-        print(f"bare put_object x{workers}:      {put_rate:8.1f} conversations/s ({put_seconds:.1f} s)")
-        print(f"archive-idle --workers {workers}:    {idle_rate:8.1f} conversations/s ({idle_seconds:.1f} s)  ratio {idle_rate / put_rate:.2f}x")
+        print(f"bare put_object x{workers}:      {put_rate:8.1f} conversations/s ({put_seconds:.1f} s, {put_cpu / count * 1000:.2f} ms CPU each)")
+        print(
+            f"archive-idle --workers {workers}:    {idle_rate:8.1f} conversations/s ({idle_seconds:.1f} s, "
+            f"{idle_cpu / count * 1000:.2f} ms CPU each)  ratio {idle_rate / put_rate:.2f}x"
+        )
+        if options.archive_only:
+            engine.dispose()
+            return
 
         session = sessions()
         keys = [f"archive/{key}" for key in session.scalars(select(Conversation.s3_file_location))]

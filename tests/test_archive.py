@@ -129,3 +129,53 @@ def test_unknown_schema_version_is_refused(tmp_path):
 def test_bad_archive_url_is_refused(url):
     with pytest.raises(ValueError, match="ARCHIVE_URL"):
         make_archive(url)
+
+
+_USAGES = [
+    None,
+    {"input_tokens": 12, "output_tokens": 7},
+    {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 3},  # extra counts are not archived
+    {"input_tokens": "12", "output_tokens": 7.0},  # validated and coerced as the API does
+]
+
+
+@pytest.mark.parametrize("usage", _USAGES)
+@pytest.mark.parametrize("incomplete", [False, True])
+@pytest.mark.parametrize("file_ids", [None, [], ["9F8E2C56-0B1A-4C8E-9A0E-3C1D2B4A5E6F"]])
+def test_archived_messages_have_the_api_shape(usage, incomplete, file_ids):
+    """archive-idle builds message dicts without pydantic; they must equal the API's MessageOut."""
+    from types import SimpleNamespace
+
+    from archiving import archive_document
+    from conversations import message_dict
+    from database_utils import Conversation
+
+    when = datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=timezone.utc)
+    conversation = Conversation(
+        conversation_id=uuid.uuid4(), user_id="u", status="ending", created_at=when, updated_at=when, ended_at=when,
+        message_count=2, token_count=9, input_tokens=1, output_tokens=2, meta={}, handoff="bot", variables={},
+    )  # fmt: skip
+    rows = [
+        SimpleNamespace(
+            seq=1, role="user", content="héllo\n", created_at=when, token_count=4, usage=None, incomplete=False, file_ids=file_ids
+        ),
+        SimpleNamespace(
+            seq=2, role="assistant", content="ok", created_at=when, token_count=5, usage=usage, incomplete=incomplete, file_ids=None
+        ),
+    ]
+
+    document = archive_document(conversation, rows)
+
+    assert document["messages"] == [message_dict(row) for row in rows]
+    assert [list(message) for message in document["messages"]] == [list(message_dict(row)) for row in rows]  # same key order
+
+
+def test_documents_encode_as_compact_json_and_big_integers_still_encode():
+    from s3_utils import encode_document
+
+    text = "é \u2028 \x00\x1f\x7f 😀 \"q\" \\ </script> \t\n"
+    document = {"conversation": {"metadata": {text: [text, 1, -2**63, True, None, 0.5]}}, "messages": [{"content": text}]}
+    huge = {"metadata": {"n": 2**70}}
+
+    assert encode_document(document) == json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    assert json.loads(encode_document(huge)) == huge
