@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import os
-import socket
 import uuid
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -48,7 +46,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -363,46 +360,16 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_time
         return engine
     # A turn holds a connection only for its two short transactions, never
     # during the model call, so a small pool serves many turns in flight.
-    engine = create_engine(
+    # pre_ping replaces connections that a database restart has closed. (A
+    # non-blocking peek at the socket instead cost less, but lost the race
+    # with a backend that was told to stop and had not closed yet: a 503.)
+    return create_engine(
         url,
+        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
     )
-    event.listen(engine, "checkout", _replace_closed_connection)
-    return engine
-
-
-def _replace_closed_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Replace pooled connections the server has closed (a restart, an idle timeout).
-
-    An idle connection has nothing to read: if its socket has data or is at
-    its end, the server sent its goodbye or closed it. This non-blocking peek
-    takes the place of `pool_pre_ping`, whose `SELECT 1` cost a round trip on
-    every checkout (two per turn). The pool drops every older connection too,
-    as the pre-ping does, and retries with a new one. A peer that vanished
-    without closing is caught by the statement itself: a 503, and the pool is
-    invalidated.
-    """
-    if dbapi_connection.closed or _has_input_or_ended(dbapi_connection.fileno()):
-        raise InvalidatePoolError("the database closed this connection")
-
-
-def _has_input_or_ended(fileno: int) -> bool:
-    # A duplicate of the descriptor, so that closing the probe leaves the
-    # connection's own; a peek, so that nothing is taken from the stream.
-    # (select() cannot watch descriptors above 1024: a thousand turns in flight reach them.)
-    probe = socket.socket(fileno=os.dup(fileno))
-    try:
-        probe.setblocking(False)
-        probe.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        probe.close()
-    return True
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -127,7 +127,7 @@ def test_service_recovers_after_database_drops_connections(app, client, postgres
 
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_closed_connections_are_found_on_descriptors_above_1024(app, client, postgres_url):
-    """A thousand turns in flight open sockets past select()'s limit of 1024; the checkout check must still work."""
+    """A thousand turns in flight open sockets past select()'s limit of 1024; checking pooled connections must still work."""
     app.extensions["parley.engine"].dispose()
     filler = []
     try:
