@@ -10,15 +10,18 @@ indexed by migration 0008's full-text index:
   the user's message goes through `websearch_to_tsquery` with its terms OR-ed
   (a question rarely repeats every word of its answer), ranked by
   `ts_rank_cd(..., 32)`, which is rank / (rank + 1), in [0, 1);
-- SQLite: FTS5 with the porter stemmer, ranked by bm25; the score is
-  x / (x + 1) with x = -bm25, also in [0, 1).
+- SQLite: FTS5 with the porter stemmer, ranked by bm25; the score is the
+  share of the message's words (stop words left out) that the passage
+  contains. bm25 itself cannot be the score: its IDF is about zero for a
+  word in half the passages or more, so a knowledge base of a few
+  documents scored 0 for the very passage asked about.
 - `KNOWLEDGE_BACKEND=kendra`: AWS Kendra's Retrieve API through boto3; its
   ScoreConfidence VERY_HIGH, HIGH, MEDIUM, LOW, NOT_AVAILABLE is reported
   as the score 1.0, 0.75, 0.5, 0.25, 0.0 and KENDRA_MIN_CONFIDENCE is the threshold.
 
 A turn (between `prepare_turn` and the model call) searches with the user's
 message. At or above the threshold (KNOWLEDGE_MIN_SCORE; by default 0.2 on
-PostgreSQL, 0.6 on SQLite, whose scores run higher) the band is `high`:
+PostgreSQL, 0.5 on SQLite, whose scores count words) the band is `high`:
 the passages that reach it go into the system context with their titles and
 come back as `citations`. Below it the band is `low` and
 KNOWLEDGE_LOW_CONFIDENCE_POLICY applies: `answer` (the model answers without
@@ -75,7 +78,7 @@ MAX_QUERY_TERMS = 32
 KENDRA_MAX_QUERY_CHARS = 1000
 # KNOWLEDGE_MIN_SCORE's default per database: the two rankings have their own scales
 # (chosen on the labelled questions of bench/knowledge_questions.json).
-DEFAULT_MIN_SCORES = {"postgresql": 0.2, "sqlite": 0.6}
+DEFAULT_MIN_SCORES = {"postgresql": 0.2, "sqlite": 0.5}
 KENDRA_SCORES = {"VERY_HIGH": 1.0, "HIGH": 0.75, "MEDIUM": 0.5, "LOW": 0.25, "NOT_AVAILABLE": 0.0}
 HIGH, LOW = "high", "low"
 
@@ -373,9 +376,9 @@ class DatabaseSearch:
             rows = session.execute(POSTGRES_SEARCH, {"language": self.language, "query": query, "k": k}).all()
             scores = [row.score for row in rows]
         else:
-            terms = fts5_query(query)
-            rows = session.execute(SQLITE_SEARCH, {"query": terms, "k": k}).all() if terms else []
-            scores = [-row.score / (1 - row.score) for row in rows]  # x / (x + 1) with x = -bm25
+            terms = query_terms(query)
+            rows = session.execute(SQLITE_SEARCH, {"query": " OR ".join(terms), "k": k}).all() if terms else []
+            scores = _shares_of_terms(session, terms, [row.passage_id for row in rows])
         return [
             Passage(str(row.passage_id), str(row.document_id), row.title, row.source_url, row.text, round(score, 4))
             for row, score in zip(rows, scores, strict=True)
@@ -416,10 +419,26 @@ SQLITE_SEARCH = text(
 ).columns(document_id=Uuid)
 
 
-def fts5_query(message: str) -> str:
-    """The message's distinct words (stop words left out), each quoted, OR-ed: FTS5 syntax that cannot fail."""
+SQLITE_TERM_HITS = text(
+    "SELECT rowid FROM knowledge_fts WHERE knowledge_fts MATCH :term AND rowid IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+
+
+def query_terms(message: str) -> list[str]:
+    """The message's distinct words (stop words left out), each quoted: FTS5 terms that cannot fail."""
     terms = dict.fromkeys(w for w in re.findall(r"\w+", message.casefold()) if w not in _STOP_WORDS)
-    return " OR ".join(f'"{term}"' for term in list(terms)[:MAX_QUERY_TERMS])
+    return [f'"{term}"' for term in list(terms)[:MAX_QUERY_TERMS]]
+
+
+def _shares_of_terms(session: Session, terms: list[str], passage_ids: list[int]) -> list[float]:
+    """For each passage, the share of `terms` it contains (FTS5's stemmer decides what matches)."""
+    if not passage_ids:
+        return []
+    hits = dict.fromkeys(passage_ids, 0)
+    for term in terms:
+        for passage_id in session.execute(SQLITE_TERM_HITS, {"term": term, "ids": passage_ids}).scalars():
+            hits[passage_id] += 1
+    return [hits[passage_id] / len(terms) for passage_id in passage_ids]
 
 
 class KendraSearch:
