@@ -44,11 +44,11 @@ from database_utils import (
     Role,
     Status,
     claim_turn,
+    commit_each_statement,
     find_conversations,
     finish_turn,
     get_conversation,
     list_messages,
-    load_context_tail,
     lock_conversation,
     record_audit,
     release_turn,
@@ -145,12 +145,13 @@ def prepare_turn(
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
     lease_id = uuid.uuid4()
     owner = viewer.key_id if viewer.role == Role.CLIENT else None
-    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings))
+    budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
+    commit_each_statement(session)  # the claim commits by itself: no transaction to begin and end
+    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings), budget, cap)
     if claimed is None:
         _explain_unclaimable(session, viewer, conversation_id)
+    claimed, tail = claimed
     try:
-        budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
-        tail = load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count, budget, cap)
         system, missing = render_system_prompt(claimed.system_prompt, claimed.variables)
         memory = ConversationMemory(
             system_prompt=system,
@@ -164,19 +165,23 @@ def prepare_turn(
         context = memory.get_current_context()
         session.commit()
     except BaseException:
-        session.rollback()
+        _give_back(session, conversation_id, lease_id)
         raise
     return PreparedTurn(
         conversation_id, lease_id, user, context, claimed.handoff, claimed.user_message_count, missing, claimed.knowledge
     )
 
 
-def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply) -> Turn:
+def complete_turn(session: Session, prepared: PreparedTurn, reply: ModelReply, alone: bool = False) -> Turn:
     """Store the user's message and the reply, and release the lease; the caller commits.
 
     If the lease was lost (the turn outlived TURN_LEASE_SECONDS and another
-    turn took the conversation, or it ended), nothing is stored: 409.
+    turn took the conversation, or it ended), nothing is stored: 409. With
+    `alone` (nothing else is to be committed with the turn), the store
+    commits by itself where it is one statement (`commit_each_statement`).
     """
+    if alone:
+        commit_each_statement(session)
     assistant = MemoryMessage(
         role=ASSISTANT,
         content=reply.text,
@@ -199,16 +204,20 @@ def abandon_turn(session: Session, prepared: PreparedTurn) -> None:
     released its lease already, and this changes nothing. If the database
     is unreachable, the lease runs out after TURN_LEASE_SECONDS instead.
     """
+    _give_back(session, prepared.conversation_id, prepared.lease_id)
+
+
+def _give_back(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID) -> None:
     for attempt in range(2):  # the second on a fresh connection, after a restart broke the first
         try:
             session.rollback()
-            release_turn(session, prepared.conversation_id, prepared.lease_id)
+            release_turn(session, conversation_id, lease_id)
             session.commit()
             return
         except SQLAlchemyError as exc:
             session.rollback()
             if attempt:
-                log.warning("could not release the turn lease of %s: %s", prepared.conversation_id, exc.__class__.__name__)
+                log.warning("could not release the turn lease of %s: %s", conversation_id, exc.__class__.__name__)
 
 
 def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> None:

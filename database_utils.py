@@ -38,16 +38,20 @@ from sqlalchemy import (
     create_engine,
     event,
     false,
+    func,
     insert,
     literal,
     or_,
     select,
     text,
     tuple_,
+    union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import operators
 
 from conversation_memory import MemoryMessage
 
@@ -606,6 +610,28 @@ _TAIL = (
     .limit(bindparam("page", type_=Integer))
 )
 _TAIL_BEFORE = _TAIL.where(_messages.c.seq < bindparam("before"))
+
+
+def _with_tail(claim: Any) -> Any:
+    """PostgreSQL: `claim` (an UPDATE ... RETURNING) and the first page of the tail, in one statement.
+
+    One row, the claimed columns and `tail`: up to a page of (seq, role,
+    content, token_count), newest first, as one JSON array (decoded once,
+    not row by row). The page is sized as `_page_size` sizes it, from the
+    claimed row; no row when the claim fails.
+    """
+    claimed = claim.cte("claimed")
+    divide = operators.custom_op("/", return_type=Integer)  # PostgreSQL's integer division, as `//` in Python
+    average = func.greatest(divide(claimed.c.token_count, func.greatest(claimed.c.message_count, 1)), 1)
+    page = select(func.greatest(divide(bindparam("budget", type_=Integer), average) + 2, MIN_TAIL_PAGE)).scalar_subquery()
+    newest = _TAIL.limit(page).subquery("newest")
+    row = func.json_build_array(newest.c.seq, newest.c.role, newest.c.content, newest.c.token_count)
+    tail = select(func.json_agg(aggregate_order_by(row, newest.c.seq.desc()))).scalar_subquery()
+    return select(claimed, tail.label("tail"))
+
+
+_CLAIM_WITH_TAIL_PG = _with_tail(_CLAIM_TURN)
+_CLAIM_OWN_WITH_TAIL_PG = _with_tail(_CLAIM_OWN_TURN)
 _MESSAGE_COLUMNS = ("seq", "role", "content", "created_at", "token_count", "usage", "incomplete", "file_ids")
 
 
@@ -617,19 +643,46 @@ _INSERT_MESSAGES = insert(_messages).returning(_messages.c.seq)
 
 
 def claim_turn(
-    session: Session, conversation_id: uuid.UUID, owner_key_id: uuid.UUID | None, lease_id: uuid.UUID, lease_seconds: float
-) -> Row | None:
-    """Take the turn lease of an active conversation, in one statement.
+    session: Session,
+    conversation_id: uuid.UUID,
+    owner_key_id: uuid.UUID | None,
+    lease_id: uuid.UUID,
+    lease_seconds: float,
+    token_budget: int,
+    max_messages: int | None = None,
+) -> tuple[Row, list[MemoryMessage]] | None:
+    """Take the turn lease of an active conversation and read its context's tail.
 
-    The same UPDATE checks ownership (when `owner_key_id` is given), status
-    and that no live lease is held. Returns the columns a turn needs, or None
-    when any check fails.
+    The claiming UPDATE checks ownership (when `owner_key_id` is given),
+    status and that no live lease is held. Returns the columns a turn needs
+    and the tail (see `load_context_tail`), or None when any check fails.
+
+    On PostgreSQL the claim and the tail's first page are one statement (see
+    `_CLAIM_WITH_TAIL_PG`); on SQLite, two.
     """
     now = utcnow()
     parameters = {"cid": conversation_id, "now": now, "lease": lease_id, "lease_until": now + timedelta(seconds=lease_seconds)}
-    if owner_key_id is None:
-        return session.execute(_CLAIM_TURN, parameters).one_or_none()
-    return session.execute(_CLAIM_OWN_TURN, parameters | {"owner": owner_key_id}).one_or_none()
+    if owner_key_id is not None:
+        parameters["owner"] = owner_key_id
+    if session.get_bind().dialect.name != "postgresql":
+        claimed = session.execute(_CLAIM_TURN if owner_key_id is None else _CLAIM_OWN_TURN, parameters).one_or_none()
+        if claimed is None:
+            return None
+        return claimed, load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count,
+                                          token_budget, max_messages)
+    statement = _CLAIM_WITH_TAIL_PG if owner_key_id is None else _CLAIM_OWN_WITH_TAIL_PG
+    claimed = session.execute(statement, parameters | {"budget": token_budget}).one_or_none()
+    if claimed is None:
+        return None
+    rows = claimed.tail or []
+    # The tail was read with the statement's snapshot, taken before the UPDATE
+    # waited for any turn that held the row: if that turn stored messages, the
+    # newest seq read falls short of message_count. Then read it again.
+    if claimed.message_count and (not rows or rows[0][0] != claimed.message_count):
+        return claimed, load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count,
+                                          token_budget, max_messages)
+    return claimed, _walk_back(session, conversation_id, rows, _page_size(claimed.message_count, claimed.token_count,
+                                                                           token_budget), token_budget, max_messages)
 
 
 def finish_turn(
@@ -639,26 +692,70 @@ def finish_turn(
 
     The database assigns the sequence numbers: one UPDATE claims them while
     checking that the lease is still ours, then one INSERT writes the
-    messages. Returns the last seq, or None when the lease was lost.
+    messages (on PostgreSQL, both in one statement). Returns the last seq,
+    or None when the lease was lost.
     """
     now = utcnow()
-    last_seq = session.execute(
-        _FINISH_TURN,
-        {
-            "cid": conversation_id,
-            "lease": lease_id,
-            "add_messages": len(messages),
-            "add_tokens": sum(m.token_count for m in messages),
-            "add_input": usage.get("input_tokens", 0),
-            "add_output": usage.get("output_tokens", 0),
-            "add_user": sum(m.role == "user" for m in messages),
-            "now": now,
-        },
-    ).scalar_one_or_none()
+    parameters = {
+        "cid": conversation_id,
+        "lease": lease_id,
+        "add_messages": len(messages),
+        "add_tokens": sum(m.token_count for m in messages),
+        "add_input": usage.get("input_tokens", 0),
+        "add_output": usage.get("output_tokens", 0),
+        "add_user": sum(m.role == "user" for m in messages),
+        "now": now,
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        for n, message in enumerate(messages):
+            message.created_at = message.created_at or now
+            parameters |= {f"{column}_{n}": getattr(message, column) for column in _STORED_COLUMNS}
+        seqs = session.execute(_finish_and_store_pg(len(messages)), parameters).scalars().all()
+        if not seqs:
+            return None
+        for message, seq in zip(messages, sorted(seqs), strict=True):
+            message.seq = seq
+        return max(seqs)
+    last_seq = session.execute(_FINISH_TURN, parameters).scalar_one_or_none()
     if last_seq is None:
         return None
     _insert_numbered(session, conversation_id, messages, last_seq, now)
     return last_seq
+
+
+_STORED_COLUMNS = ("role", "content", "created_at", "token_count", "usage", "incomplete", "file_ids")
+
+
+@functools.cache
+def _finish_and_store_pg(count: int) -> Any:
+    """PostgreSQL: `_FINISH_TURN` and the INSERT of its `count` messages, in one statement.
+
+    The messages take the seqs up to the message_count the UPDATE returns;
+    when the lease is lost the UPDATE returns no row and nothing is inserted.
+    """
+    finished = _FINISH_TURN.cte("finished")
+    rows = [
+        select(
+            bindparam("cid", type_=Uuid),
+            finished.c.message_count - (count - 1 - n),
+            *(bindparam(f"{column}_{n}", type_=_messages.c[column].type) for column in _STORED_COLUMNS),
+        )
+        for n in range(count)
+    ]
+    columns = ["conversation_id", "seq", *_STORED_COLUMNS]
+    return insert(_messages).from_select(columns, union_all(*rows)).returning(_messages.c.seq)
+
+
+def commit_each_statement(session: Session) -> None:
+    """On PostgreSQL, run the session's next transaction in autocommit mode.
+
+    For work that is one statement, such as a turn's claim or its store
+    (`claim_turn`, `finish_turn`): each statement commits on its own, which
+    saves the BEGIN and COMMIT round trips. Does nothing on SQLite, where
+    those are more than one statement, or when a transaction is open.
+    """
+    if not session.in_transaction() and session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 _APPEND = (
@@ -719,13 +816,24 @@ def load_context_tail(
     sized from the conversation's average message size, so one query
     usually suffices. Only the columns the context needs are read.
     """
+    page_size = _page_size(message_count, token_count, token_budget)
+    page = session.execute(_TAIL, {"cid": conversation_id, "page": page_size}).all()
+    return _walk_back(session, conversation_id, page, page_size, token_budget, max_messages)
+
+
+def _page_size(message_count: int, token_count: int, token_budget: int) -> int:
     average = max(token_count // max(message_count, 1), 1)
-    page_size = max(token_budget // average + 2, MIN_TAIL_PAGE)
+    return max(token_budget // average + 2, MIN_TAIL_PAGE)
+
+
+def _walk_back(
+    session: Session, conversation_id: uuid.UUID, page: list, page_size: int, token_budget: int, max_messages: int | None
+) -> list[MemoryMessage]:
+    """The tail from its first page of (seq, role, content, token_count) rows, newest first, reading on as needed."""
     messages: list[MemoryMessage] = []
     tokens = 0
-    page = session.execute(_TAIL, {"cid": conversation_id, "page": page_size}).all()
     while True:
-        for seq, role, content, count in page:  # the four columns _TAIL selects
+        for seq, role, content, count in page:
             messages.append(MemoryMessage(role, content, count, seq))
             tokens += count
         full = tokens >= token_budget or (max_messages is not None and len(messages) >= max_messages)

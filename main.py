@@ -369,7 +369,8 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
             if reply.handoff_reason is not None:
                 held = handoff.hold_turn(session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
                 return _respond(ChatHeld(**vars(held)), 202)
-            return _respond(ChatResponse.of(complete_turn(session, prepared, reply)))
+            alone = "idempotency_claim" not in g  # no stored response to commit with the turn
+            return _respond(ChatResponse.of(complete_turn(session, prepared, reply, alone)))
     except BaseException:
         abandon_turn(session, prepared)
         raise

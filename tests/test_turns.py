@@ -10,8 +10,11 @@ import time
 import uuid
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
-from database_utils import claim_turn, get_session
+from conversation_memory import MemoryMessage
+from database_utils import append_messages, claim_turn, get_session
 
 
 def _conversation(client, user_id: str = "u-1") -> str:
@@ -81,7 +84,7 @@ def test_a_lease_left_by_a_dead_worker_expires(provider_app, app, fake_model):
     with app.app_context():
         session = get_session()
         # What a worker killed mid-turn leaves behind: a lease nobody will release.
-        assert claim_turn(session, uuid.UUID(conversation_id), None, uuid.uuid4(), lease_seconds=1) is not None
+        assert claim_turn(session, uuid.UUID(conversation_id), None, uuid.uuid4(), lease_seconds=1, token_budget=1000) is not None
         session.commit()
 
     blocked = _say(client, conversation_id, "anyone there?")
@@ -140,3 +143,35 @@ def test_racing_turns_never_answer_from_a_context_missing_the_other_exchange(pro
         question = sent[-1]
         if question in stored:  # a stored turn: its context is exactly the log before it
             assert sent == stored[: stored.index(question) + 1]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_claim_that_waited_for_a_store_reads_the_stored_messages(provider_app, fake_model, postgres_url):
+    """PostgreSQL claims the lease and reads the tail in one statement, whose
+    snapshot predates a store it waited for: the turn must read the tail again."""
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    engine = create_engine(postgres_url)
+    try:
+        with Session(engine) as other, other.begin():
+            # A store holding the conversation's row, as a finishing turn does.
+            append_messages(other, uuid.UUID(conversation_id), [
+                MemoryMessage("user", "asked elsewhere", 3), MemoryMessage("assistant", "answered elsewhere", 3),
+            ])
+            thread, turn = _in_background(lambda: _say(client, conversation_id, "and now?"))
+            _wait_until(lambda: _waiting_on_a_lock(engine))
+        thread.join()
+    finally:
+        engine.dispose()
+
+    assert turn["response"].status_code == 200
+    sent = [m["content"] for m in fake_model.requests[-1].body["messages"]]
+    assert sent[:2] == ["asked elsewhere", "answered elsewhere"]
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [m["seq"] for m in log["messages"]] == [1, 2, 3, 4]
+
+
+def _waiting_on_a_lock(engine) -> bool:
+    with engine.connect() as connection:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return connection.execute(text(query)).scalar_one() > 0
