@@ -131,21 +131,32 @@ class ConversationMemory:
         return self.earlier_messages + len(self.messages)
 
     def get_current_context(self) -> ContextWindow:
-        """The newest whole exchanges that fit the token and message budgets."""
+        """The newest whole exchanges that fit the token and message budgets.
+
+        An exchange is a user message and what follows it up to the next
+        one; messages before the first user message cannot open a context.
+        Walks back from the newest message, taking an exchange whenever its
+        user message is reached.
+        """
         system_tokens = estimate_tokens(self.system_prompt) if self.system_prompt else 0
         budget = self.max_tokens - system_tokens
-        exchanges = self._exchanges()
-        chosen: list[MemoryMessage] = []
-        used = 0
-        for exchange in reversed(exchanges):
-            cost = sum(message.token_count for message in exchange)
-            too_many = self.max_messages is not None and len(chosen) + len(exchange) > self.max_messages
-            if used + cost > budget or too_many:
+        messages = self.messages
+        start = len(messages)  # the oldest message taken
+        used = pending = 0  # tokens taken; tokens of the exchange being read
+        newest_user = None
+        for index in range(len(messages) - 1, -1, -1):
+            message = messages[index]
+            pending += message.token_count
+            if message.role != USER:
+                continue
+            newest_user = newest_user or message
+            too_many = self.max_messages is not None and len(messages) - index > self.max_messages
+            if used + pending > budget or too_many:
                 break
-            chosen[:0] = exchange
-            used += cost
-        if not chosen and exchanges:
-            return self._truncated_context(exchanges[-1][0], budget, system_tokens)
+            start, used, pending = index, used + pending, 0
+        chosen = messages[start:]
+        if not chosen and newest_user is not None:
+            return self._truncated_context(newest_user, budget, system_tokens)
         return ContextWindow(
             system=self.system_prompt,
             messages=_alternating(chosen),
@@ -153,17 +164,6 @@ class ConversationMemory:
             messages_dropped=self.total_messages - len(chosen),
             log_messages=len(chosen),
         )
-
-    def _exchanges(self) -> list[list[MemoryMessage]]:
-        """Split the log into runs that each start with a user message."""
-        exchanges: list[list[MemoryMessage]] = []
-        for message in self.messages:
-            if message.role == USER:
-                exchanges.append([message])
-            elif exchanges:
-                exchanges[-1].append(message)
-            # A reply whose user message was not loaded cannot open a context.
-        return exchanges
 
     def _truncated_context(self, message: MemoryMessage, budget: int, system_tokens: int) -> ContextWindow:
         content = _cut_middle(message.content, max(budget, MIN_TRUNCATED_TOKENS))
@@ -190,12 +190,16 @@ class ConversationMemory:
 def _alternating(messages: list[MemoryMessage]) -> list[dict[str, str]]:
     """Provider messages: staff ones as marked assistant turns, same-role neighbours joined."""
     sent: list[dict[str, str]] = []
+    last_role = None
     for message in messages:
-        role, content = (ASSISTANT, STAFF_PREFIX + message.content) if message.role == STAFF else (message.role, message.content)
-        if sent and sent[-1]["role"] == role:
+        role, content = message.role, message.content
+        if role == STAFF:
+            role, content = ASSISTANT, STAFF_PREFIX + content
+        if role == last_role:
             sent[-1]["content"] += "\n\n" + content
         else:
             sent.append({"role": role, "content": content})
+            last_role = role
     return sent
 
 
