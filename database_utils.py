@@ -627,7 +627,11 @@ def _with_tail(claim: Any) -> Any:
     newest = _TAIL.limit(page).subquery("newest")
     row = func.json_build_array(newest.c.seq, newest.c.role, newest.c.content, newest.c.token_count)
     tail = select(func.json_agg(aggregate_order_by(row, newest.c.seq.desc()))).scalar_subquery()
-    return select(claimed, tail.label("tail"))
+    # The claim commits without waiting for its WAL flush (for this statement's
+    # transaction only): a lease lost in a database crash frees the conversation
+    # early, and the turn's store, which does wait, then finds it gone (409).
+    asynchronous = func.set_config("synchronous_commit", "off", True)
+    return select(claimed, tail.label("tail"), asynchronous.label("asynchronous_commit"))
 
 
 _CLAIM_WITH_TAIL_PG = _with_tail(_CLAIM_TURN)
