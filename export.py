@@ -84,6 +84,7 @@ PARQUET_SCHEMA = pa.schema(
         ("files", pa.string()),  # the conversation's files (the archive document's `files`), as JSON text
     ]
 )
+_TIMESTAMP_COLUMNS = {field.name for field in PARQUET_SCHEMA if pa.types.is_timestamp(field.type)}
 
 
 class ExportError(Exception):
@@ -301,7 +302,8 @@ class _Part:
 
     def _add_rows(self, document: dict[str, Any]) -> None:
         conversation, rows = document["conversation"], self._rows
-        created, ended = _timestamp(conversation["created_at"]), _timestamp(conversation["ended_at"])
+        # Timestamps stay ISO 8601 text here; Arrow parses a whole column at once in `_flush_rows`.
+        created, ended = conversation["created_at"], conversation["ended_at"]
         variables = json.dumps(conversation.get("variables") or {}, ensure_ascii=False, sort_keys=True)
         files = json.dumps(document.get("files") or [], ensure_ascii=False, sort_keys=True)
         for message in document["messages"]:
@@ -316,7 +318,7 @@ class _Part:
             rows["seq"].append(message["seq"])
             rows["role"].append(message["role"])
             rows["content"].append(message["content"])
-            rows["created_at"].append(_timestamp(message["created_at"]))
+            rows["created_at"].append(message["created_at"])
             rows["token_count"].append(message["token_count"])
             rows["input_tokens"].append(usage.get("input_tokens"))
             rows["output_tokens"].append(usage.get("output_tokens"))
@@ -331,7 +333,11 @@ class _Part:
             return
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.path, PARQUET_SCHEMA, compression="zstd")
-        self._writer.write_table(pa.table(self._rows, schema=PARQUET_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+        columns = {
+            name: pa.array(values, pa.string()).cast(PARQUET_SCHEMA.field(name).type) if name in _TIMESTAMP_COLUMNS else values
+            for name, values in self._rows.items()
+        }
+        self._writer.write_table(pa.table(columns, schema=PARQUET_SCHEMA), row_group_size=ROW_GROUP_ROWS)
         self._rows = {name: [] for name in PARQUET_SCHEMA.names}
 
     def finish(self) -> tuple[int, str]:
@@ -352,10 +358,6 @@ class _Part:
         if self._writer is not None:
             self._writer.close()
         self.path.unlink(missing_ok=True)
-
-
-def _timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text)
 
 
 def _size_and_sha(path: Path) -> tuple[int, str]:
