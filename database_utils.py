@@ -362,7 +362,7 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_time
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # A turn holds a connection only for its two short transactions, never
+    # A turn holds a connection only for its two short statements, never
     # during the model call, so a small pool serves many turns in flight.
     # pre_ping replaces connections that a database restart has closed. (A
     # non-blocking peek at the socket instead cost less, but lost the race
