@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -49,6 +50,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators
@@ -58,6 +60,8 @@ from conversation_memory import MemoryMessage
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Fewest rows fetched per step when walking back from the newest message.
 MIN_TAIL_PAGE = 16
+# A pooled PostgreSQL connection idle for this long is pinged before use.
+PING_IDLE_SECONDS = 1.0
 
 
 
@@ -364,16 +368,35 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_time
         return engine
     # A turn holds a connection only for its two short statements, never
     # during the model call, so a small pool serves many turns in flight.
-    # pre_ping replaces connections that a database restart has closed. (A
-    # non-blocking peek at the socket instead cost less, but lost the race
-    # with a backend that was told to stop and had not closed yet: a 503.)
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_timeout=pool_timeout,
-    )
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
+    event.listen(engine.pool, "connect", _note_idle_since)
+    event.listen(engine.pool, "checkin", _note_idle_since)
+    event.listen(engine.pool, "checkout", functools.partial(_ping_if_idle, engine.dialect))
+    return engine
+
+
+def _note_idle_since(_dbapi_connection: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: Any, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Replace a pooled connection that a database restart closed while it sat idle.
+
+    Only connections idle for PING_IDLE_SECONDS are pinged, so under load
+    none is (SQLAlchemy's `pool_pre_ping` pings on every checkout: two of a
+    turn's four round trips). A connection closed within that time fails on
+    its first statement: SQLAlchemy then replaces every older connection of
+    the pool, the request answers 503, and a turn's claim is retried once on
+    a fresh connection (`claim_turn`).
+    """
+    if time.monotonic() - record.info.get("idle_since", 0.0) < PING_IDLE_SECONDS:
+        return
+    try:
+        dialect.do_ping(dbapi_connection)
+    except dialect.loaded_dbapi.Error as exc:
+        if dialect.is_disconnect(exc, dbapi_connection, None):
+            raise DisconnectionError("the pooled connection was closed") from exc  # the pool connects anew
+        raise
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -565,7 +588,11 @@ _CLAIM_TURN = (
     .where(
         _conversations.c.conversation_id == bindparam("cid"),
         _conversations.c.status == Status.ACTIVE.value,
-        or_(_conversations.c.turn_lease_expires_at.is_(None), _conversations.c.turn_lease_expires_at <= bindparam("now")),
+        or_(
+            _conversations.c.turn_lease_expires_at.is_(None),
+            _conversations.c.turn_lease_expires_at <= bindparam("now"),
+            _conversations.c.turn_lease_id == bindparam("lease"),  # a retried claim (claim_turn)
+        ),
     )
     .values(turn_lease_id=bindparam("lease"), turn_lease_expires_at=bindparam("lease_until"))
     .returning(
@@ -675,7 +702,20 @@ def claim_turn(
         return claimed, load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count,
                                           token_budget, max_messages)
     statement = _CLAIM_WITH_TAIL_PG if owner_key_id is None else _CLAIM_OWN_WITH_TAIL_PG
-    claimed = session.execute(statement, parameters | {"budget": token_budget}).one_or_none()
+    parameters["budget"] = token_budget
+    alone = session.connection().get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    try:
+        claimed = session.execute(statement, parameters).one_or_none()
+    except DBAPIError as exc:
+        if not (alone and exc.connection_invalidated):
+            raise
+        # The pooled connection was closed (a database restart): once more on a
+        # fresh one. The claim may have committed before the connection broke;
+        # it matches its own lease, so claiming again is safe. (In autocommit,
+        # nothing else of the request is rolled back.)
+        session.rollback()
+        commit_each_statement(session)
+        claimed = session.execute(statement, parameters).one_or_none()
     if claimed is None:
         return None
     rows = claimed.tail or []

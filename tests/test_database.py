@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import create_engine, event, select, text
 
-from database_utils import MIN_TAIL_PAGE, ApiKey, get_conversation, get_session, load_context_tail
+from database_utils import (
+    MIN_TAIL_PAGE,
+    PING_IDLE_SECONDS,
+    ApiKey,
+    claim_turn,
+    get_conversation,
+    get_session,
+    load_context_tail,
+)
 from main import create_app
 from tests.conftest import client_with_key
 from tests.factories import seed_conversation
@@ -145,6 +154,36 @@ def test_closed_connections_are_found_on_descriptors_above_1024(app, client, pos
     finally:
         for fd in filler:
             os.close(fd)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_connection_closed_while_idle_is_replaced_before_any_route_uses_it(app, client, postgres_url):
+    """Past PING_IDLE_SECONDS a pooled connection is pinged on checkout, so even a read that is not retried works."""
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    _terminate_other_backends(postgres_url)
+    time.sleep(PING_IDLE_SECONDS + 0.2)
+
+    response = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+
+    assert response.status_code == 200
+    assert response.json["conversation_id"] == conversation_id
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_retried_claim_matches_its_own_lease_and_no_other(app, client):
+    """A claim whose reply the broken connection lost is claimed again by its own lease, never by another's."""
+    conversation_id = uuid.UUID(client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"])
+    lease = uuid.uuid4()
+    with app.app_context():
+        session = get_session()
+        first = claim_turn(session, conversation_id, None, lease, lease_seconds=60, token_budget=1000)
+        session.commit()
+        again = claim_turn(session, conversation_id, None, lease, lease_seconds=60, token_budget=1000)
+        session.commit()
+        other = claim_turn(session, conversation_id, None, uuid.uuid4(), lease_seconds=60, token_budget=1000)
+
+    assert first is not None and again is not None
+    assert other is None
 
 
 def _terminate_other_backends(url: str) -> None:
