@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import click
-import orjson
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy import ARRAY, Text, any_, bindparam, cast, delete, func, literal, or_, select, update
@@ -37,7 +36,17 @@ from tqdm import tqdm
 
 from auth import Caller
 from conversations import _visible_conversation, conversation_dict, message_dict
-from database_utils import AuditEvent, Conversation, Message, Status, Transition, check_transition, get_session, utcnow
+from database_utils import (
+    AuditEvent,
+    Conversation,
+    Message,
+    Status,
+    Transition,
+    check_transition,
+    get_session,
+    loads_json,
+    utcnow,
+)
 from errors import TurnInProgress
 from files import delete_files, files_by_conversation
 from s3_utils import (
@@ -156,12 +165,12 @@ def _message_document(message: tuple) -> dict[str, Any]:
     check the two agree).
     """
     seq, role, content, created_at, token_count, usage_json, incomplete, file_ids_json = message
-    usage = None if usage_json is None else _loads(usage_json)
+    usage = None if usage_json is None else loads_json(usage_json)
     plain_usage = usage is None or (
         isinstance(usage, dict) and type(usage.get("input_tokens")) is int and type(usage.get("output_tokens")) is int
     )
     if not plain_usage or file_ids_json not in (None, "null", "[]"):
-        file_ids = None if file_ids_json is None else _loads(file_ids_json)
+        file_ids = None if file_ids_json is None else loads_json(file_ids_json)
         fields = dict(zip(_MESSAGE_FIELDS, message, strict=True)) | {"usage": usage, "file_ids": file_ids}
         return message_dict(SimpleNamespace(**fields))
     if usage is not None:
@@ -176,13 +185,6 @@ def _message_document(message: tuple) -> dict[str, Any]:
         "incomplete": bool(incomplete),
         "file_ids": [],
     }
-
-
-def _loads(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:  # what orjson refuses and json takes: integers beyond 64 bits
-        return json.loads(text)
 
 
 def archive_conversations(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
+import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -62,6 +65,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_TAIL_PAGE = 16
 # A pooled PostgreSQL connection idle for this long is pinged before use.
 PING_IDLE_SECONDS = 1.0
+_TWENTY_DIGITS, _TWENTY_DIGITS_BYTES = re.compile("[0-9]{20}"), re.compile(b"[0-9]{20}")
 
 
 
@@ -363,16 +367,33 @@ class IdempotencyRecord(Base):
 def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url)
+        engine = create_engine(url, json_deserializer=loads_json)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # A turn holds a connection only for its two short statements, never
     # during the model call, so a small pool serves many turns in flight.
-    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
+    engine = create_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, json_deserializer=loads_json
+    )
     event.listen(engine.pool, "connect", _note_idle_since)
     event.listen(engine.pool, "checkin", _note_idle_since)
     event.listen(engine.pool, "checkout", functools.partial(_ping_if_idle, engine.dialect))
     return engine
+
+
+def loads_json(text: str | bytes) -> Any:
+    """JSON columns and results (a turn's context tail), decoded by orjson: several times faster than json.
+
+    orjson reads an integer beyond 64 bits as a float, so a text with a run
+    of 20 digits (any such integer has one) goes to json, as does what
+    orjson refuses (NaN, for one).
+    """
+    if (_TWENTY_DIGITS if isinstance(text, str) else _TWENTY_DIGITS_BYTES).search(text):
+        return json.loads(text)
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _note_idle_since(_dbapi_connection: Any, record: Any) -> None:

@@ -109,6 +109,15 @@ def test_variables_set_read_list_and_delete(client):
     assert detail["variables"] == {k: v for k, v in values.items() if k != "n"}
 
 
+def test_a_variable_beyond_64_bits_reads_back_exactly(client):
+    """The database's JSON is decoded by orjson, which refuses such integers; json then takes them."""
+    conversation_id = _open(client)
+    huge = {"id": 2**70 + 1, "nested": [-(2**65)]}
+    assert _put(client, conversation_id, "big", huge).status_code == 200
+
+    assert client.get(f"/conversations/{conversation_id}/variables/big").json == {"name": "big", "value": huge}
+
+
 def test_patch_sets_several_in_one_transaction(client):
     conversation_id = _open(client)
     _put(client, conversation_id, "keep", 1)
