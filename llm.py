@@ -152,7 +152,9 @@ class DeadlineTransport(httpx2.BaseTransport):
             max_connections=-(-limits.max_connections // shards),
             max_keepalive_connections=-(-limits.max_keepalive_connections // shards),
         )
-        self._pools = [httpx2.HTTPTransport(limits=share) for _ in range(shards)]
+        # One TLS context for all: each loads the system's CA certificates (about 25 ms).
+        tls = httpx2.create_ssl_context()
+        self._pools = [httpx2.HTTPTransport(verify=tls, limits=share) for _ in range(shards)]
         self._next_pool = itertools.cycle(self._pools)
 
     def close(self) -> None:
@@ -473,6 +475,8 @@ class EchoModel:
 def make_model(config: Mapping[str, Any]) -> ChatModel:
     """Build the configured provider. SDK clients read their own env vars."""
     provider = config["LLM_PROVIDER"]
+    if provider == "echo":
+        return EchoModel(ECHO_CHOSEN_LABEL if config.get("LLM_PROVIDER_CHOSEN") else ECHO_LABEL)
     client_options = {"timeout": config["LLM_TIMEOUT_SECONDS"], "max_retries": 0, "http_client": _http_client(config)}
     if provider == "anthropic":
         return AnthropicModel(anthropic.Anthropic(**client_options), provider, config)
@@ -480,8 +484,6 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
         return AnthropicModel(anthropic.AnthropicBedrock(**client_options), provider, config)
     if provider == "openai":
         return OpenAIModel(openai.OpenAI(**client_options), config)
-    if provider == "echo":
-        return EchoModel(ECHO_CHOSEN_LABEL if config.get("LLM_PROVIDER_CHOSEN") else ECHO_LABEL)
     raise ValueError(f"unknown LLM_PROVIDER {provider!r}")
 
 

@@ -7,9 +7,11 @@ Every API test runs on both backends Parley supports:
 """
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
@@ -115,9 +117,18 @@ def app_config(backend: str, request: pytest.FixtureRequest, tmp_path) -> dict:
         config["ARCHIVE_URL"] = f"s3://{bucket}/{uuid.uuid4().hex}"
         config["S3_ENDPOINT_URL"] = s3.endpoint_url
     else:
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite"), tmp_path / "parley.db")
         config["DATABASE_URL"] = f"sqlite:///{tmp_path / 'parley.db'}"
         config["ARCHIVE_URL"] = (tmp_path / "archive").as_uri()
     return config
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An embedded database at the latest revision, copied for each test instead of migrating one each time."""
+    path = tmp_path_factory.mktemp("embedded") / "parley.db"
+    upgrade_database(f"sqlite:///{path}")
+    return path
 
 
 @pytest.fixture
