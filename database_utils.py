@@ -364,7 +364,7 @@ class IdempotencyRecord(Base):
 # ---------------------------------------------------------------- engine
 
 
-def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0) -> Engine:
+def make_engine(url: str, pool_size: int = 30, max_overflow: int = 10, pool_timeout: float = 10.0) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, json_deserializer=loads_json)

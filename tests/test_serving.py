@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from auth import create_key
+from config import load_config
 from database_utils import get_session
 from main import create_app
 from tests.seaweed import free_ports
@@ -134,7 +135,7 @@ def test_metrics_add_up_across_workers(serve):
     server = serve(WEB_CONCURRENCY="2")
     # Each worker adds its pool (DB_POOL_SIZE) once it has loaded the app: wait for both.
     pool, deadline = 0.0, time.monotonic() + 60
-    while pool < 2 * 10 and time.monotonic() < deadline:
+    while pool < 2 * load_config()["DB_POOL_SIZE"] and time.monotonic() < deadline:
         pool = _sample(server.request("GET", "/metrics")[1]["text"], "parley_db_pool_size ")
         time.sleep(0.2)
     for _ in range(30):
@@ -144,7 +145,7 @@ def test_metrics_add_up_across_workers(serve):
     counted = _sample(page["text"], "parley_http_requests_total{", 'route="/new_chat"')
 
     assert status == 200
-    assert pool == 2 * 10  # the two live workers' pools, summed
+    assert pool == 2 * load_config()["DB_POOL_SIZE"]  # the two live workers' pools, summed
     assert counted == 30
 
 
