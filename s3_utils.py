@@ -19,6 +19,7 @@ in the conversation's row for both stores. Reads check it.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -159,14 +160,18 @@ class S3Archive:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, body: bytes, content_type: str = "application/json") -> str:
-        full_key, checksum = self._full_key(key), sha256_hex(body)
+        full_key, digest = self._full_key(key), hashlib.sha256(body).digest()
+        checksum = digest.hex()
         try:
+            # The same SHA-256 as S3's checksum of the upload: the server verifies
+            # it (BadDigest otherwise), and boto3 computes no CRC32 of its own.
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=full_key,
                 Body=body,
                 ContentType=content_type,
                 Metadata={CHECKSUM_METADATA: checksum},
+                ChecksumSHA256=base64.b64encode(digest).decode(),
             )
         except (BotoCoreError, ClientError) as exc:
             raise ArchiveError(f"could not write s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc

@@ -6,6 +6,8 @@ write and its commit.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import socket
@@ -19,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, delete, select, text, update
 
 from archiving import ENDING_LEASE, archive_document, archive_idle
@@ -169,6 +172,25 @@ def test_a_changed_object_fails_its_checksum_on_read(app, client):
     response = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
 
     assert response.status_code == 503 and response.json["error"] == "archive_unavailable"
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_s3_holds_the_recorded_checksum_of_each_object_and_refuses_a_body_that_misses_it(app, client):
+    """The archive sends its SHA-256 as the upload's checksum: S3 verifies it and keeps it."""
+    conversation_id = _talk(client)
+    client.post("/end_chat", json={"conversation_id": conversation_id})
+    row = _row(app, conversation_id)
+    archive = app.extensions["parley.background_archive"]
+    full_key = f"{archive.prefix}/{row.s3_file_location}"
+
+    head = archive.client.head_object(Bucket=archive.bucket, Key=full_key, ChecksumMode="ENABLED")
+    wrong = base64.b64encode(hashlib.sha256(b"something else").digest()).decode()
+    with pytest.raises(ClientError) as refused:
+        archive.client.put_object(Bucket=archive.bucket, Key=full_key, Body=b"{}", ChecksumSHA256=wrong)
+
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == row.archive_sha256
+    assert refused.value.response["Error"]["Code"] == "BadDigest"
+    assert read_document(archive, row.s3_file_location, row.archive_sha256)["conversation"]["conversation_id"] == conversation_id
 
 
 # ---------------------------------------------------------------- archive-idle
