@@ -135,6 +135,11 @@ def _check_knowledge(config: dict[str, Any]) -> None:
         raise ValueError("KNOWLEDGE_TOP_K must be between 1 and 20")
 
 
+def default(name: str) -> Any:
+    """A setting's default, for code that runs without an app (the engine's pool sizes)."""
+    return _SETTINGS[name][0]
+
+
 def turn_lease_seconds(config: Mapping[str, Any]) -> float:
     """How long a turn may hold its conversation: past the model's total deadline."""
     return config["TURN_LEASE_SECONDS"] or config["LLM_TOTAL_TIMEOUT_SECONDS"] + LEASE_MARGIN_SECONDS

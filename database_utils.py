@@ -58,6 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators
 
+from config import default
 from conversation_memory import MemoryMessage
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -364,7 +365,12 @@ class IdempotencyRecord(Base):
 # ---------------------------------------------------------------- engine
 
 
-def make_engine(url: str, pool_size: int = 30, max_overflow: int = 10, pool_timeout: float = 10.0) -> Engine:
+def make_engine(
+    url: str,
+    pool_size: int = default("DB_POOL_SIZE"),
+    max_overflow: int = default("DB_MAX_OVERFLOW"),
+    pool_timeout: float = default("DB_POOL_TIMEOUT"),
+) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, json_deserializer=loads_json)
