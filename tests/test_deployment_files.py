@@ -81,3 +81,20 @@ def test_readme_production_section_uses_the_production_command():
     assert 'gunicorn -c gunicorn.conf.py "main:create_app()"' in section
     assert "was not built" in section
     assert "AWS_ACCESS_KEY_ID" in readme and "AWS_SECRET_ACCESS_KEY" in readme and "AWS_REGION" in readme
+
+
+def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often():
+    # In a process of its own: freezing the test run's objects would change how the other tests collect.
+    probe = (
+        "import gc, json, runpy\n"
+        "conf = runpy.run_path('gunicorn.conf.py')\n"
+        "import main  # noqa: F401 (what a worker loads: Flask, SQLAlchemy's tables, the schemas)\n"
+        "before = (gc.get_freeze_count(), gc.get_threshold())\n"
+        "conf['post_worker_init'](None)\n"
+        "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    (frozen_before, threshold_before), frozen, threshold = json.loads(done.stdout.splitlines()[-1])
+    assert frozen_before == 0 and threshold_before == [700, 10, 10]
+    assert frozen > 100_000
+    assert threshold == [10_000, 10, 10]
