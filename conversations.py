@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from auth import Caller
 from config import turn_lease_seconds
+from context_cache import TailCache
 from conversation_memory import (
     ASSISTANT,
     MIN_TRUNCATED_TOKENS,
@@ -133,13 +134,15 @@ def prepare_turn(
     text: str,
     file_ids: list[str] | None = None,
     file_tokens: int = 0,
+    tails: TailCache | None = None,
 ) -> PreparedTurn:
     """Take the turn lease and build the context for the user's message `text`.
 
     409 `turn_in_progress` while another turn holds the conversation. The
     lease is committed before returning, and given back if building the
     context fails. Files sent with the message (files.py) are recorded on it
-    by `file_ids` and take `file_tokens` of the budget.
+    by `file_ids` and take `file_tokens` of the budget. `tails`: this
+    worker's cached context tails (context_cache.py).
     """
     if len(text) > settings["MAX_MESSAGE_CHARS"]:
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
@@ -147,7 +150,7 @@ def prepare_turn(
     owner = viewer.key_id if viewer.role == Role.CLIENT else None
     budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
     commit_each_statement(session)  # the claim commits by itself: no transaction to begin and end
-    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings), budget, cap)
+    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings), budget, cap, tails)
     if claimed is None:
         _explain_unclaimable(session, viewer, conversation_id)
     claimed, tail = claimed

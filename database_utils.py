@@ -60,6 +60,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators
 
 from config import default
+from context_cache import CachedTail, TailCache
 from conversation_memory import MemoryMessage
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -671,15 +672,16 @@ def _with_tail(claim: Any) -> Any:
     """PostgreSQL: `claim` (an UPDATE ... RETURNING) and the first page of the tail, in one statement.
 
     One row, the claimed columns and `tail`: up to a page of (seq, role,
-    content, token_count), newest first, as one JSON array (decoded once,
-    not row by row). The page is sized as `_page_size` sizes it, from the
-    claimed row; no row when the claim fails.
+    content, token_count) after seq `after`, newest first, as one JSON
+    array (decoded once, not row by row). The page is sized as `_page_size`
+    sizes it, from the claimed row; no row when the claim fails.
     """
     claimed = claim.cte("claimed")
     divide = operators.custom_op("/", return_type=Integer)  # PostgreSQL's integer division, as `//` in Python
     average = func.greatest(divide(claimed.c.token_count, func.greatest(claimed.c.message_count, 1)), 1)
     page = select(func.greatest(divide(bindparam("budget", type_=Integer), average) + 2, MIN_TAIL_PAGE)).scalar_subquery()
-    newest = _TAIL.limit(page).subquery("newest")
+    # Only the messages after `after`: the seq a worker's cached tail ends at (context_cache.py), or 0.
+    newest = _TAIL.where(_messages.c.seq > bindparam("after")).limit(page).subquery("newest")
     row = func.json_build_array(newest.c.seq, newest.c.role, newest.c.content, newest.c.token_count)
     # As text, not json: its only numbers are seqs and token counts (64-bit at
     # most), so `claim_turn` decodes it with orjson alone, without the scan
@@ -712,6 +714,7 @@ def claim_turn(
     lease_seconds: float,
     token_budget: int,
     max_messages: int | None = None,
+    tails: TailCache | None = None,
 ) -> tuple[Row, list[MemoryMessage]] | None:
     """Take the turn lease of an active conversation and read its context's tail.
 
@@ -720,7 +723,9 @@ def claim_turn(
     and the tail (see `load_context_tail`), or None when any check fails.
 
     On PostgreSQL the claim and the tail's first page are one statement (see
-    `_CLAIM_WITH_TAIL_PG`); on SQLite, two.
+    `_CLAIM_WITH_TAIL_PG`); on SQLite, two. On PostgreSQL, with `tails`,
+    the statement reads only the messages after the cached tail's end, and
+    the tail read is cached for the conversation's next turn.
     """
     now = utcnow()
     parameters = {"cid": conversation_id, "now": now, "lease": lease_id, "lease_until": now + timedelta(seconds=lease_seconds)}
@@ -733,7 +738,8 @@ def claim_turn(
         return claimed, load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count,
                                           token_budget, max_messages)
     statement = _CLAIM_WITH_TAIL_PG if owner_key_id is None else _CLAIM_OWN_WITH_TAIL_PG
-    parameters["budget"] = token_budget
+    cached = tails.get(conversation_id, token_budget, max_messages) if tails is not None else None
+    parameters["budget"], parameters["after"] = token_budget, cached.last_seq if cached else 0
     alone = session.connection().get_execution_options().get("isolation_level") == "AUTOCOMMIT"
     try:
         claimed = session.execute(statement, parameters).one_or_none()
@@ -750,14 +756,22 @@ def claim_turn(
     if claimed is None:
         return None
     rows = orjson.loads(claimed.tail) if claimed.tail else []
+    page_size = _page_size(claimed.message_count, claimed.token_count, token_budget)
     # The tail was read with the statement's snapshot, taken before the UPDATE
     # waited for any turn that held the row: if that turn stored messages, the
     # newest seq read falls short of message_count. Then read it again.
-    if claimed.message_count and (not rows or rows[0][0] != claimed.message_count):
-        return claimed, load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count,
-                                          token_budget, max_messages)
-    return claimed, _walk_back(session, conversation_id, rows, _page_size(claimed.message_count, claimed.token_count,
-                                                                           token_budget), token_budget, max_messages)
+    budgets = token_budget, max_messages
+    if (rows[0][0] if rows else cached.last_seq if cached else 0) != claimed.message_count:
+        tail = load_context_tail(session, conversation_id, claimed.message_count, claimed.token_count, *budgets)
+    elif cached is not None and len(rows) < page_size:  # all that came after the cached tail
+        tail = cached.extended([MemoryMessage(role, content, count, seq) for seq, role, content, count in reversed(rows)])
+        budgets = cached.token_budget, cached.max_messages
+    else:  # a page as full as an unfiltered read's first page
+        tail = _walk_back(session, conversation_id, rows, page_size, *budgets)
+    if tails is not None and (tail or not claimed.message_count):
+        # Up to the tail's own end: a staff message stored since the claim may be in a tail read again.
+        tails.put(conversation_id, CachedTail(tuple(tail), tail[-1].seq if tail else 0, *budgets))
+    return claimed, tail
 
 
 def finish_turn(

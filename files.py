@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage
 
 from auth import Caller
+from context_cache import TailCache
 from conversation_memory import MIN_TRUNCATED_TOKENS, USER, estimate_tokens
 from conversations import PreparedTurn, prepare_turn, visible_conversation
 from database_utils import ConversationFile, Role, Status, lock_conversation, record_audit, utcnow
@@ -312,7 +313,7 @@ def read_file(
 
 def prepare_turn_with_files(
     session: Session, archive: Archive, settings: Mapping[str, Any], viewer: Caller, conversation_id: uuid.UUID,
-    text: str, file_ids: Sequence[uuid.UUID], provider: str,
+    text: str, file_ids: Sequence[uuid.UUID], provider: str, tails: TailCache | None = None,
 ) -> PreparedTurn:
     """`conversations.prepare_turn`, with the named files' share of the budget and their blocks in the context.
 
@@ -323,7 +324,7 @@ def prepare_turn_with_files(
     attachments = load_for_turn(session, archive, settings, viewer, conversation_id, file_ids, provider)
     ids = [str(attachment.file_id) for attachment in attachments]
     tokens = sum(attachment.token_estimate for attachment in attachments)
-    prepared = prepare_turn(session, settings, viewer, conversation_id, text, ids or None, tokens)
+    prepared = prepare_turn(session, settings, viewer, conversation_id, text, ids or None, tokens, tails)
     return attach(prepared, attachments)
 
 

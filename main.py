@@ -43,6 +43,7 @@ import streaming
 import variables
 from auth import Caller, authenticate, create_key, list_keys, revoke_key
 from config import load_config
+from context_cache import TailCache
 from conversations import (
     PreparedTurn,
     Turn,
@@ -193,6 +194,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
         database_utils.upgrade_embedded_database(app.config["DATABASE_URL"])
     app.extensions["parley.archive"] = make_archive(app.config["ARCHIVE_URL"], app.config["S3_ENDPOINT_URL"])
     app.extensions["parley.model"] = make_model(app.config)
+    app.extensions["parley.context_cache"] = TailCache(app.config["CONTEXT_CACHE_CONVERSATIONS"])
     app.before_request(_require_json_body)
     limiter = Limiter(key_func=_rate_limit_key, app=app)
     limiter.exempt(probes)
@@ -351,7 +353,8 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
     telemetry = metrics.get_metrics(current_app)
     session = get_session()
     prepared = files.prepare_turn_with_files(
-        session, _archive(), current_app.config, _caller(), body.conversation_id, body.message, body.file_ids, model.provider
+        session, _archive(), current_app.config, _caller(), body.conversation_id, body.message, body.file_ids, model.provider,
+        current_app.extensions["parley.context_cache"],
     )
     try:
         trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)

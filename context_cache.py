@@ -1,0 +1,81 @@
+"""The context tails of recent conversations, kept in each worker between turns.
+
+A turn needs the newest messages of its conversation, up to the context
+budget: with the default 8,000 tokens and short messages, hundreds of rows
+that the database reads and sends, and the worker decodes, on every turn.
+The log of an active conversation only grows: messages are never changed,
+and only an ended conversation's are deleted. So each worker keeps the
+tail it read last, and the conversation's next turn reads only the messages
+stored after it, by whichever worker or staff member (`database_utils.claim_turn`).
+The database stays the only source; a miss costs what a turn cost before.
+
+Bounded to CONTEXT_CACHE_CONVERSATIONS conversations per worker, the least
+recently used dropped first; 0 turns it off. PostgreSQL only (the embedded
+SQLite serves one machine's tests and demos).
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from conversation_memory import MemoryMessage
+
+
+@dataclass(frozen=True)
+class CachedTail:
+    """The newest messages of a conversation's log, oldest first, up to `last_seq`.
+
+    Either all of the log, or enough of it for `token_budget` and
+    `max_messages`, as `database_utils.load_context_tail` reads it.
+    """
+
+    messages: tuple[MemoryMessage, ...]
+    last_seq: int
+    token_budget: int
+    max_messages: int | None
+
+    def serves(self, token_budget: int, max_messages: int | None) -> bool:
+        """Whether this tail holds enough for a turn with these budgets."""
+        if token_budget > self.token_budget:
+            return False
+        return self.max_messages is None or (max_messages is not None and max_messages <= self.max_messages)
+
+    def extended(self, newer: list[MemoryMessage]) -> list[MemoryMessage]:
+        """This tail and the `newer` messages after it (oldest first), without the oldest ones no longer needed."""
+        messages = [*self.messages, *newer]
+        tokens = sum(message.token_count for message in messages)
+        start = 0
+        # Drop the oldest while what is left still fills a budget, as reading back stops once it does.
+        while start < len(messages) and (
+            tokens - messages[start].token_count >= self.token_budget
+            or (self.max_messages is not None and len(messages) - start - 1 >= self.max_messages)
+        ):
+            tokens -= messages[start].token_count
+            start += 1
+        return messages[start:]
+
+
+class TailCache:
+    """Conversation ID -> `CachedTail`, least recently used first out; size 0 keeps nothing."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: LRUCache[uuid.UUID, CachedTail] | None = LRUCache(size) if size > 0 else None
+        self._lock = threading.Lock()
+
+    def get(self, conversation_id: uuid.UUID, token_budget: int, max_messages: int | None) -> CachedTail | None:
+        if self._entries is None:
+            return None
+        with self._lock:
+            tail = self._entries.get(conversation_id)
+        return tail if tail is not None and tail.serves(token_budget, max_messages) else None
+
+    def put(self, conversation_id: uuid.UUID, tail: CachedTail) -> None:
+        if self._entries is not None:
+            with self._lock:
+                self._entries[conversation_id] = tail
+
+    def __len__(self) -> int:
+        return 0 if self._entries is None else len(self._entries)
