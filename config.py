@@ -42,7 +42,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "TURN_LEASE_SECONDS": (None, float),
     "CONTEXT_MAX_TOKENS": (8000, int),
     "CONTEXT_MAX_MESSAGES": (None, int),
-    "CONTEXT_CACHE_CONVERSATIONS": (1000, int),
+    "CONTEXT_CACHE_CONVERSATIONS": (500, int),
     "MAX_MESSAGE_CHARS": (32_000, int),
     "MAX_CONTENT_LENGTH": (256 * 1024, int),
     "MAX_FILE_BYTES": (10 * 1024 * 1024, int),

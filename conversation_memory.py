@@ -49,7 +49,7 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
 
 
-@dataclass
+@dataclass(slots=True)
 class MemoryMessage:
     """One message of the log. `seq` is None until the database has stored it."""
 
