@@ -35,6 +35,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from tqdm import tqdm
 
 from auth import Caller
+from config import tune_garbage_collector
 from conversations import _visible_conversation, conversation_dict, message_dict
 from database_utils import (
     AuditEvent,
@@ -745,6 +746,7 @@ def background_archive() -> Archive:
 @with_appcontext
 def archive_idle_command(batch_size: int, workers: int) -> None:
     """End and archive conversations idle longer than SESSION_IDLE_MINUTES."""
+    tune_garbage_collector()
     report = archive_idle(get_session(), background_archive(), current_app.config, batch_size=batch_size, workers=workers)
     click.echo(report.line())
     if report.stopped_early:
@@ -756,6 +758,7 @@ def archive_idle_command(batch_size: int, workers: int) -> None:
 @with_appcontext
 def reconcile_command(workers: int) -> None:
     """Find and repair every disagreement between the database and the archive."""
+    tune_garbage_collector()
     report = reconcile(get_session(), background_archive(), current_app.config, workers=workers)
     click.echo(report.line())
     if not report.clean:

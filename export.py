@@ -46,6 +46,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from config import tune_garbage_collector
 from database_utils import Conversation, Status, get_session, utcnow
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
@@ -602,6 +603,7 @@ def export_command(
     """Export archived conversations ended between two dates, as JSONL or Parquet."""
     if until < since:
         raise click.BadParameter("must not be before --since", param_hint="--until")
+    tune_garbage_collector()
     config = current_app.config
     archive = make_archive(config["ARCHIVE_URL"], config["S3_ENDPOINT_URL"], BACKGROUND_TIMEOUTS, max_connections=workers)
     request = ExportRequest(since.date(), until.date(), fmt, out, user_id, status, from_listing)

@@ -8,12 +8,11 @@ hundreds of turns at once. Every setting below can be changed from the
 environment (documented defaults in the README) or on the command line,
 which wins over this file.
 
-Nothing from Parley is imported here, and nothing that makes sockets or
-locks: gevent patches the standard library when each worker starts, after
-this file and the hooks' master-side code have run. The app itself is
-loaded in each worker, after the patching.
+Nothing from Parley is imported at the top here, and nothing that makes
+sockets or locks: gevent patches the standard library when each worker
+starts, after this file and the hooks' master-side code have run. The app
+itself is loaded in each worker, after the patching.
 """
-import gc
 import json
 import os
 import shutil
@@ -61,19 +60,11 @@ def on_starting(server):
     util.write_error = _write_json_error
 
 
-# Python's cyclic garbage collector, tuned for a worker that holds a large,
-# long-lived app: after the app has loaded, `gc.freeze()` moves its objects
-# out of the collector's reach, and a collection starts after 10,000 net new
-# objects instead of 700. Most of a turn's objects are freed by reference
-# counting; the collector had run 300 times a second and taken 14 % of a
-# worker's CPU (README, Performance).
-GC_THRESHOLD = (10_000, 10, 10)
-
-
 def post_worker_init(worker):
-    """The app is loaded: freeze it and collect less often (see GC_THRESHOLD)."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
+    """The app is loaded (and gevent's patches made): tune the garbage collector for serving."""
+    from config import tune_garbage_collector
+
+    tune_garbage_collector()
 
 
 def child_exit(server, worker):

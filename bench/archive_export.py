@@ -33,6 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from archiving import archive_document, archive_idle
+from config import tune_garbage_collector
 from database_utils import Conversation, Message, make_engine, upgrade_database
 from export import ExportRequest, export_conversations
 from s3_utils import BACKGROUND_TIMEOUTS, encode_document, make_archive
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--archive-only", action="store_true", help="Stop after archive-idle (quicker while tuning it).")
     options = parser.parse_args()
+    # As the archive-idle and export commands do; the baselines, in this process too, gain from it alike.
+    tune_garbage_collector()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "parley-test")  # SeaweedFS takes these from the environment too
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "parley-test")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
