@@ -597,7 +597,7 @@ def _verify_objects(
 ) -> None:
     def check(row: Any) -> ArchiveError | None:
         try:
-            parse_document(archive.get(row.s3_file_location), row.s3_file_location, row.archive_sha256)
+            parse_document(archive.get(row.s3_file_location, row.archive_sha256), row.s3_file_location)
         except (ObjectMissing, ChecksumMismatch) as exc:
             return exc
         return None

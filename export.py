@@ -482,8 +482,8 @@ def _read_in_order(
 
     def read(item: _Item) -> tuple[bytes, dict[str, Any]] | ArchiveError:
         try:
-            body = archive.get(item.key)
-            return body, parse_document(body, item.key, item.sha256)
+            body = archive.get(item.key, item.sha256)
+            return body, parse_document(body, item.key)
         except ArchiveError as exc:
             return exc
 

@@ -98,7 +98,9 @@ class Archive(Protocol):
 
     def put(self, key: str, body: bytes, content_type: str = "application/json") -> str: ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, sha256: str | None = None) -> bytes:
+        """The object's bytes, checked against `sha256` (the checksum the caller recorded) when given."""
+        ...
 
     def list(self, prefix: str = CONVERSATIONS_PREFIX, start_after: str | None = None) -> Iterator[ListedObject]: ...
 
@@ -129,6 +131,11 @@ def sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _check_recorded(key: str, actual: str | None, recorded: str | None) -> None:
+    if recorded is not None and actual != recorded:
+        raise ChecksumMismatch(f"{key} does not match the checksum recorded for it")
+
+
 def _check_key(key: str, root: str) -> None:
     """Keys are relative and stay below the root: no scheme, no leading slash, no `..`."""
     if not key or "://" in key or key.startswith("/") or ".." in key.split("/"):
@@ -152,6 +159,10 @@ class S3Archive:
             read_timeout=timeouts.read,
             retries={"total_max_attempts": timeouts.attempts, "mode": "standard"},
             max_pool_connections=max_connections,
+            # Every read is checked against the SHA-256 Parley recorded (in the
+            # object's metadata, and the database's when the caller passes it):
+            # botocore's own check of the same bytes would hash them once more.
+            response_checksum_validation="when_required",
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
@@ -177,7 +188,7 @@ class S3Archive:
             raise ArchiveError(f"could not write s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc
         return checksum
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, sha256: str | None = None) -> bytes:
         full_key = self._full_key(key)
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=full_key)
@@ -186,8 +197,10 @@ class S3Archive:
             kind = ObjectMissing if _describe(exc) in ("NoSuchKey", "404") else ArchiveError
             raise kind(f"could not read s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc
         stated = response.get("Metadata", {}).get(CHECKSUM_METADATA)
-        if stated is not None and stated != sha256_hex(body):
+        actual = sha256_hex(body) if stated is not None or sha256 is not None else None  # hashed once for both
+        if stated is not None and stated != actual:
             raise ChecksumMismatch(f"s3://{self.bucket}/{full_key} does not match its sha256 metadata")
+        _check_recorded(key, actual, sha256)
         return body
 
     def list(self, prefix: str = CONVERSATIONS_PREFIX, start_after: str | None = None) -> Iterator[ListedObject]:
@@ -247,14 +260,16 @@ class FileArchive:
             raise ArchiveError(f"could not write {path}: {exc.strerror}") from exc
         return sha256_hex(body)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, sha256: str | None = None) -> bytes:
         path = self._path(key)
         try:
-            return path.read_bytes()
+            body = path.read_bytes()
         except FileNotFoundError as exc:
             raise ObjectMissing(f"could not read {path}: {exc.strerror}") from exc
         except OSError as exc:
             raise ArchiveError(f"could not read {path}: {exc.strerror}") from exc
+        _check_recorded(key, sha256_hex(body) if sha256 is not None else None, sha256)
+        return body
 
     def list(self, prefix: str = CONVERSATIONS_PREFIX, start_after: str | None = None) -> Iterator[ListedObject]:
         """Files below `prefix` in key order (as S3 lists them), skipping unfinished writes."""
@@ -347,7 +362,7 @@ def parse_document(body: bytes, key: str, sha256: str | None = None) -> dict[str
 
 def read_document(archive: Archive, key: str, sha256: str | None = None) -> dict[str, Any]:
     """Read an archive document back, checking its checksum and schema version."""
-    return parse_document(archive.get(key), key, sha256)
+    return parse_document(archive.get(key, sha256), key)
 
 
 def _describe(exc: BotoCoreError | ClientError) -> str:

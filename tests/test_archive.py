@@ -118,6 +118,15 @@ def test_file_archive_refuses_locations_outside_its_root(tmp_path, location):
         FileArchive(tmp_path / "archive").get(location)
 
 
+def test_a_file_archive_checks_the_recorded_checksum(tmp_path):
+    archive = FileArchive(tmp_path)
+    recorded = archive.put("conversations/dt=2026-01-01/a.json", b'{"a": 1}')
+
+    assert archive.get("conversations/dt=2026-01-01/a.json", recorded) == b'{"a": 1}'
+    with pytest.raises(ChecksumMismatch, match="recorded"):
+        archive.get("conversations/dt=2026-01-01/a.json", sha256_hex(b"something else"))
+
+
 def test_unknown_schema_version_is_refused(tmp_path):
     archive = FileArchive(tmp_path)
     archive.put("conversations/dt=2026-01-01/a.json", b'{"schema_version": 99}')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -28,7 +29,15 @@ from archiving import ENDING_LEASE, archive_document, archive_idle
 from conversations import message_dict
 from database_utils import AuditEvent, Conversation, Message, Status, get_session, utcnow
 from main import create_app
-from s3_utils import REQUEST_TIMEOUTS, archive_key, conversation_id_of, encode_document, read_document, write_document
+from s3_utils import (
+    REQUEST_TIMEOUTS,
+    ChecksumMismatch,
+    archive_key,
+    conversation_id_of,
+    encode_document,
+    read_document,
+    write_document,
+)
 from tests.conftest import BACKENDS, client_with_key
 from tests.factories import seed_conversation
 from tests.seaweed import SeaweedS3
@@ -191,6 +200,24 @@ def test_s3_holds_the_recorded_checksum_of_each_object_and_refuses_a_body_that_m
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == row.archive_sha256
     assert refused.value.response["Error"]["Code"] == "BadDigest"
     assert read_document(archive, row.s3_file_location, row.archive_sha256)["conversation"]["conversation_id"] == conversation_id
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_read_checks_the_recorded_checksum_once_and_botocore_adds_none(app, client):
+    """An object replaced with a self-consistent one (its own metadata and S3 checksum) still fails the
+    database's checksum; botocore is not asked to hash what Parley hashes anyway."""
+    conversation_id = _talk(client)
+    client.post("/end_chat", json={"conversation_id": conversation_id})
+    row = _row(app, conversation_id)
+    archive = app.extensions["parley.background_archive"]
+    document = read_document(archive, row.s3_file_location, row.archive_sha256)
+    document["messages"][0]["content"] = "rewritten"
+    archive.put(row.s3_file_location, json.dumps(document).encode())
+
+    with pytest.raises(ChecksumMismatch, match="recorded"):
+        archive.get(row.s3_file_location, row.archive_sha256)
+    assert json.loads(archive.get(row.s3_file_location))["messages"][0]["content"] == "rewritten"
+    assert archive.client.meta.config.response_checksum_validation == "when_required"
 
 
 # ---------------------------------------------------------------- archive-idle
