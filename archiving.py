@@ -746,7 +746,7 @@ def background_archive() -> Archive:
 @with_appcontext
 def archive_idle_command(batch_size: int, workers: int) -> None:
     """End and archive conversations idle longer than SESSION_IDLE_MINUTES."""
-    tune_garbage_collector()
+    tune_garbage_collector(current_app.config["GC_TUNING"])
     report = archive_idle(get_session(), background_archive(), current_app.config, batch_size=batch_size, workers=workers)
     click.echo(report.line())
     if report.stopped_early:
@@ -758,7 +758,7 @@ def archive_idle_command(batch_size: int, workers: int) -> None:
 @with_appcontext
 def reconcile_command(workers: int) -> None:
     """Find and repair every disagreement between the database and the archive."""
-    tune_garbage_collector()
+    tune_garbage_collector(current_app.config["GC_TUNING"])
     report = reconcile(get_session(), background_archive(), current_app.config, workers=workers)
     click.echo(report.line())
     if not report.clean:

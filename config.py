@@ -25,13 +25,15 @@ DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,spe
 GC_THRESHOLD = (10_000, 10, 10)
 
 
-def tune_garbage_collector() -> None:
+def tune_garbage_collector(enabled: bool = True) -> None:
     """Once the app is loaded: move its objects out of the collector's reach and collect less often.
 
     For a process that serves or runs a job: a gunicorn worker, a batch
-    command. Once per process (a second call changes nothing).
+    command; `enabled` is the GC_TUNING setting (off in the test run, whose
+    process runs many apps and commands). Once per process (a second call
+    changes nothing).
     """
-    if gc.get_threshold() == GC_THRESHOLD:
+    if not enabled or gc.get_threshold() == GC_THRESHOLD:
         return
     gc.collect()  # garbage frozen would never be collected
     gc.freeze()
@@ -72,6 +74,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
     "AUTH_CACHE_SECONDS": (5.0, float),
+    "GC_TUNING": (True, on_off),
     "IDEMPOTENCY_TTL_HOURS": (24.0, float),
     "DB_POOL_SIZE": (30, int),
     "DB_MAX_OVERFLOW": (10, int),

@@ -10,18 +10,25 @@ stored after it, by whichever worker or staff member (`database_utils.claim_turn
 The database stays the only source; a miss costs what a turn cost before.
 
 Bounded to CONTEXT_CACHE_CONVERSATIONS conversations per worker, the least
-recently used dropped first; 0 turns it off. PostgreSQL only (the embedded
-SQLite serves one machine's tests and demos).
+recently used dropped first; 0 turns it off. A tail leaves the cache
+`CACHE_SECONDS` after it was read at the latest, so the messages of an
+ended or erased conversation do not stay in a worker's memory. PostgreSQL
+only (the embedded SQLite serves one machine's tests and demos).
 """
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import LRUCache
+from cachetools import TTLCache
 
 from conversation_memory import MemoryMessage
+
+# How long a tail is kept after it was read.
+CACHE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,10 @@ class CachedTail:
 
 
 class TailCache:
-    """Conversation ID -> `CachedTail`, least recently used first out; size 0 keeps nothing."""
+    """Conversation ID -> `CachedTail`, least recently used first out, none past `seconds`; size 0 keeps nothing."""
 
-    def __init__(self, size: int) -> None:
-        self._entries: LRUCache[uuid.UUID, CachedTail] | None = LRUCache(size) if size > 0 else None
+    def __init__(self, size: int, seconds: float = CACHE_SECONDS, timer: Callable[[], float] = time.monotonic) -> None:
+        self._entries: TTLCache[uuid.UUID, CachedTail] | None = TTLCache(size, seconds, timer) if size > 0 else None
         self._lock = threading.Lock()
 
     def get(self, conversation_id: uuid.UUID, token_budget: int, max_messages: int | None) -> CachedTail | None:

@@ -603,8 +603,8 @@ def export_command(
     """Export archived conversations ended between two dates, as JSONL or Parquet."""
     if until < since:
         raise click.BadParameter("must not be before --since", param_hint="--until")
-    tune_garbage_collector()
     config = current_app.config
+    tune_garbage_collector(config["GC_TUNING"])
     archive = make_archive(config["ARCHIVE_URL"], config["S3_ENDPOINT_URL"], BACKGROUND_TIMEOUTS, max_connections=workers)
     request = ExportRequest(since.date(), until.date(), fmt, out, user_id, status, from_listing)
     try:

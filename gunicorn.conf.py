@@ -64,7 +64,7 @@ def post_worker_init(worker):
     """The app is loaded (and gevent's patches made): tune the garbage collector for serving."""
     from config import tune_garbage_collector
 
-    tune_garbage_collector()
+    tune_garbage_collector(worker.wsgi.config["GC_TUNING"])
 
 
 def child_exit(server, worker):

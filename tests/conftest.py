@@ -7,6 +7,7 @@ Every API test runs on both backends Parley supports:
 """
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections import Counter
@@ -48,6 +49,8 @@ def postgres_url() -> Iterator[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Stop the run with instructions, rather than skip, when there is no PostgreSQL."""
+    # The commands run here in-process would tune the run's own garbage collector (config.GC_THRESHOLD).
+    os.environ["GC_TUNING"] = "off"
     server = admin_url()
     engine = create_engine(server)
     try:

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from context_cache import CachedTail, TailCache
+from context_cache import CACHE_SECONDS, CachedTail, TailCache
 from conversation_memory import ConversationMemory, MemoryMessage, estimate_tokens
 from database_utils import (
     ApiKey,
@@ -73,6 +73,18 @@ def test_the_cache_keeps_the_most_recently_used_and_size_zero_keeps_nothing():
     assert cache.get(ids[1], 100, None) is None
     assert cache.get(ids[0], 100, None) is not None and cache.get(ids[2], 100, None) is not None
     assert len(off) == 0 and off.get(ids[0], 100, None) is None
+
+
+def test_a_tail_leaves_the_cache_after_cache_seconds():
+    now = [0.0]
+    cache = TailCache(10, seconds=CACHE_SECONDS, timer=lambda: now[0])
+    conversation_id = uuid.uuid4()
+    cache.put(conversation_id, CachedTail((), 0, 100, None))
+
+    now[0] = CACHE_SECONDS - 1
+    assert cache.get(conversation_id, 100, None) is not None
+    now[0] = CACHE_SECONDS + 1
+    assert cache.get(conversation_id, 100, None) is None and len(cache) == 0
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -4,11 +4,13 @@ linted, never built."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from config import _SETTINGS, GC_THRESHOLD
@@ -83,18 +85,28 @@ def test_readme_production_section_uses_the_production_command():
     assert "AWS_ACCESS_KEY_ID" in readme and "AWS_SECRET_ACCESS_KEY" in readme and "AWS_REGION" in readme
 
 
-def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often():
+@pytest.mark.parametrize("tuning", [None, "off"])
+def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often(tuning):
     # In a process of its own: freezing the test run's objects would change how the other tests collect.
     probe = (
         "import gc, json, runpy\n"
+        "from types import SimpleNamespace\n"
         "conf = runpy.run_path('gunicorn.conf.py')\n"
-        "import main  # noqa: F401 (what a worker loads: Flask, SQLAlchemy's tables, the schemas)\n"
+        "import main  # what a worker loads: Flask, SQLAlchemy's tables, the schemas\n"
         "before = (gc.get_freeze_count(), gc.get_threshold())\n"
-        "conf['post_worker_init'](None)\n"
+        "conf['post_worker_init'](SimpleNamespace(wsgi=SimpleNamespace(config=main.load_config())))\n"
         "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    environment = {name: value for name, value in os.environ.items() if name != "GC_TUNING"}
+    if tuning is not None:
+        environment["GC_TUNING"] = tuning
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          check=True)
     (frozen_before, threshold_before), frozen, threshold = json.loads(done.stdout.splitlines()[-1])
+
     assert frozen_before == 0 and threshold_before == [700, 10, 10]
-    assert frozen > 100_000
-    assert threshold == list(GC_THRESHOLD) and GC_THRESHOLD[0] > 700
+    if tuning is None:  # the default: on
+        assert frozen > 100_000
+        assert threshold == list(GC_THRESHOLD) and GC_THRESHOLD[0] > 700
+    else:
+        assert (frozen, threshold) == (0, [700, 10, 10])
