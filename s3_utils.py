@@ -131,8 +131,8 @@ def sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _check_recorded(key: str, actual: str | None, recorded: str | None) -> None:
-    if recorded is not None and actual != recorded:
+def _check_recorded(key: str, actual: str, recorded: str) -> None:
+    if actual != recorded:
         raise ChecksumMismatch(f"{key} does not match the checksum recorded for it")
 
 
@@ -200,7 +200,8 @@ class S3Archive:
         actual = sha256_hex(body) if stated is not None or sha256 is not None else None  # hashed once for both
         if stated is not None and stated != actual:
             raise ChecksumMismatch(f"s3://{self.bucket}/{full_key} does not match its sha256 metadata")
-        _check_recorded(key, actual, sha256)
+        if sha256 is not None:
+            _check_recorded(key, actual, sha256)
         return body
 
     def list(self, prefix: str = CONVERSATIONS_PREFIX, start_after: str | None = None) -> Iterator[ListedObject]:
@@ -268,7 +269,8 @@ class FileArchive:
             raise ObjectMissing(f"could not read {path}: {exc.strerror}") from exc
         except OSError as exc:
             raise ArchiveError(f"could not read {path}: {exc.strerror}") from exc
-        _check_recorded(key, sha256_hex(body) if sha256 is not None else None, sha256)
+        if sha256 is not None:
+            _check_recorded(key, sha256_hex(body), sha256)
         return body
 
     def list(self, prefix: str = CONVERSATIONS_PREFIX, start_after: str | None = None) -> Iterator[ListedObject]:
@@ -346,10 +348,8 @@ def write_document(archive: Archive, document: dict[str, Any]) -> StoredObject:
     return StoredObject(key, archive.put(key, encode_document(document)))
 
 
-def parse_document(body: bytes, key: str, sha256: str | None = None) -> dict[str, Any]:
-    """A document from its bytes, checked against `sha256` (when known) and its schema version."""
-    if sha256 is not None and sha256_hex(body) != sha256:
-        raise ChecksumMismatch(f"{key} does not match the checksum recorded for it")
+def parse_document(body: bytes, key: str) -> dict[str, Any]:
+    """A document from its bytes (checksums are checked by `Archive.get`), checked for its schema version."""
     try:
         document = json.loads(body)
     except ValueError as exc:
