@@ -61,10 +61,14 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """The app is loaded (and gevent's patches made): tune the garbage collector for serving."""
-    from config import tune_garbage_collector
+    """The app is loaded (and gevent's patches made): tune the garbage collector for serving.
 
-    tune_garbage_collector(worker.wsgi.config["GC_TUNING"])
+    GC_TUNING is read from the environment, as the app reads it, so that any
+    app served with this file is tuned alike (the benchmarks' baseline too).
+    """
+    from config import load_config, tune_garbage_collector
+
+    tune_garbage_collector(load_config()["GC_TUNING"])
 
 
 def child_exit(server, worker):

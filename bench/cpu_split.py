@@ -17,7 +17,16 @@ import threading
 import time
 from pathlib import Path
 
-from bench.serving import client_key, database, fake_model, gunicorn, open_conversations, run_load, summarize
+from bench.serving import (
+    client_key,
+    database,
+    fake_model,
+    gunicorn,
+    hot_path_setups,
+    open_conversations,
+    run_load,
+    summarize,
+)
 
 GROUPS = ("workers", "postgres", "load", "fake model")
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -32,15 +41,9 @@ def main() -> None:
     per_turn = {}
     with database() as url, fake_model(0.0) as model_url:
         key = client_key(url)
-        common = {"DATABASE_URL": url, "ARCHIVE_URL": "file:///tmp/parley-bench-archive", "WEB_CONCURRENCY": "2"}
-        with gunicorn("main:create_app()", {**common, "LLM_PROVIDER": "echo"}) as (parley, _pid):
+        apps = hot_path_setups(url, model_url)
+        with gunicorn(*apps["echo"]) as (parley, _pid):
             conversations = open_conversations(parley, key, options.clients)
-        apps = {
-            "baseline": ("bench.minimal_app:create_app()", common),
-            "echo": ("main:create_app()", {**common, "LLM_PROVIDER": "echo"}),
-            "anthropic": ("main:create_app()", {**common, "LLM_PROVIDER": "anthropic", "ANTHROPIC_API_KEY": "sk-bench",
-                                                "ANTHROPIC_BASE_URL": model_url}),
-        }
         for setup in options.setups:
             app, env = apps[setup]
             with gunicorn(app, env) as (server, master):

@@ -16,7 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.serving import client_key, database, fake_model, gunicorn, open_conversations, run_load, summarize
+from bench.serving import (
+    client_key,
+    database,
+    fake_model,
+    gunicorn,
+    hot_path_setups,
+    open_conversations,
+    run_load,
+    summarize,
+)
 
 
 def main() -> None:
@@ -25,18 +34,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
     options = parser.parse_args()
-    results: dict[str, list[dict]] = {"baseline": [], "parley (echo)": [], "parley (anthropic SDK, fake at 0 s)": []}
+    labels = {"baseline": "baseline", "echo": "parley (echo)", "anthropic": "parley (anthropic SDK, fake at 0 s)"}
+    results: dict[str, list[dict]] = {label: [] for label in labels.values()}
     with database() as url, fake_model(0.0) as model_url:
         key = client_key(url)
-        common = {"DATABASE_URL": url, "ARCHIVE_URL": "file:///tmp/parley-bench-archive", "WEB_CONCURRENCY": "2"}
-        setups = {
-            "baseline": ("bench.minimal_app:create_app()", common),
-            "parley (echo)": ("main:create_app()", {**common, "LLM_PROVIDER": "echo"}),
-            "parley (anthropic SDK, fake at 0 s)": (
-                "main:create_app()",
-                {**common, "LLM_PROVIDER": "anthropic", "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": model_url},
-            ),
-        }
+        servers = hot_path_setups(url, model_url)
+        setups = {labels[name]: server for name, server in servers.items()}
+        common = servers["baseline"][1]
         for round_number in range(options.rounds):
             for name, (app, env) in setups.items():
                 with gunicorn(app, env) as (server, _pid):

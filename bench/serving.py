@@ -75,6 +75,21 @@ def claude_env(database_url: str, model_url: str) -> dict[str, str]:
     }
 
 
+def hot_path_setups(database_url: str, model_url: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """The hot path's three servers, each an app for gunicorn and its settings: the minimal
+    persisting turn (`bench.minimal_app`), Parley with the echo model, and Parley through the
+    anthropic SDK with Claude at the fake model server."""
+    common = {"DATABASE_URL": database_url, "ARCHIVE_URL": "file:///tmp/parley-bench-archive", "WEB_CONCURRENCY": "2"}
+    return {
+        "baseline": ("bench.minimal_app:create_app()", common),
+        "echo": ("main:create_app()", {**common, "LLM_PROVIDER": "echo"}),
+        "anthropic": (
+            "main:create_app()",
+            {**common, "LLM_PROVIDER": "anthropic", "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": model_url},
+        ),
+    }
+
+
 @contextmanager
 def gunicorn(app: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
     """Start `gunicorn -c gunicorn.conf.py APP`; yields its URL and the master's PID."""

@@ -90,11 +90,10 @@ def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often(tuning)
     # In a process of its own: freezing the test run's objects would change how the other tests collect.
     probe = (
         "import gc, json, runpy\n"
-        "from types import SimpleNamespace\n"
         "conf = runpy.run_path('gunicorn.conf.py')\n"
         "import main  # what a worker loads: Flask, SQLAlchemy's tables, the schemas\n"
         "before = (gc.get_freeze_count(), gc.get_threshold())\n"
-        "conf['post_worker_init'](SimpleNamespace(wsgi=SimpleNamespace(config=main.load_config())))\n"
+        "conf['post_worker_init'](None)\n"
         "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))\n"
     )
     environment = {name: value for name, value in os.environ.items() if name != "GC_TUNING"}
