@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 import anthropic
 import httpx2
 import openai
+import orjson
 
 from conversation_memory import USER, estimate_tokens
 
@@ -337,14 +338,10 @@ class AnthropicModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        options = self._options(system)
+        body = self._body(system, messages)
         if offer_human:
-            options["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
-        response = self.retries.call(
-            lambda: self.client.messages.create(model=self.model, max_tokens=self.max_tokens, messages=messages, **options),
-            anthropic,
-            self.provider,
-        )
+            body["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
+        response = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
         text = "".join(block.text for block in response.content if block.type == "text")
         handoff = next(
             (_reason(block.input) for block in response.content if block.type == "tool_use" and block.name == REQUEST_HUMAN), None
@@ -360,23 +357,43 @@ class AnthropicModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
         """Messages streaming; failures before the first event are retried like `reply`'s."""
-        options = self._options(system)
-        events = self.retries.call(
-            lambda: self.client.messages.create(
-                model=self.model, max_tokens=self.max_tokens, messages=messages, stream=True, **options
-            ),
-            anthropic,
-            self.provider,
-        )
+        body = self._body(system, messages)
+        events = self.retries.call(lambda: self._create(body, stream=True), anthropic, self.provider)
         return _SDKStream(self.provider, self.model, events, _read_anthropic_event)
 
-    def _options(self, system: str | None) -> dict[str, Any]:
-        options: dict[str, Any] = {"system": system} if system else {}
+    def _body(self, system: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": messages}
+        if system:
+            body["system"] = system
         if self.temperature is not None:
             # This SDK release has no `temperature` argument (newer Claude
             # models fix it); models that still take one get it in the body.
-            options["extra_body"] = {"temperature": self.temperature}
-        return options
+            body["temperature"] = self.temperature
+        return body
+
+    def _create(self, body: dict[str, Any], stream: bool) -> Any:
+        """POST /v1/messages: a `Message`, or the `Stream` of its events.
+
+        Direct, the body goes out encoded by orjson through the client's
+        `post`: `messages.create` copies every message of the context into
+        new containers and encodes them with the standard library, which
+        made a fifth of a worker's CPU per turn with a full context of 600
+        short messages (py-spy, bench/hot_path.py). The client still does
+        the rest: headers, authentication, errors and the typed reply.
+        Bedrock's client rewrites the body into its own request, so it is
+        given the arguments of `messages.create`.
+        """
+        if isinstance(self.client, anthropic.AnthropicBedrock):
+            arguments = {name: value for name, value in body.items() if name != "temperature"}
+            extra_body = {"temperature": body["temperature"]} if "temperature" in body else None
+            return self.client.messages.create(**arguments, stream=stream, extra_body=extra_body)
+        return self.client.post(
+            "/v1/messages",
+            content=orjson.dumps({**body, "stream": True} if stream else body),
+            cast_to=anthropic.types.Message,
+            stream=stream,
+            stream_cls=anthropic.Stream[anthropic.types.RawMessageStreamEvent],
+        )
 
 
 class OpenAIModel:

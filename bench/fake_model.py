@@ -25,7 +25,7 @@ def main() -> None:
     options = parser.parse_args()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    with FakeModelServer() as server:
+    with FakeModelServer(record=False) as server:
         server.latency = options.latency
         server.stream_interval = options.stream_interval
         if options.reply_words:

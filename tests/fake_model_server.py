@@ -47,6 +47,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
+import orjson
+
 HOST = "127.0.0.1"
 
 _BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<action>invoke|invoke-with-response-stream)")
@@ -267,6 +269,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
+    # A reply goes out in two writes, headers then body. With Nagle's algorithm on, the body
+    # waits for the client's delayed ACK of the headers: 40 ms on every request.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay silent: no per-request lines on stderr."""
@@ -294,8 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_json(self) -> Json:
         raw = self.rfile.read(int(self.headers.get("content-length") or 0))
         try:
-            parsed = json.loads(raw) if raw else {}
-        except ValueError:
+            parsed = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
             return {}
         return parsed if isinstance(parsed, dict) else {}
 
@@ -372,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
 
     def _send_json(self, status: int, payload: Json, extra: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        data = orjson.dumps(payload)
         self._start(status, "application/json", extra, keep_alive=True)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -408,8 +413,11 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeModelServer:
     """Fake Anthropic / Bedrock / OpenAI endpoint on ``127.0.0.1`` (a free port unless given)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, record: bool = True) -> None:
+        """`record=False` keeps no requests (`requests` stays empty): for benchmarks, whose
+        hundreds of thousands of kept bodies would cost memory and collector time."""
         self.reply_override: str | None = None
+        self._record_requests = record
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._faults: deque[_Fault] = deque()
@@ -567,7 +575,8 @@ class FakeModelServer:
     def _record(self, request: RecordedRequest) -> tuple[_Fault | None, float, float]:
         """Record ``request`` and take the fault, delay and drip rate (if any) queued for it."""
         with self._lock:
-            self._requests.append(request)
+            if self._record_requests:
+                self._requests.append(request)
             fault = self._faults.popleft() if self._faults else None
             delay = (self._delays.popleft() if self._delays else 0.0) + self.latency
             drip = self._drips.popleft() if self._drips else 0.0
