@@ -65,10 +65,14 @@ def post_worker_init(worker):
 
     GC_TUNING is read from the environment, as the app reads it, so that any
     app served with this file is tuned alike (the benchmarks' baseline too).
+    Then say that this worker serves: gunicorn's own "Booting worker" line
+    comes before the app has loaded, and until then the other workers take
+    every connection (the benchmarks wait for all of these lines).
     """
     from config import load_config, tune_garbage_collector
 
     tune_garbage_collector(load_config()["GC_TUNING"])
+    worker.log.info("Worker ready (pid: %s)", os.getpid())
 
 
 def child_exit(server, worker):

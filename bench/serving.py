@@ -101,15 +101,16 @@ def gunicorn(app: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
                                stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
+        # Every worker must have loaded the app: a load that starts while one is still
+        # loading opens all its keep-alive connections on the others, for the whole run.
+        workers = int(environment.get("WEB_CONCURRENCY", "2"))
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn did not start; see {log.name}") from None
-                time.sleep(0.2)
+        while Path(log.name).read_bytes().count(b"Worker ready") < workers:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start; see {log.name}")
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10):
+            pass
         yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)

@@ -89,11 +89,11 @@ def test_readme_production_section_uses_the_production_command():
 def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often(tuning):
     # In a process of its own: freezing the test run's objects would change how the other tests collect.
     probe = (
-        "import gc, json, runpy\n"
+        "import gc, json, logging, runpy, types\n"
         "conf = runpy.run_path('gunicorn.conf.py')\n"
         "import main  # what a worker loads: Flask, SQLAlchemy's tables, the schemas\n"
         "before = (gc.get_freeze_count(), gc.get_threshold())\n"
-        "conf['post_worker_init'](None)\n"
+        "conf['post_worker_init'](types.SimpleNamespace(log=logging.getLogger('probe')))\n"
         "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))\n"
     )
     environment = {name: value for name, value in os.environ.items() if name != "GC_TUNING"}
