@@ -409,18 +409,11 @@ class OpenAIModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
-        options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
+        body = self._body(system, messages)
         if offer_human:
             function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
-            options["tools"] = [{"type": "function", "function": function}]
-        # max_tokens rather than max_completion_tokens: most compatible
-        # servers (vLLM, Ollama, LiteLLM) only know the former.
-        response = self.retries.call(
-            lambda: self.client.chat.completions.create(model=self.model, messages=prompt, max_tokens=self.max_tokens, **options),
-            openai,
-            self.provider,
-        )
+            body["tools"] = [{"type": "function", "function": function}]
+        response = self.retries.call(lambda: self._create(body), openai, self.provider)
         if not response.choices:
             raise ModelError(502, "model_error", "the openai model returned no choices", retryable=True)
         choice = response.choices[0]
@@ -441,21 +434,28 @@ class OpenAIModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
-        prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
-        options: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
-        chunks = self.retries.call(
-            lambda: self.client.chat.completions.create(
-                model=self.model,
-                messages=prompt,
-                max_tokens=self.max_tokens,
-                stream=True,
-                stream_options={"include_usage": True},
-                **options,
-            ),
-            openai,
-            self.provider,
-        )
+        body = {**self._body(system, messages), "stream": True, "stream_options": {"include_usage": True}}
+        chunks = self.retries.call(lambda: self._create(body), openai, self.provider)
         return _SDKStream(self.provider, self.model, chunks, _read_openai_chunk)
+
+    def _body(self, system: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
+        prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
+        # max_tokens rather than max_completion_tokens: most compatible
+        # servers (vLLM, Ollama, LiteLLM) only know the former.
+        body: dict[str, Any] = {"model": self.model, "messages": prompt, "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
+
+    def _create(self, body: dict[str, Any]) -> Any:
+        """POST /chat/completions, the body encoded by orjson (see `AnthropicModel._create`)."""
+        return self.client.post(
+            "/chat/completions",
+            content=orjson.dumps(body),
+            cast_to=openai.types.chat.ChatCompletion,
+            stream=bool(body.get("stream")),
+            stream_cls=openai.Stream[openai.types.chat.ChatCompletionChunk],
+        )
 
 
 class EchoModel:
