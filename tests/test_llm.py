@@ -71,6 +71,25 @@ def test_openai_provider_puts_system_first(provider_app, fake_model):
     assert response.json["usage"]["input_tokens"] > 0
 
 
+@pytest.mark.parametrize("provider", ["anthropic", "bedrock", "openai"])
+def test_text_beyond_ascii_and_the_temperature_reach_the_provider_as_sent(provider_app, fake_model, provider):
+    # Direct requests are encoded by orjson (UTF-8 as is), Bedrock's by the SDK (escaped): both must arrive intact.
+    client = provider_app(provider, LLM_TEMPERATURE=0.7)
+    conversation_id = _conversation(client)
+    message = "Grüße, 中文 ✓ \"quoted\" \\ and an emoji 🚀"
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": message})
+
+    assert response.status_code == 200
+    assert response.json["reply"] == f"reply to: {message}"
+    request = fake_model.requests[-1]
+    assert request.headers["content-type"] == "application/json"
+    assert request.body["messages"][-1] == {"role": "user", "content": message}
+    assert request.body["temperature"] == 0.7
+    assert "stream" not in request.body or request.body["stream"] is False
+    assert [m["content"] for m in _log(client, conversation_id)] == [message, f"reply to: {message}"]
+
+
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 @pytest.mark.parametrize(
     ("upstream_status", "status", "error"),
