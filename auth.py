@@ -11,6 +11,7 @@ once; through another process (a second worker or machine) within that time.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import threading
 import uuid
@@ -223,7 +224,8 @@ def bootstrap_command() -> None:
                    "  parley keys create --role client --name 'my app'   (from the venv: .venv/bin/parley,"
                    " or: make keys ARGS=\"create --role client --name 'my app'\")", err=True)
         return
-    url = current_app.config.get("SERVER_NAME") or "http://127.0.0.1:8000"
+    # PORT: the port `make run` serves on, as it reads it.
+    url = current_app.config.get("SERVER_NAME") or f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"
     click.echo("No API keys existed, so these were made. They are shown only this once:", err=True)
     for key, secret in created:
         click.echo(f"  {key.role:<6} {secret}", err=True)

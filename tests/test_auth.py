@@ -200,6 +200,18 @@ def test_bootstrap_makes_first_keys_once(app, runner):
     assert "prly_" not in second.output
 
 
+@pytest.mark.parametrize(("port", "url"), [(None, "http://127.0.0.1:8000"), ("18080", "http://127.0.0.1:18080")])
+def test_bootstrap_hint_names_the_port_make_run_serves_on(runner, monkeypatch, port, url):
+    if port is None:
+        monkeypatch.delenv("PORT", raising=False)
+    else:
+        monkeypatch.setenv("PORT", port)
+
+    printed = runner.invoke(args=["keys", "bootstrap"]).output
+
+    assert f"{url}/new_chat" in printed
+
+
 @pytest.mark.parametrize("storage", ["memory", "redis"])
 def test_rate_limit_per_key_answers_429_with_retry_after(app_config, keys, storage):
     prefix = f"parley-test-{uuid.uuid4().hex}"
