@@ -5,15 +5,19 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import create_engine, event, select, text
 
+from conversation_memory import MemoryMessage
 from database_utils import (
     MIN_TAIL_PAGE,
     PING_IDLE_SECONDS,
     ApiKey,
+    append_messages,
     claim_turn,
+    finish_turn,
     get_conversation,
     get_session,
     load_context_tail,
@@ -184,6 +188,40 @@ def test_a_retried_claim_matches_its_own_lease_and_no_other(app, client):
 
     assert first is not None and again is not None
     assert other is None
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turn_stored_on_the_driver_reads_back_as_sqlalchemy_stores_it(app, client):
+    """The turn's statements skip SQLAlchemy's execution layer: their values must still get their types' conversions."""
+    conversation_id = uuid.UUID(client.post("/new_chat", json={"user_id": "u", "metadata": {"k": "v"}}).json["conversation_id"])
+    client.put(f"/conversations/{conversation_id}/variables/city", json={"value": "Zürich"})
+    when = datetime(2026, 12, 3, 18, 0, tzinfo=timezone(timedelta(hours=2)))
+
+    def pair() -> list[MemoryMessage]:
+        return [
+            MemoryMessage("user", "grüße \\ \"quoted\" 🙂", 7, created_at=when, file_ids=["f-1"]),
+            MemoryMessage("assistant", "reply", 3, created_at=when, usage={"input_tokens": 7, "output_tokens": 3},
+                          incomplete=True),
+            MemoryMessage("user", "no files", 2, created_at=when),  # usage and file_ids None: JSON null, as SQLAlchemy stores it
+        ]
+
+    lease = uuid.uuid4()
+    with app.app_context():
+        session = get_session()
+        claimed, _tail = claim_turn(session, conversation_id, None, lease, lease_seconds=60, token_budget=1000)
+        session.commit()
+        assert finish_turn(session, conversation_id, lease, pair(), {"input_tokens": 7, "output_tokens": 3}) == 3
+        session.commit()
+        assert append_messages(session, conversation_id, pair()) == 6  # SQLAlchemy's own INSERT
+        session.commit()
+        columns = "role, content, created_at, token_count, usage::text, json_typeof(usage), file_ids::text, json_typeof(file_ids), incomplete"
+        rows = session.execute(
+            text(f"SELECT {columns} FROM messages WHERE conversation_id = :cid ORDER BY seq"), {"cid": conversation_id}
+        ).all()
+
+    assert (claimed.variables, claimed.message_count, claimed.handoff) == ({"city": "Zürich"}, 0, "bot")
+    assert rows[:3] == rows[3:]
+    assert rows[0].created_at == when and rows[2][5] == "null" and rows[2][7] == "null"
 
 
 def _terminate_other_backends(url: str) -> None:
