@@ -864,8 +864,8 @@ def _execute_on_driver(session: Session, statement: Any, parameters: dict[str, A
 
     For the turn's two statements (`claim_turn`, `finish_turn`): SQLAlchemy's
     execution layer (cache key, parameter and result objects) cost as much
-    CPU as psycopg's own work on them; measured, a turn without it serves
-    12% more turns/s. The statement is compiled once, its parameters get
+    CPU as psycopg's own work on them; without it the hot path served 6 to
+    15% more turns/s (bench/hot_path.py, README). The statement is compiled once, its parameters get
     the conversions their types declare, and its result columns need none
     on psycopg (JSON is decoded by the connection's own `loads_json`).
     A driver error goes through SQLAlchemy's own handling, as in its
@@ -882,7 +882,10 @@ def _execute_on_driver(session: Session, statement: Any, parameters: dict[str, A
         cursor.execute(prepared.sql, values)
         return cursor.fetchall()
     except psycopg.Error as exc:
-        connection._handle_dbapi_exception(exc, prepared.sql, values, cursor, None)  # raises
+        # SQLAlchemy's own handler, as its `execute` calls it (a private method of
+        # the pinned release; the database-restart tests in test_database.py and
+        # test_observability.py fail without it). It raises.
+        connection._handle_dbapi_exception(exc, prepared.sql, values, cursor, None)
         raise  # not reached
     finally:
         cursor.close()

@@ -197,7 +197,7 @@ def test_a_turn_stored_on_the_driver_reads_back_as_sqlalchemy_stores_it(app, cli
     client.put(f"/conversations/{conversation_id}/variables/city", json={"value": "Zürich"})
     when = datetime(2026, 12, 3, 18, 0, tzinfo=timezone(timedelta(hours=2)))
 
-    def pair() -> list[MemoryMessage]:
+    def messages() -> list[MemoryMessage]:
         return [
             MemoryMessage("user", "grüße \\ \"quoted\" 🙂", 7, created_at=when, file_ids=["f-1"]),
             MemoryMessage("assistant", "reply", 3, created_at=when, usage={"input_tokens": 7, "output_tokens": 3},
@@ -210,9 +210,9 @@ def test_a_turn_stored_on_the_driver_reads_back_as_sqlalchemy_stores_it(app, cli
         session = get_session()
         claimed, _tail = claim_turn(session, conversation_id, None, lease, lease_seconds=60, token_budget=1000)
         session.commit()
-        assert finish_turn(session, conversation_id, lease, pair(), {"input_tokens": 7, "output_tokens": 3}) == 3
+        assert finish_turn(session, conversation_id, lease, messages(), {"input_tokens": 7, "output_tokens": 3}) == 3
         session.commit()
-        assert append_messages(session, conversation_id, pair()) == 6  # SQLAlchemy's own INSERT
+        assert append_messages(session, conversation_id, messages()) == 6  # SQLAlchemy's own INSERT
         session.commit()
         columns = "role, content, created_at, token_count, usage::text, json_typeof(usage), file_ids::text, json_typeof(file_ids), incomplete"
         rows = session.execute(
