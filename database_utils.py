@@ -865,9 +865,10 @@ def _execute_on_driver(session: Session, statement: Any, parameters: dict[str, A
     For the turn's two statements (`claim_turn`, `finish_turn`): SQLAlchemy's
     execution layer (cache key, parameter and result objects) cost as much
     CPU as psycopg's own work on them; without it the hot path served 6 to
-    15% more turns/s (bench/hot_path.py, README). The statement is compiled once, its parameters get
-    the conversions their types declare, and its result columns need none
-    on psycopg (JSON is decoded by the connection's own `loads_json`).
+    21% more turns/s (bench/hot_path.py, README). The statement is compiled
+    once, its parameters get the conversions their types declare, and its
+    result columns need none on psycopg (JSON is decoded by the
+    connection's own `loads_json`).
     A driver error goes through SQLAlchemy's own handling, as in its
     `execute`: wrapped as `DBAPIError`, and a broken connection invalidated
     with the pool's older ones.
