@@ -378,8 +378,8 @@ class AnthropicModel:
         `post`: `messages.create` copies every message of the context into
         new containers and encodes them with the standard library: 11.5% of
         a worker's py-spy samples with a full context of 600 short messages
-        (bench/hot_path.py). The client still does
-        the rest: headers, authentication, errors and the typed reply.
+        (bench/hot_path.py). The client still does the rest: headers,
+        authentication, errors and the typed reply.
         Bedrock's client rewrites the body into its own request, so it is
         given the arguments of `messages.create`.
         """
