@@ -508,17 +508,8 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
 
 
 def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
-    """One connection pool per process, as large as the turns a worker carries.
-
-    Every connection stays open once its reply is in, for the next turn:
-    with fewer kept (100 per process, 7 a shard), turns that came back
-    together closed the rest, and the next wave opened them again: at 200
-    turns in flight per worker (bench/capacity.py, 145 turns/s), the machine
-    opened 119.8 TCP connections a second, against 25.8 with all kept
-    (ActiveOpens in /proc/net/snmp). With a real provider, each is a TCP and
-    TLS handshake. Idle ones still close after httpx's 5 s keep-alive expiry.
-    """
-    limits = httpx2.Limits(max_connections=MAX_MODEL_CONNECTIONS, max_keepalive_connections=MAX_MODEL_CONNECTIONS)
+    """One connection pool per process, as large as the turns a worker carries."""
+    limits = httpx2.Limits(max_connections=MAX_MODEL_CONNECTIONS, max_keepalive_connections=100)
     return httpx2.Client(transport=DeadlineTransport(limits=limits), timeout=config["LLM_TIMEOUT_SECONDS"])
 
 

@@ -265,10 +265,6 @@ class _HTTPServer(ThreadingHTTPServer):
         self.fake = fake
         super().__init__((HOST, port), _Handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.fake._count_connection()
-        super().process_request(request, client_address)
-
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
@@ -439,8 +435,6 @@ class FakeModelServer:
         self.latency = 0.0
         self.in_flight = 0
         self.peak_in_flight = 0
-        # TCP connections accepted since the server started (reset() keeps counting).
-        self.connections = 0
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -540,10 +534,6 @@ class FakeModelServer:
     def _take_tool_use(self) -> _ToolUse | None:
         with self._lock:
             return self._tool_uses.popleft() if self._tool_uses else None
-
-    def _count_connection(self) -> None:
-        with self._lock:
-            self.connections += 1
 
     def _enter(self) -> None:
         with self._lock:

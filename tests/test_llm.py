@@ -1,12 +1,8 @@
 """Real anthropic and openai SDKs against a local server speaking their wire protocol."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from config import load_config
-from llm import POOL_SHARDS, make_model
 from main import create_app
 from tests.conftest import client_with_key
 from tests.seaweed import free_ports
@@ -178,27 +174,3 @@ def test_nul_in_a_reply_is_removed_before_storing(provider_app, fake_model):
     assert response.status_code == 200
     assert response.json["reply"] == "splitreply"
     assert _log(client, conversation_id)[1]["content"] == "splitreply"
-
-
-@pytest.mark.parametrize("provider", ["anthropic", "openai"])
-def test_replies_that_come_back_together_leave_their_connections_open_for_the_next_turns(fake_model, monkeypatch, provider):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{fake_model.base_url}/v1")
-    model = make_model(load_config({"LLM_PROVIDER": provider, "LLM_MODEL": "m"}))
-    wave = 10 * POOL_SHARDS  # ten turns in flight on each of the pools
-    fake_model.latency = 1.0  # long enough for the whole wave to be waiting at once
-    before = fake_model.connections
-
-    def turn(n: int) -> str:
-        return model.reply(None, [{"role": "user", "content": f"question {n}"}]).text
-
-    with ThreadPoolExecutor(max_workers=wave) as pool:
-        first = list(pool.map(turn, range(wave)))
-        opened = fake_model.connections - before
-        second = list(pool.map(turn, range(wave)))
-
-    assert first == second == [f"reply to: question {n}" for n in range(wave)]
-    assert opened == fake_model.peak_in_flight == wave
-    assert fake_model.connections - before == opened  # the second wave opened none
