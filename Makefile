@@ -12,7 +12,7 @@ run: $(VENV)/.runtime
 	BIND=127.0.0.1:$${PORT:-8000} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} LOG_FORMAT=$${LOG_FORMAT:-text} \
 		$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
 
-# The production server (gunicorn.conf.py), with the same settings as `make run`.
+# The production server (gunicorn.conf.py) with its defaults: 0.0.0.0, two workers, JSON logs.
 serve: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py "main:create_app()"
 

@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 
+from gunicorn.glogging import Logger
+
 bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = os.environ.get("WORKER_CLASS", "gevent")
@@ -42,6 +44,24 @@ control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+
+class JsonLogger(Logger):
+    """gunicorn's own lines (its start, workers booting and exiting, signals) in
+    the format of Parley's (LOG_FORMAT, logs.py): with JSON, stderr is JSON
+    throughout. The access log, off unless ACCESS_LOG is set, keeps its format."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        if os.environ.get("LOG_FORMAT", "json") == "json":
+            from pythonjsonlogger.json import JsonFormatter
+
+            formatter = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s", timestamp=False)
+            for handler in self.error_log.handlers:
+                handler.setFormatter(formatter)
+
+
+logger_class = JsonLogger
 
 # prometheus-client's multiprocess mode: every worker writes its samples
 # here and /metrics merges them. Must be set before any worker imports it.

@@ -125,8 +125,12 @@ class RetryPolicy:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
                     if not error.retryable or retries == self.max_retries:
                         raise error from exc
-                    wait = min(_retry_after_seconds(exc) or _backoff(retries), self.retry_after_cap)
-                    if time.monotonic() + wait >= deadline:
+                    asked = _retry_after_seconds(exc)
+                    wait = min(asked or _backoff(retries), self.retry_after_cap)
+                    # A provider asking for longer than the deadline leaves is answered at
+                    # once with its Retry-After: retrying sooner than asked, under the cap,
+                    # would only spend the turn's time on refusals.
+                    if time.monotonic() + max(wait, asked or 0.0) >= deadline:
                         raise error from exc
                     time.sleep(wait)
             raise AssertionError("unreachable")

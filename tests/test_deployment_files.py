@@ -74,6 +74,8 @@ def test_compose_runs_parley_with_postgres_s3_and_redis():
     assert parley["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "parley db-upgrade" in " ".join(services["migrate"]["command"])
     assert "parley archive-prepare" in " ".join(services["migrate"]["command"])
+    # Docker waits this long after SIGTERM: longer than turns in flight get to finish.
+    assert int(parley["stop_grace_period"].removesuffix("s")) > int(_gunicorn_default("GRACEFUL_TIMEOUT"))
 
 
 def test_readme_production_section_uses_the_production_command():
@@ -109,3 +111,9 @@ def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often(tuning)
         assert threshold == list(GC_THRESHOLD) and GC_THRESHOLD[0] > 700
     else:
         assert (frozen, threshold) == (0, [700, 10, 10])
+
+
+def _gunicorn_default(variable: str) -> str:
+    """The default gunicorn.conf.py gives a setting read from `variable`."""
+    text = (ROOT / "gunicorn.conf.py").read_text()
+    return re.search(rf"os\.environ\.get\(\"{variable}\", \"([^\"]+)\"\)", text)[1]

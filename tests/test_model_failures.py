@@ -111,6 +111,18 @@ def test_a_retry_after_past_the_deadline_is_passed_on_instead_of_waited_for(prov
     assert waited < 3  # not the 15 s the provider asked for
 
 
+def test_a_retry_after_past_the_deadline_is_passed_on_even_when_the_cap_is_shorter(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=3, LLM_TOTAL_TIMEOUT_SECONDS=5, LLM_RETRY_AFTER_MAX_SECONDS=0.2)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(529, count=4, headers={"retry-after": "15"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503
+    assert failed.headers["Retry-After"] == "15"
+    assert len(fake_model.requests) == 1  # no retry 0.2 s later, before the 15 s the provider asked for
+
+
 def test_an_honoured_retry_after_is_capped(provider_app, fake_model):
     client = provider_app("anthropic", LLM_MAX_RETRIES=1, LLM_RETRY_AFTER_MAX_SECONDS=0.2)
     conversation_id = _conversation(client)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 
 from auth import create_key
 from config import load_config
-from database_utils import get_session
+from database_utils import Conversation, get_session, list_messages
 from main import create_app
 from tests.seaweed import free_ports
 
@@ -158,7 +159,7 @@ def _sample(exposition: str, prefix: str, *labels: str) -> float:
     )
 
 
-def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_model):
+def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_model, app_config):
     server = serve()
     conversation_id = server.new_chat()
     fake_model.delay_next(2.0)
@@ -177,6 +178,12 @@ def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_mo
     assert exit_code == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1)
+    with create_app(app_config).app_context():
+        session = get_session()
+        stored = [(m.seq, m.role, m.content) for m in list_messages(session, uuid.UUID(conversation_id))]
+        conversation = session.get(Conversation, uuid.UUID(conversation_id))
+        assert stored == [(1, "user", "finish me"), (2, "assistant", "reply to: finish me")]
+        assert (conversation.message_count, conversation.turn_lease_id) == (2, None)
 
 
 def test_a_refused_large_body_does_not_break_the_connection(serve):
@@ -241,8 +248,9 @@ def test_log_lines_are_json_with_the_request_id(serve):
     _, _, headers = server.request("POST", "/new_chat", {"user_id": "traced"}, {"X-Request-ID": "serving-trace-1"})
     server.process.terminate()
     server.process.wait(timeout=30)
-    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in server.log.read_text().splitlines()]  # every line, gunicorn's too
 
+    assert [line["message"] for line in lines if line["name"] == "gunicorn.error"][-1] == "Shutting down: Master"
     assert headers["X-Request-ID"] == "serving-trace-1"
     logged = [line for line in lines if line.get("request_id") == "serving-trace-1" and line["message"] == "request"]
     assert logged and logged[0]["path"] == "/new_chat" and logged[0]["status"] == 201
