@@ -7,6 +7,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, event, select, text
 
@@ -97,6 +98,39 @@ def test_tail_query_uses_the_primary_key_index(app, keys):
     assert len(statements) >= 2 and any("seq <" in statement for statement, _ in statements)
     for plan in plans:
         assert "Index Scan Backward using messages_pkey" in plan, plan
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turns_claim_reads_its_tail_by_the_primary_key(app, keys, monkeypatch):
+    """EXPLAIN every statement claim_turn sends to psycopg, its claim-and-tail statement included."""
+    conversation_id = _seed(app, 3_000)
+    sent = []
+    execute = psycopg.Cursor.execute
+
+    def record(cursor, query, params=None, **kwargs):
+        sent.append((query, params))
+        return execute(cursor, query, params, **kwargs)
+
+    with app.app_context():
+        session = get_session()
+        session.execute(text("ANALYZE messages"))
+        # A total that overstates the average message (200 tokens; they are 50), so the first
+        # page falls short of the budget and the walk back runs its `seq < before` query too.
+        session.execute(text("UPDATE conversations SET token_count = 600000 WHERE conversation_id = :cid"),
+                        {"cid": conversation_id})
+        session.commit()
+        monkeypatch.setattr(psycopg.Cursor, "execute", record)
+        claimed, tail = claim_turn(session, conversation_id, None, uuid.uuid4(), 60, 3 * MIN_TAIL_PAGE * 50)
+        monkeypatch.undo()
+        cursor = session.connection().connection.driver_connection.cursor()
+        plans = {query: "\n".join(row[0] for row in cursor.execute("EXPLAIN " + query, params)) for query, params in sent}
+
+    assert claimed.message_count == 3_000 and tail[-1].seq == 3_000
+    assert any("json_agg" in query for query in plans) and any("seq <" in query for query in plans)
+    for query, plan in plans.items():
+        if "FROM messages" in query:
+            assert "Seq Scan on messages" not in plan, (query, plan)
+            assert "Index Scan Backward using messages_pkey" in plan, (query, plan)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -5,9 +5,9 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import event, text, update
+from sqlalchemy import event, select, text, update
 
-from database_utils import Conversation, find_conversations, get_session
+from database_utils import ApiKey, Conversation, find_conversations, get_session
 from tests.factories import seed_conversations
 
 
@@ -91,17 +91,29 @@ def test_bad_search_parameters_are_400(staff_client, query):
     [
         ({}, "ix_conversations_created"),
         ({"user_id": "user-42"}, "ix_conversations_user_created"),
-        # a third of the rows are ended: reading the newest-first index and filtering is cheaper
-        ({"status": "ended"}, "ix_conversations_created"),
+        # a status a quarter or a fifth of the rows have: the status filter's own index, read in order
+        ({"status": "ended"}, "ix_conversations_status_created"),
+        ({"status": "ending"}, "ix_conversations_status_created"),
         ({"name": "warranty question #1999"}, "ix_conversations_name_trgm"),
         ({"created_to": datetime(2025, 2, 1, tzinfo=timezone.utc)}, "ix_conversations_created"),
+        ({"ended_from": datetime(2025, 1, 10, tzinfo=timezone.utc), "ended_to": datetime(2025, 1, 11, tzinfo=timezone.utc)},
+         "ix_conversations_ended_at"),
+        # a client's own list (50 rows of client A's key, whose ID is filled in below)
+        ({"owner_key_id": "client"}, "ix_conversations_owner_created"),
     ],
 )
-def test_search_queries_use_an_index(app, filters, index):
+def test_search_queries_use_an_index(app, keys, filters, index):
     with app.app_context():
         session = get_session()
         seed_conversations(session, 10_000, users=500)
+        owner = session.scalar(select(ApiKey.key_id).where(ApiKey.name == "client_a"))
+        session.execute(update(Conversation).where(Conversation.conversation_id.in_([uuid.UUID(int=i) for i in range(2, 10_001, 5)]))
+                        .values(status="ending"))
+        session.execute(update(Conversation).where(Conversation.conversation_id.in_([uuid.UUID(int=i) for i in range(30, 80)]))
+                        .values(owner_key_id=owner))
         session.execute(text("ANALYZE conversations"))
+        if filters.get("owner_key_id"):
+            filters = {**filters, "owner_key_id": owner}
         statements = []
         connection = session.connection()
         # At this size a table scan can be as cheap; forbid it to prove an index serves the query.
