@@ -1,6 +1,6 @@
 """Parley's application factory and HTTP routes.
 
-Run it with `parley run` (embedded default) or
+Run it with `make run` (the embedded default, on gunicorn) or
 `gunicorn -c gunicorn.conf.py "main:create_app()"` (production).
 """
 from __future__ import annotations
@@ -458,34 +458,37 @@ def search(query: SearchQuery):
     return search_conversations(get_session(), _caller(), query)
 
 
-@api.post("/conversations/<conversation_id>/handoff", tags=[handoffs], responses={200: ConversationOut, 409: ErrorResponse})
+@api.post("/conversations/<conversation_id>/handoff", tags=[handoffs],
+          responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.CLIENT, Role.STAFF)
-def request_human(path: ConversationPath, body: HandoffRequest):
+def request_human(path: ConversationPath, body: HandoffRequest, header: IdempotencyHeader):
     """Ask for a human: `bot -> needs_human`. Honours Idempotency-Key."""
     conversation = handoff.request_handoff(get_session(), _caller(), path.conversation_id, body.reason)
     return _respond(ConversationOut.of(conversation))
 
 
-@api.post("/conversations/<conversation_id>/claim", tags=[handoffs, staff], responses={200: ConversationOut, 409: ErrorResponse})
+@api.post("/conversations/<conversation_id>/claim", tags=[handoffs, staff],
+          responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.STAFF)
-def claim_conversation(path: ConversationPath):
+def claim_conversation(path: ConversationPath, header: IdempotencyHeader):
     """Take the conversation: `needs_human -> human`, assigned to this staff key.
     A second claimant gets 409. Honours Idempotency-Key."""
     return _respond(ConversationOut.of(handoff.claim(get_session(), _caller(), path.conversation_id)))
 
 
 @api.post("/conversations/<conversation_id>/staff_messages", tags=[handoffs, staff],
-          responses={201: MessageOut, 409: ErrorResponse})
+          responses={201: MessageOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.STAFF)
-def write_staff_message(path: ConversationPath, body: StaffMessageRequest):
+def write_staff_message(path: ConversationPath, body: StaffMessageRequest, header: IdempotencyHeader):
     """The assigned staff member writes to the user (role `staff`; no model call). Honours Idempotency-Key."""
     message = handoff.post_staff_message(get_session(), current_app.config, _caller(), path.conversation_id, body.message)
     return _respond(MessageOut.of(message), 201)
 
 
-@api.post("/conversations/<conversation_id>/release", tags=[handoffs, staff], responses={200: ConversationOut, 409: ErrorResponse})
+@api.post("/conversations/<conversation_id>/release", tags=[handoffs, staff],
+          responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.STAFF)
-def release_conversation(path: ConversationPath, body: ReleaseRequest):
+def release_conversation(path: ConversationPath, body: ReleaseRequest, header: IdempotencyHeader):
     """Give the conversation back to the model: `human -> bot`. Honours Idempotency-Key."""
     return _respond(ConversationOut.of(handoff.release(get_session(), _caller(), path.conversation_id, body.note)))
 

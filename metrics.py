@@ -3,8 +3,8 @@
 Under gunicorn every worker is its own process, so the samples of all of
 them must be merged: `gunicorn.conf.py` sets `PROMETHEUS_MULTIPROC_DIR`,
 each worker writes its samples there (prometheus-client's multiprocess
-mode) and `/metrics` reads them all. Without that variable (`make run`,
-tests) the process's own samples are served.
+mode) and `/metrics` reads them all. Without that variable (the tests'
+in-process apps, `parley run`) the process's own samples are served.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import pytest
 
 from conversation_memory import estimate_tokens
 from llm import ECHO_LABEL
+from main import IDEMPOTENT_ROUTES
 
 
 def _open(client, **body) -> dict:
@@ -220,6 +221,17 @@ def test_openapi_document_lists_every_route(client):
 
     assert document["openapi"].startswith("3.1")
     assert {"/new_chat", "/chat", "/end_chat", "/get_conversation", "/healthz", "/readyz"} <= set(document["paths"])
+
+
+def test_openapi_declares_the_idempotency_key_on_every_route_that_honours_it(client):
+    document = client.get("/openapi.json").json
+    operations = [operation for methods in document["paths"].values() for operation in methods.values()]
+
+    for route in IDEMPOTENT_ROUTES:  # operation IDs are "parley_<endpoint>_<path>_<method>"
+        [operation] = [o for o in operations if o["operationId"].startswith(f"parley_{route}_")]
+        headers = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "header"]
+        assert "Idempotency-Key" in headers, route
+        assert "422" in operation["responses"], route
 
 
 @pytest.mark.parametrize(
