@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -395,10 +396,12 @@ def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> 
     request's Idempotency-Key claim along: stored with the turn, or released.
     """
     telemetry = metrics.get_metrics(current_app)
+    started = time.perf_counter()
     try:
-        with telemetry.model_call(model.provider):
+        with telemetry.turn():
             upstream = model.stream(prepared.context.system, prepared.context.messages)
     except BaseException:
+        telemetry.model_seconds.labels(model.provider, "error").observe(time.perf_counter() - started)
         abandon_turn(session, prepared)
         raise
     claim = g.pop("idempotency_claim", None)
@@ -416,7 +419,8 @@ def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> 
             idempotency.release(get_session(), claim)
 
     heartbeat = current_app.config["STREAM_HEARTBEAT_SECONDS"]
-    return streaming.respond(streaming.stream_turn(prepared, upstream, heartbeat, commit, forget))
+    events = streaming.stream_turn(prepared, upstream, heartbeat, commit, forget)
+    return streaming.respond(telemetry.streamed_turn(model.provider, started, events, lambda: upstream.reply is not None))
 
 
 @api.post(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from flask import Flask, Response, g, request
@@ -43,7 +43,8 @@ class Metrics:
             ["route", "method"], buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.model_seconds = Histogram(
-            "parley_model_request_duration_seconds", "Time the model provider took for a reply, retries included.",
+            "parley_model_request_duration_seconds",
+            "Time the model provider took for a reply, retries included (streamed: until the stream ended).",
             ["provider", "outcome"], buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.model_tokens = Counter(
@@ -51,7 +52,7 @@ class Metrics:
             ["provider", "direction"], registry=registry,
         )
         self.turns_in_flight = Gauge(
-            "parley_turns_in_flight", "Turns between taking their lease and storing their reply.",
+            "parley_turns_in_flight", "Turns between calling the model and storing the reply (streamed: to the stream's end).",
             multiprocess_mode="livesum", registry=registry,
         )
         self.db_connections_in_use = Gauge(
@@ -79,6 +80,18 @@ class Metrics:
             yield
             outcome = "ok"
         finally:
+            self.model_seconds.labels(provider, outcome).observe(time.perf_counter() - started)
+
+    def streamed_turn(self, provider: str, started: float, events: Iterator[str], replied: Callable[[], bool]) -> Iterator[str]:
+        """A streamed turn's events (`streaming.stream_turn`), the turn counted in flight until
+        they end, and the model's time, from `started` (opening its stream), with them;
+        `replied` tells whether the whole reply came."""
+        self.turns_in_flight.inc()
+        try:
+            yield from events
+        finally:
+            self.turns_in_flight.dec()
+            outcome = "ok" if replied() else "error"
             self.model_seconds.labels(provider, outcome).observe(time.perf_counter() - started)
 
     def count_tokens(self, provider: str, usage: dict[str, int]) -> None:

@@ -39,6 +39,31 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert "parley_db_pool_connections_in_use" in exposition
 
 
+def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_spans_it(provider_app, fake_model, app):
+    client = provider_app("anthropic")
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    fake_model.stream_interval = 0.1  # the reply's nine events take about 0.8 s
+    metrics_app = client.application.test_client()
+
+    def scrape() -> str:
+        return metrics_app.get("/metrics").get_data(as_text=True)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "a b c", "stream": True},
+                           buffered=False)
+    chunks = iter(response.response)
+    first = next(chunks)
+    during = scrape()
+    rest = b"".join(chunks)
+    response.close()
+    after = scrape()
+
+    assert b"event: done" in first + rest
+    assert _metric(during, "parley_turns_in_flight") == 1
+    assert _metric(after, "parley_turns_in_flight") == 0
+    assert _metric(after, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="ok") == 1
+    assert _metric(after, "parley_model_request_duration_seconds_sum", provider="anthropic", outcome="ok") > 0.5
+
+
 def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     sent = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "trace-abc.123"})
     made = client.post("/new_chat", json={"user_id": "u"})
