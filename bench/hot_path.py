@@ -53,13 +53,14 @@ def main() -> None:
                       f"p50 {summary['p50_ms']:6.1f} ms  p99 {summary['p99_ms']:6.1f} ms  {summary['statuses']}")
     baseline = statistics.median(r["per_second"] for r in results["baseline"])
     baseline_p99 = statistics.median(r["p99_ms"] for r in results["baseline"])
-    print(f"\n{'':<38} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}")
+    print(f"\n{'':<38} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7} {'p99 ratio':>10}")
     for name, runs in results.items():
         rate = statistics.median(r["per_second"] for r in runs)
         p50 = statistics.median(r["p50_ms"] for r in runs)
         p99 = statistics.median(r["p99_ms"] for r in runs)
-        print(f"{name:<38} {rate:9.1f} {p50:8.1f} {p99:8.1f} {rate / baseline:6.2f}x")
-    print(f"(ratio: throughput against the baseline's {baseline:.1f} turns/s; baseline p99 {baseline_p99:.1f} ms)")
+        print(f"{name:<38} {rate:9.1f} {p50:8.1f} {p99:8.1f} {rate / baseline:6.2f}x {p99 / baseline_p99:9.2f}x")
+    print(f"(ratio: throughput against the baseline's {baseline:.1f} turns/s; p99 ratio: p99 against the baseline's "
+          f"{baseline_p99:.1f} ms)")
 
 
 def _conversations(url: str, key: str, count: int, env: dict[str, str]) -> list[str]:
