@@ -50,6 +50,9 @@ def on_off(raw: str) -> bool:
     raise ValueError(raw)
 
 
+# An Idempotency-Key's response is kept at least this long (hours), as Stripe keeps it.
+MIN_IDEMPOTENCY_TTL_HOURS = 24
+
 # name -> (default, parser). The README's configuration table mirrors this.
 _SETTINGS: dict[str, tuple[Any, type]] = {
     "DATABASE_URL": (f"sqlite:///{DATA_DIR / 'parley.db'}", str),
@@ -135,6 +138,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ValueError("LOG_FORMAT must be json or text")
+    if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
+        raise ValueError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
     _check_knowledge(config)
     return config
 

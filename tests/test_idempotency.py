@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from auth import authenticate
+from config import load_config
 from database_utils import Conversation, IdempotencyRecord, get_session
 from idempotency import Claim, claim, fingerprint
 from tests.conftest import client_with_key
@@ -185,3 +186,9 @@ def test_records_are_kept_for_the_configured_time(app, client):
     kept = record.expires_at - record.created_at
 
     assert kept.total_seconds() == pytest.approx(24 * 3600)
+
+
+def test_records_cannot_be_configured_to_go_before_a_day():
+    with pytest.raises(ValueError, match="IDEMPOTENCY_TTL_HOURS must be at least 24"):
+        load_config({"IDEMPOTENCY_TTL_HOURS": "12"})
+    assert load_config({"IDEMPOTENCY_TTL_HOURS": "48"})["IDEMPOTENCY_TTL_HOURS"] == 48
