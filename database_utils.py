@@ -1074,8 +1074,11 @@ def record_audit(
 def add_transition(
     conversation: Conversation, kind: str, to_state: str | None, key: Any | None, actor: str, reason: str | None
 ) -> None:
-    """Move the conversation's handoff state or stage and keep the move; the caller commits."""
+    """Move the conversation's handoff state (only as HANDOFF_TRANSITIONS allows) or stage,
+    and keep the move; the caller commits."""
     from_state = conversation.handoff if kind == "handoff" else conversation.stage
+    if kind == "handoff" and Handoff(to_state) not in HANDOFF_TRANSITIONS[Handoff(from_state)]:
+        raise ValueError(f"a conversation's handoff state cannot go from {from_state} to {to_state}")
     now = utcnow()
     if kind == "handoff":
         conversation.handoff = to_state

@@ -11,7 +11,7 @@ from sqlalchemy import event, text
 
 from auth import create_key
 from conversation_memory import STAFF_PREFIX
-from database_utils import find_conversations, get_session
+from database_utils import HANDOFF_TRANSITIONS, Conversation, Handoff, add_transition, find_conversations, get_session
 from tests.conftest import client_with_key
 from tests.factories import seed_conversations
 
@@ -420,3 +420,17 @@ def test_handoff_needs_a_reason_and_staff_messages_text(client, staff_client):
     _claim(staff_client, conversation_id)
     assert _write(staff_client, conversation_id, "   ").status_code == 400
     assert staff_client.post(f"/conversations/{conversation_id}/release", data="nope", content_type="text/plain").status_code == 400
+
+
+@pytest.mark.parametrize(("source", "target"), [(s, t) for s in Handoff for t in Handoff])
+def test_a_handoff_state_moves_only_as_the_table_allows(source, target):
+    conversation = Conversation(handoff=source, transitions=[])
+
+    if target in HANDOFF_TRANSITIONS[source]:
+        add_transition(conversation, "handoff", target, None, "staff", None)
+        assert conversation.handoff == target
+        assert [(t.from_state, t.to_state) for t in conversation.transitions] == [(source, target)]
+    else:
+        with pytest.raises(ValueError, match="cannot go from"):
+            add_transition(conversation, "handoff", target, None, "staff", None)
+        assert conversation.handoff == source and conversation.transitions == []
