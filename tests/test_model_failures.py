@@ -48,6 +48,50 @@ def test_a_connection_reset_is_retried(provider_app, fake_model):
     assert len(fake_model.requests) == 2
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_connection_resets_past_the_last_retry_are_a_retryable_503(provider_app, fake_model, provider):
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.drop_next(count=2)
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503
+    assert failed.json["error"] == "model_unavailable"
+    assert failed.json["retryable"] is True
+    assert len(fake_model.requests) == 2
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+def test_an_attempt_that_times_out_is_retried(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=1, LLM_TOTAL_TIMEOUT_SECONDS=20, LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.delay_next(5)  # the first attempt's read times out after 1 s; the second is answered at once
+
+    started = time.monotonic()
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 2
+    assert time.monotonic() - started < 4.5
+    assert [m["role"] for m in _log(client, conversation_id)] == ["user", "assistant"]
+
+
+def test_attempts_that_all_time_out_are_a_retryable_504(provider_app, fake_model):
+    client = provider_app("openai", LLM_TIMEOUT_SECONDS=1, LLM_TOTAL_TIMEOUT_SECONDS=20, LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.delay_next(5, count=2)
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 504
+    assert failed.json["error"] == "model_timeout"
+    assert failed.json["retryable"] is True
+    assert len(fake_model.requests) == 2
+    assert _log(client, conversation_id) == []
+
+
 def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, fake_model):
     client = provider_app("anthropic", LLM_MAX_RETRIES=2)
     conversation_id = _conversation(client)
@@ -59,14 +103,15 @@ def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, f
     assert len(fake_model.requests) == 3
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize(
     ("upstream_status", "status", "error"),
     [(429, 503, "model_unavailable"), (529, 503, "model_unavailable"), (500, 502, "model_error")],
 )
 def test_exhausted_retries_answer_a_retryable_5xx_with_the_providers_retry_after(
-    provider_app, fake_model, upstream_status, status, error
+    provider_app, fake_model, provider, upstream_status, status, error
 ):
-    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
     conversation_id = _conversation(client)
     fake_model.fail_next(upstream_status, count=2, headers={"retry-after": "1"})
 
