@@ -8,6 +8,7 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
+import idempotency
 from auth import authenticate
 from config import load_config
 from database_utils import Conversation, IdempotencyRecord, get_session
@@ -176,6 +177,23 @@ def test_expired_records_are_purged(app, client, runner):
     with app.app_context():
         remaining = get_session().scalar(select(func.count()).select_from(IdempotencyRecord))
     assert remaining == 1
+
+
+def test_requests_purge_expired_records_at_most_once_per_interval(app, client, monkeypatch):
+    app.config["IDEMPOTENCY_TTL_HOURS"] = 0  # every record expires at once
+
+    def records() -> int:
+        with app.app_context():
+            return get_session().scalar(select(func.count()).select_from(IdempotencyRecord))
+
+    _post(client, "/new_chat", {"user_id": "u"}, "first")  # this process's first purge: nothing to delete yet
+    _post(client, "/new_chat", {"user_id": "u"}, "second")  # within the interval: "first" stays
+    kept = records()
+    monkeypatch.setattr(idempotency, "PURGE_INTERVAL_SECONDS", 0)
+    _post(client, "/new_chat", {"user_id": "u"}, "third")  # purges "first" and "second", then stores its own
+
+    assert kept == 2
+    assert records() == 1
 
 
 def test_records_are_kept_for_the_configured_time(app, client):
