@@ -37,17 +37,7 @@ from tqdm import tqdm
 from auth import Caller
 from config import tune_garbage_collector
 from conversations import _visible_conversation, conversation_dict, message_dict
-from database_utils import (
-    AuditEvent,
-    Conversation,
-    Message,
-    Status,
-    Transition,
-    check_transition,
-    get_session,
-    loads_json,
-    utcnow,
-)
+from database_utils import AuditEvent, Conversation, Message, Transition, get_session, loads_json, utcnow
 from errors import TurnInProgress
 from files import delete_files, files_by_conversation
 from s3_utils import (
@@ -67,6 +57,7 @@ from s3_utils import (
     sha256_hex,
     write_document,
 )
+from states import Status, moves_into
 
 log = logging.getLogger("parley.archive")
 
@@ -109,8 +100,7 @@ def end_conversation(
     if conversation.turn_lease_expires_at is not None and conversation.turn_lease_expires_at > utcnow():
         session.rollback()
         raise TurnInProgress(f"a turn on conversation {conversation_id} is in progress; end it when the turn is done")
-    if conversation.status == Status.ACTIVE:
-        check_transition(conversation.status, Status.ENDING)
+    if conversation.status in moves_into(Status.ENDING):
         conversation.status = Status.ENDING
         conversation.ended_at = conversation.updated_at = utcnow()
         conversation.claimed_until = conversation.ended_at + REQUEST_LEASE
@@ -282,10 +272,17 @@ def _try_write(
 def _record_archived(
     session: Session, written: list[tuple[Conversation, StoredObject]], delete_messages: bool
 ) -> None:
+    """Mark the written conversations ENDED with their archive location, in one statement.
+
+    A row already ENDED is taken too, and keeps its status: reconcile rewrites
+    a lost or damaged archive document from the live messages still kept.
+    """
     table = Conversation.__table__
+    recordable = (*moves_into(Status.ENDED), Status.ENDED)
     record = (
         table.update()
-        .where(table.c.conversation_id == bindparam("b_id"), or_(table.c.status == Status.ENDING, table.c.status == Status.ENDED))
+        # Not IN (...): an expanding parameter cannot run as executemany.
+        .where(table.c.conversation_id == bindparam("b_id"), or_(*(table.c.status == status for status in recordable)))
         .values(
             status=Status.ENDED,
             s3_file_location=bindparam("b_key"),
@@ -314,7 +311,7 @@ def _record_archived(
 def claim_idle(session: Session, idle_before: datetime, now: datetime, limit: int) -> list[Conversation]:
     """Move up to `limit` conversations idle since before `idle_before` to `ending`, claimed for ENDING_LEASE."""
     where = (
-        Conversation.status == Status.ACTIVE,
+        Conversation.status.in_(moves_into(Status.ENDING)),
         Conversation.updated_at < idle_before,
         # A turn in progress does not move updated_at until it completes: never freeze it mid-turn.
         or_(Conversation.turn_lease_expires_at.is_(None), Conversation.turn_lease_expires_at <= now),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timedelta
-from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -20,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from database_utils import ApiKey, AuditEvent, get_session, utcnow
 from errors import ApiError
-from schemas import AuditQuery
+from schemas import AuditEventOut, AuditPage, AuditQuery
 
 
-def list_audit_events(session: Session, query: AuditQuery) -> dict[str, Any]:
+def list_audit_events(session: Session, query: AuditQuery) -> AuditPage:
     """One page of audit events matching `query`, newest first."""
     statement = select(AuditEvent, ApiKey.name, ApiKey.role).join(ApiKey, ApiKey.key_id == AuditEvent.key_id)
     if query.key_id:
@@ -41,10 +40,10 @@ def list_audit_events(session: Session, query: AuditQuery) -> dict[str, Any]:
     rows = session.execute(statement.order_by(AuditEvent.event_id.desc()).limit(query.limit + 1)).all()
     page = rows[: query.limit]
     more = len(rows) > query.limit
-    return {
-        "events": [_event_dict(event, name, role) for event, name, role in page],
-        "next_cursor": _encode_cursor(page[-1][0].event_id) if more else None,
-    }
+    return AuditPage(
+        events=[_event_out(event, name, role) for event, name, role in page],
+        next_cursor=_encode_cursor(page[-1][0].event_id) if more else None,
+    )
 
 
 def prune_audit_events(session: Session, retention_days: int, now: datetime | None = None) -> tuple[int, datetime]:
@@ -55,17 +54,17 @@ def prune_audit_events(session: Session, retention_days: int, now: datetime | No
     return deleted, cutoff
 
 
-def _event_dict(event: AuditEvent, key_name: str, key_role: str) -> dict[str, Any]:
-    return {
-        "event_id": event.event_id,
-        "key_id": str(event.key_id),
-        "key_name": key_name,
-        "key_role": key_role,
-        "action": event.action,
-        "conversation_id": str(event.conversation_id) if event.conversation_id else None,
-        "detail": event.detail,
-        "created_at": event.created_at.isoformat(),
-    }
+def _event_out(event: AuditEvent, key_name: str, key_role: str) -> AuditEventOut:
+    return AuditEventOut(
+        event_id=event.event_id,
+        key_id=event.key_id,
+        key_name=key_name,
+        key_role=key_role,
+        action=event.action,
+        conversation_id=event.conversation_id,
+        detail=event.detail,
+        created_at=event.created_at,
+    )
 
 
 def _encode_cursor(event_id: int) -> str:

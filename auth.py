@@ -25,8 +25,9 @@ from flask.cli import AppGroup
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from database_utils import ApiKey, Conversation, Role, get_session, utcnow
+from database_utils import ApiKey, Conversation, get_session, utcnow
 from errors import NotFound, Unauthorized
+from states import Role
 
 KEY_PREFIX = "prly_"
 SHOWN_PREFIX_CHARS = 12

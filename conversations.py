@@ -40,10 +40,7 @@ from conversation_memory import (
 )
 from database_utils import (
     Conversation,
-    Handoff,
     Message,
-    Role,
-    Status,
     claim_turn,
     commit_each_statement,
     find_conversations,
@@ -59,7 +56,16 @@ from errors import ApiError, Conflict, NotFound, PayloadTooLarge, TurnInProgress
 from llm import ModelReply
 from prompt_template import check_template, render_system_prompt
 from s3_utils import Archive, read_document
-from schemas import ConversationHistory, ConversationOut, MessageOut, NewChatRequest, SearchQuery
+from schemas import (
+    ConversationDetail,
+    ConversationHistory,
+    ConversationOut,
+    MessageOut,
+    NewChatRequest,
+    SearchPage,
+    SearchQuery,
+)
+from states import Handoff, Role, Status
 
 log = logging.getLogger("parley")
 
@@ -234,7 +240,7 @@ def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid
 
 def read_conversation(
     session: Session, archive: Archive, viewer: Caller, conversation_id: uuid.UUID, after_seq: int | None = None
-) -> dict[str, Any]:
+) -> ConversationDetail:
     """Metadata and the full log (with `after_seq`, only the newer messages),
     from the database or, once ended, the archive.
 
@@ -244,15 +250,15 @@ def read_conversation(
     if viewer.role == Role.STAFF:
         record_audit(session, viewer, "read_conversation", conversation_id=conversation_id)
     if conversation.status != Status.ENDED:  # active, or ending: the live rows are whole until it is ended
-        messages = [message_dict(row) for row in list_messages(session, conversation_id, after_seq)]
+        messages = [MessageOut.of(row) for row in list_messages(session, conversation_id, after_seq)]
         if len(messages) < conversation.message_count - (after_seq or 0):
             # Ended (and its live rows deleted) between the two reads: look again.
             conversation = session.get(Conversation, conversation_id, populate_existing=True)
     if conversation.status == Status.ENDED:
         location, checksum = conversation.s3_file_location, conversation.archive_sha256
-        messages = read_document(archive, location, checksum)["messages"]
-        messages = [m for m in messages if after_seq is None or m["seq"] > after_seq]
-    return {**conversation_dict(conversation, history=True), "messages": messages}
+        archived = read_document(archive, location, checksum)["messages"]
+        messages = [MessageOut.model_validate(m) for m in archived if after_seq is None or m["seq"] > after_seq]
+    return ConversationDetail.of(conversation, messages)
 
 
 def conversation_dict(conversation: Conversation, history: bool = False) -> dict[str, Any]:
@@ -264,7 +270,7 @@ def message_dict(row: Message) -> dict[str, Any]:
     return MessageOut.of(row).model_dump(mode="json")
 
 
-def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -> dict[str, Any]:
+def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -> SearchPage:
     """Conversations newest first, one page at a time: a client sees its own,
     staff see all (and staff searches are audited)."""
     after = decode_cursor(query.cursor) if query.cursor else None
@@ -276,10 +282,10 @@ def search_conversations(session: Session, viewer: Caller, query: SearchQuery) -
         record_audit(session, viewer, "search_conversations", detail=query.model_dump(mode="json", exclude_none=True))
     page = rows[: query.limit]
     more = len(rows) > query.limit
-    return {
-        "conversations": [conversation_dict(row) for row in page],
-        "next_cursor": encode_cursor(page[-1], "handoff_since" if query.handoff else "created_at") if more else None,
-    }
+    return SearchPage(
+        conversations=[ConversationOut.of(row) for row in page],
+        next_cursor=encode_cursor(page[-1], "handoff_since" if query.handoff else "created_at") if more else None,
+    )
 
 
 def encode_cursor(conversation: Conversation, position: str = "created_at") -> str:

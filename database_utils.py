@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +65,7 @@ from sqlalchemy.sql import operators
 from config import default
 from context_cache import CachedTail, TailCache
 from conversation_memory import MemoryMessage
+from states import Handoff, Status, check_handoff
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Fewest rows fetched per step when walking back from the newest message.
@@ -74,51 +74,6 @@ MIN_TAIL_PAGE = 16
 PING_IDLE_SECONDS = 1.0
 _TWENTY_DIGITS, _TWENTY_DIGITS_BYTES = re.compile("[0-9]{20}"), re.compile(b"[0-9]{20}")
 
-
-
-class Status(StrEnum):
-    """Where a conversation is in its life."""
-
-    ACTIVE = "active"
-    ENDING = "ending"  # its archive document is being written
-    ENDED = "ended"
-
-
-# The only moves a conversation's status may make.
-STATUS_TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.ACTIVE: frozenset({Status.ENDING, Status.ENDED}),
-    Status.ENDING: frozenset({Status.ENDED}),
-    Status.ENDED: frozenset(),
-}
-
-
-def check_transition(current: str, new: Status) -> None:
-    if new not in STATUS_TRANSITIONS[Status(current)]:
-        raise ValueError(f"a conversation cannot go from {current} to {new}")
-
-
-class Handoff(StrEnum):
-    """Who answers the user: the model, nobody yet (waiting for staff), or a staff member."""
-
-    BOT = "bot"
-    NEEDS_HUMAN = "needs_human"
-    HUMAN = "human"
-
-
-# The only moves a conversation's handoff state may make.
-HANDOFF_TRANSITIONS: dict[Handoff, frozenset[Handoff]] = {
-    Handoff.BOT: frozenset({Handoff.NEEDS_HUMAN}),
-    Handoff.NEEDS_HUMAN: frozenset({Handoff.HUMAN}),
-    Handoff.HUMAN: frozenset({Handoff.BOT}),
-}
-
-
-class Role(StrEnum):
-    """What an API key may do; see main.py for the routes each role may call."""
-
-    CLIENT = "client"
-    STAFF = "staff"
-    ADMIN = "admin"
 
 
 def utcnow() -> datetime:
@@ -1077,8 +1032,8 @@ def add_transition(
     """Move the conversation's handoff state (only as HANDOFF_TRANSITIONS allows) or stage,
     and keep the move; the caller commits."""
     from_state = conversation.handoff if kind == "handoff" else conversation.stage
-    if kind == "handoff" and Handoff(to_state) not in HANDOFF_TRANSITIONS[Handoff(from_state)]:
-        raise ValueError(f"a conversation's handoff state cannot go from {from_state} to {to_state}")
+    if kind == "handoff":
+        check_handoff(from_state, to_state)
     now = utcnow()
     if kind == "handoff":
         conversation.handoff = to_state

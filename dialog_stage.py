@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from auth import Caller
 from conversations import visible_conversation
-from database_utils import Conversation, Role, Status, add_audit, add_transition
+from database_utils import Conversation, add_audit, add_transition
 from errors import Conflict
+from states import Role, Status
 
 
 class StageMismatch(Conflict):

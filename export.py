@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from config import tune_garbage_collector
-from database_utils import Conversation, Status, get_session, utcnow
+from database_utils import Conversation, get_session, utcnow
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
@@ -58,6 +58,7 @@ from s3_utils import (
     make_archive,
     parse_document,
 )
+from states import Status
 
 MANIFEST = "_manifest.json"
 FORMATS = ("jsonl", "parquet")

@@ -42,10 +42,11 @@ from auth import Caller
 from context_cache import TailCache
 from conversation_memory import MIN_TRUNCATED_TOKENS, USER, estimate_tokens
 from conversations import PreparedTurn, prepare_turn, visible_conversation
-from database_utils import ConversationFile, Role, Status, lock_conversation, record_audit, utcnow
+from database_utils import ConversationFile, lock_conversation, record_audit, utcnow
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
 from s3_utils import Archive, ArchiveError, ChecksumMismatch, sha256_hex
 from schemas import FileOut
+from states import Role, Status
 
 FILES_PREFIX = "files/"
 # Room for the multipart framing around the file: the request body may be

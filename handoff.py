@@ -26,9 +26,6 @@ from conversation_memory import ASSISTANT, STAFF, MemoryMessage, estimate_tokens
 from conversations import PreparedTurn, visible_conversation
 from database_utils import (
     Conversation,
-    Handoff,
-    Role,
-    Status,
     add_audit,
     add_transition,
     append_messages,
@@ -38,6 +35,7 @@ from database_utils import (
 )
 from errors import Conflict, PayloadTooLarge
 from llm import ModelReply
+from states import Handoff, Role, Status
 
 
 class HandoffConflict(Conflict):

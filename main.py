@@ -54,7 +54,7 @@ from conversations import (
     read_conversation,
     search_conversations,
 )
-from database_utils import Handoff, Role, Status, get_session, utcnow
+from database_utils import get_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import ChatModel, make_model
 from s3_utils import make_archive
@@ -101,6 +101,7 @@ from schemas import (
     VariableValue,
     knowledge_upload_body,
 )
+from states import Handoff, Role, Status
 
 __version__ = "0.3.0"
 
@@ -448,7 +449,7 @@ def get_conversation(query: ConversationRead):
     staff messages). Clients see the conversations created with their key;
     staff see any (each read is audited).
     """
-    return read_conversation(get_session(), _archive(), _caller(), query.conversation_id, query.after_seq)
+    return _respond(read_conversation(get_session(), _archive(), _caller(), query.conversation_id, query.after_seq))
 
 
 @api.get("/conversations", tags=[chats, staff], responses={200: SearchPage})
@@ -459,7 +460,7 @@ def search(query: SearchQuery):
     A client key lists the conversations created with it; staff see all
     (each search is audited).
     """
-    return search_conversations(get_session(), _caller(), query)
+    return _respond(search_conversations(get_session(), _caller(), query))
 
 
 @api.post("/conversations/<conversation_id>/handoff", tags=[handoffs],
@@ -626,7 +627,7 @@ def delete_knowledge_document(path: KnowledgeDocumentPath):
 @allow(Role.ADMIN)
 def audit_events(query: AuditQuery):
     """Audit events (staff reads and searches), newest first, with filters and a cursor."""
-    return audit.list_audit_events(get_session(), query)
+    return _respond(audit.list_audit_events(get_session(), query))
 
 
 @api.post("/keys", tags=[admin], responses={201: KeyCreated})

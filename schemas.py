@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from states import Handoff, Role, Status
+
 MAX_NAME_CHARS = 200
 MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_METADATA_BYTES = 16 * 1024
@@ -78,7 +80,6 @@ UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=
 STAGE_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 VARIABLE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 Stage = Annotated[str, StringConstraints(pattern=STAGE_PATTERN)]
-HandoffState = Literal["bot", "needs_human", "human"]
 Reason = Annotated[Text, StringConstraints(max_length=1000)]
 
 
@@ -339,7 +340,7 @@ class ChatHeld(BaseModel):
     """/chat's 202: the message is stored for the human who has (or will take) the conversation."""
 
     conversation_id: uuid.UUID
-    handoff: HandoffState
+    handoff: Handoff
     seq: int = Field(description="Sequence number of the last message stored (the user's, or the model's words before it asked for a human).")
 
 
@@ -384,7 +385,7 @@ class ConversationOut(BaseModel):
     user_id: str
     conversation_name: str | None
     system_prompt: str | None
-    status: str
+    status: Status
     created_at: Timestamp
     updated_at: Timestamp
     ended_at: Timestamp | None
@@ -392,7 +393,7 @@ class ConversationOut(BaseModel):
     token_count: int
     usage: Usage
     metadata: dict[str, Any]
-    handoff: HandoffState = Field(description="bot, needs_human (waiting for staff) or human (a staff member answers).")
+    handoff: Handoff = Field(description="bot, needs_human (waiting for staff) or human (a staff member answers).")
     handoff_since: Timestamp | None
     assigned_to: uuid.UUID | None = Field(description="The staff key that claimed the conversation, while `human`.")
     stage: str | None
@@ -448,6 +449,11 @@ def _histories(transitions: list[Any]) -> dict[str, list[TransitionOut]]:
 class ConversationDetail(ConversationHistory):
     messages: list[MessageOut]
 
+    @classmethod
+    def of(cls, conversation: Any, messages: list[MessageOut]) -> ConversationDetail:
+        """From a `database_utils.Conversation` and its messages (live rows or the archive's)."""
+        return cls(**dict(ConversationHistory.of(conversation)), messages=messages)
+
 
 class VariablesOut(BaseModel):
     conversation_id: uuid.UUID
@@ -486,7 +492,7 @@ class ServiceIndex(BaseModel):
 
 class SearchQuery(_Request):
     user_id: UserId | None = None
-    status: Literal["active", "ending", "ended"] | None = None
+    status: Status | None = None
     created_from: UtcDatetime | None = Field(default=None, description="Created at or after (ISO 8601 with offset).")
     created_to: UtcDatetime | None = Field(default=None, description="Created before.")
     ended_from: UtcDatetime | None = None
@@ -495,7 +501,7 @@ class SearchQuery(_Request):
         default=None, description="Text the conversation name contains (case-insensitive)."
     )
     stage: Stage | None = Field(default=None, description="Conversations at this dialog stage.")
-    handoff: HandoffState | None = Field(
+    handoff: Handoff | None = Field(
         default=None, description="Conversations in this handoff state, oldest waiting first (the staff queue: needs_human)."
     )
     limit: int = Field(default=50, ge=1, le=100)
@@ -507,9 +513,6 @@ class SearchQuery(_Request):
 class SearchPage(BaseModel):
     conversations: list[ConversationOut]
     next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
-
-
-Role = Literal["client", "staff", "admin"]
 
 
 class AuditQuery(_Request):
@@ -534,7 +537,7 @@ class AuditEventOut(BaseModel):
     action: str
     conversation_id: uuid.UUID | None
     detail: dict[str, Any] | None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class AuditPage(BaseModel):

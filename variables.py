@@ -14,9 +14,10 @@ from sqlalchemy.orm.attributes import flag_modified
 
 from auth import Caller
 from conversations import visible_conversation
-from database_utils import Conversation, Role, Status, add_audit
+from database_utils import Conversation, add_audit
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
 from schemas import VARIABLE_NAME_PATTERN
+from states import Role, Status
 
 _NAME = re.compile(VARIABLE_NAME_PATTERN)
 

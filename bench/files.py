@@ -23,8 +23,9 @@ import zlib
 from pathlib import Path
 
 from auth import create_key
-from database_utils import Role, get_session
+from database_utils import get_session
 from main import create_app
+from states import Role
 
 MIB = 1024 * 1024
 

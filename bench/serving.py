@@ -22,8 +22,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from auth import create_key
-from database_utils import Role, get_session, upgrade_database
+from database_utils import get_session, upgrade_database
 from main import create_app
+from states import Role
 from tests.postgres import admin_url, temporary_database
 from tests.seaweed import free_ports
 

@@ -24,8 +24,9 @@ from sqlalchemy import text
 from tqdm import tqdm
 
 from auth import create_key
-from database_utils import Role, get_session, list_messages, upgrade_database
+from database_utils import get_session, list_messages, upgrade_database
 from main import create_app
+from states import Role
 from tests.factories import seed_conversation, truncate_conversation
 from tests.postgres import admin_url, temporary_database
 

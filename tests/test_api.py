@@ -4,10 +4,17 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from sqlalchemy import select
 
+from audit import list_audit_events
+from auth import Caller
 from conversation_memory import estimate_tokens
+from conversations import read_conversation, search_conversations
+from database_utils import ApiKey, Conversation, get_session
 from llm import ECHO_LABEL
 from main import IDEMPOTENT_ROUTES
+from schemas import AuditPage, AuditQuery, ConversationDetail, ConversationOut, MessageOut, SearchPage, SearchQuery
+from states import Handoff, Role, Status
 
 
 def _open(client, **body) -> dict:
@@ -232,6 +239,48 @@ def test_openapi_declares_the_idempotency_key_on_every_route_that_honours_it(cli
         headers = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "header"]
         assert "Idempotency-Key" in headers, route
         assert "422" in operation["responses"], route
+
+
+def test_openapi_states_and_roles_are_exactly_the_enums(client):
+    document = client.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+
+    for enum in (Status, Handoff, Role):
+        assert schemas[enum.__name__]["enum"] == [member.value for member in enum]
+    assert schemas["ConversationOut"]["properties"]["status"] == {"$ref": "#/components/schemas/Status"}
+    assert schemas["KeyOut"]["properties"]["role"] == {"$ref": "#/components/schemas/Role"}
+
+
+def test_reads_are_typed_objects_and_the_response_is_their_dump(app, client, staff_client, admin_client, keys):
+    conversation_id = _open(client, conversation_name="Typed")["conversation_id"]
+    _say(client, conversation_id, "one")
+    with app.test_request_context():
+        session, archive = get_session(), app.extensions["parley.archive"]
+        staff = Caller.of(session.scalar(select(ApiKey).where(ApiKey.role == Role.STAFF)))
+        live = read_conversation(session, archive, staff, uuid.UUID(conversation_id))
+        page = search_conversations(session, staff, SearchQuery(user_id="user-1"))
+        events = list_audit_events(session, AuditQuery(conversation_id=uuid.UUID(conversation_id)))
+    assert isinstance(live, ConversationDetail) and [m.role for m in live.messages] == ["user", "assistant"]
+    assert isinstance(page, SearchPage) and isinstance(events, AuditPage)
+    assert [event.action for event in events.events] == ["read_conversation"]
+
+    fetched = staff_client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert fetched == live.model_dump(mode="json")
+    client.post("/end_chat", json={"conversation_id": conversation_id})
+    with app.test_request_context():
+        session = get_session()
+        archived = read_conversation(session, app.extensions["parley.archive"], staff, uuid.UUID(conversation_id))
+    assert all(isinstance(message, MessageOut) for message in archived.messages)
+    assert archived.messages == live.messages
+    listed = staff_client.get("/conversations", query_string={"user_id": "user-1"}).json
+    assert listed["conversations"][0] == ConversationOut.of(_stored(app, conversation_id)).model_dump(mode="json")
+    audit = admin_client.get("/audit", query_string={"conversation_id": conversation_id}).json
+    assert audit["events"][0]["created_at"].endswith("+00:00") and audit["events"][0]["key_role"] == "staff"
+
+
+def _stored(app, conversation_id: str) -> Conversation:
+    with app.app_context():
+        return get_session().get(Conversation, uuid.UUID(conversation_id))
 
 
 @pytest.mark.parametrize(

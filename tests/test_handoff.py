@@ -11,7 +11,8 @@ from sqlalchemy import event, text
 
 from auth import create_key
 from conversation_memory import STAFF_PREFIX
-from database_utils import HANDOFF_TRANSITIONS, Conversation, Handoff, add_transition, find_conversations, get_session
+from database_utils import Conversation, add_transition, find_conversations, get_session
+from states import HANDOFF_TRANSITIONS, Handoff
 from tests.conftest import client_with_key
 from tests.factories import seed_conversations
 
