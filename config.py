@@ -83,6 +83,8 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "DB_MAX_OVERFLOW": (10, int),
     "DB_POOL_TIMEOUT": (10.0, float),
     "LOG_FORMAT": ("json", str),
+    # Also read by gunicorn.conf.py (connections per gevent worker); the model's connection pool follows it.
+    "WORKER_CONNECTIONS": (1000, int),
     "TRUSTED_PROXY_HOPS": (0, int),
     "CORS_ORIGINS": (None, str),
     "READYZ_TIMEOUT_SECONDS": (3.0, float),

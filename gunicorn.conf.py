@@ -14,9 +14,11 @@ starts, after this file and the hooks' master-side code have run. The app
 itself is loaded in each worker, after the patching.
 """
 import json
+import math
 import os
 import shutil
 import tempfile
+import uuid
 
 from gunicorn.glogging import Logger
 
@@ -28,9 +30,19 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # A worker that stops answering its master this long is restarted. gevent
 # workers report from their own loop, so a long model call does not count.
 timeout = int(os.environ.get("WORKER_TIMEOUT", "30"))
+
+
+def _past_the_model_deadline() -> int:
+    """The model's whole deadline (LLM_TOTAL_TIMEOUT_SECONDS) and a turn lease's margin: 150 s by default."""
+    from config import LEASE_MARGIN_SECONDS, default  # plain constants: nothing patched by gevent
+
+    deadline = float(os.environ.get("LLM_TOTAL_TIMEOUT_SECONDS") or default("LLM_TOTAL_TIMEOUT_SECONDS"))
+    return math.ceil(deadline + LEASE_MARGIN_SECONDS)
+
+
 # On SIGTERM, turns in flight get this long to finish before workers stop:
-# longer than LLM_TOTAL_TIMEOUT_SECONDS, so no turn is cut short.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "150"))
+# past the model's deadline, so no turn is cut short.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or _past_the_model_deadline())
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
 # What gunicorn refuses before Parley sees a request: a request line over
 # 8 KiB (414), more than 100 headers or one over 8 KiB (431). The answer is
@@ -103,12 +115,16 @@ def child_exit(server, worker):
 
 
 def _write_json_error(sock, status_int, reason, mesg):
-    """gunicorn's own error page (for a bad request line, too many headers ...), as Parley's JSON error."""
+    """gunicorn's own error page (for a bad request line, too many headers ...), as Parley's JSON error.
+
+    The request was refused before its headers were read, so its X-Request-ID
+    is a new one, as Parley gives a request that sent none.
+    """
     from gunicorn import util
 
     body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": mesg or reason}).encode()
     head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nX-Request-ID: {uuid.uuid4().hex}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     util.write_nonblock(sock, head.encode("latin-1") + body)

@@ -45,8 +45,6 @@ ECHO_CHOSEN_LABEL = "[echo model: not a real LLM, chosen with LLM_PROVIDER=echo]
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
-# Requests in flight to the provider per process (gunicorn's worker_connections).
-MAX_MODEL_CONNECTIONS = 1000
 # Connection pools per process that the model's requests are spread over (DeadlineTransport).
 POOL_SHARDS = 16
 # The echo model's pause between streamed words.
@@ -512,8 +510,8 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
 
 
 def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
-    """One connection pool per process, as large as the turns a worker carries."""
-    limits = httpx2.Limits(max_connections=MAX_MODEL_CONNECTIONS, max_keepalive_connections=100)
+    """One connection pool per process, as large as the turns a worker carries (WORKER_CONNECTIONS)."""
+    limits = httpx2.Limits(max_connections=config["WORKER_CONNECTIONS"], max_keepalive_connections=100)
     return httpx2.Client(transport=DeadlineTransport(limits=limits), timeout=config["LLM_TIMEOUT_SECONDS"])
 
 

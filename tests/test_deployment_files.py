@@ -75,7 +75,25 @@ def test_compose_runs_parley_with_postgres_s3_and_redis():
     assert "parley db-upgrade" in " ".join(services["migrate"]["command"])
     assert "parley archive-prepare" in " ".join(services["migrate"]["command"])
     # Docker waits this long after SIGTERM: longer than turns in flight get to finish.
-    assert int(parley["stop_grace_period"].removesuffix("s")) > int(_gunicorn_default("GRACEFUL_TIMEOUT"))
+    assert int(parley["stop_grace_period"].removesuffix("s")) > _gunicorn_setting("graceful_timeout")
+
+
+@pytest.mark.parametrize(
+    ("environment", "graceful"),
+    [({}, 150), ({"LLM_TOTAL_TIMEOUT_SECONDS": "600"}, 630), ({"LLM_TOTAL_TIMEOUT_SECONDS": "600", "GRACEFUL_TIMEOUT": "45"}, 45)],
+)
+def test_the_graceful_timeout_follows_the_models_deadline(environment, graceful):
+    assert _gunicorn_setting("graceful_timeout", environment) == graceful
+
+
+def _gunicorn_setting(name: str, environment: dict[str, str] | None = None):
+    """A setting as gunicorn.conf.py makes it under `environment` (read in a new process: the file sets variables)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("GRACEFUL_TIMEOUT", "LLM_TOTAL_TIMEOUT_SECONDS")}
+    env.update(PROMETHEUS_MULTIPROC_DIR=os.devnull, **(environment or {}))
+    code = f"import json, runpy; print(json.dumps(runpy.run_path('gunicorn.conf.py')[{name!r}]))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_readme_production_section_uses_the_production_command():
@@ -111,9 +129,3 @@ def test_a_worker_freezes_the_loaded_app_and_collects_garbage_less_often(tuning)
         assert threshold == list(GC_THRESHOLD) and GC_THRESHOLD[0] > 700
     else:
         assert (frozen, threshold) == (0, [700, 10, 10])
-
-
-def _gunicorn_default(variable: str) -> str:
-    """The default gunicorn.conf.py gives a setting read from `variable`."""
-    text = (ROOT / "gunicorn.conf.py").read_text()
-    return re.search(rf"os\.environ\.get\(\"{variable}\", \"([^\"]+)\"\)", text)[1]

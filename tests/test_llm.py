@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+import llm
 from main import create_app
 from tests.conftest import client_with_key
 from tests.seaweed import free_ports
@@ -174,3 +175,10 @@ def test_nul_in_a_reply_is_removed_before_storing(provider_app, fake_model):
     assert response.status_code == 200
     assert response.json["reply"] == "splitreply"
     assert _log(client, conversation_id)[1]["content"] == "splitreply"
+
+
+def test_the_model_connection_pool_is_as_large_as_the_connections_a_worker_carries():
+    client = llm._http_client({"WORKER_CONNECTIONS": 48, "LLM_TIMEOUT_SECONDS": 5.0})
+    pools = client._transport._pools  # DeadlineTransport's shards, each an httpx transport over an httpcore pool
+
+    assert sum(pool._pool._max_connections for pool in pools) == 48

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -239,6 +240,7 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
 
     assert status == 414
     assert headers["Content-Type"] == "application/json"
+    assert re.fullmatch("[0-9a-f]{32}", headers["X-Request-ID"])
     assert body["error"] == "request-uri_too_long" or body["error"].endswith("too_long")
 
 
