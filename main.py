@@ -659,7 +659,7 @@ def keys_revoke(body: KeyRef):
 def index():
     """The chat page; clients that prefer JSON (`Accept: application/json`) get where the API documentation is."""
     if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
-        return {"name": "Parley", "version": __version__, "docs": "/docs/swagger", "openapi": "/openapi.json"}
+        return ServiceIndex(name="Parley", version=__version__, docs="/docs/swagger", openapi="/openapi.json").model_dump()
     return pages.chat_page(__version__)
 
 

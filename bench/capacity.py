@@ -4,7 +4,9 @@ The production command (2 gevent workers), PostgreSQL, and the fake model
 server answering after `--latency` seconds. Each client sends its next
 message as soon as it has the reply, so the ideal rate is clients / latency;
 the figure is the achieved rate against it, with latency, errors and the
-workers' peak memory. Run for 400 clients, then 1,000.
+workers' peak memory. Under each, the same clients on the fake model server
+directly: the most this machine and measurement allow. Run for 400 clients,
+then 1,000.
 
     python -m bench.capacity [--clients 400 1000] [--latency 2] [--seconds 30]
 """
@@ -53,6 +55,13 @@ def main() -> None:
             print(f"{clients:>8} {summary['per_second']:9.1f} {ideal:7.0f} {summary['per_second'] / ideal:5.2f}x "
                   f"{summary['p50_ms'] / 1000:7.2f} {summary['p99_ms'] / 1000:7.2f} {errors:>7} "
                   f"{memory.peak_total_mib:12.0f} ({memory.peak_worker_mib:.0f} max/worker)  {summary['statuses']}")
+            # The same clients on the fake model server itself: what this machine and this
+            # measurement allow with no Parley in between.
+            direct = summarize(run_load(model_url, "sk-bench", conversations, options.seconds, path="/v1/messages"),
+                               warmup=options.latency * 2)
+            print(f"{'':>8} {direct['per_second']:9.1f} {ideal:7.0f} {direct['per_second'] / ideal:5.2f}x "
+                  f"{direct['p50_ms'] / 1000:7.2f} {direct['p99_ms'] / 1000:7.2f}   (the fake model server directly, "
+                  f"same clients; Parley at {summary['per_second'] / direct['per_second']:.2f}x of it)")
 
 
 if __name__ == "__main__":

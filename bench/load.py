@@ -1,11 +1,11 @@
-"""A load generator on gevent: N clients, each posting /chat on its own keep-alive connection.
+"""A load generator on gevent: N clients, each posting /chat (or the plan's path) on its own keep-alive connection.
 
 Run by the benchmarks as a process of its own. It reads a JSON plan on
 stdin and prints a JSON report: every request's status, latency and the
 message it sent, so the caller can count what the server stored.
 
 Plan: {"url": "http://127.0.0.1:PORT", "key": "prly_...", "seconds": 30,
-       "clients": [{"conversation_id": "...", "name": "c1"}, ...]}
+       "clients": [{"conversation_id": "...", "name": "c1"}, ...], "path": "/chat"}
 """
 from gevent import monkey
 
@@ -31,7 +31,7 @@ def _client(plan: dict, client: dict, results: list) -> None:
         body = json.dumps({"conversation_id": client["conversation_id"], "message": message})
         started = time.monotonic()
         try:
-            connection.request("POST", "/chat", body=body, headers=headers)
+            connection.request("POST", plan.get("path", "/chat"), body=body, headers=headers)
             response = connection.getresponse()
             response.read()
             status = response.status

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,10 +131,12 @@ def open_conversations(url: str, key: str, count: int, user: str = "bench") -> l
     return ids
 
 
-def run_load(url: str, key: str, conversations: list[str], seconds: float, names: list[str] | None = None) -> dict:
-    """Each conversation gets one client (names label them); returns the load generator's report."""
+def run_load(
+    url: str, key: str, conversations: list[str], seconds: float, names: list[str] | None = None, path: str = "/chat"
+) -> dict:
+    """Each conversation gets one client (names label them) posting to `path`; returns the load generator's report."""
     names = names or [f"c{n}" for n in range(len(conversations))]
-    plan = {"url": url, "key": key, "seconds": seconds,
+    plan = {"url": url, "key": key, "seconds": seconds, "path": path,
             "clients": [{"conversation_id": c, "name": n} for c, n in zip(conversations, names, strict=True)]}
     done = subprocess.run([sys.executable, "-m", "bench.load"], cwd=ROOT, input=json.dumps(plan), capture_output=True,
                           text=True, check=True)
@@ -142,15 +144,30 @@ def run_load(url: str, key: str, conversations: list[str], seconds: float, names
 
 
 def summarize(report: dict, warmup: float = 0.0) -> dict:
-    """Requests/s, p50/p99 latency (ms) and statuses, leaving out requests started in the warm-up."""
+    """Requests/s, p50/p99 latency (ms) and statuses, leaving out requests started in the warm-up.
+
+    The rate is the sum of each client's own: its 200s over the time from the
+    start of its first counted request to the end of its last. A client sends
+    its next request as soon as it has the last answer, so this is the rate the
+    server sustained. (All requests over the time from the first start to the
+    very last reply, as before, let the slowest of the last replies stretch
+    every client's time: at 400 clients it read 0.76x to 0.86x where this
+    reads 0.88x to 0.97x, and the fake model server alone 0.99x and 1.00x.)
+    """
     requests = report["requests"]
     first = min((r["started"] for r in requests), default=0.0)
     counted = [r for r in requests if r["started"] - first >= warmup]
-    span = max((r["started"] + r["seconds"] for r in counted), default=0.0) - min((r["started"] for r in counted), default=0.0)
+    by_client: dict[str, list[dict]] = defaultdict(list)
+    for r in counted:
+        by_client[r["client"]].append(r)
+    per_second = 0.0
+    for own in by_client.values():
+        span = max(r["started"] + r["seconds"] for r in own) - min(r["started"] for r in own)
+        per_second += sum(1 for r in own if r["status"] == 200) / span if span > 0 else 0.0
     ok = sorted(r["seconds"] for r in counted if r["status"] == 200)
     return {
         "requests": len(counted),
-        "per_second": len(ok) / span if span else 0.0,
+        "per_second": per_second,
         "p50_ms": statistics.median(ok) * 1000 if ok else float("nan"),
         "p99_ms": ok[min(int(len(ok) * 0.99), len(ok) - 1)] * 1000 if ok else float("nan"),
         "statuses": dict(Counter(str(r["status"]) for r in counted)),
