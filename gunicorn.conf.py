@@ -8,9 +8,10 @@ hundreds of turns at once. Every setting below can be changed from the
 environment (documented defaults in the README) or on the command line,
 which wins over this file.
 
-Nothing from Parley is imported at the top here, and nothing that makes
-sockets or locks: gevent patches the standard library when each worker
-starts, after this file and the hooks' master-side code have run. The app
+At the top, nothing from Parley is read but config.py's plain constants, and
+nothing that makes sockets or locks: gevent patches the standard library
+when each worker starts, after this file and the hooks' master-side code
+have run. The app
 itself is loaded in each worker, after the patching.
 """
 import json
