@@ -11,8 +11,7 @@ which wins over this file.
 At the top, nothing from Parley is read but config.py's plain constants, and
 nothing that makes sockets or locks: gevent patches the standard library
 when each worker starts, after this file and the hooks' master-side code
-have run. The app
-itself is loaded in each worker, after the patching.
+have run. The app itself is loaded in each worker, after the patching.
 """
 import json
 import math
