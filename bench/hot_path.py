@@ -9,7 +9,13 @@ generator, one after another and repeated, so that noise hits them alike:
 - Parley with the anthropic SDK against the local fake server answering at
   once (adds the SDK and an HTTP round trip per turn).
 
-    python -m bench.hot_path [--seconds 15] [--rounds 2] [--clients 16]
+    python -m bench.hot_path [--seconds 15] [--rounds 2] [--clients 16] [--message-bytes 0]
+
+Each client talks on one conversation for the whole run, so the context sent
+grows to the token budget; with the default short messages (about 20
+bytes) that is hundreds of messages a turn. `--message-bytes 400` pads each
+user message to 400 bytes (and so each reply, which quotes it), for a
+context of a few dozen longer messages.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--message-bytes", type=int, default=0, help="pad each user message to about this many bytes")
     options = parser.parse_args()
     labels = {"baseline": "baseline", "echo": "parley (echo)", "anthropic": "parley (anthropic SDK, fake at 0 s)"}
     results: dict[str, list[dict]] = {label: [] for label in labels.values()}
@@ -46,7 +53,7 @@ def main() -> None:
                 with gunicorn(app, env) as (server, _pid):
                     # The baseline has no /new_chat: open the conversations through Parley's API beforehand.
                     conversations = _conversations(url, key, options.clients, common)
-                    report = run_load(server, key, conversations, options.seconds)
+                    report = run_load(server, key, conversations, options.seconds, message_bytes=options.message_bytes)
                 summary = summarize(report, warmup=2.0)
                 results[name].append(summary)
                 print(f"round {round_number + 1} {name:<38} {summary['per_second']:8.1f} turns/s  "

@@ -5,7 +5,8 @@ stdin and prints a JSON report: every request's status, latency and the
 message it sent, so the caller can count what the server stored.
 
 Plan: {"url": "http://127.0.0.1:PORT", "key": "prly_...", "seconds": 30,
-       "clients": [{"conversation_id": "...", "name": "c1"}, ...], "path": "/chat"}
+       "clients": [{"conversation_id": "...", "name": "c1"}, ...], "path": "/chat", "message_bytes": 0}
+With message_bytes, each message is padded with words to about that length.
 """
 from gevent import monkey
 
@@ -27,7 +28,7 @@ def _client(plan: dict, client: dict, results: list) -> None:
     deadline = time.monotonic() + plan["seconds"]
     n = 0
     while time.monotonic() < deadline:
-        message = f"{client['name']} message {n}"
+        message = _padded(f"{client['name']} message {n}", plan.get("message_bytes", 0))
         body = json.dumps({"conversation_id": client["conversation_id"], "message": message})
         started = time.monotonic()
         try:
@@ -45,6 +46,12 @@ def _client(plan: dict, client: dict, results: list) -> None:
         n += 1
         if status == 409:  # the conversation is busy: wait as told, like a polite client
             gevent.sleep(min(float(retry_after or 1), 1.0) * 0.1)
+
+
+def _padded(message: str, size: int) -> str:
+    """`message` with words added up to about `size` bytes (none when it is already that long)."""
+    filler = " lorem ipsum dolor sit amet"
+    return message + (filler * (max(size - len(message), 0) // len(filler) + 1))[: max(size - len(message), 0)]
 
 
 def main() -> None:

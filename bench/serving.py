@@ -132,11 +132,13 @@ def open_conversations(url: str, key: str, count: int, user: str = "bench") -> l
 
 
 def run_load(
-    url: str, key: str, conversations: list[str], seconds: float, names: list[str] | None = None, path: str = "/chat"
+    url: str, key: str, conversations: list[str], seconds: float, names: list[str] | None = None, path: str = "/chat",
+    message_bytes: int = 0,
 ) -> dict:
-    """Each conversation gets one client (names label them) posting to `path`; returns the load generator's report."""
+    """Each conversation gets one client (names label them) posting to `path`, messages padded to
+    `message_bytes`; returns the load generator's report."""
     names = names or [f"c{n}" for n in range(len(conversations))]
-    plan = {"url": url, "key": key, "seconds": seconds, "path": path,
+    plan = {"url": url, "key": key, "seconds": seconds, "path": path, "message_bytes": message_bytes,
             "clients": [{"conversation_id": c, "name": n} for c, n in zip(conversations, names, strict=True)]}
     done = subprocess.run([sys.executable, "-m", "bench.load"], cwd=ROOT, input=json.dumps(plan), capture_output=True,
                           text=True, check=True)
