@@ -20,6 +20,8 @@ from urllib.parse import urlparse  # noqa: E402
 
 import gevent  # noqa: E402
 
+from bench.messages import padded  # noqa: E402
+
 
 def _client(plan: dict, client: dict, results: list) -> None:
     target = urlparse(plan["url"])
@@ -28,7 +30,7 @@ def _client(plan: dict, client: dict, results: list) -> None:
     deadline = time.monotonic() + plan["seconds"]
     n = 0
     while time.monotonic() < deadline:
-        message = _padded(f"{client['name']} message {n}", plan.get("message_bytes", 0))
+        message = padded(f"{client['name']} message {n}", plan.get("message_bytes", 0))
         body = json.dumps({"conversation_id": client["conversation_id"], "message": message})
         started = time.monotonic()
         try:
@@ -46,12 +48,6 @@ def _client(plan: dict, client: dict, results: list) -> None:
         n += 1
         if status == 409:  # the conversation is busy: wait as told, like a polite client
             gevent.sleep(min(float(retry_after or 1), 1.0) * 0.1)
-
-
-def _padded(message: str, size: int) -> str:
-    """`message` with words added up to about `size` bytes (none when it is already that long)."""
-    filler = " lorem ipsum dolor sit amet"
-    return message + (filler * (max(size - len(message), 0) // len(filler) + 1))[: max(size - len(message), 0)]
 
 
 def main() -> None:

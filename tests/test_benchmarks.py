@@ -1,0 +1,45 @@
+"""The benchmarks' own arithmetic: how a load generator's report becomes a rate."""
+from __future__ import annotations
+
+from bench.messages import padded
+from bench.serving import summarize
+
+
+def _client(name: str, cycle: float, until: float, status: int = 200) -> list[dict]:
+    """Back-to-back requests of `cycle` seconds each, started until `until`."""
+    requests, started = [], 0.0
+    while started < until:
+        requests.append({"client": name, "status": status, "started": started, "seconds": cycle})
+        started += cycle
+    return requests
+
+
+def test_the_rate_is_each_clients_own_summed():
+    report = {"requests": _client("fast", 2.0, 20.0) + _client("slow", 4.0, 20.0)}
+
+    assert summarize(report, warmup=4.0)["per_second"] == 1 / 2.0 + 1 / 4.0
+
+
+def test_one_slow_last_reply_does_not_stretch_the_other_clients_time():
+    steady = [request for n in range(9) for request in _client(f"c{n}", 2.0, 20.0)]
+    straggler = _client("late", 2.0, 20.0)
+    straggler[-1]["seconds"] = 10.0  # its last reply comes 8 s late
+
+    rate = summarize({"requests": steady + straggler}, warmup=4.0)["per_second"]
+
+    assert 9 * 0.5 < rate < 10 * 0.5  # only the late client's own rate drops
+    assert summarize({"requests": steady}, warmup=4.0)["per_second"] == 9 * 0.5
+
+
+def test_refused_requests_take_time_but_add_no_turns():
+    report = {"requests": _client("a", 1.0, 10.0) + _client("b", 1.0, 10.0, status=409)}
+
+    summary = summarize(report)
+
+    assert summary["per_second"] == 1.0
+    assert summary["statuses"] == {"200": 10, "409": 10}
+
+
+def test_messages_are_padded_to_the_asked_size():
+    assert padded("c1 message 5", 0) == "c1 message 5"
+    assert len(padded("c1 message 5", 400)) == 400 and padded("c1 message 5", 400).startswith("c1 message 5 ")
