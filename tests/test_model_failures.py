@@ -23,6 +23,15 @@ def _log(client, conversation_id: str) -> list[dict]:
     return client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
 
 
+def _assert_retryable_failure(client, conversation_id: str, failed, fake_model, status: int, error: str) -> None:
+    """`failed` is a retryable `status` after two attempts, and the turn left nothing stored."""
+    assert failed.status_code == status
+    assert failed.json["error"] == error
+    assert failed.json["retryable"] is True
+    assert len(fake_model.requests) == 2
+    assert _log(client, conversation_id) == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("upstream_status", [429, 500, 529])
 def test_passing_failures_are_retried_and_the_turn_succeeds(provider_app, fake_model, provider, upstream_status):
@@ -56,11 +65,7 @@ def test_connection_resets_past_the_last_retry_are_a_retryable_503(provider_app,
 
     failed = _say(client, conversation_id)
 
-    assert failed.status_code == 503
-    assert failed.json["error"] == "model_unavailable"
-    assert failed.json["retryable"] is True
-    assert len(fake_model.requests) == 2
-    assert _log(client, conversation_id) == []
+    _assert_retryable_failure(client, conversation_id, failed, fake_model, 503, "model_unavailable")
     assert _say(client, conversation_id).status_code == 200
 
 
@@ -85,11 +90,7 @@ def test_attempts_that_all_time_out_are_a_retryable_504(provider_app, fake_model
 
     failed = _say(client, conversation_id)
 
-    assert failed.status_code == 504
-    assert failed.json["error"] == "model_timeout"
-    assert failed.json["retryable"] is True
-    assert len(fake_model.requests) == 2
-    assert _log(client, conversation_id) == []
+    _assert_retryable_failure(client, conversation_id, failed, fake_model, 504, "model_timeout")
 
 
 def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, fake_model):
@@ -117,13 +118,9 @@ def test_exhausted_retries_answer_a_retryable_5xx_with_the_providers_retry_after
 
     failed = _say(client, conversation_id)
 
-    assert failed.status_code == status
-    assert failed.json["error"] == error
-    assert failed.json["retryable"] is True
+    _assert_retryable_failure(client, conversation_id, failed, fake_model, status, error)
     assert failed.headers["Retry-After"] == "1"
-    assert len(fake_model.requests) == 2
-    # Nothing was stored, the lease was given back: the next turn works at once.
-    assert _log(client, conversation_id) == []
+    # The lease was given back: the next turn works at once.
     assert _say(client, conversation_id).status_code == 200
 
 
