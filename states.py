@@ -1,9 +1,9 @@
 """The states a conversation moves through and the roles a key holds.
 
 Each state is a `StrEnum` with one transition table. Every change of a
-conversation's status or handoff state goes through its table: in Python
-with `check_transition` / `check_handoff`, in SQL through `moves_into`,
-which gives the statuses an UPDATE may start from. The request and response
+conversation's status or handoff state goes through its table: a status
+through `moves_into`, which gives the statuses a move may start from (in
+Python or in an UPDATE's WHERE), a handoff state through `check_handoff`. The request and response
 models (schemas.py) take their allowed values from these enums too.
 """
 from __future__ import annotations
@@ -28,13 +28,8 @@ STATUS_TRANSITIONS: dict[Status, frozenset[Status]] = {
 
 
 def moves_into(target: Status) -> tuple[Status, ...]:
-    """The statuses from which a conversation may move to `target`, for an UPDATE's WHERE."""
+    """The statuses from which a conversation may move to `target`."""
     return tuple(source for source, targets in STATUS_TRANSITIONS.items() if target in targets)
-
-
-def check_transition(current: str, new: Status) -> None:
-    if new not in STATUS_TRANSITIONS[Status(current)]:
-        raise ValueError(f"a conversation cannot go from {current} to {new}")
 
 
 class Handoff(StrEnum):

@@ -38,7 +38,7 @@ from s3_utils import (
     read_document,
     write_document,
 )
-from states import Status, check_transition, moves_into
+from states import Status, moves_into
 from tests.conftest import BACKENDS, client_with_key
 from tests.factories import seed_conversation
 from tests.seaweed import SeaweedS3
@@ -50,11 +50,6 @@ def test_a_status_moves_only_forward_through_ending():
     assert moves_into(Status.ENDING) == (Status.ACTIVE,)
     assert moves_into(Status.ENDED) == (Status.ENDING,)
     assert moves_into(Status.ACTIVE) == ()
-    check_transition(Status.ACTIVE, Status.ENDING)
-    check_transition(Status.ENDING, Status.ENDED)
-    for current, new in [(Status.ACTIVE, Status.ENDED), (Status.ENDING, Status.ACTIVE), (Status.ENDED, Status.ACTIVE), (Status.ENDED, Status.ENDING)]:
-        with pytest.raises(ValueError, match="cannot go from"):
-            check_transition(current, new)
 
 
 def _talk(client, turns: int = 2, user_id: str = "u-life") -> str:
