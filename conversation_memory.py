@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any
 
 USER = "user"
@@ -41,6 +42,8 @@ BYTES_PER_TOKEN = 3
 # A message cut to fit keeps at least this many tokens, even when the system
 # prompt alone fills the budget.
 MIN_TRUNCATED_TOKENS = 64
+_TOKEN_COUNT = attrgetter("token_count")
+_ROLE = attrgetter("role")
 TRUNCATION_MARKER = "\n[... {omitted} bytes omitted to fit the context budget ...]\n"
 
 
@@ -135,27 +138,25 @@ class ConversationMemory:
 
         An exchange is a user message and what follows it up to the next
         one; messages before the first user message cannot open a context.
-        Walks back from the newest message, taking an exchange whenever its
-        user message is reached.
         """
         system_tokens = estimate_tokens(self.system_prompt) if self.system_prompt else 0
         budget = self.max_tokens - system_tokens
         messages = self.messages
-        start = len(messages)  # the oldest message taken
-        used = pending = 0  # tokens taken; tokens of the exchange being read
-        newest_user = None
-        for index in range(len(messages) - 1, -1, -1):
-            message = messages[index]
-            pending += message.token_count
-            if message.role != USER:
-                continue
-            newest_user = newest_user or message
-            too_many = self.max_messages is not None and len(messages) - index > self.max_messages
-            if used + pending > budget or too_many:
-                break
-            start, used, pending = index, used + pending, 0
+        # Every tail of the log counts no more tokens and messages than a longer one, so the
+        # oldest user message whose tail fits opens the context: drop from the front until one
+        # does (the log is usually loaded about one budget long, so few are dropped).
+        used = sum(map(_TOKEN_COUNT, messages))
+        start = 0
+        while start < len(messages) and (
+            messages[start].role != USER
+            or used > budget
+            or (self.max_messages is not None and len(messages) - start > self.max_messages)
+        ):
+            used -= messages[start].token_count
+            start += 1
         chosen = messages[start:]
-        if not chosen and newest_user is not None:
+        newest_user = None if chosen else next((m for m in reversed(messages) if m.role == USER), None)
+        if newest_user is not None:
             return self._truncated_context(newest_user, budget, system_tokens)
         return ContextWindow(
             system=self.system_prompt,
@@ -189,6 +190,10 @@ class ConversationMemory:
 
 def _alternating(messages: list[MemoryMessage]) -> list[dict[str, str]]:
     """Provider messages: staff ones as marked assistant turns, same-role neighbours joined."""
+    roles = list(map(_ROLE, messages))
+    if roles[::2].count(USER) == len(roles[::2]) and roles[1::2].count(ASSISTANT) == len(roles[1::2]):
+        # Already alternating from a user message, as a bot-only conversation is: nothing to join.
+        return [{"role": message.role, "content": message.content} for message in messages]
     sent: list[dict[str, str]] = []
     last_role = None
     for message in messages:

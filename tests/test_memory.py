@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 from conversation_memory import (
     ASSISTANT,
     MIN_TRUNCATED_TOKENS,
+    STAFF,
     USER,
     ConversationMemory,
+    MemoryMessage,
     estimate_tokens,
 )
 
@@ -178,3 +180,34 @@ def test_context_invariants_hold_for_any_log(log, last, max_tokens, max_messages
         assert [m["role"] for m in sent] == [r for n, r in enumerate(m.role for m in log_tail) if n == 0 or r != log_tail[n - 1].role]
         assert context.token_count <= max_tokens
         assert max_messages is None or len(sent) <= max_messages
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    log=st.lists(st.tuples(st.sampled_from([USER, ASSISTANT, STAFF]), st.text(max_size=200)), max_size=40),
+    max_tokens=st.integers(min_value=1, max_value=1_500),
+    max_messages=st.one_of(st.none(), st.integers(min_value=1, max_value=20)),
+    system=st.one_of(st.none(), st.text(min_size=1, max_size=300)),
+)
+def test_the_context_opens_at_the_oldest_user_message_whose_tail_fits(log, max_tokens, max_messages, system):
+    """Whole exchanges as far back as they fit, and no further: checked against every possible start."""
+    messages = [MemoryMessage(role, content, estimate_tokens(content)) for role, content in log]
+    memory = ConversationMemory(system_prompt=system, max_tokens=max_tokens, max_messages=max_messages, messages=messages)
+    budget = max_tokens - (estimate_tokens(system) if system else 0)
+
+    context = memory.get_current_context()
+
+    fitting = [
+        start for start, message in enumerate(messages)
+        if message.role == USER
+        and sum(m.token_count for m in messages[start:]) <= budget
+        and (max_messages is None or len(messages) - start <= max_messages)
+    ]
+    if fitting:
+        assert not context.truncated
+        assert context.messages_sent == len(messages) - fitting[0]
+        assert context.token_count == max_tokens - budget + sum(m.token_count for m in messages[fitting[0]:])
+    elif any(message.role == USER for message in messages):
+        assert context.truncated and context.messages_sent == 1
+    else:
+        assert context.messages == [] and context.messages_dropped == len(messages)
