@@ -16,7 +16,8 @@ from flask import Flask, Response, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A client's own request ID is echoed when it is printable ASCII (spaces too) and not too long.
+_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 _HANDLER_NAME = "parley"
 log = logging.getLogger("parley.request")
 

@@ -174,7 +174,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     if app.config["CORS_ORIGINS"]:
         origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
         CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-             expose_headers=["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"],
+             expose_headers=["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                             "X-Request-ID", idempotency.REPLAYED_HEADER],
              max_age=600)
 
     logs.init_app(app)

@@ -134,7 +134,7 @@ def init_app(app: Flask, engine: Engine) -> Metrics:
         metrics.request_seconds.labels(route, request.method).observe(elapsed)
         return response
 
-    app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST))
+    app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST))
     return metrics
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import create_engine, text
 
 from tests.conftest import client_with_key
@@ -29,7 +31,7 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     page = app.test_client().get("/metrics")
     exposition = page.get_data(as_text=True)
 
-    assert page.status_code == 200 and page.mimetype == "text/plain"
+    assert page.status_code == 200 and page.headers["Content-Type"] == CONTENT_TYPE_LATEST  # its charset once
     assert _metric(exposition, "parley_http_requests_total", route="/chat", method="POST", status="200") == 3
     assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="404") == 1
     assert _metric(exposition, "parley_http_request_duration_seconds_count", route="/chat") == 3
@@ -67,11 +69,15 @@ def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_s
 def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     sent = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "trace-abc.123"})
     made = client.post("/new_chat", json={"user_id": "u"})
-    refused = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "bad id\twith spaces"})
+    spaced = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "order 42/a+b=="})
+    refused = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "bad id\twith a tab"})
+    too_long = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "x" * 201})
 
     assert sent.headers["X-Request-ID"] == "trace-abc.123"
     assert len(made.headers["X-Request-ID"]) == 32
-    assert refused.headers["X-Request-ID"] != "bad id\twith spaces"
+    assert spaced.headers["X-Request-ID"] == "order 42/a+b=="
+    assert re.fullmatch("[0-9a-f]{32}", refused.headers["X-Request-ID"])
+    assert re.fullmatch("[0-9a-f]{32}", too_long.headers["X-Request-ID"])
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     logged = [line for line in lines if line.get("request_id") == "trace-abc.123" and line["message"] == "request"]
     assert logged and logged[0]["message"] == "request"

@@ -212,6 +212,9 @@ def test_cors_allows_only_the_listed_origins(app_config, keys):
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example"
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
     assert actual.status_code == 201 and actual.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    # A page on another origin can read the request ID and a replay's mark, as it can Retry-After.
+    exposed = {name.strip().lower() for name in actual.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-request-id", "idempotent-replayed", "retry-after"} <= exposed
     assert "Access-Control-Allow-Origin" not in stranger.headers
 
 
