@@ -9,8 +9,10 @@ before it runs:
   marked `Idempotent-Replayed: true`, without running anything;
 - the same key with a different body (or route) gets 422;
 - a retry while the first is still running gets 409 `request_in_progress`;
-- a request that failed stores nothing and releases its claim, so a retry
-  runs it afresh (failed requests change nothing).
+- a request that failed keeps its error for its retries as well (`keeps`),
+  unless its route never began: its input was invalid, another turn held
+  the conversation, or the database could not be reached. Then the claim is
+  released and a retry runs afresh (failed requests change nothing).
 
 Records are kept for `IDEMPOTENCY_TTL_HOURS` (24). Expired records are
 deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
@@ -42,6 +44,11 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 PURGE_INTERVAL_SECONDS = 600.0
+# Failures after which the route had not begun, so a retry with the same key runs again
+# (Stripe: "If incoming parameters fail validation, or the request conflicts with another
+# request that's executing concurrently, we don't save the idempotent result").
+INVALID_INPUT_STATUSES = frozenset({400, 413})
+NOT_BEGUN_ERRORS = frozenset({"turn_in_progress", "database_unavailable", "database_not_migrated"})
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Replay:
-    """The key's first request succeeded: answer with its response."""
+    """The key's first request has finished: answer with its response."""
 
     status: int
     body: dict[str, Any]
@@ -153,6 +160,13 @@ def save_response(session: Session, held: Claim, status: int, body: dict[str, An
         .values(response_status=status, response_body=body)
         .execution_options(synchronize_session=False)
     )
+
+
+def keeps(status: int, body: Any) -> bool:
+    """Whether a failure is kept for the key's retries, as a success is."""
+    if not isinstance(body, dict) or status in INVALID_INPUT_STATUSES:
+        return False
+    return body.get("error") not in NOT_BEGUN_ERRORS
 
 
 def release(session: Session, held: Claim) -> None:

@@ -264,9 +264,30 @@ def _authorize() -> Response | None:
     return None
 
 
+@api.after_request
+def _keep_failure(response: Response) -> Response:
+    """Store a claimed request's error answer for its retries (`idempotency.keeps`), apart from its work."""
+    claim = g.get("idempotency_claim")
+    if claim is None or g.get("idempotency_saved"):
+        return response
+    body = response.get_json(silent=True)
+    if not idempotency.keeps(response.status_code, body):
+        return response
+    session = get_session()
+    try:
+        session.rollback()  # nothing of a failed request is committed with its answer
+        idempotency.save_response(session, claim, response.status_code, body)
+        session.commit()
+        g.idempotency_saved = True
+    except SQLAlchemyError as exc:  # released at teardown, or its lock runs out
+        session.rollback()
+        log.warning("could not store a failed request's answer: %s", exc.__class__.__name__)
+    return response
+
+
 @api.teardown_request
 def _release_unanswered_claim(_exc: BaseException | None = None) -> None:
-    """A claimed request that did not succeed stores nothing: let its retry run."""
+    """A claimed request whose answer was not stored (its route never began): let its retry run."""
     claim = g.pop("idempotency_claim", None)
     if claim is None or g.get("idempotency_saved"):
         return

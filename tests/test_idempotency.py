@@ -113,19 +113,67 @@ def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
     assert after.json == results["first"].json
 
 
-def test_a_failed_request_stores_nothing_so_its_retry_runs(provider_app, fake_model):
+def test_a_failed_turn_is_replayed_like_a_success_and_changes_nothing(provider_app, fake_model):
     client = provider_app("anthropic")
     conversation_id = _conversation(client)
     body = {"conversation_id": conversation_id, "message": "try again"}
-    fake_model.fail_next(500)
+    fake_model.fail_next(400)  # not retried by Parley: one model request
 
-    failed = _post(client, "/chat", body, "retry-me")
-    retried = _post(client, "/chat", body, "retry-me")
+    failed = _post(client, "/chat", body, "failed-once")
+    retried = _post(client, "/chat", body, "failed-once")
+    fresh = _post(client, "/chat", body, "a-new-key")
 
-    assert failed.status_code == 502
-    assert retried.status_code == 200
-    assert "Idempotent-Replayed" not in retried.headers
-    assert len(fake_model.requests) == 2
+    assert failed.status_code == retried.status_code == 502
+    assert retried.json == failed.json and failed.json["error"] == "model_error"
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert len(fake_model.requests) == 2  # the failure and the new key's turn; the retry made none
+    assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [m["content"] for m in log["messages"]] == ["try again", fresh.json["reply"]]
+
+
+def test_a_request_whose_route_never_began_is_not_kept_so_its_retry_runs(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    slow = {"conversation_id": conversation_id, "message": "slow"}
+    body = {"conversation_id": conversation_id, "message": "mine"}
+    fake_model.delay_next(1.0)
+    thread = threading.Thread(target=lambda: _post(client, "/chat", slow, None))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    busy = _post(client, "/chat", body, "busy-then-free")
+    invalid = _post(client, "/chat", {"conversation_id": conversation_id}, "invalid-body")
+    thread.join()
+    retried = _post(client, "/chat", body, "busy-then-free")
+    invalid_again = _post(client, "/chat", {"conversation_id": conversation_id}, "invalid-body")
+
+    assert busy.status_code == 409 and busy.json["error"] == "turn_in_progress"
+    assert retried.status_code == 200 and "Idempotent-Replayed" not in retried.headers
+    assert invalid.status_code == invalid_again.status_code == 400
+    assert "Idempotent-Replayed" not in invalid_again.headers
+    with client.application.app_context():
+        kept = get_session().scalars(select(IdempotencyRecord.idempotency_key)).all()
+    assert sorted(kept) == ["busy-then-free"]  # its success; the invalid request left no record
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kept"),
+    [
+        (502, {"error": "model_error", "retryable": True}, True),
+        (404, {"error": "not_found"}, True),
+        (409, {"error": "handoff_conflict"}, True),
+        (400, {"error": "invalid_request"}, False),
+        (413, {"error": "payload_too_large"}, False),
+        (409, {"error": "turn_in_progress"}, False),
+        (503, {"error": "database_unavailable"}, False),
+        (500, None, False),
+    ],
+)
+def test_which_failures_are_kept(status, body, kept):
+    assert idempotency.keeps(status, body) is kept
 
 
 def test_keys_are_scoped_to_the_api_key(app, keys):
