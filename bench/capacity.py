@@ -3,8 +3,8 @@
 The production command (2 gevent workers), PostgreSQL, and the fake model
 server answering after `--latency` seconds. Each client sends its next
 message as soon as it has the reply, so the ideal rate is clients / latency;
-the figure is the achieved rate against it, with latency, errors and the
-workers' peak memory. Under each, the same clients on the fake model server
+the figure is the achieved rate against it, with latency, errors, the
+workers' peak memory and the cores each group of processes used. Under each, the same clients on the fake model server
 directly: the most this machine and measurement allow. Run for 400 clients,
 then 1,000.
 
@@ -13,8 +13,10 @@ then 1,000.
 from __future__ import annotations
 
 import argparse
+import os
 
 from bench.serving import (
+    CoreUse,
     WorkerMemory,
     client_key,
     database,
@@ -47,7 +49,8 @@ def main() -> None:
         for clients in options.clients:
             with gunicorn("main:create_app()", env) as (server, master_pid):
                 conversations = open_conversations(server, key, clients)
-                with WorkerMemory(master_pid) as memory:
+                with (WorkerMemory(master_pid) as memory,
+                      CoreUse(master_pid, options.seconds / 4, options.seconds / 2) as use):
                     report = run_load(server, key, conversations, options.seconds)
             summary = summarize(report, warmup=options.latency * 2)
             ideal = clients / options.latency
@@ -55,6 +58,8 @@ def main() -> None:
             print(f"{clients:>8} {summary['per_second']:9.1f} {ideal:7.0f} {summary['per_second'] / ideal:5.2f}x "
                   f"{summary['p50_ms'] / 1000:7.2f} {summary['p99_ms'] / 1000:7.2f} {errors:>7} "
                   f"{memory.peak_total_mib:12.0f} ({memory.peak_worker_mib:.0f} max/worker)  {summary['statuses']}")
+            print(f"{'':>8} cores used in the middle of the run ({os.cpu_count()} on this machine): "
+                  + ", ".join(f"{group} {cores:.2f}" for group, cores in use.cores.items()))
             # The same clients on the fake model server itself: what this machine and this
             # measurement allow with no Parley in between.
             direct = summarize(run_load(model_url, "sk-bench", conversations, options.seconds, path="/v1/messages"),

@@ -1,4 +1,4 @@
-"""What the serving benchmarks share: a database, a fake model, gunicorn, the load, memory.
+"""What the serving benchmarks share: a database, a fake model, gunicorn, the load, memory, cores.
 
 Every server is started the way production starts it,
 `gunicorn -c gunicorn.conf.py APP`, on 127.0.0.1 ports picked at random.
@@ -238,6 +238,73 @@ class WorkerMemory:
             if sizes:
                 self.peak_total_mib = max(self.peak_total_mib, sum(sizes))
                 self.peak_worker_mib = max(self.peak_worker_mib, max(sizes))
+
+
+class CoreUse:
+    """The cores each group of processes used over `window` seconds, from `delay` seconds in.
+
+    Groups: gunicorn's workers (the master's children), PostgreSQL (all of
+    its processes on the machine), the load generator and the fake model
+    server. Read `cores` after the block.
+    """
+
+    GROUPS = ("workers", "postgres", "load", "fake model")
+
+    def __init__(self, master_pid: int, delay: float, window: float) -> None:
+        self.master_pid = master_pid
+        self.delay = delay
+        self.window = window
+        self.cores: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> CoreUse:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._thread.join()
+
+    def _sample(self) -> None:
+        time.sleep(self.delay)
+        before = self._ticks()
+        time.sleep(self.window)
+        after = self._ticks()
+        self.cores = {group: (after[group] - before[group]) / _TICKS_PER_SECOND / self.window for group in self.GROUPS}
+
+    def _ticks(self) -> dict[str, int]:
+        """User and system CPU ticks of each group; a process gone since counts nothing."""
+        totals = dict.fromkeys(self.GROUPS, 0)
+        for group, pids in self._groups().items():
+            for pid in pids:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                totals[group] += int(fields[11]) + int(fields[12])
+        return totals
+
+    def _groups(self) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {group: [] for group in self.GROUPS}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            if parent == self.master_pid:
+                groups["workers"].append(int(entry.name))
+            elif command.startswith("postgres"):
+                groups["postgres"].append(int(entry.name))
+            elif "bench.load" in command:
+                groups["load"].append(int(entry.name))
+            elif "bench.fake_model" in command:
+                groups["fake model"].append(int(entry.name))
+        return groups
+
+
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:

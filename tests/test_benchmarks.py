@@ -1,8 +1,12 @@
-"""The benchmarks' own arithmetic: how a load generator's report becomes a rate."""
+"""The benchmarks' own arithmetic: how a load generator's report becomes a rate, and how cores are counted."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from bench.messages import padded
-from bench.serving import summarize
+from bench.serving import CoreUse, summarize
 
 
 def _client(name: str, cycle: float, until: float, status: int = 200) -> list[dict]:
@@ -43,3 +47,17 @@ def test_refused_requests_take_time_but_add_no_turns():
 def test_messages_are_padded_to_the_asked_size():
     assert padded("c1 message 5", 0) == "c1 message 5"
     assert len(padded("c1 message 5", 400)) == 400 and padded("c1 message 5", 400).startswith("c1 message 5 ")
+
+
+def test_core_use_counts_a_masters_busy_children_as_workers():
+    """A child that spins for the whole window is counted: about one core (less if the machine is busy)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        with CoreUse(os.getpid(), delay=0.3, window=1.5) as use:
+            pass
+    finally:
+        spinner.wait()
+
+    assert set(use.cores) == set(CoreUse.GROUPS)
+    assert 0.4 < use.cores["workers"] < 1.5
+    assert use.cores["load"] == use.cores["fake model"] == 0.0
