@@ -17,7 +17,8 @@ Context rules:
   have no reply of their own);
 - when even the newest user message does not fit, it is sent alone, cut in
   the middle to fit the budget (its head and tail kept, a marker saying how
-  much was left out). The stored message stays whole.
+  much was left out). The stored message stays whole. It keeps at least
+  `MIN_TRUNCATED_TOKENS`, so a message no longer than that is sent whole.
 """
 from __future__ import annotations
 
@@ -167,13 +168,17 @@ class ConversationMemory:
         )
 
     def _truncated_context(self, message: MemoryMessage, budget: int, system_tokens: int) -> ContextWindow:
-        content = _cut_middle(message.content, max(budget, MIN_TRUNCATED_TOKENS))
+        limit = max(budget, MIN_TRUNCATED_TOKENS)
+        if message.token_count <= limit:  # the system prompt left less than the least a message keeps
+            content, truncated = message.content, False
+        else:
+            content, truncated = _cut_middle(message.content, limit), True
         return ContextWindow(
             system=self.system_prompt,
             messages=[{"role": message.role, "content": content}],
             token_count=system_tokens + estimate_tokens(content),
             messages_dropped=self.total_messages - 1,
-            truncated=True,
+            truncated=truncated,
         )
 
     def to_json(self) -> str:
