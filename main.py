@@ -304,8 +304,8 @@ def _respond(body: BaseModel, status: int = 200) -> tuple[dict[str, Any], int]:
     claim = g.get("idempotency_claim")
     if claim is not None:
         idempotency.save_response(session, claim, status, data)
-        g.idempotency_saved = True
     session.commit()
+    g.idempotency_saved = claim is not None  # a commit that failed leaves the claim to be released
     return data, status
 
 

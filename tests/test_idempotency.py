@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 import idempotency
 from auth import authenticate
@@ -258,3 +258,33 @@ def test_records_cannot_be_configured_to_go_before_a_day():
     with pytest.raises(ValueError, match="IDEMPOTENCY_TTL_HOURS must be at least 24"):
         load_config({"IDEMPOTENCY_TTL_HOURS": "12"})
     assert load_config({"IDEMPOTENCY_TTL_HOURS": "48"})["IDEMPOTENCY_TTL_HOURS"] == 48
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turn_whose_commit_fails_answers_its_retry_at_once(app_config, client):
+    """The turn and its stored answer commit together; when that commit fails, its error answer is kept."""
+    conversation_id = _conversation(client)
+    engine = create_engine(app_config["DATABASE_URL"])
+    with engine.begin() as connection:  # the first commit that stores an answer fails, at commit time
+        connection.execute(text("CREATE SEQUENCE refuse_once"))
+        connection.execute(text(
+            "CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF nextval('refuse_once') = 1 THEN RAISE EXCEPTION 'commit refused'; END IF; RETURN NULL; END $$"
+        ))
+        connection.execute(text(
+            "CREATE CONSTRAINT TRIGGER refuse_once AFTER UPDATE ON idempotency_keys "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_once()"
+        ))
+    engine.dispose()
+    body = {"conversation_id": conversation_id, "message": "commit me"}
+
+    failed = _post(client, "/chat", body, "commit-fails")
+    retried = _post(client, "/chat", body, "commit-fails")
+    stored = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["message_count"]
+    fresh = _post(client, "/chat", body, "a-new-key")
+
+    assert failed.status_code == 500 and failed.json["error"] == "internal_error"
+    # Kept like any failure of a route that began (not left locked until TURN_LEASE_SECONDS: 409).
+    assert retried.status_code == 500 and retried.headers["Idempotent-Replayed"] == "true"
+    assert stored == 0  # nothing of the failed turn
+    assert fresh.status_code == 200
