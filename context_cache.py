@@ -22,13 +22,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import attrgetter
 
 from cachetools import TTLCache
 
 from conversation_memory import MemoryMessage
 
-_TOKEN_COUNT = attrgetter("token_count")
 # How long a tail is kept after it was read.
 CACHE_SECONDS = 600.0
 
@@ -55,7 +53,7 @@ class CachedTail:
     def extended(self, newer: list[MemoryMessage]) -> list[MemoryMessage]:
         """This tail and the `newer` messages after it (oldest first), without the oldest ones no longer needed."""
         messages = [*self.messages, *newer]
-        tokens = sum(map(_TOKEN_COUNT, messages))
+        tokens = sum(message.token_count for message in messages)
         start = 0
         # Drop the oldest while what is left still fills a budget, as reading back stops once it does.
         while start < len(messages) and (

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from operator import attrgetter
 from typing import Any
 
 USER = "user"
@@ -43,8 +42,6 @@ BYTES_PER_TOKEN = 3
 # A message cut to fit keeps at least this many tokens, even when the system
 # prompt alone fills the budget.
 MIN_TRUNCATED_TOKENS = 64
-_TOKEN_COUNT = attrgetter("token_count")
-_ROLE = attrgetter("role")
 TRUNCATION_MARKER = "\n[... {omitted} bytes omitted to fit the context budget ...]\n"
 
 
@@ -146,7 +143,7 @@ class ConversationMemory:
         # Every tail of the log counts no more tokens and messages than a longer one, so the
         # oldest user message whose tail fits opens the context: drop from the front until one
         # does (the log is usually loaded about one budget long, so few are dropped).
-        used = sum(map(_TOKEN_COUNT, messages))
+        used = sum(message.token_count for message in messages)
         start = 0
         while start < len(messages) and (
             messages[start].role != USER
@@ -195,8 +192,8 @@ class ConversationMemory:
 
 def _alternating(messages: list[MemoryMessage]) -> list[dict[str, str]]:
     """Provider messages: staff ones as marked assistant turns, same-role neighbours joined."""
-    roles = list(map(_ROLE, messages))
-    if roles[::2].count(USER) == len(roles[::2]) and roles[1::2].count(ASSISTANT) == len(roles[1::2]):
+    roles = [message.role for message in messages]
+    if set(roles[::2]) <= {USER} and set(roles[1::2]) <= {ASSISTANT}:
         # Already alternating from a user message, as a bot-only conversation is: nothing to join.
         return [{"role": message.role, "content": message.content} for message in messages]
     sent: list[dict[str, str]] = []

@@ -25,6 +25,10 @@ log = logging.getLogger("parley")
 MAX_DRAIN_BYTES = 16 * 1024 * 1024
 
 
+DATABASE_UNAVAILABLE = "database_unavailable"
+DATABASE_NOT_MIGRATED = "database_not_migrated"
+
+
 class ApiError(Exception):
     status = 400
     error = "bad_request"
@@ -143,12 +147,12 @@ def _database_unavailable(exc: SQLAlchemyError) -> Response:
     # str(exc) would include the SQL statement and its parameters.
     cause = getattr(exc, "orig", None) or exc
     log.error("database unavailable on %s %s: %s", request.method, request.path, cause.__class__.__name__)
-    return error_response(503, "database_unavailable", "the database is unavailable; retry later", retry_after=1)
+    return error_response(503, DATABASE_UNAVAILABLE, "the database is unavailable; retry later", retry_after=1)
 
 
 def _database_busy(exc: PoolTimeoutError) -> Response:
     log.error("no database connection free on %s %s", request.method, request.path)
-    return error_response(503, "database_unavailable", "the database is busy; retry later", retry_after=1)
+    return error_response(503, DATABASE_UNAVAILABLE, "the database is busy; retry later", retry_after=1)
 
 
 def _database_error(exc: DBAPIError) -> Response:
@@ -160,7 +164,7 @@ def _database_error(exc: DBAPIError) -> Response:
 
 def _database_not_migrated(exc: DatabaseNotMigrated) -> Response:
     log.error("database not migrated: %s", exc.message)
-    return error_response(503, "database_not_migrated", exc.message)
+    return error_response(503, DATABASE_NOT_MIGRATED, exc.message)
 
 
 def _http_error(exc: HTTPException) -> Response:

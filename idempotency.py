@@ -1,4 +1,4 @@
-"""`Idempotency-Key` on POST /new_chat, /chat and /end_chat, with Stripe's semantics.
+"""`Idempotency-Key` on the POST routes that change a conversation, with Stripe's semantics.
 
 A request that carries the header claims the key (scoped to the API key)
 before it runs:
@@ -9,10 +9,10 @@ before it runs:
   marked `Idempotent-Replayed: true`, without running anything;
 - the same key with a different body (or route) gets 422;
 - a retry while the first is still running gets 409 `request_in_progress`;
-- a request that failed keeps its error for its retries as well (`keeps`),
-  unless its route never began: its input was invalid, another turn held
-  the conversation, or the database could not be reached. Then the claim is
-  released and a retry runs afresh (failed requests change nothing).
+- a request that failed keeps its error answer for its retries as well
+  (`keeps`), unless its input was refused, another turn held the
+  conversation, or the database failed. Then the claim is released and a
+  retry runs afresh.
 
 Records are kept for `IDEMPOTENCY_TTL_HOURS` (24). Expired records are
 deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
@@ -38,17 +38,25 @@ from sqlalchemy.orm import Session
 
 from config import turn_lease_seconds
 from database_utils import IdempotencyRecord, get_session, utcnow
-from errors import ApiError, IdempotencyKeyReused, RequestInProgress
+from errors import (
+    DATABASE_NOT_MIGRATED,
+    DATABASE_UNAVAILABLE,
+    ApiError,
+    IdempotencyKeyReused,
+    RequestInProgress,
+    TurnInProgress,
+)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 PURGE_INTERVAL_SECONDS = 600.0
-# Failures after which the route had not begun, so a retry with the same key runs again
-# (Stripe: "If incoming parameters fail validation, or the request conflicts with another
-# request that's executing concurrently, we don't save the idempotent result").
-INVALID_INPUT_STATUSES = frozenset({400, 413})
-NOT_BEGUN_ERRORS = frozenset({"turn_in_progress", "database_unavailable", "database_not_migrated"})
+# Failures whose answer is not kept, so a retry with the same key runs again. Stripe keeps
+# none "if incoming parameters fail validation, or the request conflicts with another request
+# that's executing concurrently": refused input (400, 413, 415, 422) and another turn holding
+# the conversation. Nor are failures of the database itself kept: their answer could not be stored.
+REFUSED_INPUT_STATUSES = frozenset({400, 413, 415, 422})
+UNKEPT_ERRORS = frozenset({TurnInProgress.error, DATABASE_UNAVAILABLE, DATABASE_NOT_MIGRATED})
 
 
 @dataclass(frozen=True)
@@ -163,10 +171,10 @@ def save_response(session: Session, held: Claim, status: int, body: dict[str, An
 
 
 def keeps(status: int, body: Any) -> bool:
-    """Whether a failure is kept for the key's retries, as a success is."""
-    if not isinstance(body, dict) or status in INVALID_INPUT_STATUSES:
+    """Whether an error answer is kept for the key's retries, as a success is (`save_response`)."""
+    if status < 400 or not isinstance(body, dict) or status in REFUSED_INPUT_STATUSES:
         return False
-    return body.get("error") not in NOT_BEGUN_ERRORS
+    return body.get("error") not in UNKEPT_ERRORS
 
 
 def release(session: Session, held: Claim) -> None:

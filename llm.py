@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
 import anthropic
@@ -50,7 +49,6 @@ BACKOFF_MAX_SECONDS = 8.0
 POOL_SHARDS = 16
 # The echo model's pause between streamed words.
 ECHO_WORD_SECONDS = 0.03
-_CONTENT = itemgetter("content")
 
 # The tool offered to the model (HANDOFF_TOOL) to hand the conversation to a person.
 REQUEST_HUMAN = "request_human"
@@ -479,7 +477,7 @@ class EchoModel:
             text += f" (with {len(attached)} file(s): {', '.join(attached)})"
         # Estimated from the whole prompt's length, not message by message: with a context
         # of 600 short messages that took 9% of a worker's py-spy samples.
-        said = [content if isinstance(content, str) else _said(content) for content in map(_CONTENT, messages)]
+        said = [content if isinstance(content, str) else _said(content) for content in (m["content"] for m in messages)]
         prompt_tokens = estimate_tokens("".join(said)) + MESSAGE_OVERHEAD_TOKENS * (len(said) - 1)
         if system:
             prompt_tokens += estimate_tokens(system)

@@ -16,8 +16,9 @@ from flask import Flask, Response, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
-# A client's own request ID is echoed when it is printable ASCII (spaces too) and not too long.
-_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
+# A client's own request ID is echoed when it is 1 to 200 visible ASCII characters other than
+# brackets ("!" to "Z" and "^" to "~"): the text log format puts it in brackets.
+_REQUEST_ID = re.compile(r"[!-Z^-~]{1,200}")
 _HANDLER_NAME = "parley"
 log = logging.getLogger("parley.request")
 

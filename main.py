@@ -287,7 +287,7 @@ def _keep_failure(response: Response) -> Response:
 
 @api.teardown_request
 def _release_unanswered_claim(_exc: BaseException | None = None) -> None:
-    """A claimed request whose answer was not stored (its route never began): let its retry run."""
+    """A claimed request whose answer was not stored (`idempotency.keeps`): let its retry run."""
     claim = g.pop("idempotency_claim", None)
     if claim is None or g.get("idempotency_saved"):
         return

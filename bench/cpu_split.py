@@ -32,7 +32,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=14)
     parser.add_argument("--clients", type=int, default=16)
     options = parser.parse_args()
-    groups = CoreUse.GROUPS
     per_turn = {}
     with database() as url, fake_model(0.0) as model_url:
         key = client_key(url)
@@ -46,8 +45,8 @@ def main() -> None:
             rate = summarize(report, warmup=options.seconds / 4)["per_second"]
             per_turn[setup] = {group: used / rate * 1000 for group, used in use.cores.items()}
             print(f"{setup:<10} {rate:7.1f} turns/s  cores: "
-                  + "  ".join(f"{group} {use.cores[group]:.2f}" for group in groups)
-                  + "  |  ms CPU per turn: " + "  ".join(f"{group} {per_turn[setup][group]:.2f}" for group in groups))
+                  + "  ".join(f"{group} {use.cores[group]:.2f}" for group in CoreUse.GROUPS)
+                  + "  |  ms CPU per turn: " + "  ".join(f"{group} {per_turn[setup][group]:.2f}" for group in CoreUse.GROUPS))
     if "baseline" in per_turn:
         base = sum(per_turn["baseline"].values())
         for setup, split in per_turn.items():

@@ -240,6 +240,9 @@ class WorkerMemory:
                 self.peak_worker_mib = max(self.peak_worker_mib, max(sizes))
 
 
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
 class CoreUse:
     """The cores each group of processes used over `window` seconds, from `delay` seconds in.
 
@@ -285,17 +288,15 @@ class CoreUse:
 
     def _groups(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {group: [] for group in self.GROUPS}
+        groups["workers"] = _children(self.master_pid)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
+            except OSError:
                 continue
-            if parent == self.master_pid:
-                groups["workers"].append(int(entry.name))
-            elif command.startswith("postgres"):
+            if command.startswith("postgres"):
                 groups["postgres"].append(int(entry.name))
             elif "bench.load" in command:
                 groups["load"].append(int(entry.name))
@@ -303,8 +304,6 @@ class CoreUse:
                 groups["fake model"].append(int(entry.name))
         return groups
 
-
-_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:

@@ -51,13 +51,12 @@ def test_messages_are_padded_to_the_asked_size():
 
 def test_core_use_counts_a_masters_busy_children_as_workers():
     """A child that spins for the whole window is counted: about one core (less if the machine is busy)."""
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 2\nwhile time.time() < end: pass"])
     try:
-        with CoreUse(os.getpid(), delay=0.3, window=1.5) as use:
+        with CoreUse(os.getpid(), delay=0.3, window=1.2) as use:
             pass
     finally:
         spinner.wait()
 
     assert set(use.cores) == set(CoreUse.GROUPS)
     assert 0.4 < use.cores["workers"] < 1.5
-    assert use.cores["load"] == use.cores["fake model"] == 0.0

@@ -138,11 +138,13 @@ def test_a_request_whose_route_never_began_is_not_kept_so_its_retry_runs(provide
     slow = {"conversation_id": conversation_id, "message": "slow"}
     body = {"conversation_id": conversation_id, "message": "mine"}
     fake_model.delay_next(1.0)
-    thread = threading.Thread(target=lambda: _post(client, "/chat", slow, None))
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault("slow", _post(client, "/chat", slow, None)))
     thread.start()
     deadline = time.monotonic() + 10
     while fake_model.in_flight == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert fake_model.in_flight == 1
 
     busy = _post(client, "/chat", body, "busy-then-free")
     invalid = _post(client, "/chat", {"conversation_id": conversation_id}, "invalid-body")
@@ -150,6 +152,7 @@ def test_a_request_whose_route_never_began_is_not_kept_so_its_retry_runs(provide
     retried = _post(client, "/chat", body, "busy-then-free")
     invalid_again = _post(client, "/chat", {"conversation_id": conversation_id}, "invalid-body")
 
+    assert results["slow"].status_code == 200
     assert busy.status_code == 409 and busy.json["error"] == "turn_in_progress"
     assert retried.status_code == 200 and "Idempotent-Replayed" not in retried.headers
     assert invalid.status_code == invalid_again.status_code == 400
@@ -163,10 +166,15 @@ def test_a_request_whose_route_never_began_is_not_kept_so_its_retry_runs(provide
     ("status", "body", "kept"),
     [
         (502, {"error": "model_error", "retryable": True}, True),
+        (503, {"error": "model_unavailable", "retryable": True}, True),
+        (503, {"error": "knowledge_unavailable"}, True),
         (404, {"error": "not_found"}, True),
         (409, {"error": "handoff_conflict"}, True),
+        (500, {"error": "internal_error"}, True),
+        (200, {"conversation_id": "c"}, False),  # a success is stored with its work, by the route
         (400, {"error": "invalid_request"}, False),
         (413, {"error": "payload_too_large"}, False),
+        (422, {"error": "unknown_file"}, False),
         (409, {"error": "turn_in_progress"}, False),
         (503, {"error": "database_unavailable"}, False),
         (500, None, False),
@@ -261,10 +269,12 @@ def test_records_cannot_be_configured_to_go_before_a_day():
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_a_turn_whose_commit_fails_answers_its_retry_at_once(app_config, client):
+def test_a_turn_whose_commit_fails_answers_its_retry_at_once(app_config, client, request):
     """The turn and its stored answer commit together; when that commit fails, its error answer is kept."""
     conversation_id = _conversation(client)
     engine = create_engine(app_config["DATABASE_URL"])
+    request.addfinalizer(engine.dispose)
+    request.addfinalizer(lambda: _drop_refuse_once(engine))
     with engine.begin() as connection:  # the first commit that stores an answer fails, at commit time
         connection.execute(text("CREATE SEQUENCE refuse_once"))
         connection.execute(text(
@@ -275,7 +285,6 @@ def test_a_turn_whose_commit_fails_answers_its_retry_at_once(app_config, client)
             "CREATE CONSTRAINT TRIGGER refuse_once AFTER UPDATE ON idempotency_keys "
             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_once()"
         ))
-    engine.dispose()
     body = {"conversation_id": conversation_id, "message": "commit me"}
 
     failed = _post(client, "/chat", body, "commit-fails")
@@ -288,3 +297,10 @@ def test_a_turn_whose_commit_fails_answers_its_retry_at_once(app_config, client)
     assert retried.status_code == 500 and retried.headers["Idempotent-Replayed"] == "true"
     assert stored == 0  # nothing of the failed turn
     assert fresh.status_code == 200
+
+
+def _drop_refuse_once(engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("DROP TRIGGER IF EXISTS refuse_once ON idempotency_keys"))
+        connection.execute(text("DROP FUNCTION IF EXISTS refuse_once()"))
+        connection.execute(text("DROP SEQUENCE IF EXISTS refuse_once"))

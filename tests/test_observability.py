@@ -69,14 +69,17 @@ def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_s
 def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     sent = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "trace-abc.123"})
     made = client.post("/new_chat", json={"user_id": "u"})
-    spaced = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "order 42/a+b=="})
-    refused = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "bad id\twith a tab"})
+    encoded = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "order-42/a+b=="})
+    refused = [
+        client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": sent})
+        for sent in ("bad id\twith a tab", "with spaces", "x]: a forged log line")
+    ]
     too_long = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "x" * 201})
 
     assert sent.headers["X-Request-ID"] == "trace-abc.123"
     assert len(made.headers["X-Request-ID"]) == 32
-    assert spaced.headers["X-Request-ID"] == "order 42/a+b=="
-    assert re.fullmatch("[0-9a-f]{32}", refused.headers["X-Request-ID"])
+    assert encoded.headers["X-Request-ID"] == "order-42/a+b=="
+    assert all(re.fullmatch("[0-9a-f]{32}", response.headers["X-Request-ID"]) for response in refused)
     assert re.fullmatch("[0-9a-f]{32}", too_long.headers["X-Request-ID"])
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     logged = [line for line in lines if line.get("request_id") == "trace-abc.123" and line["message"] == "request"]
