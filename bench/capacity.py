@@ -4,9 +4,9 @@ The production command (2 gevent workers), PostgreSQL, and the fake model
 server answering after `--latency` seconds. Each client sends its next
 message as soon as it has the reply, so the ideal rate is clients / latency;
 the figure is the achieved rate against it, with latency, errors, the
-workers' peak memory and the cores each group of processes used. Under each, the same clients on the fake model server
-directly: the most this machine and measurement allow. Run for 400 clients,
-then 1,000.
+workers' peak memory and the cores each group of processes used. Under
+each, the same clients on the fake model server directly: the most this
+machine and measurement allow. Run for 400 clients, then 1,000.
 
     python -m bench.capacity [--clients 400 1000] [--latency 2] [--seconds 30]
 """
