@@ -16,13 +16,20 @@ grows to the token budget; with the default short messages (about 20
 bytes) that is hundreds of messages a turn. `--message-bytes 400` pads each
 user message to 400 bytes (and so each reply, which quotes it), for a
 context of a few dozen longer messages.
+
+Each round's line ends with how the two workers split the 16 connections
+(`ConnectionSplit`): they stay where they landed for the whole run, so an
+uneven split (5+11) loads one worker more than the other for all of it, one
+source of the noise between rounds of the same setup.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+from urllib.parse import urlparse
 
 from bench.serving import (
+    ConnectionSplit,
     client_key,
     database,
     fake_model,
@@ -50,14 +57,16 @@ def main() -> None:
         common = servers["baseline"][1]
         for round_number in range(options.rounds):
             for name, (app, env) in setups.items():
-                with gunicorn(app, env) as (server, _pid):
+                with gunicorn(app, env) as (server, master):
                     # The baseline has no /new_chat: open the conversations through Parley's API beforehand.
                     conversations = _conversations(url, key, options.clients, common)
-                    report = run_load(server, key, conversations, options.seconds, message_bytes=options.message_bytes)
+                    with ConnectionSplit(master, urlparse(server).port, delay=options.seconds / 2) as split:
+                        report = run_load(server, key, conversations, options.seconds, message_bytes=options.message_bytes)
                 summary = summarize(report, warmup=2.0)
                 results[name].append(summary)
                 print(f"round {round_number + 1} {name:<38} {summary['per_second']:8.1f} turns/s  "
-                      f"p50 {summary['p50_ms']:6.1f} ms  p99 {summary['p99_ms']:6.1f} ms  {summary['statuses']}")
+                      f"p50 {summary['p50_ms']:6.1f} ms  p99 {summary['p99_ms']:6.1f} ms  {summary['statuses']}  "
+                      f"connections per worker {split}")
     baseline = statistics.median(r["per_second"] for r in results["baseline"])
     baseline_p99 = statistics.median(r["p99_ms"] for r in results["baseline"])
     print(f"\n{'':<38} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7} {'p99 ratio':>10}")

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlparse
 
 from auth import create_key
@@ -214,23 +215,33 @@ def read_stream(url: str, path: str, headers: dict, body: dict) -> dict:
     return {"status": status, "ended": ended, "deltas": deltas, "seconds": time.monotonic() - started}
 
 
-class WorkerMemory:
-    """Samples the resident memory of a gunicorn master's workers until stopped; keeps the peak."""
+class _Sampler:
+    """Runs `_sample` in a thread for the length of a `with` block; `_stop` is set when the block ends."""
 
-    def __init__(self, master_pid: int) -> None:
-        self.master_pid = master_pid
-        self.peak_total_mib = 0.0
-        self.peak_worker_mib = 0.0
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> WorkerMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+
+class WorkerMemory(_Sampler):
+    """Samples the resident memory of a gunicorn master's workers until stopped; keeps the peak."""
+
+    def __init__(self, master_pid: int) -> None:
+        super().__init__()
+        self.master_pid = master_pid
+        self.peak_total_mib = 0.0
+        self.peak_worker_mib = 0.0
 
     def _sample(self) -> None:
         while not self._stop.wait(0.25):
@@ -240,32 +251,50 @@ class WorkerMemory:
                 self.peak_worker_mib = max(self.peak_worker_mib, max(sizes))
 
 
+class ConnectionSplit(_Sampler):
+    """How a gunicorn master's workers share the clients' connections, `delay` seconds into a run.
+
+    The workers accept from one listening socket, so which worker takes a
+    keep-alive connection is a race, and the hot path's 16 connections stay
+    where they landed for the whole run. Read `per_worker` (established
+    connections on `port` held by each worker, fewest first) after the block.
+    """
+
+    def __init__(self, master_pid: int, port: int, delay: float) -> None:
+        super().__init__()
+        self.master_pid = master_pid
+        self.port = port
+        self.delay = delay
+        self.per_worker: list[int] = []
+
+    def _sample(self) -> None:
+        self._stop.wait(self.delay)  # or less, if the block ends sooner
+        inodes = _established_inodes(self.port)
+        self.per_worker = sorted(len(_socket_inodes(pid) & inodes) for pid in _children(self.master_pid))
+
+    def __str__(self) -> str:
+        return "+".join(map(str, self.per_worker)) or "?"
+
+
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
-class CoreUse:
+class CoreUse(_Sampler):
     """The cores each group of processes used over `window` seconds, from `delay` seconds in.
 
     Groups: gunicorn's workers (the master's children), PostgreSQL (all of
     its processes on the machine), the load generator and the fake model
-    server. Read `cores` after the block.
+    server. Read `cores` after the block; its end waits for the window's.
     """
 
     GROUPS = ("workers", "postgres", "load", "fake model")
 
     def __init__(self, master_pid: int, delay: float, window: float) -> None:
+        super().__init__()
         self.master_pid = master_pid
         self.delay = delay
         self.window = window
         self.cores: dict[str, float] = {}
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> CoreUse:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._thread.join()
 
     def _sample(self) -> None:
         time.sleep(self.delay)
@@ -304,6 +333,31 @@ class CoreUse:
                 groups["fake model"].append(int(entry.name))
         return groups
 
+
+def _established_inodes(port: int) -> set[str]:
+    """Socket inodes of the established IPv4 TCP connections whose local port is `port`."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process `pid` holds open."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
 
 
 def _children(pid: int) -> list[int]:

@@ -1,12 +1,13 @@
-"""The benchmarks' own arithmetic: how a load generator's report becomes a rate, and how cores are counted."""
+"""The benchmarks' own arithmetic: how a load generator's report becomes a rate, how cores and connections are counted."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
 from bench.messages import padded
-from bench.serving import CoreUse, summarize
+from bench.serving import ConnectionSplit, CoreUse, summarize
 
 
 def _client(name: str, cycle: float, until: float, status: int = 200) -> list[dict]:
@@ -60,3 +61,35 @@ def test_core_use_counts_a_masters_busy_children_as_workers():
 
     assert set(use.cores) == set(CoreUse.GROUPS)
     assert 0.4 < use.cores["workers"] < 1.5
+
+
+def _acceptor(listener: socket.socket, count: int) -> subprocess.Popen:
+    """A child that accepts `count` connections from `listener`, says so, and holds them until killed."""
+    code = (f"import socket, sys\nlistener = socket.socket(fileno={listener.fileno()})\n"
+            f"held = [listener.accept()[0] for _ in range({count})]\nprint('accepted', flush=True)\nsys.stdin.read()")
+    return subprocess.Popen([sys.executable, "-c", code], pass_fds=[listener.fileno()], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_connection_split_counts_the_connections_each_child_accepted():
+    """Two children accept 3 and 2 connections from one listening socket, as two workers do."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    clients, children = [], []
+    try:
+        for count in (3, 2):
+            children.append(_acceptor(listener, count))
+            clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+            assert children[-1].stdout.readline() == "accepted\n"
+        with ConnectionSplit(os.getpid(), port, delay=0.0) as split:
+            pass
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        for client in clients:
+            client.close()
+        listener.close()
+
+    assert split.per_worker == [2, 3]
+    assert str(split) == "2+3"
