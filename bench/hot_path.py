@@ -18,9 +18,9 @@ user message to 400 bytes (and so each reply, which quotes it), for a
 context of a few dozen longer messages.
 
 Each round's line ends with how the two workers split the 16 connections
-(`ConnectionSplit`): they stay where they landed for the whole run, so an
-uneven split (5+11) loads one worker more than the other for all of it, one
-source of the noise between rounds of the same setup.
+(`ConnectionSplit`, in the middle of the run): they stay where they landed
+for the whole run, so one worker may carry most of the load (3+13 has been
+seen), for any of the setups.
 """
 from __future__ import annotations
 

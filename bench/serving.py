@@ -257,7 +257,8 @@ class ConnectionSplit(_Sampler):
     The workers accept from one listening socket, so which worker takes a
     keep-alive connection is a race, and the hot path's 16 connections stay
     where they landed for the whole run. Read `per_worker` (established
-    connections on `port` held by each worker, fewest first) after the block.
+    connections on `port` held by each worker, fewest first) after the block;
+    it is sampled once, at `delay` or at the block's end if that comes first.
     """
 
     def __init__(self, master_pid: int, port: int, delay: float) -> None:
