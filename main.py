@@ -163,7 +163,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.config.update(config or {})
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
     app.config.setdefault("RATELIMIT_APPLICATION", app.config["RATE_LIMIT"])
-    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # flask-limiter's own headers would set Retry-After on every response, to its window's reset,
+    # over the Retry-After of a 409 or 503: `_rate_limit_headers` sends them instead.
+    app.config["RATELIMIT_HEADERS_ENABLED"] = False
     # If Redis goes away, keep limiting per process rather than failing requests.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     ansi.init_app(app)
@@ -201,6 +203,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.before_request(_require_json_body)
     limiter = Limiter(key_func=_rate_limit_key, app=app)
     limiter.exempt(probes)
+    app.after_request(lambda response: _rate_limit_headers(limiter, response))
     app.register_api(api)
     app.register_api(probes)
     limiter.exempt(app.view_functions["metrics"])
@@ -333,6 +336,27 @@ def _rate_limit_key() -> str:
         return f"key:{_authenticated_key().key_id}"
     except Unauthorized:
         return f"addr:{request.remote_addr or 'unknown'}"
+
+
+def _rate_limit_headers(limiter: Limiter, response: Response) -> Response:
+    """X-RateLimit-Limit, -Remaining and -Reset on every limited response; Retry-After only on a 429.
+
+    Other answers keep the Retry-After they were given (a 409's 1 s, a provider's wait on a 503).
+    """
+    limit = limiter.current_limit
+    if limit is None:
+        return response
+    try:
+        reset_at, remaining = limit.reset_at, limit.remaining
+    except Exception as exc:  # noqa: BLE001 - the storage went away after the check; its headers are not worth a failure
+        log.warning("no rate-limit headers: %s", exc.__class__.__name__)
+        return response
+    response.headers["X-RateLimit-Limit"] = str(limit.limit.amount)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(reset_at)
+    if response.status_code == 429:
+        response.headers["Retry-After"] = str(max(1, int(reset_at - time.time())))  # as flask-limiter counts it
+    return response
 
 
 def _archive():

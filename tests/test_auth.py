@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -233,6 +234,34 @@ def test_rate_limit_per_key_answers_429_with_retry_after(app_config, keys, stora
     if storage == "redis":
         stored = redis.Redis.from_url("redis://127.0.0.1:6379/0").keys(f"*{prefix}*")
         assert stored and not any(keys["client_a"].encode() in name for name in stored)
+
+
+def test_the_rate_limiter_leaves_other_answers_their_own_retry_after(provider_app, fake_model):
+    """With the limiter on, as in production: its headers on every answer, its Retry-After only on a 429."""
+    client = provider_app("anthropic", RATELIMIT_ENABLED=True, RATE_LIMIT="5 per minute", RATELIMIT_KEY_PREFIX=uuid.uuid4().hex)
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    fake_model.delay_next(1.0)
+    first = []
+    turn = threading.Thread(target=lambda: first.append(client.post("/chat", json={"conversation_id": conversation_id, "message": "a"})))
+    turn.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    busy = client.post("/chat", json={"conversation_id": conversation_id, "message": "b"})
+    turn.join()
+    fake_model.fail_next(429, headers={"retry-after": "7"})
+    overloaded = client.post("/chat", json={"conversation_id": conversation_id, "message": "c"})
+    limited = client.post("/chat", json={"conversation_id": conversation_id, "message": "d"})
+
+    assert first[0].status_code == 200 and "Retry-After" not in first[0].headers
+    assert first[0].headers["X-RateLimit-Limit"] == "5"
+    assert busy.status_code == 409 and busy.headers["Retry-After"] == "1"
+    assert overloaded.status_code == 503 and overloaded.headers["Retry-After"] == "7"
+    assert overloaded.headers["X-RateLimit-Remaining"] == "1"  # the new chat, the three turns: 4 of 5
+    assert int(first[0].headers["X-RateLimit-Reset"]) > time.time()
+    assert limited.status_code == 200 and int(limited.headers["X-RateLimit-Remaining"]) == 0
+    blocked = client.post("/chat", json={"conversation_id": conversation_id, "message": "e"})
+    assert blocked.status_code == 429 and 0 < int(blocked.headers["Retry-After"]) <= 60
 
 
 def test_made_up_keys_share_their_address_budget(app_config, keys):
