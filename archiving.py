@@ -95,6 +95,10 @@ def end_conversation(
     written within the request's bound (archive-idle or reconcile finish
     it). Idempotent: ending an ended conversation returns it unchanged.
     409 `turn_in_progress` while a turn holds the conversation.
+
+    Several requests (or a request and a job) may write the same `ending`
+    conversation at once: each writes the same document, and one that reads
+    after another has deleted the live messages writes nothing (`_try_write`).
     """
     conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
     if conversation.turn_lease_expires_at is not None and conversation.turn_lease_expires_at > utcnow():
@@ -105,8 +109,9 @@ def end_conversation(
         conversation.ended_at = conversation.updated_at = utcnow()
         conversation.claimed_until = conversation.ended_at + REQUEST_LEASE
     session.commit()  # the row lock ends here, before any archive I/O
-    if conversation.status == Status.ENDING:
-        archive_conversations(session, archive, settings, [conversation])
+    if conversation.status == Status.ENDING and archive_conversations(session, archive, settings, [conversation]).failed:
+        session.refresh(conversation)  # another writer may have ended it meanwhile
+        session.commit()
     return conversation
 
 
@@ -263,6 +268,10 @@ def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> Any:
 def _try_write(
     archive: Archive, summary: dict[str, Any], messages: list[tuple], files: list[dict[str, Any]]
 ) -> StoredObject | ArchiveError:
+    if len(messages) != summary["message_count"]:
+        # Read after another writer archived it and deleted its live messages: a document of
+        # what is left would replace the whole one.
+        return ArchiveError(f"{len(messages)} of its {summary['message_count']} messages are live; not written")
     try:
         return write_document(archive, _document(summary, messages, files))
     except ArchiveError as exc:

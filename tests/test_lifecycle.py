@@ -25,7 +25,7 @@ import pytest
 from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, delete, select, text, update
 
-from archiving import ENDING_LEASE, archive_document, archive_idle
+from archiving import ENDING_LEASE, archive_conversations, archive_document, archive_idle
 from conversations import message_dict
 from database_utils import AuditEvent, Conversation, Message, get_session, utcnow
 from main import create_app
@@ -225,6 +225,44 @@ def test_a_read_checks_the_recorded_checksum_once_and_botocore_adds_none(app, cl
         archive.get(row.s3_file_location, row.archive_sha256)
     assert json.loads(archive.get(row.s3_file_location))["messages"][0]["content"] == "rewritten"
     assert archive.client.meta.config.response_checksum_validation == "when_required"
+
+
+def test_a_late_writer_leaves_an_archived_conversation_whole(app, client):
+    """A writer that reads a conversation after another archived it and deleted its live messages
+    (two /end_chat at once, or a request and a job) writes nothing over the whole document."""
+    conversation_id = _talk(client, turns=2)
+    messages = _live_messages(app, conversation_id)
+    assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
+
+    with app.app_context():
+        session = get_session()
+        late = archive_conversations(
+            session, app.extensions["parley.archive"], app.config, [session.get(Conversation, uuid.UUID(conversation_id))]
+        )
+
+    assert late.failed == [uuid.UUID(conversation_id)] and late.archived == []
+    _assert_archived_once(app, conversation_id, messages)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_many_end_chats_at_once_archive_the_whole_conversation(app, client, keys):
+    for _ in range(4):
+        conversation_id = _talk(client, turns=2)
+        messages = _live_messages(app, conversation_id)
+        callers = [client_with_key(app, keys["client_a"]) for _ in range(8)]
+        start = threading.Barrier(len(callers))
+
+        def end(caller):
+            start.wait()
+            return caller.post("/end_chat", json={"conversation_id": conversation_id})
+
+        with ThreadPoolExecutor(len(callers)) as pool:
+            answers = list(pool.map(end, callers))
+        read = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+
+        assert {answer.status_code for answer in answers} <= {200, 202}, [answer.json for answer in answers]
+        _assert_archived_once(app, conversation_id, messages)
+        assert read.status_code == 200 and [m["content"] for m in read.json["messages"]] == [m["content"] for m in messages]
 
 
 # ---------------------------------------------------------------- archive-idle
