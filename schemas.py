@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     StringConstraints,
     model_validator,
 )
@@ -32,6 +33,8 @@ MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_METADATA_BYTES = 16 * 1024
 # File IDs one /chat message may refer to.
 MAX_FILES_PER_MESSAGE = 10
+# The largest seq a message can have: the column is a 32-bit INTEGER.
+MAX_SEQ = 2**31 - 1
 
 
 def _storable_text(value: str) -> str:
@@ -92,7 +95,8 @@ class NewChatRequest(_Request):
     conversation_name: Annotated[Text, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     system_prompt: Annotated[Text, StringConstraints(max_length=MAX_SYSTEM_PROMPT_CHARS)] | None = None
     metadata: Annotated[dict[str, Any], AfterValidator(_storable_metadata)] = Field(default_factory=dict)
-    knowledge: bool | None = Field(
+    # Strict: JSON's true or false only, not "yes" or 1, which would be taken silently.
+    knowledge: StrictBool | None = Field(
         default=None, description="Search the knowledge base on each turn (citations in replies); default KNOWLEDGE_DEFAULT."
     )
 
@@ -100,7 +104,7 @@ class NewChatRequest(_Request):
 class ChatRequest(_Request):
     conversation_id: uuid.UUID
     message: MessageText = Field(description="The user's message; limited by MAX_MESSAGE_CHARS (413 beyond).")
-    stream: bool = Field(
+    stream: StrictBool = Field(
         default=False,
         description="Answer with server-sent events (as does `Accept: text/event-stream`): `delta`..., then `done` or `error`.",
     )
@@ -141,7 +145,7 @@ class ConversationRef(_Request):
 
 class ConversationRead(ConversationRef):
     after_seq: int | None = Field(
-        default=None, ge=0, description="Only the messages after this seq (e.g. the last one you have): new staff messages."
+        default=None, ge=0, le=MAX_SEQ, description="Only the messages after this seq (e.g. the last one you have): new staff messages."
     )
 
 

@@ -153,6 +153,9 @@ def test_get_unknown_conversation_is_404(client):
         ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": ""}, "message"),
         ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": "   \n"}, "message"),
         ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": 42}, "message"),
+        ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": "hi", "stream": "yes"}, "stream"),
+        ("/chat", {"conversation_id": str(uuid.UUID(int=1)), "message": "hi", "stream": 1}, "stream"),
+        ("/new_chat", {"user_id": "u", "knowledge": "yes"}, "knowledge"),
         ("/end_chat", {}, "conversation_id"),
     ],
 )
@@ -181,6 +184,16 @@ def test_malformed_json_is_400_not_500(client, raw):
 
     assert response.status_code == 400
     assert set(response.json) >= {"error", "message"}
+
+
+@pytest.mark.parametrize("after_seq", ["-1", str(2**31), str(2**63), "1.5", "two"])
+def test_an_after_seq_no_message_can_have_is_400(client, after_seq):
+    conversation_id = _open(client)["conversation_id"]
+
+    response = client.get("/get_conversation", query_string={"conversation_id": conversation_id, "after_seq": after_seq})
+
+    assert response.status_code == 400
+    assert "after_seq" in [detail["field"] for detail in response.json["details"]]
 
 
 def test_non_json_body_is_400(client):
