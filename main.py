@@ -19,7 +19,7 @@ from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import ansi
@@ -224,6 +224,10 @@ def _require_json_body() -> None:
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
+    if request.content_length is None and len(request.get_data(cache=True)) >= request.max_content_length:
+        # A chunked body has no length to refuse up front: Werkzeug stops reading it at the
+        # limit, and what it read would fail as JSON.
+        raise RequestEntityTooLarge()
     try:
         body = request.get_json()
     except (BadRequest, RecursionError):

@@ -210,6 +210,25 @@ def test_a_refused_large_body_does_not_break_the_connection(serve):
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
+def test_a_chunked_body_over_the_limit_is_413_and_one_under_it_is_taken(serve):
+    """A body sent in chunks has no Content-Length to check up front; it is measured as it is read."""
+    server = serve()
+    answers = []
+    for padding in (300 * 1024, 10):
+        body = json.dumps({"user_id": "chunked", "metadata": {"note": "x" * padding}}).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("POST", "/new_chat", body=iter([body[: len(body) // 2], body[len(body) // 2 :]]), encode_chunked=True, headers={
+            "Authorization": f"Bearer {server.key}", "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        connection.close()
+
+    (refused, error), (created, opened) = answers
+    assert refused == 413 and error["error"] == "payload_too_large", error
+    assert created == 201 and opened["user_id"] == "chunked"
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
 def test_a_ten_mebibyte_upload_passes_gunicorn_and_one_byte_more_is_413(serve):
     """gunicorn's limit_request_* bound the request line and headers only; the body limit is Parley's."""
     server = serve()
