@@ -244,6 +244,11 @@ def test_a_late_writer_leaves_an_archived_conversation_whole(app, client):
     _assert_archived_once(app, conversation_id, messages)
 
 
+def _end_together(caller, conversation_id: str, start: threading.Barrier):
+    start.wait()
+    return caller.post("/end_chat", json={"conversation_id": conversation_id})
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_many_end_chats_at_once_archive_the_whole_conversation(app, client, keys):
     for _ in range(4):
@@ -251,13 +256,8 @@ def test_many_end_chats_at_once_archive_the_whole_conversation(app, client, keys
         messages = _live_messages(app, conversation_id)
         callers = [client_with_key(app, keys["client_a"]) for _ in range(8)]
         start = threading.Barrier(len(callers))
-
-        def end(caller):
-            start.wait()
-            return caller.post("/end_chat", json={"conversation_id": conversation_id})
-
         with ThreadPoolExecutor(len(callers)) as pool:
-            answers = list(pool.map(end, callers))
+            answers = list(pool.map(lambda caller, c=conversation_id, s=start: _end_together(caller, c, s), callers))
         read = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
 
         assert {answer.status_code for answer in answers} <= {200, 202}, [answer.json for answer in answers]
