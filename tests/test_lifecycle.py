@@ -7,6 +7,7 @@ write and its commit.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -257,7 +258,7 @@ def test_many_end_chats_at_once_archive_the_whole_conversation(app, client, keys
         callers = [client_with_key(app, keys["client_a"]) for _ in range(8)]
         start = threading.Barrier(len(callers))
         with ThreadPoolExecutor(len(callers)) as pool:
-            answers = list(pool.map(lambda caller, c=conversation_id, s=start: _end_together(caller, c, s), callers))
+            answers = list(pool.map(functools.partial(_end_together, conversation_id=conversation_id, start=start), callers))
         read = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
 
         assert {answer.status_code for answer in answers} <= {200, 202}, [answer.json for answer in answers]
