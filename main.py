@@ -6,7 +6,6 @@ Run it with `make run` (the embedded default, on gunicorn) or
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -264,7 +263,8 @@ def _authorize() -> Response | None:
             response = streaming.respond(streaming.replay(outcome.body))
             response.headers[idempotency.REPLAYED_HEADER] = "true"
             return response
-        response = current_app.response_class(json.dumps(outcome.body), outcome.status, mimetype="application/json")
+        response = current_app.json.response(outcome.body)  # the bytes the first answer had
+        response.status_code = outcome.status
         response.headers[idempotency.REPLAYED_HEADER] = "true"
         return response
     g.idempotency_claim = outcome

@@ -34,7 +34,7 @@ def test_a_retried_turn_returns_the_first_response_without_calling_the_model_aga
     retry = _post(client, "/chat", body, "turn-1")
 
     assert first.status_code == retry.status_code == 200
-    assert retry.json == first.json
+    assert retry.data == first.data  # the same bytes, not only the same JSON
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert len([r for r in fake_model.requests if r.path == "/v1/messages"]) == 1
@@ -124,7 +124,7 @@ def test_a_failed_turn_is_replayed_like_a_success_and_changes_nothing(provider_a
     fresh = _post(client, "/chat", body, "a-new-key")
 
     assert failed.status_code == retried.status_code == 502
-    assert retried.json == failed.json and failed.json["error"] == "model_error"
+    assert retried.data == failed.data and failed.json["error"] == "model_error"
     assert retried.headers["Idempotent-Replayed"] == "true"
     assert len(fake_model.requests) == 2  # the failure and the new key's turn; the retry made none
     assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
