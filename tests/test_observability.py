@@ -41,6 +41,24 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert "parley_db_pool_connections_in_use" in exposition
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_pool_gauge_counts_the_connections_checked_out(app):
+    """A turn holds a connection only for its statements, so a scrape mostly reads 0: hold two here."""
+    engine = app.extensions["parley.engine"]
+
+    def in_use() -> float:
+        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
+
+    before = in_use()
+    held = [engine.connect(), engine.connect()]
+    during = in_use()
+    for connection in held:
+        connection.close()
+
+    assert during == before + 2
+    assert in_use() == before
+
+
 def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_spans_it(provider_app, fake_model, app):
     client = provider_app("anthropic")
     conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
