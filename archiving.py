@@ -38,7 +38,7 @@ from auth import Caller
 from config import tune_garbage_collector
 from conversations import _visible_conversation, conversation_dict, message_dict
 from database_utils import AuditEvent, Conversation, Message, Transition, get_session, loads_json, utcnow
-from errors import TurnInProgress
+from errors import NotFound, TurnInProgress
 from files import delete_files, files_by_conversation
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
@@ -81,6 +81,16 @@ _JSON_FIELDS = ("usage", "file_ids")
 class BatchResult:
     archived: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
+    # Archived by another writer meanwhile, who deleted the live messages: nothing left to write.
+    superseded: list[uuid.UUID] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """Why a write was not made: fewer live messages than the conversation's `message_count`."""
+
+    live: int
+    expected: int
 
 
 # ---------------------------------------------------------------- ending one or many
@@ -98,7 +108,8 @@ def end_conversation(
 
     Several requests (or a request and a job) may write the same `ending`
     conversation at once: each writes the same document, and one that reads
-    after another has deleted the live messages writes nothing (`_try_write`).
+    after another has deleted the live messages writes nothing (`Superseded`)
+    and answers with the row as the other left it.
     """
     conversation = _visible_conversation(session, viewer, conversation_id, lock=True)
     if conversation.turn_lease_expires_at is not None and conversation.turn_lease_expires_at > utcnow():
@@ -109,9 +120,12 @@ def end_conversation(
         conversation.ended_at = conversation.updated_at = utcnow()
         conversation.claimed_until = conversation.ended_at + REQUEST_LEASE
     session.commit()  # the row lock ends here, before any archive I/O
-    if conversation.status == Status.ENDING and archive_conversations(session, archive, settings, [conversation]).failed:
-        session.refresh(conversation)  # another writer may have ended it meanwhile
+    if conversation.status == Status.ENDING and not archive_conversations(session, archive, settings, [conversation]).archived:
+        # Another writer may have ended it meanwhile, or `delete-user` erased it.
+        conversation = session.get(Conversation, conversation_id, populate_existing=True)
         session.commit()
+        if conversation is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
     return conversation
 
 
@@ -208,6 +222,10 @@ def _record_writes(
         if isinstance(outcome, StoredObject):
             written.append((conversation, outcome))
             result.archived.append(conversation.conversation_id)
+        elif isinstance(outcome, Superseded):
+            log.info("%s was archived by another writer (%d of %d messages live); not written again",
+                     conversation.conversation_id, outcome.live, outcome.expected)
+            result.superseded.append(conversation.conversation_id)
         else:
             log.warning("archive write failed, %s stays ending: %s", conversation.conversation_id, outcome)
             result.failed.append(conversation.conversation_id)
@@ -267,11 +285,11 @@ def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> Any:
 
 def _try_write(
     archive: Archive, summary: dict[str, Any], messages: list[tuple], files: list[dict[str, Any]]
-) -> StoredObject | ArchiveError:
+) -> StoredObject | ArchiveError | Superseded:
     if len(messages) != summary["message_count"]:
         # Read after another writer archived it and deleted its live messages: a document of
         # what is left would replace the whole one.
-        return ArchiveError(f"{len(messages)} of its {summary['message_count']} messages are live; not written")
+        return Superseded(len(messages), summary["message_count"])
     try:
         return write_document(archive, _document(summary, messages, files))
     except ArchiveError as exc:

@@ -16,6 +16,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
@@ -223,10 +224,15 @@ def _require_json_body() -> None:
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
-    if request.content_length is None and len(request.get_data(cache=True)) >= request.max_content_length:
-        # A chunked body has no length to refuse up front: Werkzeug stops reading it at the
-        # limit, and what it read would fail as JSON.
-        raise RequestEntityTooLarge()
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None:
+        # A chunked body has no length to refuse up front, and Werkzeug stops reading it at the
+        # limit without a word: read one byte more, to tell a body of the limit from a longer one.
+        request.max_content_length = limit + 1
+        too_large = len(request.get_data(cache=True)) > limit
+        request.max_content_length = limit
+        if too_large:
+            raise RequestEntityTooLarge()
     try:
         body = request.get_json()
     except (BadRequest, RecursionError):
@@ -352,8 +358,10 @@ def _rate_limit_headers(limiter: Limiter, response: Response) -> Response:
         return response
     try:
         reset_at, remaining = limit.reset_at, limit.remaining
-    except Exception as exc:  # noqa: BLE001 - the storage went away after the check; its headers are not worth a failure
+    except RedisError as exc:  # Redis went away after the check: no counts to report
         log.warning("no rate-limit headers: %s", exc.__class__.__name__)
+        if response.status_code == 429:
+            response.headers["Retry-After"] = str(limit.limit.get_expiry())  # at most one whole window
         return response
     response.headers["X-RateLimit-Limit"] = str(limit.limit.amount)
     response.headers["X-RateLimit-Remaining"] = str(remaining)

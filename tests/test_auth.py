@@ -279,9 +279,10 @@ def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
     config = {**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute", "REDIS_URL": f"redis://127.0.0.1:{free_ports(1)[0]}/0"}
     client = client_with_key(create_app(config), keys["client_a"])
 
-    statuses = [client.post("/new_chat", json={"user_id": "u"}).status_code for _ in range(3)]
+    answers = [client.post("/new_chat", json={"user_id": "u"}) for _ in range(3)]
 
-    assert statuses == [201, 201, 429]
+    assert [answer.status_code for answer in answers] == [201, 201, 429]
+    assert 0 < int(answers[-1].headers["Retry-After"]) <= 60 and answers[-1].headers["X-RateLimit-Remaining"] == "0"
 
 
 def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,30 +64,38 @@ def test_core_use_counts_a_masters_busy_children_as_workers():
     assert 0.4 < use.cores["workers"] < 1.5
 
 
-def _acceptor(listener: socket.socket, count: int) -> subprocess.Popen:
-    """A child that accepts `count` connections from `listener`, says so, and holds them until killed."""
-    code = (f"import socket, sys\nlistener = socket.socket(fileno={listener.fileno()})\n"
-            f"held = [listener.accept()[0] for _ in range({count})]\nprint('accepted', flush=True)\nsys.stdin.read()")
-    return subprocess.Popen([sys.executable, "-c", code], pass_fds=[listener.fileno()], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+# A stand-in for gunicorn's master: for each count it reads, a child that accepts that many
+# connections from the listening socket it was given, says so, and holds them.
+_MASTER = """
+import os, socket, sys, time
+listener = socket.socket(fileno=int(sys.argv[1]))
+for line in sys.stdin:
+    if os.fork() == 0:
+        held = [listener.accept()[0] for _ in range(int(line))]
+        print("accepted", flush=True)
+        while True:
+            time.sleep(60)
+"""
 
 
-def test_connection_split_counts_the_connections_each_child_accepted():
-    """Two children accept 3 and 2 connections from one listening socket, as two workers do."""
+def test_connection_split_counts_the_connections_each_worker_accepted():
+    """Two workers accept 3 and 2 connections from one listening socket."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    clients, children = [], []
+    master = subprocess.Popen([sys.executable, "-c", _MASTER, str(listener.fileno())], pass_fds=[listener.fileno()],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    clients = []
     try:
         for count in (3, 2):
-            children.append(_acceptor(listener, count))
+            master.stdin.write(f"{count}\n")
+            master.stdin.flush()
             clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
-            assert children[-1].stdout.readline() == "accepted\n"
-        with ConnectionSplit(os.getpid(), port, delay=0.0) as split:
+            assert master.stdout.readline() == "accepted\n"
+        with ConnectionSplit(master.pid, port, delay=0.0) as split:
             pass
     finally:
-        for child in children:
-            child.kill()
-            child.wait()
+        os.killpg(master.pid, signal.SIGKILL)
+        master.wait()
         for client in clients:
             client.close()
         listener.close()

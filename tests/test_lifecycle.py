@@ -24,11 +24,14 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from sqlalchemy import create_engine, delete, select, text, update
+from sqlalchemy import create_engine, delete, event, select, text, update
+from sqlalchemy.orm import Session
 
-from archiving import ENDING_LEASE, archive_conversations, archive_document, archive_idle
+from archiving import ENDING_LEASE, archive_conversations, archive_document, archive_idle, delete_user, end_conversation
+from auth import authenticate
 from conversations import message_dict
 from database_utils import AuditEvent, Conversation, Message, get_session, utcnow
+from errors import NotFound
 from main import create_app
 from s3_utils import (
     REQUEST_TIMEOUTS,
@@ -241,8 +244,45 @@ def test_a_late_writer_leaves_an_archived_conversation_whole(app, client):
             session, app.extensions["parley.archive"], app.config, [session.get(Conversation, uuid.UUID(conversation_id))]
         )
 
-    assert late.failed == [uuid.UUID(conversation_id)] and late.archived == []
+    assert late.superseded == [uuid.UUID(conversation_id)] and late.failed == [] and late.archived == []
     _assert_archived_once(app, conversation_id, messages)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_reconcile_that_meets_a_conversation_ended_meanwhile_does_not_count_it_failed(app, client):
+    """The row is claimed as `ending`, then /end_chat records it before reconcile reads it."""
+    conversation_id = _talk(client, turns=2)
+    messages = _live_messages(app, conversation_id)
+    _execute(app, update(Conversation).where(Conversation.conversation_id == uuid.UUID(conversation_id)).values(
+        status=Status.ENDING, ended_at=utcnow(), claimed_until=None))
+    with app.app_context():
+        session = get_session()
+        ending = session.get(Conversation, uuid.UUID(conversation_id))
+        assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
+        late = archive_conversations(session, app.extensions["parley.archive"], app.config, [ending])
+
+    assert (late.archived, late.failed, late.superseded) == ([], [], [uuid.UUID(conversation_id)])
+    _assert_archived_once(app, conversation_id, messages)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_end_chat_answers_404_when_the_user_is_erased_while_it_ends(app, client, keys):
+    """`delete-user` between /end_chat's move to `ending` and its read: nothing is written back, and no 500."""
+    conversation_id = _talk(client, turns=1, user_id="erase-me")
+    archive = app.extensions["parley.archive"]
+
+    def erase(_session) -> None:
+        with Session(app.extensions["parley.engine"]) as other:
+            delete_user(other, archive, "erase-me")
+
+    with app.app_context():
+        session = get_session()
+        caller = authenticate(session, f"Bearer {keys['client_a']}")
+        event.listen(session, "after_commit", erase, once=True)
+        with pytest.raises(NotFound):
+            end_conversation(session, archive, app.config, caller, uuid.UUID(conversation_id))
+
+    assert _row(app, conversation_id) is None and _objects(app, conversation_id) == []
 
 
 def _end_together(caller, conversation_id: str, start: threading.Barrier):
