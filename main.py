@@ -203,6 +203,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.before_request(_require_json_body)
     limiter = Limiter(key_func=_rate_limit_key, app=app)
     limiter.exempt(probes)
+    limiter.request_filter(lambda: request.method == "OPTIONS")  # a CORS preflight carries no key to count
     app.after_request(lambda response: _rate_limit_headers(limiter, response))
     app.register_api(api)
     app.register_api(probes)

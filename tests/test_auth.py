@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 import uuid
@@ -283,6 +284,45 @@ def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
 
     assert [answer.status_code for answer in answers] == [201, 201, 429]
     assert 0 < int(answers[-1].headers["Retry-After"]) <= 60 and answers[-1].headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_a_429_keeps_a_retry_after_when_redis_stops_after_the_check(app_config, keys, tmp_path):
+    """Redis answers the limit check, then stops before the answer's headers are written."""
+    from tests.seaweed import free_ports
+
+    port = free_ports(1)[0]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        store = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                store.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        app = create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "1 per minute",
+                          "REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+
+        @app.after_request  # runs before the hooks create_app registered
+        def stop_redis_on_a_429(response):
+            if response.status_code == 429:
+                server.terminate()
+                server.wait(10)
+            return response
+
+        client = client_with_key(app, keys["client_a"])
+        allowed = client.post("/new_chat", json={"user_id": "u"})
+        blocked = client.post("/new_chat", json={"user_id": "u"})
+    finally:
+        server.kill()
+        server.wait(10)
+
+    assert allowed.status_code == 201 and allowed.headers["X-RateLimit-Remaining"] == "0"
+    assert blocked.status_code == 429 and blocked.json["error"] == "rate_limited"
+    assert blocked.headers["Retry-After"] == "60"  # one whole window: no count to say less
+    assert "X-RateLimit-Remaining" not in blocked.headers
 
 
 def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):

@@ -218,6 +218,19 @@ def test_cors_allows_only_the_listed_origins(app_config, keys):
     assert "Access-Control-Allow-Origin" not in stranger.headers
 
 
+def test_cors_preflights_do_not_use_up_their_address_budget(app_config):
+    app = create_app({**app_config, "CORS_ORIGINS": "https://chat.example", "RATELIMIT_ENABLED": True,
+                      "RATE_LIMIT": "2 per minute", "RATELIMIT_KEY_PREFIX": uuid.uuid4().hex})
+    browser = app.test_client()
+
+    preflights = [browser.options("/new_chat", headers=PREFLIGHT) for _ in range(5)]
+    without_a_key = [browser.post("/new_chat", json={"user_id": "u"}).status_code for _ in range(3)]
+
+    assert [answer.status_code for answer in preflights] == [200] * 5
+    assert all(answer.headers["Access-Control-Allow-Origin"] == "https://chat.example" for answer in preflights)
+    assert without_a_key == [401, 401, 429]
+
+
 # ---------------------------------------------------------------- small things
 
 
