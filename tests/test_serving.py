@@ -280,6 +280,34 @@ def test_log_lines_are_json_with_the_request_id(serve):
     assert logged and logged[0]["path"] == "/new_chat" and logged[0]["status"] == 201
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_client_that_expects_100_continue_gets_the_413_after_sending_its_body(serve):
+    """gunicorn answers `Expect: 100-continue` before Parley sees the request (README, files' limits)."""
+    server = serve(MAX_CONTENT_LENGTH="2000")
+    body = json.dumps({"user_id": "x" * 3000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall((
+            f"POST /new_chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += connection.recv(65536)
+        interim, _, rest = interim.partition(b"\r\n\r\n")
+        _send_quietly(connection, body)
+        refused = _read_response(connection, rest)
+        small = json.dumps({"user_id": "after"}).encode()
+        connection.sendall((
+            f"POST /new_chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(small)}\r\n\r\n"
+        ).encode() + small)
+        created = _read_response(connection)
+
+    assert interim == b"HTTP/1.1 100 Continue"
+    assert refused.startswith(b"HTTP/1.1 413") and b'"payload_too_large"' in refused
+    assert created.startswith(b"HTTP/1.1 201") and b'"user_id":"after"' in created
+
+
 def _send_quietly(connection: socket.socket, data: bytes) -> None:
     try:
         connection.sendall(data)
@@ -287,9 +315,9 @@ def _send_quietly(connection: socket.socket, data: bytes) -> None:
         pass  # the server may answer and close before reading everything
 
 
-def _read_response(connection: socket.socket) -> bytes:
-    """One HTTP response (headers and a Content-Length body), or b"" if the connection closed."""
-    data = b""
+def _read_response(connection: socket.socket, data: bytes = b"") -> bytes:
+    """One HTTP response (headers and a Content-Length body; `data` is its start if already read),
+    or b"" if the connection closed."""
     try:
         while b"\r\n\r\n" not in data:
             chunk = connection.recv(65536)
