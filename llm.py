@@ -45,6 +45,7 @@ ECHO_CHOSEN_LABEL = "[echo model: not a real LLM, chosen with LLM_PROVIDER=echo]
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
+RETRY_AFTER_MAX_PASSED_ON = 86_400.0  # a provider's Retry-After beyond a day is passed on as a day
 # Connection pools per process that the model's requests are spread over (DeadlineTransport).
 POOL_SHARDS = 16
 # The echo model's pause between streamed words.
@@ -119,6 +120,8 @@ class RetryPolicy:
             for retries in range(self.max_retries + 1):
                 try:
                     return attempt()
+                except ValueError as exc:  # a body that is not JSON: no reply to read, and not retried
+                    raise _unreadable(provider) from exc
                 except sdk.APIError as exc:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
                     if not error.retryable or retries == self.max_retries:
@@ -272,12 +275,15 @@ class _SDKStream(ReplyStream):
 
     def _deltas(self) -> Iterator[str]:
         finished = False
-        for event in self._events:
-            text = self._read(self, event)
-            if text is None:
-                finished = True
-            else:
-                yield text
+        try:
+            for event in self._events:
+                text = self._read(self, event)
+                if text is None:
+                    finished = True
+                else:
+                    yield text
+        except _UNREADABLE as exc:
+            raise _unreadable(self.provider) from exc
         if not finished and self.stop_reason is None and not self.closed:
             raise ModelError(502, "model_error", f"the {self.provider} model's stream ended before the reply was complete", retryable=True)
 
@@ -344,6 +350,12 @@ class AnthropicModel:
         if offer_human:
             body["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
         response = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
+        try:
+            return self._read(response)
+        except _UNREADABLE as exc:
+            raise _unreadable(self.provider) from exc
+
+    def _read(self, response: Any) -> ModelReply:
         text = "".join(block.text for block in response.content if block.type == "text")
         handoff = next(
             (_reason(block.input) for block in response.content if block.type == "tool_use" and block.name == REQUEST_HUMAN), None
@@ -416,6 +428,12 @@ class OpenAIModel:
             function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
             body["tools"] = [{"type": "function", "function": function}]
         response = self.retries.call(lambda: self._create(body), openai, self.provider)
+        try:
+            return self._read(response)
+        except _UNREADABLE as exc:
+            raise _unreadable(self.provider) from exc
+
+    def _read(self, response: Any) -> ModelReply:
         if not response.choices:
             raise ModelError(502, "model_error", "the openai model returned no choices", retryable=True)
         choice = response.choices[0]
@@ -577,6 +595,15 @@ def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str
     return text
 
 
+# What reading a reply that lacks a field, or is not an object at all, raises:
+# the SDKs build their typed replies without validating them.
+_UNREADABLE = (AttributeError, KeyError, TypeError, ValueError)
+
+
+def _unreadable(provider: str) -> ModelError:
+    return ModelError(502, "model_error", f"the {provider} model's reply could not be read", retryable=True)
+
+
 def _stream_error(exc: Exception, provider: str) -> ModelError:
     """A failure while reading a stream, as the status Parley reports in its `error` event."""
     for sdk in (anthropic, openai):
@@ -615,16 +642,23 @@ def _retry_after_seconds(exc: Exception) -> float | None:
     value = response.headers.get("retry-after")
     try:
         if milliseconds is not None:
-            return max(float(milliseconds) / 1000, 0.0)
+            return _wait(float(milliseconds) / 1000)
         if value is None:
             return None
-        return max(float(value), 0.0)
+        return _wait(float(value))
     except ValueError:
         pass
     try:
-        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        return _wait(parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def _wait(seconds: float) -> float | None:
+    """A provider's wait as Parley uses it: none if not a number ("nan", "inf"), at most a day."""
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_PASSED_ON)
 
 
 def _backoff(retries: int) -> float:

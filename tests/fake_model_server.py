@@ -82,6 +82,7 @@ class _Fault:
     status: int
     body: Json | None
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None  # sent as it is, with headers["content-type"]
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.status == 0:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # a reset: no answer at all
+        elif fault is not None and fault.raw is not None:
+            self._start(fault.status, fault.headers["content-type"])
+            self.end_headers()
+            self.wfile.write(fault.raw)  # the body ends when the connection closes
         elif fault is not None:
             message = f"Injected error (HTTP {fault.status}) from FakeModelServer"
             default = _error_body(_provider(path, headers), fault.status, message)
@@ -486,6 +491,11 @@ class FakeModelServer:
         """Answer the next ``count`` requests with ``status`` and an error body in the provider's shape."""
         with self._lock:
             self._faults.extend(_Fault(status, body, dict(headers or {})) for _ in range(count))
+
+    def answer_raw_next(self, raw: bytes, content_type: str = "application/json", status: int = 200) -> None:
+        """Answer the next request with `raw` as it is: a body no reply can be read from, say."""
+        with self._lock:
+            self._faults.append(_Fault(status, None, {"content-type": content_type}, raw))
 
     def drop_next(self, count: int = 1) -> None:
         """Close the connection of the next ``count`` requests without answering."""

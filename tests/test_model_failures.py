@@ -4,6 +4,7 @@ The real SDKs talk to the local fake model server, which injects the faults.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -207,3 +208,78 @@ def test_a_silent_provider_is_a_504_within_the_total_deadline(provider_app, fake
     assert failed.status_code == 504
     assert time.monotonic() - started < 5
     assert _log(client, conversation_id) == []
+
+
+NOT_A_REPLY = {
+    "a list": b"[1, 2]",
+    "no fields": b'{"type": "message"}',
+    "no usage": b'{"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "hi"}]}',
+    "not JSON": b"<html>gateway</html>",
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("body", NOT_A_REPLY.values(), ids=NOT_A_REPLY.keys())
+def test_a_200_that_is_not_a_reply_is_a_retryable_502(provider_app, fake_model, provider, body):
+    client = provider_app(provider, LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(body)
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 502, failed.json
+    assert (failed.json["error"], failed.json["retryable"]) == ("model_error", True)
+    assert failed.json["message"] in (f"the {provider} model's reply could not be read", "the openai model returned no choices")
+    assert len(fake_model.requests) == 1
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+NOT_AN_EVENT = {
+    "anthropic": b'{"type": "message_start", "message": {}}',
+    "openai": b'{"object": "chat.completion.chunk", "choices": [{}]}',
+    "not JSON": b"<html>gateway</html>",
+}
+
+
+@pytest.mark.parametrize(("provider", "event"), [("anthropic", NOT_AN_EVENT["anthropic"]), ("openai", NOT_AN_EVENT["openai"]),
+                                                 ("anthropic", NOT_AN_EVENT["not JSON"]), ("openai", NOT_AN_EVENT["not JSON"])])
+def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(provider_app, fake_model, provider, event):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(b"event: message_start\ndata: " + event + b"\n\n", content_type="text/event-stream")
+
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    assert streamed.status_code == 200
+    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n")
+    assert json.loads(last.partition("data: ")[2]) == {
+        "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "inf", "-inf", "1e400", "soon"])
+def test_a_retry_after_that_is_not_a_wait_counts_as_none(provider_app, fake_model, retry_after):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(529, count=2, headers={"retry-after": retry_after})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.json["error"] == "model_unavailable"
+    assert "Retry-After" not in failed.headers
+    assert len(fake_model.requests) == 2  # retried after the backoff
+    assert _say(client, conversation_id).status_code == 200
+
+
+def test_a_retry_after_beyond_a_day_is_passed_on_as_a_day(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, headers={"retry-after": "1e300"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "86400"
+    assert len(fake_model.requests) == 1  # a day is past the deadline: answered at once
