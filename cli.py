@@ -7,6 +7,7 @@ server reads them.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ CHECKOUT = str(Path(__file__).resolve().parent)
 
 
 def _create_app():
+    # A command is not one of the server's workers: in the server's metrics
+    # directory its samples would join the server's totals.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from main import create_app
 
     return create_app()

@@ -75,21 +75,34 @@ class JsonLogger(Logger):
 
 logger_class = JsonLogger
 
-# prometheus-client's multiprocess mode: every worker writes its samples
-# here and /metrics merges them. Must be set before any worker imports it.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
+# The metrics directory this server made for itself, removed when it stops.
+_made_metrics_directory: list[str] = []
 
 
 def on_starting(server):
-    """Start with no samples from an earlier run; answer refused requests in JSON."""
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, exist_ok=True)
+    """Start with no samples from an earlier run; answer refused requests in JSON.
+
+    prometheus-client's multiprocess mode: every worker writes its samples in
+    PROMETHEUS_MULTIPROC_DIR and /metrics merges them. It is set here, in the
+    master, before any worker imports prometheus-client: to a new temporary
+    directory unless it names one, which is emptied.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
+        _made_metrics_directory.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
     from gunicorn import util
 
     util.write_error = _write_json_error
+
+
+def on_exit(server):
+    for directory in _made_metrics_directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def post_worker_init(worker):

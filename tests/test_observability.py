@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -82,6 +86,23 @@ def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_s
     assert _metric(after, "parley_turns_in_flight") == 0
     assert _metric(after, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="ok") == 1
     assert _metric(after, "parley_model_request_duration_seconds_sum", provider="anthropic", outcome="ok") > 0.5
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["missing", "made"])
+def test_a_parley_command_keeps_its_metrics_out_of_the_servers_directory(tmp_path, made):
+    """With the server's PROMETHEUS_MULTIPROC_DIR set (from .env, say), a command neither fails nor adds samples to it."""
+    directory = tmp_path / "metrics"
+    if made:
+        directory.mkdir()
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'parley.db'}", "ARCHIVE_URL": f"file://{tmp_path / 'archive'}",
+           "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+
+    result = subprocess.run([str(Path(sys.executable).parent / "parley"), "idempotency-purge"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (sorted(directory.iterdir()) == []) if made else not directory.exists()
 
 
 def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):

@@ -308,6 +308,24 @@ def test_a_client_that_expects_100_continue_gets_the_413_after_sending_its_body(
     assert created.startswith(b"HTTP/1.1 201") and b'"user_id":"after"' in created
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_the_metrics_directory_the_server_made_goes_when_it_stops(serve, tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = serve(PROMETHEUS_MULTIPROC_DIR="", TMPDIR=str(temporary))
+    server.new_chat()
+    status, body, _ = server.request("GET", "/metrics")
+    made = list(temporary.glob("parley-metrics-*"))
+    samples = sorted(path.name for path in made[0].iterdir()) if made else []
+
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=60)
+
+    assert status == 200 and 'route="/new_chat"' in body["text"]
+    assert len(made) == 1 and samples, samples
+    assert list(temporary.glob("parley-metrics-*")) == []
+
+
 def _send_quietly(connection: socket.socket, data: bytes) -> None:
     try:
         connection.sendall(data)
