@@ -75,7 +75,7 @@ class JsonLogger(Logger):
 
 logger_class = JsonLogger
 
-# The metrics directory this server made for itself, removed when it stops.
+# The metrics directory this server made for itself (`on_starting`), removed by `on_exit`.
 _made_metrics_directory: list[str] = []
 
 
@@ -101,6 +101,7 @@ def on_starting(server):
 
 
 def on_exit(server):
+    """The temporary metrics directory goes with the server (one PROMETHEUS_MULTIPROC_DIR names stays)."""
     for directory in _made_metrics_directory:
         shutil.rmtree(directory, ignore_errors=True)
 
