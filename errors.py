@@ -73,6 +73,10 @@ class RequestInProgress(Conflict):
     retry_after = 1
 
 
+class IdempotencyClaimLost(Conflict):
+    """A retry took this request's Idempotency-Key over after its lock ran out: the retry's answer is the key's."""
+
+
 class IdempotencyKeyReused(ApiError):
     status = 422
     error = "idempotency_key_reused"

@@ -32,7 +32,7 @@ from typing import Any
 import click
 from flask import Flask
 from flask.cli import with_appcontext
-from sqlalchemy import delete, or_, update
+from sqlalchemy import ColumnElement, delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,6 +42,7 @@ from errors import (
     DATABASE_NOT_MIGRATED,
     DATABASE_UNAVAILABLE,
     ApiError,
+    IdempotencyClaimLost,
     IdempotencyKeyReused,
     RequestInProgress,
     TurnInProgress,
@@ -61,10 +62,15 @@ UNKEPT_ERRORS = frozenset({TurnInProgress.error, DATABASE_UNAVAILABLE, DATABASE_
 
 @dataclass(frozen=True)
 class Claim:
-    """This request holds the key and runs."""
+    """This request holds the key and runs.
+
+    `claimed_at` is the record's `created_at` as this request set it: once its
+    lock ran out and a retry took the key over, the record is the retry's.
+    """
 
     key_id: uuid.UUID
     idempotency_key: str
+    claimed_at: datetime
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str
         session.add(record)
         try:
             session.commit()
-            return Claim(key_id, idempotency_key)
+            return Claim(key_id, idempotency_key, now)
         except IntegrityError:
             session.rollback()
         existing = session.get(IdempotencyRecord, (key_id, idempotency_key), populate_existing=True)
@@ -128,7 +134,7 @@ def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str
                 session.rollback()
                 raise RequestInProgress(f"the first request with {HEADER} {idempotency_key!r} is still running")
         if _take_over(session, key_id, idempotency_key, digest, now, lock_seconds, ttl):
-            return Claim(key_id, idempotency_key)
+            return Claim(key_id, idempotency_key, now)
     raise RequestInProgress(f"the request with {HEADER} {idempotency_key!r} is contended; retry")
 
 
@@ -161,13 +167,21 @@ def _take_over(
 
 
 def save_response(session: Session, held: Claim, status: int, body: dict[str, Any]) -> None:
-    """Store the response of the claiming request; the caller commits it with the request's work."""
-    session.execute(
+    """Store the response of the claiming request; the caller commits it with the request's work.
+
+    Raises 409 if a retry has taken the key over (this request outlived its
+    lock): the caller rolls its work back, and the retry's answer stands.
+    """
+    result = session.execute(
         update(IdempotencyRecord)
-        .where(IdempotencyRecord.key_id == held.key_id, IdempotencyRecord.idempotency_key == held.idempotency_key)
+        .where(_held(held), IdempotencyRecord.response_status.is_(None))
         .values(response_status=status, response_body=body)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount != 1:
+        raise IdempotencyClaimLost(
+            f"this request outlived its {HEADER} lock and a retry with the key took it over; nothing of it was stored"
+        )
 
 
 def keeps(status: int, body: Any) -> bool:
@@ -180,14 +194,17 @@ def keeps(status: int, body: Any) -> bool:
 def release(session: Session, held: Claim) -> None:
     """Drop the claim of a request that failed, so that a retry runs afresh."""
     session.rollback()
-    session.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.key_id == held.key_id,
-            IdempotencyRecord.idempotency_key == held.idempotency_key,
-            IdempotencyRecord.response_status.is_(None),
-        )
-    )
+    session.execute(delete(IdempotencyRecord).where(_held(held), IdempotencyRecord.response_status.is_(None)))
     session.commit()
+
+
+def _held(held: Claim) -> ColumnElement[bool]:
+    """The key's record while this request's claim is the one it holds."""
+    return (
+        (IdempotencyRecord.key_id == held.key_id)
+        & (IdempotencyRecord.idempotency_key == held.idempotency_key)
+        & (IdempotencyRecord.created_at == held.claimed_at)
+    )
 
 
 def purge_expired(session: Session) -> int:

@@ -293,6 +293,8 @@ def _keep_failure(response: Response) -> Response:
         idempotency.save_response(session, claim, response.status_code, body)
         session.commit()
         g.idempotency_saved = True
+    except errors.IdempotencyClaimLost:  # a retry holds the key now: its answer is the key's
+        session.rollback()
     except SQLAlchemyError as exc:  # released at teardown, or its lock runs out
         session.rollback()
         log.warning("could not store a failed request's answer: %s", exc.__class__.__name__)

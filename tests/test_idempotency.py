@@ -113,6 +113,69 @@ def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
     assert after.json == results["first"].json
 
 
+def _wait_for_model_calls(fake_model, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(fake_model.requests) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _stored(client, conversation_id: str) -> list[tuple[int, str, str]]:
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    return [(message["seq"], message["role"], message["content"]) for message in log["messages"]]
+
+
+def test_a_request_that_outlives_its_lock_leaves_the_key_to_the_retry_that_took_it_over(provider_app, fake_model):
+    """The first turn's model call outlasts its lock; a retry takes the key and the lease and answers.
+    The first then fails on its lost lease: its 409 must not replace the retry's stored 200."""
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=1)
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "slow"}
+    fake_model.delay_next(2.5)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "outlived")))
+    first.start()
+    _wait_for_model_calls(fake_model, 1)
+    time.sleep(1.3)  # the first request's lock and lease have run out
+
+    retry = _post(client, "/chat", body, "outlived")
+    first.join()
+    again = _post(client, "/chat", body, "outlived")
+
+    assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
+    assert results["first"].status_code == 409 and results["first"].json["error"] == "conflict"
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.data == retry.data
+    assert len(fake_model.requests) == 2
+    assert _stored(client, conversation_id) == [(1, "user", "slow"), (2, "assistant", retry.json["reply"])]
+
+
+def test_a_stream_that_outlives_its_lock_does_not_drop_the_claim_of_the_retry_that_took_it_over(provider_app, fake_model):
+    """The first stream ends after its lock ran out, while the retry that took the key over is still
+    running: the first's failure must not release the retry's claim (a third request would run again)."""
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=1)
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "a reply long enough to stream in many pieces", "stream": True}
+    fake_model.stream_interval = 0.2
+    fake_model.delay_next(0)
+    fake_model.delay_next(2.0)  # the retry's model call outlasts the first stream
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "streamed").get_data(as_text=True)))
+    first.start()
+    _wait_for_model_calls(fake_model, 1)
+    time.sleep(1.3)
+
+    retry = _post(client, "/chat", body, "streamed")
+    retry_events = retry.get_data(as_text=True)
+    first.join()
+    again = _post(client, "/chat", body, "streamed")
+
+    assert "event: error" in results["first"] and '"conflict"' in results["first"]
+    assert "event: done" in retry_events
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(fake_model.requests) == 2
+    assert [role for _, role, _ in _stored(client, conversation_id)] == ["user", "assistant"]
+
+
 def test_a_failed_turn_is_replayed_like_a_success_and_changes_nothing(provider_app, fake_model):
     client = provider_app("anthropic")
     conversation_id = _conversation(client)
