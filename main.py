@@ -122,6 +122,8 @@ UPLOAD_LIMITS: dict[str, Callable[[Mapping[str, Any]], int]] = {
     knowledge.UPLOAD_ENDPOINT: knowledge.max_request_bytes,
 }
 MULTIPART_ONLY_ROUTES = frozenset({"upload_file"})
+# How long the rate limiter waits on Redis before it limits from process memory instead.
+REDIS_TIMEOUT_SECONDS = 0.5
 
 _ERRORS = {code: ErrorResponse for code in (400, 401, 403, 404, 413, 429, 503)}
 _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
@@ -166,8 +168,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     # flask-limiter's own headers would set Retry-After on every response, to its window's reset,
     # over the Retry-After of a 409 or 503: `_rate_limit_headers` sends them instead.
     app.config["RATELIMIT_HEADERS_ENABLED"] = False
-    # If Redis goes away, keep limiting per process rather than failing requests.
+    # If Redis goes away, keep limiting per process rather than failing requests. A Redis that
+    # stops answering counts as gone after REDIS_TIMEOUT_SECONDS. Requests that met the failure
+    # while another one was switching to the fallback pass unlimited instead of failing.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
+    app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
+    if app.config["RATELIMIT_STORAGE_URI"].startswith(("redis://", "rediss://", "unix://")):
+        app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {
+            "socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS})
     ansi.init_app(app)
     if app.config["TRUSTED_PROXY_HOPS"]:
         # Take the client's address and scheme from that many proxies' X-Forwarded-* headers.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import threading
 import time
@@ -286,43 +287,93 @@ def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
     assert 0 < int(answers[-1].headers["Retry-After"]) <= 60 and answers[-1].headers["X-RateLimit-Remaining"] == "0"
 
 
-def test_a_429_keeps_a_retry_after_when_redis_stops_after_the_check(app_config, keys, tmp_path):
-    """Redis answers the limit check, then stops before the answer's headers are written."""
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own, to stop and kill: its URL and process."""
     from tests.seaweed import free_ports
 
     port = free_ports(1)[0]
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    try:
-        store = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                store.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        app = create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "1 per minute",
-                          "REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    store = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            store.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", server
+    server.send_signal(signal.SIGCONT)
+    server.kill()
+    server.wait(10)
 
-        @app.after_request  # runs before the hooks create_app registered
-        def stop_redis_on_a_429(response):
-            if response.status_code == 429:
-                server.terminate()
-                server.wait(10)
-            return response
 
-        client = client_with_key(app, keys["client_a"])
-        allowed = client.post("/new_chat", json={"user_id": "u"})
-        blocked = client.post("/new_chat", json={"user_id": "u"})
-    finally:
-        server.kill()
-        server.wait(10)
+def test_a_429_keeps_a_retry_after_when_redis_stops_after_the_check(app_config, keys, own_redis):
+    """Redis answers the limit check, then stops before the answer's headers are written."""
+    url, server = own_redis
+    app = create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "1 per minute", "REDIS_URL": url})
+
+    @app.after_request  # runs before the hooks create_app registered
+    def stop_redis_on_a_429(response):
+        if response.status_code == 429:
+            server.terminate()
+            server.wait(10)
+        return response
+
+    client = client_with_key(app, keys["client_a"])
+    allowed = client.post("/new_chat", json={"user_id": "u"})
+    blocked = client.post("/new_chat", json={"user_id": "u"})
 
     assert allowed.status_code == 201 and allowed.headers["X-RateLimit-Remaining"] == "0"
     assert blocked.status_code == 429 and blocked.json["error"] == "rate_limited"
     assert blocked.headers["Retry-After"] == "60"  # one whole window: no count to say less
     assert "X-RateLimit-Remaining" not in blocked.headers
+
+
+def test_a_redis_that_stops_answering_holds_requests_half_a_second_at_most(app_config, keys, own_redis):
+    url, server = own_redis
+    client = client_with_key(create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute", "REDIS_URL": url}),
+                             keys["client_a"])
+    assert client.get("/conversations").status_code == 200  # Redis counts this one
+
+    server.send_signal(signal.SIGSTOP)
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        timings.append((client.get("/conversations").status_code, time.monotonic() - started))
+
+    assert [status for status, _ in timings] == [200, 200, 429]  # limited from memory meanwhile
+    assert timings[0][1] < 3 and all(seconds < 1.5 for _, seconds in timings[1:]), timings
+
+
+def test_requests_that_meet_redis_going_away_together_are_not_500(app_config, keys, own_redis):
+    """Killed under concurrent load: the requests that meet the failure while one switches to the
+    in-memory fallback are answered, not failed."""
+    url, server = own_redis
+    app = create_app({**app_config, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "100000 per minute", "REDIS_URL": url})
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load():
+        client = client_with_key(app, keys["client_a"])
+        while not stop.is_set():
+            statuses.append(client.get("/conversations").status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    server.kill()
+    time.sleep(1.0)
+    stop.set()
+    for worker in workers:
+        worker.join(30)
+
+    assert len(statuses) > 50
+    assert set(statuses) == {200}, {status: statuses.count(status) for status in set(statuses)}
 
 
 def test_no_secret_sql_or_traceback_reaches_logs(app, client, keys, caplog):
