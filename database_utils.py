@@ -56,7 +56,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -72,6 +72,18 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_TAIL_PAGE = 16
 # A pooled PostgreSQL connection idle for this long is pinged before use.
 PING_IDLE_SECONDS = 1.0
+# libpq's settings for each PostgreSQL connection, unless DATABASE_URL names them: give up
+# connecting after 5 s, and drop a connection whose sent data goes unacknowledged for 30 s or
+# whose peer stops answering keepalives (a host or network that went away), so that a request
+# answers 503 instead of waiting on it for the kernel's 15 minutes.
+CONNECT_PARAMETERS = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 30_000,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 _TWENTY_DIGITS, _TWENTY_DIGITS_BYTES = re.compile("[0-9]{20}"), re.compile(b"[0-9]{20}")
 
 
@@ -339,8 +351,10 @@ def make_engine(
         return engine
     # A turn holds a connection only for its two short statements, never
     # during the model call, so a small pool serves many turns in flight.
+    named = make_url(url).query
     engine = create_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, json_deserializer=loads_json
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, json_deserializer=loads_json,
+        connect_args={name: value for name, value in CONNECT_PARAMETERS.items() if name not in named},
     )
     event.listen(engine.pool, "connect", _note_idle_since)
     event.listen(engine.pool, "checkin", _note_idle_since)

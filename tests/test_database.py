@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from database_utils import (
     get_conversation,
     get_session,
     load_context_tail,
+    make_engine,
 )
 from main import create_app
 from tests.conftest import client_with_key
@@ -279,6 +281,41 @@ def test_unreachable_database_is_503_without_details(app_config, keys):
     assert created.json["error"] == "database_unavailable"
     assert "s3cret" not in created.get_data(as_text=True) and "INSERT" not in created.get_data(as_text=True)
     assert ready.status_code == 503 and ready.json["checks"]["database"].startswith("unavailable")
+
+
+def test_a_database_that_accepts_but_never_answers_is_503_within_the_connect_timeout(app_config, keys):
+    """A host that takes the TCP connection and says nothing (a stuck proxy, a hung server)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/parley"}
+        client = client_with_key(create_app(config), keys["client_a"])
+        started = time.monotonic()
+        created = client.post("/new_chat", json={"user_id": "u"})
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+
+    assert created.status_code == 503 and created.json["error"] == "database_unavailable"
+    assert waited < 15, waited  # 5 s to connect (psycopg may try twice), not the kernel's minutes
+
+
+def test_postgresql_connections_give_up_on_a_host_that_went_away_unless_the_url_says_otherwise(postgres_url):
+    def parameters(url: str) -> dict[str, str]:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                return connection.connection.dbapi_connection.info.get_parameters()
+        finally:
+            engine.dispose()
+
+    default = parameters(postgres_url)
+    named = parameters(postgres_url + ("&" if "?" in postgres_url else "?") + "connect_timeout=7&keepalives_idle=60")
+
+    assert {name: default[name] for name in ("connect_timeout", "tcp_user_timeout", "keepalives", "keepalives_idle")} == {
+        "connect_timeout": "5", "tcp_user_timeout": "30000", "keepalives": "1", "keepalives_idle": "30"}
+    assert (named["connect_timeout"], named["keepalives_idle"], named["tcp_user_timeout"]) == ("7", "60", "30000")
 
 
 def test_workers_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path):
