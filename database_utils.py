@@ -351,10 +351,13 @@ def make_engine(
         return engine
     # A turn holds a connection only for its two short statements, never
     # during the model call, so a small pool serves many turns in flight.
-    named = make_url(url).query
+    parsed = make_url(url)
+    connect_args = {}
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = {name: value for name, value in CONNECT_PARAMETERS.items() if name not in parsed.query}
     engine = create_engine(
         url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, json_deserializer=loads_json,
-        connect_args={name: value for name, value in CONNECT_PARAMETERS.items() if name not in named},
+        connect_args=connect_args,
     )
     event.listen(engine.pool, "connect", _note_idle_since)
     event.listen(engine.pool, "checkin", _note_idle_since)

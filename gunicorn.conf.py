@@ -75,25 +75,22 @@ class JsonLogger(Logger):
 
 logger_class = JsonLogger
 
-# The metrics directory this server made for itself (`on_starting`), removed by `on_exit`.
+# prometheus-client's multiprocess mode: every worker writes its samples in
+# PROMETHEUS_MULTIPROC_DIR and /metrics merges them. The variable is set here,
+# before anything imports prometheus-client (with --preload, the master loads
+# the app before any server hook runs): to a new temporary directory unless it
+# names one. `on_exit` removes the directory made here.
 _made_metrics_directory: list[str] = []
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
+    _made_metrics_directory.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 
 def on_starting(server):
-    """Start with no samples from an earlier run; answer refused requests in JSON.
-
-    prometheus-client's multiprocess mode: every worker writes its samples in
-    PROMETHEUS_MULTIPROC_DIR and /metrics merges them. It is set here, in the
-    master, before any worker imports prometheus-client: to a new temporary
-    directory unless it names one, which is emptied.
-    """
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
-        _made_metrics_directory.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    """Start with no samples from an earlier run (nor the master's, with --preload); answer refused requests in JSON."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
 
     from gunicorn import util
 

@@ -180,7 +180,7 @@ def save_response(session: Session, held: Claim, status: int, body: dict[str, An
     )
     if result.rowcount != 1:
         raise IdempotencyClaimLost(
-            f"this request outlived its {HEADER} lock and a retry with the key took it over; nothing of it was stored"
+            f"this request outlived its {HEADER} lock and a retry with the key took it over; the retry's answer is the key's"
         )
 
 

@@ -120,7 +120,7 @@ class RetryPolicy:
             for retries in range(self.max_retries + 1):
                 try:
                     return attempt()
-                except ValueError as exc:  # a body that is not JSON: no reply to read, and not retried
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a body that is not JSON: no reply, not retried
                     raise _unreadable(provider) from exc
                 except sdk.APIError as exc:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
@@ -575,10 +575,13 @@ def _reason(tool_input: Any) -> str:
     return reason.replace("\x00", "")[:1000] if isinstance(reason, str) and reason.strip() else DEFAULT_HANDOFF_REASON
 
 
-def _arguments(raw: str | None) -> Any:
+def _arguments(raw: str | dict | None) -> Any:
+    """A tool call's arguments: JSON text, or (from some compatible servers) already an object."""
+    if isinstance(raw, dict):
+        return raw
     try:
         return json.loads(raw or "{}")
-    except ValueError:
+    except (TypeError, ValueError):
         return {}
 
 

@@ -344,18 +344,19 @@ def _authenticated_key() -> Caller:
     if "auth" not in g:
         try:
             g.auth = authenticate(get_session(), request.headers.get("Authorization"))
-        except Unauthorized as exc:
+        except (Unauthorized, SQLAlchemyError) as exc:  # a database failure is answered once, by the route
+            get_session().rollback()
             g.auth = exc
-    if isinstance(g.auth, Unauthorized):
+    if isinstance(g.auth, Exception):
         raise g.auth
     return g.auth
 
 
 def _rate_limit_key() -> str:
-    """Limits count per valid key; requests without one share their address's budget."""
+    """Limits count per valid key; requests without one (or whose key could not be looked up) share their address's budget."""
     try:
         return f"key:{_authenticated_key().key_id}"
-    except Unauthorized:
+    except (Unauthorized, SQLAlchemyError):
         return f"addr:{request.remote_addr or 'unknown'}"
 
 

@@ -89,7 +89,7 @@ def test_the_graceful_timeout_follows_the_models_deadline(environment, graceful)
 def _gunicorn_setting(name: str, environment: dict[str, str] | None = None):
     """A setting as gunicorn.conf.py makes it under `environment` (read in a new process: the file sets variables)."""
     env = {key: value for key, value in os.environ.items() if key not in ("GRACEFUL_TIMEOUT", "LLM_TOTAL_TIMEOUT_SECONDS")}
-    env.update(environment or {})
+    env.update(PROMETHEUS_MULTIPROC_DIR=os.devnull, **(environment or {}))  # the file makes a directory otherwise
     code = f"import json, runpy; print(json.dumps(runpy.run_path('gunicorn.conf.py')[{name!r}]))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -3,6 +3,7 @@ conversation, staff messages in the model's context, automatic triggers (the
 request_human tool through the real SDKs), after_seq, the staff queue, audit."""
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -284,6 +285,24 @@ def test_the_model_hands_off_with_the_request_human_tool(provider_app, fake_mode
         ("user", "This charge is wrong!"), ("assistant", "Let me fetch a colleague."),
     ]
     assert [(h["actor"], h["reason"]) for h in log["handoff_history"]] == [("model", "the user disputes a charge")]
+
+
+def test_a_compatible_server_that_sends_tool_arguments_as_an_object_hands_off(provider_app, fake_model):
+    """OpenAI sends `arguments` as JSON text; some compatible servers send the object itself."""
+    client = provider_app("openai")
+    conversation_id = _open(client)
+    call = {"id": "call_1", "type": "function", "function": {"name": "request_human", "arguments": {"reason": "a refund"}}}
+    fake_model.answer_raw_next(json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "openai-test-model",
+        "choices": [{"index": 0, "finish_reason": "tool_calls",
+                     "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }).encode())
+
+    response = _chat(client, conversation_id, "I want my money back")
+
+    assert response.status_code == 202 and response.json["handoff"] == "needs_human"
+    assert _read(client, conversation_id)["handoff_history"][0]["reason"] == "a refund"
 
 
 def test_a_tool_call_without_words_stores_only_the_user_message(provider_app, fake_model):

@@ -309,10 +309,12 @@ def test_a_client_that_expects_100_continue_gets_the_413_after_sending_its_body(
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
-def test_the_metrics_directory_the_server_made_goes_when_it_stops(serve, tmp_path):
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+def test_the_metrics_directory_the_server_made_goes_when_it_stops(serve, tmp_path, preload):
+    """With --preload the app (and prometheus-client) loads in the master, before any server hook runs."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    server = serve(PROMETHEUS_MULTIPROC_DIR="", TMPDIR=str(temporary))
+    server = serve(PROMETHEUS_MULTIPROC_DIR="", TMPDIR=str(temporary), GUNICORN_CMD_ARGS="--preload" if preload else "")
     server.new_chat()
     status, body, _ = server.request("GET", "/metrics")
     made = list(temporary.glob("parley-metrics-*"))
