@@ -442,6 +442,13 @@ def get_session() -> Session:
     return g.db_session
 
 
+def rollback_session() -> None:
+    """Roll back the current request's session, if it has one (opening it may be what failed)."""
+    session = g.get("db_session")
+    if session is not None:
+        session.rollback()
+
+
 def _close_session(_exc: BaseException | None = None) -> None:
     session = g.pop("db_session", None)
     if session is not None:

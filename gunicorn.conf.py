@@ -13,6 +13,7 @@ nothing that makes sockets or locks: gevent patches the standard library
 when each worker starts, after this file and the hooks' master-side code
 have run. The app itself is loaded in each worker, after the patching.
 """
+import atexit
 import json
 import math
 import os
@@ -79,11 +80,19 @@ logger_class = JsonLogger
 # PROMETHEUS_MULTIPROC_DIR and /metrics merges them. The variable is set here,
 # before anything imports prometheus-client (with --preload, the master loads
 # the app before any server hook runs): to a new temporary directory unless it
-# names one. `on_exit` removes the directory made here.
+# names one. It is removed when the master exits (on_exit), and by the
+# process that made it when that exits: gunicorn itself after --check-config
+# or --print-config, which run no server hook (nor the workers forked from it).
 _made_metrics_directory: list[str] = []
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="parley-metrics-")
     _made_metrics_directory.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    _made_by = os.getpid()
+
+    @atexit.register
+    def _remove_on_exit_of_the_maker() -> None:
+        if os.getpid() == _made_by:  # not in a worker: they inherit exit handlers
+            on_exit(None)
 
 
 def on_starting(server):

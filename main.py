@@ -54,7 +54,7 @@ from conversations import (
     read_conversation,
     search_conversations,
 )
-from database_utils import get_session, utcnow
+from database_utils import get_session, rollback_session, utcnow
 from errors import Forbidden, Unauthorized
 from llm import ChatModel, make_model
 from s3_utils import make_archive
@@ -345,8 +345,8 @@ def _authenticated_key() -> Caller:
         try:
             g.auth = authenticate(get_session(), request.headers.get("Authorization"))
         except (Unauthorized, SQLAlchemyError) as exc:  # a database failure is answered once, by the route
-            get_session().rollback()
             g.auth = exc
+            rollback_session()
     if isinstance(g.auth, Exception):
         raise g.auth
     return g.auth

@@ -287,6 +287,28 @@ def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_config, keys):
     assert 0 < int(answers[-1].headers["Retry-After"]) <= 60 and answers[-1].headers["X-RateLimit-Remaining"] == "0"
 
 
+def test_a_database_down_while_the_rate_limiter_looks_up_the_key_is_one_503_on_the_address_budget(app_config, keys):
+    """The limiter asks for the key first; its lookup's failure is kept, and the route answers it without a second try."""
+    from sqlalchemy import event
+
+    from tests.seaweed import free_ports
+
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_ports(1)[0]}/parley"
+    app = create_app({**app_config, "DATABASE_URL": down, "RATELIMIT_ENABLED": True, "RATE_LIMIT": "2 per minute",
+                      "RATELIMIT_KEY_PREFIX": uuid.uuid4().hex})
+    attempts = []
+    event.listen(app.extensions["parley.engine"], "do_connect", lambda *_: attempts.append(1))
+    client = client_with_key(app, keys["client_a"])
+
+    answers = [client.post("/chat", json={"conversation_id": str(uuid.uuid4()), "message": "hi"}) for _ in range(3)]
+
+    assert [(answer.status_code, answer.json["error"]) for answer in answers] == [
+        (503, "database_unavailable"), (503, "database_unavailable"), (429, "rate_limited"),
+    ]
+    assert [answer.headers["X-RateLimit-Remaining"] for answer in answers] == ["1", "0", "0"]
+    assert len(attempts) == 3  # one connection attempt per request, the 429's by the limiter
+
+
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of the test's own, to stop and kill: its URL and process."""

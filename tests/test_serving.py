@@ -328,6 +328,27 @@ def test_the_metrics_directory_the_server_made_goes_when_it_stops(serve, tmp_pat
     assert list(temporary.glob("parley-metrics-*")) == []
 
 
+@pytest.mark.parametrize("option", ["--check-config", "--print-config"])
+def test_checking_the_config_leaves_no_metrics_directory(tmp_path, option):
+    """These run no server hook: the directory the config made goes when gunicorn exits."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": "",
+        "TMPDIR": str(temporary),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'parley.db'}",
+        "ARCHIVE_URL": f"file://{tmp_path / 'archive'}",
+    }
+    done = subprocess.run(
+        [GUNICORN, "-c", "gunicorn.conf.py", option, "main:create_app()"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert list(temporary.glob("parley-metrics-*")) == []
+
+
 def _send_quietly(connection: socket.socket, data: bytes) -> None:
     try:
         connection.sendall(data)
