@@ -5,23 +5,102 @@ Templates run in Jinja2's `SandboxedEnvironment` (no attribute tricks, no
 code from user data; never `str.format` or `eval`). A placeholder with no
 variable renders empty and is reported. Strings render as themselves,
 other values as JSON.
+
+Any client may set a system prompt, and it renders inside a turn, on the
+worker's event loop. The sandbox keeps a template from reaching Python, not
+from taking the worker's time or memory, so the language is cut to what a
+prompt needs (expressions, `if`, `for` and the filters in `FILTERS`; no
+calls, macros or assignments) and every render is bounded: at most
+`RENDER_SECONDS` of work and `RENDERED_MAX_CHARS` characters, checked at
+each loop step, operator, filter and piece of output.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateError, Undefined, meta
+from jinja2 import ChainableUndefined, TemplateError, Undefined, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from errors import ApiError
+
+RENDER_SECONDS = 0.25
+RENDERED_MAX_CHARS = 1_000_000
+# Filters whose work is about the size of their input, and that take no
+# argument that could multiply it (`join`'s separator is checked instead).
+FILTERS = frozenset({
+    "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float", "int",
+    "items", "join", "last", "length", "list", "lower", "max", "min", "reverse", "round", "sort",
+    "string", "sum", "title", "tojson", "trim", "unique", "upper", "wordcount",
+})
+# Template nodes a prompt may use; anything else (calls, {% set %}, macros,
+# blocks, includes, ...) is refused when the prompt is set.
+_ALLOWED = (
+    nodes.Template, nodes.Output, nodes.TemplateData, nodes.If, nodes.For,
+    nodes.Name, nodes.Const, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.Keyword,
+    nodes.Getattr, nodes.Getitem, nodes.Slice, nodes.Test, nodes.CondExpr, nodes.Filter,
+    nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.Compare, nodes.Operand, nodes.Concat,
+    nodes.Add, nodes.Sub, nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Mod, nodes.Pow,
+)
+_REFUSED_NAMES = {
+    "Call": "calls", "Assign": "{% set %}", "AssignBlock": "{% set %}", "Macro": "macros", "CallBlock": "{% call %}",
+    "FilterBlock": "{% filter %}", "With": "{% with %}", "Include": "{% include %}", "Import": "{% import %}",
+    "FromImport": "{% import %}", "Extends": "{% extends %}", "Block": "{% block %}", "Scope": "{% scope %}",
+}
+_POWER_MAX_BITS = 4096
+
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("template_deadline", default=float("inf"))
 
 
 class SystemPromptError(ApiError):
     status = 422
     error = "system_prompt_error"
+
+
+def _check_time() -> None:
+    if time.monotonic() > _deadline.get():
+        raise SecurityError(f"rendering took longer than {RENDER_SECONDS} s")
+
+
+def _check_size(chars: int) -> None:
+    if chars > RENDERED_MAX_CHARS:
+        raise SecurityError(f"a value of more than {RENDERED_MAX_CHARS:,} characters")
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 0
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    intercepted_binops = frozenset({"+", "*", "%", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_time()
+        if operator == "+":
+            _check_size(_sized(left) + _sized(right))
+        elif operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if _sized(sequence) and isinstance(times, int):
+                    _check_size(_sized(sequence) * times)
+        elif operator == "%" and isinstance(left, str):
+            raise SecurityError("% formatting of text is not available; use ~ to join text")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and left.bit_length() * right > _POWER_MAX_BITS:
+                raise SecurityError(f"a power of more than {_POWER_MAX_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _check_time()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _check_time()
+        return super().getitem(obj, argument)
 
 
 def _finalize(value: Any) -> Any:
@@ -30,16 +109,84 @@ def _finalize(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+def _timed(function: Callable) -> Callable:
+    @functools.wraps(function)  # keeps Jinja's pass_* marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_time()
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _loop(items: Any) -> Iterator[Any]:
+    """Every `for` loop's items, checking the time at each step."""
+    for item in items:
+        _check_time()
+        yield item
+
+
+def _concat(parts: Iterable[Any]) -> str:
+    """`a ~ b ~ c`, refused before it is built when it would be too long."""
+    texts = [str(part) for part in parts]
+    _check_size(sum(map(len, texts)))
+    return "".join(texts)
+
+
+def _join(environment_join: Callable) -> Callable:
+    @functools.wraps(environment_join)
+    def join(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+        value = list(value)
+        _check_size(len(value) * len(str(d)))
+        return environment_join(eval_ctx, value, d, attribute)
+
+    return join
+
+
 @functools.cache
-def _environment() -> SandboxedEnvironment:
-    return SandboxedEnvironment(undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True)
+def _environment() -> _BoundedEnvironment:
+    environment = _BoundedEnvironment(undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True)
+    builtin = environment.filters
+    environment.filters = {name: _timed(builtin[name]) for name in FILTERS}
+    environment.filters["join"] = _timed(_join(builtin["join"]))
+    environment.filters["parley_loop"] = _loop
+    environment.filters["parley_concat"] = _concat
+    environment.globals.clear()  # range, dict, lipsum, cycler, joiner, namespace: nothing to call
+    return environment
+
+
+def _bounded(tree: nodes.Template) -> nodes.Template:
+    """Refuse what a prompt may not use; route loops and `~` through their checks."""
+    for node in tree.find_all(nodes.Node):
+        if not isinstance(node, _ALLOWED):
+            what = _REFUSED_NAMES.get(type(node).__name__, type(node).__name__)
+            raise SecurityError(f"{what} is not available in a system prompt (use expressions, filters, if and for)")
+        if isinstance(node, nodes.For) and node.recursive:
+            raise SecurityError("recursive loops are not available in a system prompt")
+        if isinstance(node, nodes.Filter) and node.name not in FILTERS:
+            raise SecurityError(f"the filter {node.name!r} is not available in a system prompt")
+    for loop in list(tree.find_all(nodes.For)):
+        loop.iter = nodes.Filter(loop.iter, "parley_loop", [], [], None, None, lineno=loop.lineno)
+    for parent in [tree, *tree.find_all(nodes.Node)]:
+        for field in parent.fields:
+            child = getattr(parent, field)
+            if isinstance(child, nodes.Concat):
+                setattr(parent, field, _as_filter(child))
+            elif isinstance(child, list):  # in place: a List made from a Concat shares its list
+                child[:] = [_as_filter(item) if isinstance(item, nodes.Concat) else item for item in child]
+    return tree
+
+
+def _as_filter(concat: nodes.Concat) -> nodes.Filter:
+    return nodes.Filter(nodes.List(concat.nodes, lineno=concat.lineno), "parley_concat", [], [], None, None, lineno=concat.lineno)
 
 
 @functools.lru_cache(maxsize=512)
 def _compiled(source: str):
     """The template and the names it reads, compiled once per distinct prompt."""
     environment = _environment()
-    return environment.from_string(source), frozenset(meta.find_undeclared_variables(environment.parse(source)))
+    tree = environment.parse(source)
+    names = frozenset(meta.find_undeclared_variables(tree))
+    return environment.from_string(_bounded(tree)), names
 
 
 def check_template(source: str) -> None:
@@ -54,9 +201,17 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
     """The prompt with its placeholders filled, and the names that had no variable."""
     if not source or ("{{" not in source and "{%" not in source):
         return source, []
+    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
     try:
         template, names = _compiled(source)
-        text = template.render(dict(variables))
-    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        pieces, chars = [], 0
+        for piece in template.generate(dict(variables)):
+            chars += len(piece)
+            _check_size(chars)
+            _check_time()
+            pieces.append(piece)
+    except (TemplateError, ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as exc:
         raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
-    return text, sorted(names - set(variables))
+    finally:
+        _deadline.reset(token)
+    return "".join(pieces), sorted(names - set(variables))

@@ -191,9 +191,7 @@ def test_system_prompt_placeholders_are_filled_at_each_turn(provider_app, fake_m
     assert stored["system_prompt"].startswith("Help {{ name }}")
 
 
-@pytest.mark.parametrize(
-    "template", ["{{ name.__class__.__mro__ }}", "{{ name.__init__.__globals__ }}", "{{ ''.__class__.__subclasses__() }}"]
-)
+@pytest.mark.parametrize("template", ["{{ name.__class__.__mro__ }}", "{{ name.__init__.__globals__ }}", "{{ name.__class__ }}"])
 def test_the_template_sandbox_gives_nothing_away(provider_app, fake_model, template):
     client = provider_app("anthropic")
     conversation_id = _open(client, system_prompt="x" + template)
@@ -205,6 +203,74 @@ def test_the_template_sandbox_gives_nothing_away(provider_app, fake_model, templ
         assert fake_model.requests[-1].body["system"] == "x"
     else:
         assert response.status_code == 422 and response.json["error"] == "system_prompt_error"
+
+
+def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake_model):
+    client = provider_app("anthropic")
+    template = (
+        "{% if vip %}VIP{% else %}Guest{% endif %} {{ name|default('there')|title }}: "
+        "{% for item in cart|sort %}{{ loop.index }}. {{ item ~ '!' }}{% if not loop.last %}, {% endif %}{% endfor %}"
+        " ({{ cart|join('/') }}; {{ price * 2 }}; {{ 2 ** 10 }}; {{ 7 % 3 }}; {{ cart|length + 1 }})"
+    )
+    conversation_id = _open(client, system_prompt=template)
+    client.patch(f"/conversations/{conversation_id}/variables", json={"vip": True, "name": "ann lee", "cart": ["b", "a"], "price": 3})
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 200, response.json
+    assert fake_model.requests[-1].body["system"] == "VIP Ann Lee: 1. a!, 2. b! (b/a; 6; 1024; 1; 3)"
+
+
+@pytest.mark.parametrize("template", [
+    "{% for n in range(100000) %}{% endfor %}",
+    "{{ name.upper() }}",
+    "{% set x = 1 %}",
+    "{% macro f() %}{{ f() }}{% endmacro %}",
+    "{{ name|center(1000000000) }}",
+    "{{ cart|map('center', 1000000000)|list }}",
+    "{% for item in cart recursive %}{{ loop(item) }}{% endfor %}",
+    "{% include 'other' %}",
+    "{% filter upper %}x{% endfilter %}",
+])
+def test_templates_that_could_take_a_worker_are_refused_when_set(client, template):
+    """Calls, assignments, macros and filters that multiply their input: none is needed to fill a prompt."""
+    response = client.post("/new_chat", json={"user_id": "u", "system_prompt": "x" + template})
+
+    assert response.status_code == 400 and response.json["error"] == "bad_request", response.json
+    assert "system_prompt is not a valid template" in response.json["message"]
+
+
+@pytest.mark.parametrize("template, cause", [
+    ("{% for a in s %}{% for b in s %}{% for c in s %}{{ b }}{% endfor %}{% endfor %}{% endfor %}", "longer than 0.25 s"),
+    ("{% for a in s %}{% for b in s %}{% for c in s %}{% if c == a %}{% endif %}{% endfor %}{% endfor %}{% endfor %}", "longer than 0.25 s"),
+    ("{{ s * 1000000000 }}", "more than 1,000,000 characters"),
+    ("{{ [s] * 1000000000 }}", "more than 1,000,000 characters"),
+    ("{{ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s }}",
+     "more than 1,000,000 characters"),
+    ("{% for a in s %}{{ s }}{{ s }}{{ s }}{{ s }}{{ s }}{% endfor %}", "more than 1,000,000 characters"),
+    ("{{ s|join(s) }}", "more than 1,000,000 characters"),
+    ("{{ '%999999999d' % 1 }}", "% formatting of text"),
+    ("{{ 9 ** (9 ** 9) }}", "a power of more than 4096 bits"),
+])
+def test_a_template_whose_render_would_take_the_worker_is_a_422(client, template, cause):
+    """Every render is bounded in time and size: a 422 at once, not a worker held until it is killed."""
+    conversation_id = _open(client, system_prompt=template)
+    assert _put(client, conversation_id, "s", "x" * 15_000).status_code == 200
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    after = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+
+    assert response.status_code == 422 and response.json["error"] == "system_prompt_error", response.json
+    assert cause in response.json["message"]
+    assert after["messages"] == []
+
+
+def test_a_stored_template_that_is_no_longer_allowed_fails_its_turn_with_a_422():
+    """A prompt set before the language was cut renders as a turn's 422, not a 500."""
+    from prompt_template import SystemPromptError, render_system_prompt
+
+    with pytest.raises(SystemPromptError, match="{% set %} is not available"):
+        render_system_prompt("{% set x = 1 %}{{ x }}", {})
 
 
 def test_an_invalid_template_is_refused_when_the_conversation_opens(client):
