@@ -627,6 +627,8 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
     if isinstance(exc, sdk.APIConnectionError):
         return ModelError(503, "model_unavailable", f"could not connect to the {provider} model", retryable=True)
     status = getattr(exc, "status_code", None)
+    if status in (None, 200):  # an error event inside a stream that began with 200: its type tells
+        status = _STATUS_OF_ERROR_TYPE.get(_error_type(exc), status)
     retry_after = _retry_after_seconds(exc)
     wait = None if retry_after is None else math.ceil(retry_after)
     if status in (429, 529):
@@ -634,6 +636,22 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
         return ModelError(503, "model_unavailable", message, retryable=True, retry_after=wait)
     retryable = status in RETRYABLE_STATUSES
     return ModelError(502, "model_error", f"the {provider} model failed (upstream status {status})", retryable, wait)
+
+
+# The HTTP status each provider's error type stands for, for an error that
+# arrives as a stream event (Anthropic's `error` event, OpenAI's `error` chunk).
+_STATUS_OF_ERROR_TYPE = {
+    "overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "timeout_error": 504,  # Anthropic
+    "server_error": 500, "rate_limit_exceeded": 429, "requests": 429, "tokens": 429,  # OpenAI
+}
+
+
+def _error_type(exc: Exception) -> str | None:
+    """The error's type in the provider's body: `{"error": {"type": ...}}`, or the inner object itself."""
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _retry_after_seconds(exc: Exception) -> float | None:

@@ -108,8 +108,10 @@ def test_a_provider_failing_mid_stream_ends_with_one_error_event_and_stores_noth
     events = parse_events(response.data)
     names = [name for name, _ in events]
     assert "delta" in names and names[-1] == "error" and "done" not in names
+    # The fake fails Anthropic with an overloaded_error event, OpenAI with a server_error chunk, Bedrock by cutting the stream.
+    expected = {"anthropic": "model_unavailable", "openai": "model_error", "bedrock": "model_error"}[provider]
     error = events[-1][1]
-    assert error["error"] in ("model_error", "model_unavailable") and error["message"]
+    assert (error["error"], error["retryable"]) == (expected, True) and error["message"]
     detail = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
     assert detail["messages"] == [] and detail["message_count"] == 0
     # The lease was released: the next turn works.
