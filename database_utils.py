@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import re
 import time
 import uuid
@@ -57,7 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators
@@ -66,6 +67,8 @@ from config import default
 from context_cache import CachedTail, TailCache
 from conversation_memory import MemoryMessage
 from states import Handoff, Status, check_handoff
+
+log = logging.getLogger("parley")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Fewest rows fetched per step when walking back from the newest message.
@@ -85,6 +88,8 @@ CONNECT_PARAMETERS = {
     "keepalives_count": 3,
 }
 _TWENTY_DIGITS, _TWENTY_DIGITS_BYTES = re.compile("[0-9]{20}"), re.compile(b"[0-9]{20}")
+
+log = logging.getLogger("parley")
 
 
 
@@ -451,8 +456,13 @@ def rollback_session() -> None:
 
 def _close_session(_exc: BaseException | None = None) -> None:
     session = g.pop("db_session", None)
-    if session is not None:
+    if session is None:
+        return
+    try:
         session.close()
+    except SQLAlchemyError as exc:  # the connection broke after the request's last statement: its answer stands
+        session.invalidate()
+        log.warning("a database connection was lost before its session closed: %s", exc.__class__.__name__)
 
 
 def ping() -> None:

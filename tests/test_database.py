@@ -329,3 +329,28 @@ def test_workers_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path):
     failures = [worker.stderr.read().decode()[-300:] for worker in workers if worker.wait(timeout=120) != 0]
 
     assert failures == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_connection_lost_before_the_session_closes_keeps_the_answer(app, client, postgres_url):
+    """The connection dies after the route answered and before teardown rolls back: the answer stands, not a 500."""
+    armed = []
+
+    @app.after_request
+    def lose_the_connection(response):
+        if armed:
+            backend = get_session().connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+            admin.dispose()
+            armed.clear()
+        return response
+
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    armed.append(True)
+    answered = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    turn = client.post("/chat", json={"conversation_id": conversation_id, "message": "after"})
+
+    assert answered.status_code == 200 and answered.json["conversation_id"] == conversation_id
+    assert turn.status_code == 200 and turn.json["seq"] == 2
