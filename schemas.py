@@ -31,6 +31,8 @@ from states import Handoff, Role, Status
 MAX_NAME_CHARS = 200
 MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_METADATA_BYTES = 16 * 1024
+# Deepest nesting of a stored JSON value (metadata, a variable): what every JSON library reads back.
+MAX_JSON_DEPTH = 64
 # File IDs one /chat message may refer to.
 MAX_FILES_PER_MESSAGE = 10
 # The largest seq a message can have: the column is a 32-bit INTEGER.
@@ -53,7 +55,21 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def too_deep(value: Any) -> bool:
+    """Whether a JSON value nests more than MAX_JSON_DEPTH arrays and objects."""
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return True
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, dict | list)]
+    return False
+
+
 def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if too_deep(value):
+        raise ValueError(f"metadata must nest at most {MAX_JSON_DEPTH} levels of arrays and objects")
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:

@@ -16,7 +16,7 @@ from auth import Caller
 from conversations import visible_conversation
 from database_utils import Conversation, add_audit
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
-from schemas import VARIABLE_NAME_PATTERN
+from schemas import MAX_JSON_DEPTH, VARIABLE_NAME_PATTERN, too_deep
 from states import Role, Status
 
 _NAME = re.compile(VARIABLE_NAME_PATTERN)
@@ -72,6 +72,8 @@ def _writable(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> C
 def _check(settings: Mapping[str, Any], name: str, value: Any) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ApiError(f"variable name {name!r} must match {VARIABLE_NAME_PATTERN}")
+    if too_deep(value):
+        raise ApiError(f"variable {name} must nest at most {MAX_JSON_DEPTH} levels of arrays and objects")
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:

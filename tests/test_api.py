@@ -310,6 +310,32 @@ def test_json_the_database_cannot_store_is_400(client, path, raw):
     assert response.status_code == 400, response.get_data(as_text=True)[:200]
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_json_nested_deeper_than_64_levels_is_400_everywhere_it_is_stored(client):
+    """orjson, which stores JSON columns, stops at 255 levels: the edge refuses far before, with a clear message."""
+    deep, deepest_allowed = _nested(256), _nested(63)  # metadata's own object is a level too
+    conversation_id = client.post("/new_chat", json={"user_id": "u", "metadata": {"k": deepest_allowed}}).json["conversation_id"]
+
+    refused = [
+        client.post("/new_chat", json={"user_id": "u", "metadata": {"k": _nested(64)}}),
+        client.post("/new_chat", json={"user_id": "u", "metadata": {"k": deep}}),
+        client.put(f"/conversations/{conversation_id}/variables/v", json={"value": deep}),
+        client.patch(f"/conversations/{conversation_id}/variables", json={"v": _nested(65)}),
+    ]
+    kept = client.put(f"/conversations/{conversation_id}/variables/v", json={"value": _nested(64)})
+
+    assert [(answer.status_code, "64 levels" in answer.json["message"]) for answer in refused] == [(400, True)] * 4
+    assert kept.status_code == 200
+    stored = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert stored["metadata"] == {"k": deepest_allowed} and stored["variables"] == {"v": _nested(64)}
+
+
 def test_post_to_unknown_route_is_404_whatever_the_body(client):
     assert client.post("/nowhere", data="x", content_type="text/plain").status_code == 404
 
