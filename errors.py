@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -129,7 +130,16 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(PoolTimeoutError, _database_busy)
     app.register_error_handler(DBAPIError, _database_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(ParseException, _broken_body)
+    app.register_error_handler(NoMoreData, _broken_body)
     app.register_error_handler(Exception, _unexpected_error)
+
+
+def _broken_body(exc: Exception) -> Response:
+    """gunicorn found the body's chunked framing broken (or the body cut short) while Parley read it."""
+    response = error_response(400, "bad_request", f"the request body is malformed: {exc.__class__.__name__}")
+    response.headers["Connection"] = "close"  # where the next request would start is unknown
+    return response
 
 
 def _api_error(exc: ApiError) -> Response:

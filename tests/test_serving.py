@@ -232,6 +232,31 @@ def test_a_chunked_body_over_the_limit_is_413_and_one_of_the_limit_is_taken(serv
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
+def test_a_chunked_body_with_broken_framing_is_a_400_and_the_connection_closes(serve):
+    """gunicorn reads the chunks as Parley reads the body: its complaint is the client's error, not a 500."""
+    server = serve()
+    conversation_id = server.new_chat()
+    answers = []
+    for route, chunks in [
+        ("/new_chat", b"zz\r\nabc\r\n0\r\n\r\n"),  # a chunk size that is not hex
+        ("/chat", b"-5\r\nabcde\r\n0\r\n\r\n"),  # a negative one
+        ("/end_chat", b"2\r\n{}xx\r\n0\r\n\r\n"),  # more data than its size
+    ]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+            connection.sendall((
+                f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ).encode() + chunks)
+            answer = _read_response(connection)
+            after = connection.recv(1)  # the server closes: where a next request would start is unknown
+        head, _, body = answer.partition(b"\r\n\r\n")
+        answers.append((head.split(b" ")[1], json.loads(body)["error"], after))
+
+    assert answers == [(b"400", "bad_request", b"")] * 3
+    assert server.chat(conversation_id, "after") == 200
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
 def test_a_ten_mebibyte_upload_passes_gunicorn_and_one_byte_more_is_413(serve):
     """gunicorn's limit_request_* bound the request line and headers only; the body limit is Parley's."""
     server = serve()
