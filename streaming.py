@@ -27,6 +27,7 @@ from flask import Response, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
+from werkzeug.datastructures import MIMEAccept
 
 from conversations import PreparedTurn, Turn, abandon_turn, complete_turn
 from database_utils import get_session
@@ -48,7 +49,11 @@ def wanted(stream_flag: bool, accept_header: str | None, accept: Any) -> bool:
     """A stream when the body says `"stream": true` or the client prefers text/event-stream."""
     if stream_flag:
         return True
-    return accept_header is not None and accept.best_match(["application/json", MIMETYPE]) == MIMETYPE
+    if accept_header is None:
+        return False
+    # A media type's parameters (`; charset=utf-8`) do not change which type is wanted.
+    types = MIMEAccept([(value.partition(";")[0].strip(), quality) for value, quality in accept])
+    return types.best_match(["application/json", MIMETYPE]) == MIMETYPE
 
 
 def event(name: str, data: dict[str, Any]) -> str:

@@ -76,6 +76,22 @@ def test_accept_header_asks_for_a_stream_and_plain_requests_stay_json(client):
     assert plain.mimetype == "application/json" and plain.json["seq"] == 4
 
 
+@pytest.mark.parametrize(("accept", "streamed"), [
+    ("text/event-stream; charset=utf-8", True),
+    ("text/event-stream;charset=UTF-8;q=0.9, application/json;q=0.5", True),
+    ("application/json; charset=utf-8, text/event-stream;q=0.5", False),
+    ("application/json", False),
+    ("*/*", False),
+])
+def test_media_type_parameters_do_not_change_which_answer_is_wanted(client, accept, streamed):
+    conversation_id = open_chat(client)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"}, headers={"Accept": accept})
+
+    assert response.mimetype == ("text/event-stream" if streamed else "application/json")
+    assert response.status_code == 200 and response.get_data()
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_each_provider_streams_through_its_sdk(provider_app, fake_model, provider):
     client = provider_app(provider)
