@@ -15,6 +15,7 @@ have run. The app itself is loaded in each worker, after the patching.
 """
 import atexit
 import json
+import logging
 import math
 import os
 import shutil
@@ -138,13 +139,16 @@ def _write_json_error(sock, status_int, reason, mesg):
     """gunicorn's own error page (for a bad request line, too many headers ...), as Parley's JSON error.
 
     The request was refused before its headers were read, so its X-Request-ID
-    is a new one, as Parley gives a request that sent none.
+    is a new one, as Parley gives a request that sent none; a log line carries
+    it (gunicorn's own line about the refusal, just before, cannot).
     """
     from gunicorn import util
 
+    request_id = uuid.uuid4().hex
+    logging.getLogger("gunicorn.error").info("refused a request: %s %s", status_int, reason, extra={"request_id": request_id})
     body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": mesg or reason}).encode()
     head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nX-Request-ID: {uuid.uuid4().hex}\r\n"
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nX-Request-ID: {request_id}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     util.write_nonblock(sock, head.encode("latin-1") + body)

@@ -285,10 +285,16 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
 
     status, body, headers = server.request("GET", "/get_conversation?conversation_id=" + "a" * 10_000)
 
+    server.process.terminate()
+    server.process.wait(timeout=30)
+    logged = [json.loads(line) for line in server.log.read_text().splitlines()]
+
     assert status == 414
     assert headers["Content-Type"] == "application/json"
     assert re.fullmatch("[0-9a-f]{32}", headers["X-Request-ID"])
     assert body["error"] == "request-uri_too_long" or body["error"].endswith("too_long")
+    assert [line["message"] for line in logged if line.get("request_id") == headers["X-Request-ID"]] == [
+        "refused a request: 414 URI Too Long"]
 
 
 def test_log_lines_are_json_with_the_request_id(serve):
