@@ -89,9 +89,6 @@ CONNECT_PARAMETERS = {
 }
 _TWENTY_DIGITS, _TWENTY_DIGITS_BYTES = re.compile("[0-9]{20}"), re.compile(b"[0-9]{20}")
 
-log = logging.getLogger("parley")
-
-
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)

@@ -136,10 +136,12 @@ def init_app(app: Flask) -> None:
 
 
 def _broken_body(exc: Exception) -> Response:
-    """gunicorn found the body's chunked framing broken (or the body cut short) while Parley read it."""
-    response = error_response(400, "bad_request", f"the request body is malformed: {exc.__class__.__name__}")
-    response.headers["Connection"] = "close"  # where the next request would start is unknown
-    return response
+    """gunicorn found the body's chunked framing broken (or the body cut short) while Parley read it.
+
+    gunicorn closes the connection after this answer: it cannot read the body
+    to its end, so it cannot tell where a next request would start.
+    """
+    return error_response(400, "bad_request", f"the request body is malformed: {exc.__class__.__name__}")
 
 
 def _api_error(exc: ApiError) -> Response:

@@ -145,7 +145,7 @@ def _write_json_error(sock, status_int, reason, mesg):
     from gunicorn import util
 
     request_id = uuid.uuid4().hex
-    logging.getLogger("gunicorn.error").info("refused a request: %s %s", status_int, reason, extra={"request_id": request_id})
+    logging.getLogger("gunicorn.error").info("gunicorn answered: %s %s", status_int, reason, extra={"request_id": request_id})
     body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": mesg or reason}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nX-Request-ID: {request_id}\r\n"

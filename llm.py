@@ -627,15 +627,17 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
     if isinstance(exc, sdk.APIConnectionError):
         return ModelError(503, "model_unavailable", f"could not connect to the {provider} model", retryable=True)
     status = getattr(exc, "status_code", None)
-    if status in (None, 200):  # an error event inside a stream that began with 200: its type tells
-        status = _STATUS_OF_ERROR_TYPE.get(_error_type(exc), status)
+    upstream = f"upstream status {status}"
+    kind = _error_type(exc) if status in (None, 200) else None
+    if kind is not None:  # an error event inside a stream that began with 200: its type tells
+        status, upstream = _STATUS_OF_ERROR_TYPE.get(kind, status), f"upstream error {kind}"
     retry_after = _retry_after_seconds(exc)
     wait = None if retry_after is None else math.ceil(retry_after)
     if status in (429, 529):
         message = f"the {provider} model is overloaded or rate limited; retry later"
         return ModelError(503, "model_unavailable", message, retryable=True, retry_after=wait)
     retryable = status in RETRYABLE_STATUSES
-    return ModelError(502, "model_error", f"the {provider} model failed (upstream status {status})", retryable, wait)
+    return ModelError(502, "model_error", f"the {provider} model failed ({upstream})", retryable, wait)
 
 
 # The HTTP status each provider's error type stands for, for an error that

@@ -12,7 +12,8 @@ from taking the worker's time or memory, so the language is cut to what a
 prompt needs (expressions, `if`, `for` and the filters in `FILTERS`; no
 calls, macros or assignments) and every render is bounded: at most
 `RENDER_SECONDS` of work and `RENDERED_MAX_CHARS` characters, checked at
-each loop step, operator, filter and piece of output.
+each loop step, `+ * % **`, attribute and item access, filter and piece
+of output.
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ _ALLOWED = (
     nodes.Add, nodes.Sub, nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Mod, nodes.Pow,
 )
 _REFUSED_NAMES = {
-    "Call": "calls", "Assign": "{% set %}", "AssignBlock": "{% set %}", "Macro": "macros", "CallBlock": "{% call %}",
-    "FilterBlock": "{% filter %}", "With": "{% with %}", "Include": "{% include %}", "Import": "{% import %}",
-    "FromImport": "{% import %}", "Extends": "{% extends %}", "Block": "{% block %}", "Scope": "{% scope %}",
+    nodes.Call: "calls", nodes.Assign: "{% set %}", nodes.AssignBlock: "{% set %}", nodes.Macro: "macros",
+    nodes.CallBlock: "{% call %}", nodes.FilterBlock: "{% filter %}", nodes.With: "{% with %}",
+    nodes.Include: "{% include %}", nodes.Import: "{% import %}", nodes.FromImport: "{% import %}",
+    nodes.Extends: "{% extends %}", nodes.Block: "{% block %}", nodes.Scope: "{% autoescape %}",
+    nodes.ScopedEvalContextModifier: "{% autoescape %}",
 }
 _POWER_MAX_BITS = 4096
 
@@ -72,8 +75,28 @@ def _check_size(chars: int) -> None:
         raise SecurityError(f"a value of more than {RENDERED_MAX_CHARS:,} characters")
 
 
-def _sized(value: Any) -> int:
-    return len(value) if isinstance(value, str | list | tuple) else 0
+def _chars(value: Any, seen: dict[int, int] | None = None) -> int:
+    """About how many characters a value renders to, as text or JSON, counted without rendering it.
+
+    A list that holds one list many times (`[[s] * 20] * 20`) is counted once per distinct list.
+    """
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, bool) or value is None:
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 2
+    if not isinstance(value, list | tuple | dict):
+        return 24
+    seen = {} if seen is None else seen
+    if id(value) not in seen:
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        seen[id(value)] = 2 + sum(_chars(item, seen) + 2 for item in items)
+    return seen[id(value)]
+
+
+def _is_text_or_list(value: Any) -> bool:
+    return isinstance(value, str | list | tuple)
 
 
 class _BoundedEnvironment(SandboxedEnvironment):
@@ -81,12 +104,12 @@ class _BoundedEnvironment(SandboxedEnvironment):
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _check_time()
-        if operator == "+":
-            _check_size(_sized(left) + _sized(right))
+        if operator == "+" and _is_text_or_list(left):
+            _check_size(_chars(left) + _chars(right))
         elif operator == "*":
             for sequence, times in ((left, right), (right, left)):
-                if _sized(sequence) and isinstance(times, int):
-                    _check_size(_sized(sequence) * times)
+                if _is_text_or_list(sequence) and isinstance(times, int):
+                    _check_size(_chars(sequence) * times)
         elif operator == "%" and isinstance(left, str):
             raise SecurityError("% formatting of text is not available; use ~ to join text")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
@@ -127,27 +150,70 @@ def _loop(items: Any) -> Iterator[Any]:
 
 def _concat(parts: Iterable[Any]) -> str:
     """`a ~ b ~ c`, refused before it is built when it would be too long."""
-    texts = [str(part) for part in parts]
-    _check_size(sum(map(len, texts)))
+    texts, chars = [], 0
+    for part in parts:
+        chars += _chars(part)
+        _check_size(chars)
+        texts.append(str(part))
     return "".join(texts)
 
 
-def _join(environment_join: Callable) -> Callable:
-    @functools.wraps(environment_join)
-    def join(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
-        value = list(value)
-        _check_size(len(value) * len(str(d)))
-        return environment_join(eval_ctx, value, d, attribute)
+# The filters below take an argument that could multiply their work or their
+# output: each is checked before the filter runs. The signatures are Jinja's.
 
-    return join
+def _limit_join(join: Callable) -> Callable:
+    @functools.wraps(join)
+    def checked(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+        value, seen = list(value), {}
+        _check_size(sum(_chars(item, seen) for item in value) + len(str(d)) * len(value))
+        return join(eval_ctx, value, d, attribute)
+
+    return checked
+
+
+def _limit_sum(do_sum: Callable) -> Callable:
+    @functools.wraps(do_sum)
+    def checked(environment: Any, iterable: Iterable[Any], attribute: Any = None, start: Any = 0) -> Any:
+        if not isinstance(start, int | float):  # summing lists or text copies them over and over
+            raise SecurityError("sum adds numbers only")
+        return do_sum(environment, iterable, attribute, start)
+
+    return checked
+
+
+def _limit_tojson(tojson: Callable) -> Callable:
+    @functools.wraps(tojson)
+    def checked(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
+        if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 8):
+            raise SecurityError("tojson's indent is at most 8")
+        _check_size(_chars(value))
+        return tojson(eval_ctx, value, indent)
+
+    return checked
+
+
+def _limit_trim(trim: Callable) -> Callable:
+    @functools.wraps(trim)
+    def checked(value: Any, chars: str | None = None) -> str:
+        if chars is not None and len(str(chars)) > 100:
+            raise SecurityError("trim takes at most 100 characters to remove")
+        return trim(value, chars)
+
+    return checked
+
+
+def _unlimited(function: Callable) -> Callable:
+    return function
+
+
+_LIMITS = {"join": _limit_join, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim}
 
 
 @functools.cache
 def _environment() -> _BoundedEnvironment:
     environment = _BoundedEnvironment(undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True)
     builtin = environment.filters
-    environment.filters = {name: _timed(builtin[name]) for name in FILTERS}
-    environment.filters["join"] = _timed(_join(builtin["join"]))
+    environment.filters = {name: _timed(_LIMITS.get(name, _unlimited)(builtin[name])) for name in FILTERS}
     environment.filters["parley_loop"] = _loop
     environment.filters["parley_concat"] = _concat
     environment.globals.clear()  # range, dict, lipsum, cycler, joiner, namespace: nothing to call
@@ -158,7 +224,7 @@ def _bounded(tree: nodes.Template) -> nodes.Template:
     """Refuse what a prompt may not use; route loops and `~` through their checks."""
     for node in tree.find_all(nodes.Node):
         if not isinstance(node, _ALLOWED):
-            what = _REFUSED_NAMES.get(type(node).__name__, type(node).__name__)
+            what = _REFUSED_NAMES.get(type(node), type(node).__name__)
             raise SecurityError(f"{what} is not available in a system prompt (use expressions, filters, if and for)")
         if isinstance(node, nodes.For) and node.recursive:
             raise SecurityError("recursive loops are not available in a system prompt")
@@ -195,6 +261,8 @@ def check_template(source: str) -> None:
         _compiled(source)
     except TemplateError as exc:
         raise ApiError(f"system_prompt is not a valid template: {exc.message}") from None
+    except RecursionError:
+        raise ApiError("system_prompt is not a valid template: it nests too deeply") from None
 
 
 def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tuple[str | None, list[str]]:

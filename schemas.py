@@ -57,13 +57,13 @@ def _not_blank(value: str) -> str:
 
 def too_deep(value: Any) -> bool:
     """Whether a JSON value nests more than MAX_JSON_DEPTH arrays and objects."""
-    level, depth = [value], 0
-    while level:
-        depth += 1
-        if depth > MAX_JSON_DEPTH:
-            return True
-        level = [child for item in level if isinstance(item, dict | list)
-                 for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, dict | list)]
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return False
 
 

@@ -51,9 +51,9 @@ def wanted(stream_flag: bool, accept_header: str | None, accept: Any) -> bool:
         return True
     if accept_header is None:
         return False
-    # A media type's parameters (`; charset=utf-8`) do not change which type is wanted.
-    types = MIMEAccept([(value.partition(";")[0].strip(), quality) for value, quality in accept])
-    return types.best_match(["application/json", MIMETYPE]) == MIMETYPE
+    if ";" in accept_header:  # a media type's parameters (`; charset=utf-8`) do not change which type is wanted
+        accept = MIMEAccept([(value.partition(";")[0].strip(), quality) for value, quality in accept])
+    return accept.best_match(["application/json", MIMETYPE]) == MIMETYPE
 
 
 def event(name: str, data: dict[str, Any]) -> str:

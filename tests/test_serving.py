@@ -294,7 +294,7 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
     assert re.fullmatch("[0-9a-f]{32}", headers["X-Request-ID"])
     assert body["error"] == "request-uri_too_long" or body["error"].endswith("too_long")
     assert [line["message"] for line in logged if line.get("request_id") == headers["X-Request-ID"]] == [
-        "refused a request: 414 URI Too Long"]
+        "gunicorn answered: 414 URI Too Long"]
 
 
 def test_log_lines_are_json_with_the_request_id(serve):

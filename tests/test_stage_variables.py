@@ -231,6 +231,8 @@ def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake
     "{% for item in cart recursive %}{{ loop(item) }}{% endfor %}",
     "{% include 'other' %}",
     "{% filter upper %}x{% endfilter %}",
+    "{% autoescape true %}x{% endautoescape %}",
+    "{{ " + "(" * 100 + "1" + ")" * 100 + " }}",
 ])
 def test_templates_that_could_take_a_worker_are_refused_when_set(client, template):
     """Calls, assignments, macros and filters that multiply their input: none is needed to fill a prompt."""
@@ -249,6 +251,14 @@ def test_templates_that_could_take_a_worker_are_refused_when_set(client, templat
      "more than 1,000,000 characters"),
     ("{% for a in s %}{{ s }}{{ s }}{{ s }}{{ s }}{{ s }}{% endfor %}", "more than 1,000,000 characters"),
     ("{{ s|join(s) }}", "more than 1,000,000 characters"),
+    ("{{ ([s] * 20000)|join|length }}", "more than 1,000,000 characters"),
+    ("{{ [[[s] * 20] * 20] * 20 }}", "more than 1,000,000 characters"),
+    ("{{ ([[s] * 30] * 30)|tojson|length }}", "more than 1,000,000 characters"),
+    ("{{ ([s] * 60) ~ ([s] * 60) }}", "more than 1,000,000 characters"),
+    ("{{ ([s] * 60)|join|list|tojson|length }}", "more than 1,000,000 characters"),
+    ("{{ [s|list]|sum(start=[])|length }}", "sum adds numbers only"),
+    ("{{ s|tojson(1000000000) }}", "tojson's indent is at most 8"),
+    ("{{ s|trim(s) }}", "trim takes at most 100 characters"),
     ("{{ '%999999999d' % 1 }}", "% formatting of text"),
     ("{{ 9 ** (9 ** 9) }}", "a power of more than 4096 bits"),
 ])
