@@ -10,10 +10,15 @@ Any client may set a system prompt, and it renders inside a turn, on the
 worker's event loop. The sandbox keeps a template from reaching Python, not
 from taking the worker's time or memory, so the language is cut to what a
 prompt needs (expressions, `if`, `for` and the filters in `FILTERS`; no
-calls, macros or assignments) and every render is bounded: at most
-`RENDER_SECONDS` of work and `RENDERED_MAX_CHARS` characters, checked at
-each loop step, `+ * % **`, attribute and item access, filter and piece
-of output.
+calls, macros or assignments) and every render is bounded:
+- time: at most `RENDER_SECONDS`, checked at each loop step, operator,
+  comparison, test, attribute or item lookup, filter and piece of output;
+- size: every value an operator, filter, literal list or the output is
+  given is at most `RENDERED_MAX_CHARS` characters as it would render,
+  counted before it is used, so no step makes more than a few times that;
+- numbers: arithmetic takes integers of at most `INTEGER_MAX_BITS` bits.
+Jinja's optimizer is off, and what it still evaluates while compiling is
+under the same bounds.
 """
 from __future__ import annotations
 
@@ -31,9 +36,11 @@ from jinja2.sandbox import SandboxedEnvironment
 from errors import ApiError
 
 RENDER_SECONDS = 0.25
-RENDERED_MAX_CHARS = 1_000_000
-# Filters whose work is about the size of their input, and that take no
-# argument that could multiply it (`join`'s separator is checked instead).
+RENDERED_MAX_CHARS = 400_000
+INTEGER_MAX_BITS = 65_536
+POWER_MAX_BITS = 4096
+# Filters whose work and output are about the size of their input; the few
+# arguments that could multiply them are checked (`_LIMITS`).
 FILTERS = frozenset({
     "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float", "int",
     "items", "join", "last", "length", "list", "lower", "max", "min", "reverse", "round", "sort",
@@ -55,7 +62,8 @@ _REFUSED_NAMES = {
     nodes.Extends: "{% extends %}", nodes.Block: "{% block %}", nodes.Scope: "{% autoescape %}",
     nodes.ScopedEvalContextModifier: "{% autoescape %}",
 }
-_POWER_MAX_BITS = 4096
+# What a prompt may not even be parsed into (a number of 5,000 digits, too many parentheses).
+_UNPARSABLE = (TemplateError, RecursionError, SyntaxError, ValueError, OverflowError, MemoryError)
 
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar("template_deadline", default=float("inf"))
 
@@ -73,6 +81,13 @@ def _check_time() -> None:
 def _check_size(chars: int) -> None:
     if chars > RENDERED_MAX_CHARS:
         raise SecurityError(f"a value of more than {RENDERED_MAX_CHARS:,} characters")
+
+
+def _checked(value: Any) -> Any:
+    """A value about to be used: within the time and the size."""
+    _check_time()
+    _check_size(_chars(value))
+    return value
 
 
 def _chars(value: Any, seen: dict[int, int] | None = None) -> int:
@@ -95,47 +110,61 @@ def _chars(value: Any, seen: dict[int, int] | None = None) -> int:
     return seen[id(value)]
 
 
-def _is_text_or_list(value: Any) -> bool:
-    return isinstance(value, str | list | tuple)
+def _check_integers(*values: Any) -> None:
+    for value in values:
+        if isinstance(value, int) and value.bit_length() > INTEGER_MAX_BITS:
+            raise SecurityError(f"arithmetic on an integer of more than {INTEGER_MAX_BITS:,} bits")
 
 
 class _BoundedEnvironment(SandboxedEnvironment):
-    intercepted_binops = frozenset({"+", "*", "%", "**"})
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _check_time()
-        if operator == "+" and _is_text_or_list(left):
+        _check_integers(left, right)
+        if operator == "+" and isinstance(left, str | list | tuple):
             _check_size(_chars(left) + _chars(right))
         elif operator == "*":
             for sequence, times in ((left, right), (right, left)):
-                if _is_text_or_list(sequence) and isinstance(times, int):
+                if isinstance(sequence, str | list | tuple) and isinstance(times, int):
                     _check_size(_chars(sequence) * times)
         elif operator == "%" and isinstance(left, str):
             raise SecurityError("% formatting of text is not available; use ~ to join text")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and left.bit_length() * right > _POWER_MAX_BITS:
-                raise SecurityError(f"a power of more than {_POWER_MAX_BITS} bits")
+            if right > 0 and left.bit_length() * right > POWER_MAX_BITS:
+                raise SecurityError(f"a power of more than {POWER_MAX_BITS} bits")
         return super().call_binop(context, operator, left, right)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        """`plan.tier` reads data; a method (`name.upper`, `plan.items`) is nothing, as calls are refused."""
         _check_time()
-        return super().getattr(obj, attribute)
+        value = super().getattr(obj, attribute)
+        if callable(value) and not isinstance(value, Undefined):
+            return self.getitem(obj, attribute) if isinstance(obj, dict) else self.undefined(obj=obj, name=attribute)
+        return value
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         _check_time()
-        return super().getitem(obj, argument)
+        value = super().getitem(obj, argument)
+        if callable(value) and not isinstance(value, Undefined):
+            return self.undefined(obj=obj, name=str(argument))
+        return value
 
 
 def _finalize(value: Any) -> Any:
     if isinstance(value, str | Undefined):
         return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    _checked(value)
+    return json.dumps(value, ensure_ascii=False, default=lambda _: None)  # a Jinja object renders as null
 
 
 def _timed(function: Callable) -> Callable:
+    """A filter that first checks the time and the size of the value it is given."""
+    data = 1 if hasattr(function, "jinja_pass_arg") else 0  # after the context or environment Jinja passes
+
     @functools.wraps(function)  # keeps Jinja's pass_* marks
     def checked(*args: Any, **kwargs: Any) -> Any:
-        _check_time()
+        _checked(args[data])
         return function(*args, **kwargs)
 
     return checked
@@ -186,7 +215,6 @@ def _limit_tojson(tojson: Callable) -> Callable:
     def checked(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
         if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 8):
             raise SecurityError("tojson's indent is at most 8")
-        _check_size(_chars(value))
         return tojson(eval_ctx, value, indent)
 
     return checked
@@ -202,26 +230,39 @@ def _limit_trim(trim: Callable) -> Callable:
     return checked
 
 
+def _limit_round(do_round: Callable) -> Callable:
+    @functools.wraps(do_round)
+    def checked(value: Any, precision: Any = 0, method: str = "common") -> Any:
+        if not (isinstance(precision, int) and -100 <= precision <= 100):
+            raise SecurityError("round's precision is between -100 and 100")
+        return do_round(value, precision, method)
+
+    return checked
+
+
 def _unlimited(function: Callable) -> Callable:
     return function
 
 
-_LIMITS = {"join": _limit_join, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim}
+_LIMITS = {"join": _limit_join, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim, "round": _limit_round}
 
 
 @functools.cache
 def _environment() -> _BoundedEnvironment:
-    environment = _BoundedEnvironment(undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True)
+    environment = _BoundedEnvironment(
+        undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True, optimized=False
+    )
     builtin = environment.filters
     environment.filters = {name: _timed(_LIMITS.get(name, _unlimited)(builtin[name])) for name in FILTERS}
     environment.filters["parley_loop"] = _loop
     environment.filters["parley_concat"] = _concat
+    environment.filters["parley_checked"] = _checked
     environment.globals.clear()  # range, dict, lipsum, cycler, joiner, namespace: nothing to call
     return environment
 
 
 def _bounded(tree: nodes.Template) -> nodes.Template:
-    """Refuse what a prompt may not use; route loops and `~` through their checks."""
+    """Refuse what a prompt may not use; route loops, `~`, literals, comparisons and tests through their checks."""
     for node in tree.find_all(nodes.Node):
         if not isinstance(node, _ALLOWED):
             what = _REFUSED_NAMES.get(type(node), type(node).__name__)
@@ -230,55 +271,75 @@ def _bounded(tree: nodes.Template) -> nodes.Template:
             raise SecurityError("recursive loops are not available in a system prompt")
         if isinstance(node, nodes.Filter) and node.name not in FILTERS:
             raise SecurityError(f"the filter {node.name!r} is not available in a system prompt")
-    for loop in list(tree.find_all(nodes.For)):
-        loop.iter = nodes.Filter(loop.iter, "parley_loop", [], [], None, None, lineno=loop.lineno)
     for parent in [tree, *tree.find_all(nodes.Node)]:
         for field in parent.fields:
             child = getattr(parent, field)
-            if isinstance(child, nodes.Concat):
-                setattr(parent, field, _as_filter(child))
+            if isinstance(child, nodes.Node):
+                setattr(parent, field, _through_check(child))
             elif isinstance(child, list):  # in place: a List made from a Concat shares its list
-                child[:] = [_as_filter(item) if isinstance(item, nodes.Concat) else item for item in child]
+                child[:] = [_through_check(item) if isinstance(item, nodes.Node) else item for item in child]
+    for loop in list(tree.find_all(nodes.For)):
+        loop.iter = _filtered(loop.iter, "parley_loop")
     return tree
 
 
-def _as_filter(concat: nodes.Concat) -> nodes.Filter:
-    return nodes.Filter(nodes.List(concat.nodes, lineno=concat.lineno), "parley_concat", [], [], None, None, lineno=concat.lineno)
+def _through_check(node: nodes.Node) -> nodes.Node:
+    if isinstance(node, nodes.Concat):
+        return _filtered(nodes.List(node.nodes, lineno=node.lineno), "parley_concat")
+    if isinstance(node, nodes.List | nodes.Dict | nodes.Compare | nodes.Test) or (
+        isinstance(node, nodes.Tuple) and node.ctx == "load"
+    ):
+        return _filtered(node, "parley_checked")
+    return node
+
+
+def _filtered(node: nodes.Expr, name: str) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
 @functools.lru_cache(maxsize=512)
 def _compiled(source: str):
-    """The template and the names it reads, compiled once per distinct prompt."""
+    """The template and the names it reads, compiled once per distinct prompt.
+
+    Jinja evaluates filters on constants while it compiles (`{{ 1|round }}`):
+    that is timed too, and what runs out of time is left to the render.
+    """
     environment = _environment()
-    tree = environment.parse(source)
-    names = frozenset(meta.find_undeclared_variables(tree))
-    return environment.from_string(_bounded(tree)), names
+    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
+    try:
+        tree = environment.parse(source)
+        names = frozenset(meta.find_undeclared_variables(tree))
+        return environment.from_string(_bounded(tree)), names
+    finally:
+        _deadline.reset(token)
 
 
 def check_template(source: str) -> None:
     """400 when a system prompt is not a valid template (checked when it is set)."""
     try:
         _compiled(source)
-    except TemplateError as exc:
-        raise ApiError(f"system_prompt is not a valid template: {exc.message}") from None
-    except RecursionError:
-        raise ApiError("system_prompt is not a valid template: it nests too deeply") from None
+    except _UNPARSABLE as exc:
+        reason = exc.message if isinstance(exc, TemplateError) else f"{exc.__class__.__name__} while reading it"
+        raise ApiError(f"system_prompt is not a valid template: {reason}") from None
 
 
 def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tuple[str | None, list[str]]:
     """The prompt with its placeholders filled, and the names that had no variable."""
     if not source or ("{{" not in source and "{%" not in source):
         return source, []
-    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
     try:
         template, names = _compiled(source)
+    except _UNPARSABLE as exc:  # a prompt stored before these rules
+        raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
+    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
+    try:
         pieces, chars = [], 0
         for piece in template.generate(dict(variables)):
             chars += len(piece)
             _check_size(chars)
             _check_time()
             pieces.append(piece)
-    except (TemplateError, ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as exc:
+    except (*_UNPARSABLE, ArithmeticError, LookupError, TypeError) as exc:
         raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
     finally:
         _deadline.reset(token)
