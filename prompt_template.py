@@ -39,6 +39,9 @@ RENDER_SECONDS = 0.25
 RENDERED_MAX_CHARS = 400_000
 INTEGER_MAX_BITS = 65_536
 POWER_MAX_BITS = 4096
+# Parsing is paid once per prompt (and once per worker); generating and
+# compiling its code grows with this.
+TEMPLATE_MAX_ELEMENTS = 5000
 # Filters whose work and output are about the size of their input; the few
 # arguments that could multiply them are checked (`_LIMITS`).
 FILTERS = frozenset({
@@ -110,10 +113,17 @@ def _chars(value: Any, seen: dict[int, int] | None = None) -> int:
     return seen[id(value)]
 
 
+def _plain(value: Any) -> Any:
+    """A value as a template may see it: data, or None for one of Jinja's own objects (`loop`, `self`)."""
+    if isinstance(value, str | int | float | list | tuple | dict | Undefined) or value is None:
+        return value
+    return None
+
+
 def _check_integers(*values: Any) -> None:
     for value in values:
         if isinstance(value, int) and value.bit_length() > INTEGER_MAX_BITS:
-            raise SecurityError(f"arithmetic on an integer of more than {INTEGER_MAX_BITS:,} bits")
+            raise SecurityError(f"an integer of more than {INTEGER_MAX_BITS:,} bits")
 
 
 class _BoundedEnvironment(SandboxedEnvironment):
@@ -164,8 +174,11 @@ def _timed(function: Callable) -> Callable:
 
     @functools.wraps(function)  # keeps Jinja's pass_* marks
     def checked(*args: Any, **kwargs: Any) -> Any:
-        _checked(args[data])
-        return function(*args, **kwargs)
+        args = (*args[:data], _checked(_plain(args[data])), *args[data + 1:])
+        result = function(*args, **kwargs)
+        if isinstance(result, Iterator):  # items, unique, reverse: a list, not a generator's name
+            result = list(result)
+        return result
 
     return checked
 
@@ -180,7 +193,7 @@ def _loop(items: Any) -> Iterator[Any]:
 def _concat(parts: Iterable[Any]) -> str:
     """`a ~ b ~ c`, refused before it is built when it would be too long."""
     texts, chars = [], 0
-    for part in parts:
+    for part in map(_plain, parts):
         chars += _chars(part)
         _check_size(chars)
         texts.append(str(part))
@@ -213,9 +226,19 @@ def _limit_sum(do_sum: Callable) -> Callable:
 def _limit_tojson(tojson: Callable) -> Callable:
     @functools.wraps(tojson)
     def checked(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
-        if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 8):
-            raise SecurityError("tojson's indent is at most 8")
-        return tojson(eval_ctx, value, indent)
+        if indent is not None:  # each level of a deep value would repeat it on every line
+            raise SecurityError("tojson takes no indent in a system prompt")
+        return tojson(eval_ctx, value)
+
+    return checked
+
+
+def _limit_int(do_int: Callable) -> Callable:
+    @functools.wraps(do_int)
+    def checked(value: Any, default: int = 0, base: int = 10) -> int:
+        number = do_int(value, default, base)  # bases 2, 4, 8, 16, 32 skip Python's digit limit
+        _check_integers(number)
+        return number
 
     return checked
 
@@ -244,7 +267,9 @@ def _unlimited(function: Callable) -> Callable:
     return function
 
 
-_LIMITS = {"join": _limit_join, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim, "round": _limit_round}
+_LIMITS = {
+    "int": _limit_int, "join": _limit_join, "round": _limit_round, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim,
+}
 
 
 @functools.cache
@@ -263,7 +288,10 @@ def _environment() -> _BoundedEnvironment:
 
 def _bounded(tree: nodes.Template) -> nodes.Template:
     """Refuse what a prompt may not use; route loops, `~`, literals, comparisons and tests through their checks."""
-    for node in tree.find_all(nodes.Node):
+    elements = [tree, *tree.find_all(nodes.Node)]
+    if len(elements) > TEMPLATE_MAX_ELEMENTS:
+        raise SecurityError(f"a system prompt has at most {TEMPLATE_MAX_ELEMENTS:,} template elements; this one has {len(elements):,}")
+    for node in elements:
         if not isinstance(node, _ALLOWED):
             what = _REFUSED_NAMES.get(type(node), type(node).__name__)
             raise SecurityError(f"{what} is not available in a system prompt (use expressions, filters, if and for)")
@@ -271,7 +299,7 @@ def _bounded(tree: nodes.Template) -> nodes.Template:
             raise SecurityError("recursive loops are not available in a system prompt")
         if isinstance(node, nodes.Filter) and node.name not in FILTERS:
             raise SecurityError(f"the filter {node.name!r} is not available in a system prompt")
-    for parent in [tree, *tree.find_all(nodes.Node)]:
+    for parent in elements:
         for field in parent.fields:
             child = getattr(parent, field)
             if isinstance(child, nodes.Node):
@@ -339,7 +367,7 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
             _check_size(chars)
             _check_time()
             pieces.append(piece)
-    except (*_UNPARSABLE, ArithmeticError, LookupError, TypeError) as exc:
+    except Exception as exc:  # the template is the client's code: whatever it raises is its error
         raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
     finally:
         _deadline.reset(token)

@@ -235,6 +235,7 @@ def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake
     "{{ " + "(" * 100 + "1" + ")" * 100 + " }}",
     "{{ " + "*".join(["a"] * 200) + " }}",  # Python's compiler refuses the nesting
     "{{ " + "9" * 5000 + " }}",  # a literal over Python's 4,300 digits
+    "{{ a < a }}" * 2000,  # more than 5,000 template elements, each cheap
 ])
 def test_templates_that_could_take_a_worker_are_refused_when_set(client, template):
     """Calls, assignments, macros and filters that multiply their input: none is needed to fill a prompt."""
@@ -259,7 +260,9 @@ def test_templates_that_could_take_a_worker_are_refused_when_set(client, templat
     ("{{ ([s] * 60) ~ ([s] * 60) }}", "more than 400,000 characters"),
     ("{{ ([s] * 60)|join|list|tojson|length }}", "more than 400,000 characters"),
     ("{{ [s|list]|sum(start=[])|length }}", "sum adds numbers only"),
-    ("{{ s|tojson(1000000000) }}", "tojson's indent is at most 8"),
+    ("{{ s|tojson(1000000000) }}", "tojson takes no indent"),
+    ("{{ ('v' * 30000)|int(base=32) is divisibleby(7) }}", "more than 65,536 bits"),
+    ("{{ s|dictsort }}", "AttributeError"),
     ("{{ s|trim(s) }}", "trim takes at most 100 characters"),
     ("{{ 1|round(-30000000) }}", "round's precision is between -100 and 100"),
     ("{{ ('f' * 30000)|int(base=16) // 3 }}", "more than 65,536 bits"),
@@ -284,14 +287,15 @@ def test_a_template_whose_render_would_take_the_worker_is_a_422(client, template
 def test_methods_and_template_objects_render_as_nothing_not_as_their_python_names(provider_app, fake_model):
     client = provider_app("anthropic")
     conversation_id = _open(client, system_prompt="[{{ name.upper }}|{{ plan.items }}|{{ plan.tier }}|{{ cart.append ~ '' }}|"
-                                                  "{% for c in cart %}{{ loop }}{{ loop.cycle }}{% endfor %}]")
+                                                  "{% for c in cart %}{{ loop }}{{ loop.cycle }}{{ loop ~ '' }}{{ loop|string }}{% endfor %}|"
+                                                  "{{ cart|reverse ~ '' }}|{{ cart|unique|string }}|{{ self|string }}]")
     client.patch(f"/conversations/{conversation_id}/variables",
                  json={"name": "Ann", "plan": {"tier": "gold", "items": 3}, "cart": [1]})
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
 
     assert response.status_code == 200
-    assert fake_model.requests[-1].body["system"] == "[|3|gold||null]"
+    assert fake_model.requests[-1].body["system"] == "[|3|gold||nullNoneNone|[1]|[1]|None]"
 
 
 def test_a_stored_template_that_is_no_longer_allowed_fails_its_turn_with_a_422():
