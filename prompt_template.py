@@ -31,6 +31,7 @@ from typing import Any
 
 from jinja2 import ChainableUndefined, TemplateError, Undefined, meta, nodes
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment
 
 from errors import ApiError
@@ -68,7 +69,13 @@ _REFUSED_NAMES = {
 # What a prompt may not even be parsed into (a number of 5,000 digits, too many parentheses).
 _UNPARSABLE = (TemplateError, RecursionError, SyntaxError, ValueError, OverflowError, MemoryError)
 
+# All the values one render makes (texts joined, filters' results, slices,
+# lists and texts added or repeated), in characters: many values each under
+# the limit are bounded together.
+RENDER_MADE_MAX_CHARS = 10 * RENDERED_MAX_CHARS
+
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar("template_deadline", default=float("inf"))
+_made: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("template_made", default=None)
 
 
 class SystemPromptError(ApiError):
@@ -91,6 +98,28 @@ def _checked(value: Any) -> Any:
     _check_time()
     _check_size(_chars(value))
     return value
+
+
+def _made_value(value: Any) -> Any:
+    """A value the render just made: within the time and the size, and counted against all it makes."""
+    _check_time()
+    chars = _chars(value)
+    _check_size(chars)
+    made = _made.get()
+    if made is not None:
+        made[0] += chars
+        if made[0] > RENDER_MADE_MAX_CHARS:
+            raise SecurityError(f"the values made while rendering came to more than {RENDER_MADE_MAX_CHARS:,} characters")
+    return value
+
+
+def _text(value: Any) -> str:
+    """A value as text where Jinja would use str(): a list or a dict as JSON, as the output shows it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, ensure_ascii=False, default=lambda _: None)
+    return str(_plain(value))
 
 
 def _chars(value: Any, seen: dict[int, int] | None = None) -> int:
@@ -143,7 +172,8 @@ class _BoundedEnvironment(SandboxedEnvironment):
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and left.bit_length() * right > POWER_MAX_BITS:
                 raise SecurityError(f"a power of more than {POWER_MAX_BITS} bits")
-        return super().call_binop(context, operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        return _made_value(result) if isinstance(result, str | list | tuple) else result
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         """`plan.tier` reads data; a method (`name.upper`, `plan.items`) is nothing, as calls are refused."""
@@ -168,17 +198,19 @@ def _finalize(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False, default=lambda _: None)  # a Jinja object renders as null
 
 
-def _timed(function: Callable) -> Callable:
+def _timed(name: str, function: Callable) -> Callable:
     """A filter that first checks the time and the size of the value it is given."""
     data = 1 if hasattr(function, "jinja_pass_arg") else 0  # after the context or environment Jinja passes
 
     @functools.wraps(function)  # keeps Jinja's pass_* marks
     def checked(*args: Any, **kwargs: Any) -> Any:
-        args = (*args[:data], _checked(_plain(args[data])), *args[data + 1:])
-        result = function(*args, **kwargs)
-        if isinstance(result, Iterator):  # items, unique, reverse: a list, not a generator's name
-            result = list(result)
-        return result
+        value = _checked(_plain(args[data]))
+        if name in _TEXT_FILTERS and isinstance(value, list | tuple | dict):
+            value = _text(value)
+        result = function(*args[:data], value, *args[data + 1:], **kwargs)
+        if isinstance(result, Iterator) and not isinstance(result, LoopContext):  # items, unique, reverse
+            result = list(result)  # a list, not a generator's name
+        return _made_value(_plain(result))
 
     return checked
 
@@ -193,11 +225,12 @@ def _loop(items: Any) -> Iterator[Any]:
 def _concat(parts: Iterable[Any]) -> str:
     """`a ~ b ~ c`, refused before it is built when it would be too long."""
     texts, chars = [], 0
-    for part in map(_plain, parts):
+    for part in parts:
+        _check_time()
         chars += _chars(part)
         _check_size(chars)
-        texts.append(str(part))
-    return "".join(texts)
+        texts.append(_text(part))
+    return _made_value("".join(texts))
 
 
 # The filters below take an argument that could multiply their work or their
@@ -208,7 +241,7 @@ def _limit_join(join: Callable) -> Callable:
     def checked(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
         value, seen = list(value), {}
         _check_size(sum(_chars(item, seen) for item in value) + len(str(d)) * len(value))
-        return join(eval_ctx, value, d, attribute)
+        return join(eval_ctx, [item if attribute else _text(item) for item in value], d, attribute)
 
     return checked
 
@@ -267,6 +300,9 @@ def _unlimited(function: Callable) -> Callable:
     return function
 
 
+# Filters that make text of their value: a list or a dict is given to them as its JSON.
+_TEXT_FILTERS = frozenset({"capitalize", "e", "escape", "lower", "string", "title", "trim", "upper", "wordcount"})
+
 _LIMITS = {
     "int": _limit_int, "join": _limit_join, "round": _limit_round, "sum": _limit_sum, "tojson": _limit_tojson, "trim": _limit_trim,
 }
@@ -278,10 +314,11 @@ def _environment() -> _BoundedEnvironment:
         undefined=ChainableUndefined, finalize=_finalize, autoescape=False, keep_trailing_newline=True, optimized=False
     )
     builtin = environment.filters
-    environment.filters = {name: _timed(_LIMITS.get(name, _unlimited)(builtin[name])) for name in FILTERS}
+    environment.filters = {name: _timed(name, _LIMITS.get(name, _unlimited)(builtin[name])) for name in FILTERS}
     environment.filters["parley_loop"] = _loop
     environment.filters["parley_concat"] = _concat
     environment.filters["parley_checked"] = _checked
+    environment.filters["parley_made"] = _made_value
     environment.globals.clear()  # range, dict, lipsum, cycler, joiner, namespace: nothing to call
     return environment
 
@@ -312,6 +349,8 @@ def _bounded(tree: nodes.Template) -> nodes.Template:
 
 
 def _through_check(node: nodes.Node) -> nodes.Node:
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):  # compiled as a plain subscript
+        return _filtered(node, "parley_made")
     if isinstance(node, nodes.Concat):
         return _filtered(nodes.List(node.nodes, lineno=node.lineno), "parley_concat")
     if isinstance(node, nodes.List | nodes.Dict | nodes.Compare | nodes.Test) or (
@@ -333,13 +372,14 @@ def _compiled(source: str):
     that is timed too, and what runs out of time is left to the render.
     """
     environment = _environment()
-    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
+    token, made = _deadline.set(time.monotonic() + RENDER_SECONDS), _made.set([0])
     try:
         tree = environment.parse(source)
         names = frozenset(meta.find_undeclared_variables(tree))
         return environment.from_string(_bounded(tree)), names
     finally:
         _deadline.reset(token)
+        _made.reset(made)
 
 
 def check_template(source: str) -> None:
@@ -359,7 +399,7 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
         template, names = _compiled(source)
     except _UNPARSABLE as exc:  # a prompt stored before these rules
         raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
-    token = _deadline.set(time.monotonic() + RENDER_SECONDS)
+    token, made = _deadline.set(time.monotonic() + RENDER_SECONDS), _made.set([0])
     try:
         pieces, chars = [], 0
         for piece in template.generate(dict(variables)):
@@ -371,4 +411,5 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
         raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
     finally:
         _deadline.reset(token)
+        _made.reset(made)
     return "".join(pieces), sorted(names - set(variables))

@@ -263,6 +263,9 @@ def test_templates_that_could_take_a_worker_are_refused_when_set(client, templat
     ("{{ s|tojson(1000000000) }}", "tojson takes no indent"),
     ("{{ ('v' * 30000)|int(base=32) is divisibleby(7) }}", "more than 65,536 bits"),
     ("{{ s|dictsort }}", "AttributeError"),
+    ("{{ [" + ", ".join(["s ~ s"] * 200) + "] }}", "values made while rendering came to more than 4,000,000"),
+    ("{{ (" + ", ".join(["s[1:]"] * 300) + ") }}", "values made while rendering came to more than 4,000,000"),
+    ("{{ [" + ", ".join(["s|reverse"] * 300) + "]|length }}", "values made while rendering came to more than 4,000,000"),
     ("{{ s|trim(s) }}", "trim takes at most 100 characters"),
     ("{{ 1|round(-30000000) }}", "round's precision is between -100 and 100"),
     ("{{ ('f' * 30000)|int(base=16) // 3 }}", "more than 65,536 bits"),
@@ -288,14 +291,17 @@ def test_methods_and_template_objects_render_as_nothing_not_as_their_python_name
     client = provider_app("anthropic")
     conversation_id = _open(client, system_prompt="[{{ name.upper }}|{{ plan.items }}|{{ plan.tier }}|{{ cart.append ~ '' }}|"
                                                   "{% for c in cart %}{{ loop }}{{ loop.cycle }}{{ loop ~ '' }}{{ loop|string }}{% endfor %}|"
-                                                  "{{ cart|reverse ~ '' }}|{{ cart|unique|string }}|{{ self|string }}]")
+                                                  "{{ cart|reverse ~ '' }}|{{ cart|unique|string }}|{{ self|string }}|"
+                                                  "{% for c in cart %}{{ [loop] ~ '' }}{{ [loop]|join }}{{ [loop]|first ~ '' }}{% endfor %}|"
+                                                  "{{ (self, 1) ~ '' }}|{{ ['<'|e] ~ '' }}|{{ plan|dictsort ~ '' }}]")
     client.patch(f"/conversations/{conversation_id}/variables",
                  json={"name": "Ann", "plan": {"tier": "gold", "items": 3}, "cart": [1]})
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
 
     assert response.status_code == 200
-    assert fake_model.requests[-1].body["system"] == "[|3|gold||nullNoneNone|[1]|[1]|None]"
+    assert fake_model.requests[-1].body["system"] == (
+        '[|3|gold||nullNoneNone|[1]|[1]|None|[null]NoneNone|[null, 1]|["&lt;"]|[["items", 3], ["tier", "gold"]]]')
 
 
 def test_a_stored_template_that_is_no_longer_allowed_fails_its_turn_with_a_422():
