@@ -22,6 +22,7 @@ under the same bounds.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import json
@@ -81,6 +82,21 @@ _made: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("templa
 class SystemPromptError(ApiError):
     status = 422
     error = "system_prompt_error"
+
+
+@contextlib.contextmanager
+def _bounds() -> Iterator[None]:
+    """A fresh allowance of time and of values made, for one compile or one render."""
+    deadline, made = _deadline.set(time.monotonic() + RENDER_SECONDS), _made.set([0])
+    try:
+        yield
+    finally:
+        _deadline.reset(deadline)
+        _made.reset(made)
+
+
+def _render_error(exc: Exception) -> SystemPromptError:
+    return SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}")
 
 
 def _check_time() -> None:
@@ -372,14 +388,10 @@ def _compiled(source: str):
     that is timed too, and what runs out of time is left to the render.
     """
     environment = _environment()
-    token, made = _deadline.set(time.monotonic() + RENDER_SECONDS), _made.set([0])
-    try:
+    with _bounds():
         tree = environment.parse(source)
         names = frozenset(meta.find_undeclared_variables(tree))
         return environment.from_string(_bounded(tree)), names
-    finally:
-        _deadline.reset(token)
-        _made.reset(made)
 
 
 def check_template(source: str) -> None:
@@ -398,18 +410,15 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
     try:
         template, names = _compiled(source)
     except _UNPARSABLE as exc:  # a prompt stored before these rules
-        raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
-    token, made = _deadline.set(time.monotonic() + RENDER_SECONDS), _made.set([0])
+        raise _render_error(exc) from None
+    pieces, chars = [], 0
     try:
-        pieces, chars = [], 0
-        for piece in template.generate(dict(variables)):
-            chars += len(piece)
-            _check_size(chars)
-            _check_time()
-            pieces.append(piece)
+        with _bounds():
+            for piece in template.generate(dict(variables)):
+                chars += len(piece)
+                _check_size(chars)
+                _check_time()
+                pieces.append(piece)
     except Exception as exc:  # the template is the client's code: whatever it raises is its error
-        raise SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}") from None
-    finally:
-        _deadline.reset(token)
-        _made.reset(made)
+        raise _render_error(exc) from None
     return "".join(pieces), sorted(names - set(variables))
