@@ -6,7 +6,9 @@ Run it with `make run` (the embedded default, on gunicorn) or
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -242,12 +244,30 @@ def _require_json_body() -> None:
         request.max_content_length = limit
         if too_large:
             raise RequestEntityTooLarge()
+    if b"\x00" in request.get_data(cache=True)[:4]:
+        # Python's json would take UTF-16 or UTF-32 (it guesses from the zero bytes); JSON on the wire is UTF-8.
+        raise errors.ApiError("the request body must be JSON in UTF-8")
     try:
         body = request.get_json()
     except (BadRequest, RecursionError):
-        raise errors.ApiError("the request body is not valid JSON in UTF-8") from None
+        raise errors.ApiError(_why_not_json(request.get_data(cache=True))) from None
     if not isinstance(body, dict):
         raise errors.ApiError("the request body must be a JSON object")
+
+
+def _why_not_json(body: bytes) -> str:
+    """Word what is wrong with a body that did not parse (only then is it parsed again)."""
+    try:
+        json.loads(body.decode("utf-8-sig"))  # a UTF-8 byte order mark is ignored, as RFC 8259 allows
+    except UnicodeDecodeError as exc:
+        return f"the request body is not valid UTF-8 (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return "the request body is nested too deeply to parse"
+    except ValueError:  # Python's limit on digits in one integer
+        return f"a number in the request body has more than {sys.get_int_max_str_digits()} digits"
+    return "the request body is not valid JSON"
 
 
 @api.before_request

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 from sqlalchemy import Engine, event
+from werkzeug.exceptions import MethodNotAllowed
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -113,6 +114,18 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _route_label() -> str:
+    """The rule a request matched; for a 405, the rule its path matches under another method."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if isinstance(refused, MethodNotAllowed) and refused.valid_methods:
+        adapter = current_app.create_url_adapter(request)
+        rule, _ = adapter.match(method=refused.valid_methods[0], return_rule=True)
+        return rule.rule
+    return "unmatched"
+
+
 def get_metrics(app: Flask) -> Metrics:
     return app.extensions["parley.metrics"]
 
@@ -128,7 +141,7 @@ def init_app(app: Flask, engine: Engine) -> Metrics:
 
     @app.after_request
     def _count_request(response: Response) -> Response:
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = _route_label()
         elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         metrics.request_seconds.labels(route, request.method).observe(elapsed)

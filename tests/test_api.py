@@ -186,6 +186,33 @@ def test_malformed_json_is_400_not_500(client, raw):
     assert set(response.json) >= {"error", "message"}
 
 
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"user_id": ', "not valid JSON: Expecting value (line 1, column 13)"),
+        (b'{"user_id": "\xc3\x28"}', "not valid UTF-8 (byte 13)"),
+        (b'{"user_id": "u", "metadata": {"n": ' + b"9" * 5000 + b"}}", "more than 4300 digits"),
+        ('{"user_id": "u"}'.encode("utf-16"), "must be JSON in UTF-8"),
+        ('{"user_id": "u"}'.encode("utf-16-le"), "must be JSON in UTF-8"),
+        ('{"user_id": "u"}'.encode("utf-32"), "must be JSON in UTF-8"),
+    ],
+    ids=["truncated", "bad-utf8", "5000-digits", "utf16-bom", "utf16le", "utf32"],
+)
+def test_a_body_that_does_not_parse_is_told_why(client, raw, said):
+    response = client.post("/new_chat", data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert said in response.json["message"]
+
+
+def test_a_utf8_byte_order_mark_is_ignored(client):
+    """RFC 8259 lets a parser ignore one; refusing it would only trouble a client's tools."""
+    response = client.post("/new_chat", data="\ufeff" + '{"user_id": "bom"}', content_type="application/json")
+
+    assert response.status_code == 201
+    assert response.json["user_id"] == "bom"
+
+
 @pytest.mark.parametrize("after_seq", ["-1", str(2**31), str(2**63), "1.5", "two"])
 def test_an_after_seq_no_message_can_have_is_400(client, after_seq):
     conversation_id = _open(client)["conversation_id"]

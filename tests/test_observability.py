@@ -31,6 +31,7 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     for _ in range(3):
         client.post("/chat", json={"conversation_id": conversation_id, "message": "count me"})
     client.get("/no-such-route")
+    client.get("/chat")  # 405: counted under the rule its path matches, not as an unknown path
 
     page = app.test_client().get("/metrics")
     exposition = page.get_data(as_text=True)
@@ -38,6 +39,8 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert page.status_code == 200 and page.headers["Content-Type"] == CONTENT_TYPE_LATEST  # its charset once
     assert _metric(exposition, "parley_http_requests_total", route="/chat", method="POST", status="200") == 3
     assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="404") == 1
+    assert _metric(exposition, "parley_http_requests_total", route="/chat", method="GET", status="405") == 1
+    assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="405") == 0
     assert _metric(exposition, "parley_http_request_duration_seconds_count", route="/chat") == 3
     assert _metric(exposition, "parley_model_request_duration_seconds_count", provider="echo", outcome="ok") == 3
     assert _metric(exposition, "parley_model_tokens_total", provider="echo", direction="output") > 0
