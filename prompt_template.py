@@ -44,6 +44,10 @@ POWER_MAX_BITS = 4096
 # Parsing is paid once per prompt (and once per worker); generating and
 # compiling its code grows with this.
 TEMPLATE_MAX_ELEMENTS = 5000
+# The lexer's tokens (whitespace included) are counted first, at a sixth of
+# the parser's cost, so that a prompt far over the limit is refused sooner:
+# an element is rarely more than four tokens (`{{ name }}` is five for two).
+TEMPLATE_MAX_TOKENS = 10 * TEMPLATE_MAX_ELEMENTS
 # Filters whose work and output are about the size of their input; the few
 # arguments that could multiply them are checked (`_LIMITS`).
 FILTERS = frozenset({
@@ -389,6 +393,9 @@ def _compiled(source: str):
     """
     environment = _environment()
     with _bounds():
+        for count, _token in enumerate(environment.lex(source), 1):
+            if count > TEMPLATE_MAX_TOKENS:
+                raise SecurityError(f"a system prompt has at most {TEMPLATE_MAX_ELEMENTS:,} template elements")
         tree = environment.parse(source)
         names = frozenset(meta.find_undeclared_variables(tree))
         return environment.from_string(_bounded(tree)), names

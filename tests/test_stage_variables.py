@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from jinja2 import Environment
+from jinja2.sandbox import SandboxedEnvironment
 
 from s3_utils import read_document
 
@@ -243,6 +245,23 @@ def test_templates_that_could_take_a_worker_are_refused_when_set(client, templat
 
     assert response.status_code == 400 and response.json["error"] == "bad_request", response.json
     assert "system_prompt is not a valid template" in response.json["message"]
+
+
+def test_a_prompt_far_over_the_element_limit_is_refused_on_its_token_count_before_it_is_parsed(app, client, monkeypatch):
+    """Lexing a 100,000-character prompt costs about a sixth of parsing it, and parsing is what it would cost."""
+    app.config["CONTEXT_MAX_TOKENS"] = 200_000  # room for the prompt
+    parsed = []
+    monkeypatch.setattr(SandboxedEnvironment, "parse", lambda *args, **kwargs: parsed.append(args) or Environment.parse(*args, **kwargs))
+
+    over, under = "{{a}}" * 19_999, "Hello {{ name }}, " * 2400
+
+    refused = client.post("/new_chat", json={"user_id": "u", "system_prompt": over})
+    allowed = client.post("/new_chat", json={"user_id": "u", "system_prompt": under})
+
+    assert refused.status_code == 400
+    assert "at most 5,000 template elements" in refused.json["message"]
+    assert over not in [args[1] for args in parsed]
+    assert allowed.status_code == 201
 
 
 @pytest.mark.parametrize("template, cause", [
