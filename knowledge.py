@@ -245,6 +245,8 @@ def document_from_request(incoming: Any) -> tuple[str, str, str, str | None]:
     """(title, text, kind, source_url) from a Flask request: a multipart upload or a JSON body; 400/415 otherwise."""
     if incoming.mimetype == "multipart/form-data":
         upload = incoming.files.get("file")
+        if upload is None and "file" in incoming.form:
+            raise InvalidDocument("the field `file` must be a file part, with a filename (curl: -F file=@path)")
         if upload is None:
             raise InvalidDocument("a multipart upload needs its document in the field `file`")
         form = _validated(KnowledgeUploadForm, incoming.form.to_dict())

@@ -25,6 +25,7 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from werkzeug import datastructures
 
 from states import Handoff, Role, Status
 
@@ -174,10 +175,17 @@ class FilePath(BaseModel):
     file_id: uuid.UUID
 
 
+def _a_file_part(value: Any) -> Any:
+    """flask-openapi3 takes any value for a file: a plain form field (curl's `-F file=<path`) is not one."""
+    if not isinstance(value, datastructures.FileStorage):
+        raise ValueError("must be a file part, with a filename (curl: -F file=@path)")
+    return value
+
+
 class FileUpload(BaseModel):
     """A multipart/form-data body with one part named `file`."""
 
-    file: FileStorage = Field(description="The file: PNG, JPEG, GIF, WebP, PDF, plain text or Markdown; at most MAX_FILE_BYTES.")
+    file: Annotated[FileStorage, AfterValidator(_a_file_part)] = Field(description="The file: PNG, JPEG, GIF, WebP, PDF, plain text or Markdown; at most MAX_FILE_BYTES.")
 
 
 class FileOut(BaseModel):

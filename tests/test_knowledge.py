@@ -169,8 +169,10 @@ def test_bad_json_documents_are_400_and_store_nothing(app, admin_client, body):
 def test_multipart_without_file_and_other_bodies_are_400(app, admin_client):
     no_file = admin_client.post("/knowledge/documents", data={"title": "t"}, content_type="multipart/form-data")
     form_encoded = admin_client.post("/knowledge/documents", data={"title": "t"})
+    a_field = admin_client.post("/knowledge/documents", data={"file": "text"}, content_type="multipart/form-data")
 
     assert no_file.status_code == 400 and "file" in no_file.json["message"]
+    assert a_field.status_code == 400 and "must be a file part" in a_field.json["message"]  # curl -F file=<path
     assert form_encoded.status_code == 400
     assert _counts(app) == (0, 0)
 
