@@ -25,9 +25,9 @@ from flask.cli import AppGroup
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from database_utils import ApiKey, Conversation, get_session, utcnow
+from database_utils import ApiKey, Conversation, add_transition, get_session, utcnow
 from errors import NotFound, Unauthorized
-from states import Role
+from states import Handoff, Role, Status
 
 KEY_PREFIX = "prly_"
 SHOWN_PREFIX_CHARS = 12
@@ -104,16 +104,34 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
         raise NotFound(f"key {key_id} does not exist")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        _requeue_assigned(session, key)
         session.commit()
     _key_cache().clear()
     return key
+
+
+def _requeue_assigned(session: Session, key: ApiKey) -> int:
+    """Put the active conversations a revoked staff key had claimed back in the queue
+    (`human -> needs_human`, unassigned), so that another staff key can claim them."""
+    held = session.scalars(
+        select(Conversation)
+        .where(Conversation.assigned_key_id == key.key_id, Conversation.status == Status.ACTIVE,
+               Conversation.handoff == Handoff.HUMAN)
+        .with_for_update()
+    ).all()
+    for conversation in held:
+        add_transition(conversation, "handoff", Handoff.NEEDS_HUMAN, None, "key_revoked",
+                       f"the assigned staff key {key.key_id} was revoked")
+        conversation.assigned_key_id = None
+    return len(held)
 
 
 def rotate_key(
     session: Session, key_id: uuid.UUID, name: str | None = None, expires_at: datetime | None = None
 ) -> tuple[ApiKey, str, int]:
     """Replace a key: a new key of the same role takes over the old key's
-    conversations, and the old key is revoked, all in one transaction.
+    conversations (a client's own, a staff key's claimed ones), and the old
+    key is revoked, all in one transaction.
 
     Returns the new key, its secret and how many conversations moved. A key
     that was already revoked (a leak is often revoked first) can be rotated too.
@@ -126,6 +144,9 @@ def rotate_key(
     session.flush()
     moved = session.execute(
         update(Conversation).where(Conversation.owner_key_id == old.key_id).values(owner_key_id=new.key_id)
+    ).rowcount
+    moved += session.execute(
+        update(Conversation).where(Conversation.assigned_key_id == old.key_id).values(assigned_key_id=new.key_id)
     ).rowcount
     if old.revoked_at is None:
         old.revoked_at = utcnow()
@@ -211,7 +232,7 @@ def rotate_key_command(key_id: uuid.UUID, name: str | None, expires_in_days: int
         key, secret, moved = rotate_key(get_session(), key_id, name, expires_at)
     except NotFound as exc:
         raise click.ClickException(exc.message) from None
-    click.echo(f"Revoked {key_id}; new {key.role} key {key.key_id} ({key.name}) owns its {moved} conversation(s). "
+    click.echo(f"Revoked {key_id}; new {key.role} key {key.key_id} ({key.name}) takes over its {moved} conversation(s). "
                "Store it now; it is not shown again:", err=True)
     click.echo(secret)
 

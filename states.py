@@ -44,7 +44,7 @@ class Handoff(StrEnum):
 HANDOFF_TRANSITIONS: dict[Handoff, frozenset[Handoff]] = {
     Handoff.BOT: frozenset({Handoff.NEEDS_HUMAN}),
     Handoff.NEEDS_HUMAN: frozenset({Handoff.HUMAN}),
-    Handoff.HUMAN: frozenset({Handoff.BOT}),
+    Handoff.HUMAN: frozenset({Handoff.BOT, Handoff.NEEDS_HUMAN}),  # back to the queue: its staff key was revoked
 }
 
 

@@ -57,7 +57,7 @@ function conversationButton(conversation) {
 async function refreshQueue() {
   if (!state.key) return;
   try {
-    const page = await api("GET", "/conversations?handoff=needs_human&limit=100");
+    const page = await api("GET", "/conversations?status=active&handoff=needs_human&limit=100");
     $("queue").replaceChildren(...page.conversations.map(conversationButton));
     $("queue-count").textContent = String(page.conversations.length);
   } catch (error) {

@@ -153,6 +153,45 @@ def test_a_revoked_key_can_be_rotated_to_give_its_conversations_an_owner(app, ke
     assert rotated.get("/get_conversation", query_string={"conversation_id": conversation_id}).status_code == 200
 
 
+def _claimed_by_staff(client, staff_client) -> str:
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "a person"}).status_code == 200
+    assert staff_client.post(f"/conversations/{conversation_id}/claim").status_code == 200
+    return conversation_id
+
+
+def test_rotating_a_staff_key_moves_its_claimed_conversations_to_the_new_key(app, client, staff_client, runner):
+    conversation_id = _claimed_by_staff(client, staff_client)
+
+    result = runner.invoke(args=["keys", "rotate", str(_key_id(app, "staff"))])
+
+    rotated = client_with_key(app, result.stdout.strip().splitlines()[-1])
+    assert result.exit_code == 0 and "its 1 conversation(s)" in result.output
+    assert rotated.post(f"/conversations/{conversation_id}/staff_messages", json={"message": "still here"}).status_code == 201
+    assert rotated.post(f"/conversations/{conversation_id}/release", json={}).status_code == 200
+
+
+def test_revoking_a_staff_key_puts_its_claimed_conversations_back_in_the_queue(app, client, staff_client, admin_client):
+    conversation_id = _claimed_by_staff(client, staff_client)
+    ended_id = _claimed_by_staff(client, staff_client)
+    client.post("/end_chat", json={"conversation_id": ended_id})
+    other_staff = client_with_key(app, admin_client.post("/keys", json={"role": "staff", "name": "second desk"}).json["key"])
+
+    revoked = admin_client.post("/keys/revoke", json={"key_id": str(_key_id(app, "staff"))})
+
+    queue = other_staff.get("/conversations", query_string={"handoff": "needs_human"}).json["conversations"]
+    assert revoked.status_code == 200
+    assert [row["conversation_id"] for row in queue if row["status"] == "active"] == [conversation_id]
+    assert queue[0]["assigned_to"] is None
+    assert other_staff.post(f"/conversations/{conversation_id}/claim").status_code == 200
+    assert other_staff.post(f"/conversations/{conversation_id}/staff_messages", json={"message": "I can help"}).status_code == 201
+    history = other_staff.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["handoff_history"]
+    assert [(move["from"], move["to"], move["by"], move["actor"]) for move in history[-2:]] == [
+        ("human", "needs_human", None, "key_revoked"), ("needs_human", "human", str(_key_id(app, "second desk")), "staff")]
+    ended = other_staff.get("/get_conversation", query_string={"conversation_id": ended_id}).json
+    assert ended["status"] == "ended" and ended["handoff"] == "human"  # an ended conversation is left as it ended
+
+
 def test_rotating_an_unknown_key_is_one_line(runner):
     result = runner.invoke(args=["keys", "rotate", str(uuid.uuid4())])
 

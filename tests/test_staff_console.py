@@ -19,6 +19,7 @@ from pages import CONTENT_SECURITY_POLICY
 from tests.conftest import client_with_key
 
 CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -49,6 +50,8 @@ def test_staff_page_is_served_with_the_chat_pages_strict_csp(client):
     assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     assert client.get("/", headers={"Accept": "text/html"}).headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"Content-Security-Policy: {CONTENT_SECURITY_POLICY}`" in readme  # the README quotes the header as sent
     html = response.get_data(as_text=True)
     assert "<script>" not in html and "http://" not in html and "https://" not in html
     assert client.get("/static/staff.js").status_code == 200
@@ -59,6 +62,11 @@ def test_staff_claim_reply_and_release_in_the_browser(app, keys, live_url, page,
     problems: list[str] = []
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
+
+    # A conversation that asked for a human and then ended has no one left to answer: not in the queue.
+    ended_id = client.post("/new_chat", json={"user_id": "gone"}).json["conversation_id"]
+    client.post(f"/conversations/{ended_id}/handoff", json={"reason": "left"})
+    client.post("/end_chat", json={"conversation_id": ended_id})
 
     page.goto(f"{live_url}/staff")
     page.get_by_label("Staff key").fill(keys["staff"])
@@ -78,6 +86,7 @@ def test_staff_claim_reply_and_release_in_the_browser(app, keys, live_url, page,
 
     entry = page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')
     expect(entry).to_be_visible(timeout=20_000)
+    expect(page.locator(f'#queue button[data-conversation-id="{ended_id}"]')).to_have_count(0)
     entry.focus()
     page.keyboard.press("Enter")  # usable with the keyboard
 
