@@ -37,7 +37,16 @@ from tqdm import tqdm
 from auth import Caller
 from config import tune_garbage_collector
 from conversations import _visible_conversation, conversation_dict, message_dict
-from database_utils import AuditEvent, Conversation, Message, Transition, get_session, loads_json, utcnow
+from database_utils import (
+    AuditEvent,
+    Conversation,
+    IdempotencyRecord,
+    Message,
+    Transition,
+    get_session,
+    loads_json,
+    utcnow,
+)
 from errors import NotFound, TurnInProgress
 from files import delete_files, files_by_conversation
 from s3_utils import (
@@ -695,6 +704,9 @@ def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Se
     for key in keys:
         archive.delete(key)
     delete_files(session, archive, ids)
+    # Stored answers to Idempotency-Key retries hold the conversations' words too (a /chat's reply).
+    answered = IdempotencyRecord.response_body["conversation_id"].as_string()
+    session.execute(delete(IdempotencyRecord).where(answered.in_([str(conversation_id) for conversation_id in ids])))
     session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
     session.execute(delete(Conversation).where(Conversation.conversation_id.in_(ids)))
     session.commit()

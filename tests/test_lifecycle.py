@@ -617,6 +617,24 @@ def test_reconcile_reports_what_it_cannot_repair(app, client):
 # ---------------------------------------------------------------- erasure
 
 
+def test_delete_user_removes_the_stored_answers_of_idempotent_retries(app, client):
+    """A retry with the same Idempotency-Key would otherwise replay the erased words (a /chat's reply)."""
+    opened = client.post("/new_chat", json={"user_id": "erase-me"}, headers={"Idempotency-Key": "open-1"})
+    conversation_id = opened.json["conversation_id"]
+    said = {"conversation_id": conversation_id, "message": "my card is 4111 1111 1111 1111"}
+    assert client.post("/chat", json=said, headers={"Idempotency-Key": "chat-1"}).status_code == 200
+    kept = client.post("/new_chat", json={"user_id": "keep-me"}, headers={"Idempotency-Key": "open-2"})
+
+    assert _run_cli(app, "delete-user", "erase-me").exit_code == 0
+
+    again = client.post("/chat", json=said, headers={"Idempotency-Key": "chat-1"})
+    assert again.status_code == 404 and "4111" not in again.get_data(as_text=True)  # ran afresh: the conversation is gone
+    assert client.post("/new_chat", json={"user_id": "erase-me"}, headers={"Idempotency-Key": "open-1"}).json[
+        "conversation_id"] != conversation_id
+    replayed = client.post("/new_chat", json={"user_id": "keep-me"}, headers={"Idempotency-Key": "open-2"})
+    assert replayed.headers.get("Idempotent-Replayed") == "true" and replayed.json == kept.json
+
+
 def test_delete_user_removes_rows_objects_and_is_audited(app, client):
     erased = [_talk(client, user_id="erase-me") for _ in range(3)]
     kept = _talk(client, user_id="keep-me")
