@@ -95,16 +95,18 @@ class Turn:
     retrieval: Any = None  # knowledge.Retrieval: citations and the context's knowledge report
 
 
+def _check_room(tokens: int, budget: int, what: str) -> None:
+    """413 when a system prompt leaves no room for a message in the context budget."""
+    if tokens + MIN_TRUNCATED_TOKENS > budget:
+        raise PayloadTooLarge(f"{what} is about {tokens} tokens; with room for a message it must fit CONTEXT_MAX_TOKENS={budget}")
+
+
 def open_conversation(
     session: Session, settings: Mapping[str, Any], request: NewChatRequest, owner: Caller
 ) -> Conversation:
     """Add a conversation to the session; the caller commits."""
     if request.system_prompt:
-        tokens, budget = estimate_tokens(request.system_prompt), settings["CONTEXT_MAX_TOKENS"]
-        if tokens + MIN_TRUNCATED_TOKENS > budget:
-            raise PayloadTooLarge(
-                f"system_prompt is about {tokens} tokens; with room for a message it must fit CONTEXT_MAX_TOKENS={budget}"
-            )
+        _check_room(estimate_tokens(request.system_prompt), settings["CONTEXT_MAX_TOKENS"], "system_prompt")
         check_template(request.system_prompt)
     now = utcnow()
     conversation = Conversation(
@@ -162,6 +164,8 @@ def prepare_turn(
     claimed, tail = claimed
     try:
         system, missing = render_system_prompt(claimed.system_prompt, claimed.variables)
+        if system and system != claimed.system_prompt:  # a template's variables may have grown it
+            _check_room(estimate_tokens(system), budget, "the system prompt with its variables")
         memory = ConversationMemory(
             system_prompt=system,
             max_tokens=budget,

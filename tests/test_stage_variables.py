@@ -207,6 +207,23 @@ def test_the_template_sandbox_gives_nothing_away(provider_app, fake_model, templ
         assert response.status_code == 422 and response.json["error"] == "system_prompt_error"
 
 
+def test_a_rendered_prompt_that_leaves_no_room_in_the_budget_is_413_and_stores_nothing(app, client):
+    """The budget is checked on the prompt as rendered: variables can make a short template long."""
+    app.config["CONTEXT_MAX_TOKENS"] = 2000
+    conversation_id = _open(client, system_prompt="Customer notes: {{ notes }}")
+    assert _put(client, conversation_id, "notes", "n" * 9000).status_code == 200  # about 3,000 tokens
+
+    refused = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    assert client.delete(f"/conversations/{conversation_id}/variables/notes").status_code == 204
+    answered = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi again"})
+
+    assert refused.status_code == 413 and refused.json["error"] == "payload_too_large"
+    assert "the system prompt with its variables is about 3" in refused.json["message"]
+    assert answered.status_code == 200 and answered.json["context"]["tokens"] <= 2000
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+    assert [message["content"] for message in log if message["role"] == "user"] == ["hi again"]
+
+
 def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake_model):
     client = provider_app("anthropic")
     template = (
