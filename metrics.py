@@ -114,6 +114,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _route_label() -> str:
     """The rule a request matched; for a 405, the rule its path matches under another method."""
     if request.url_rule is not None:
@@ -143,8 +146,9 @@ def init_app(app: Flask, engine: Engine) -> Metrics:
     def _count_request(response: Response) -> Response:
         route = _route_label()
         elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.request_seconds.labels(route, request.method).observe(elapsed)
+        method = request.method if request.method in _METHODS else "other"  # any token is a method to HTTP
+        metrics.requests.labels(route, method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route, method).observe(elapsed)
         return response
 
     app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST))

@@ -32,6 +32,7 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
         client.post("/chat", json={"conversation_id": conversation_id, "message": "count me"})
     client.get("/no-such-route")
     client.get("/chat")  # 405: counted under the rule its path matches, not as an unknown path
+    client.open("/chat", method="QAXA")  # any method name: one label, so a caller cannot add series
 
     page = app.test_client().get("/metrics")
     exposition = page.get_data(as_text=True)
@@ -41,6 +42,8 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="404") == 1
     assert _metric(exposition, "parley_http_requests_total", route="/chat", method="GET", status="405") == 1
     assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="405") == 0
+    assert _metric(exposition, "parley_http_requests_total", route="/chat", method="other", status="405") == 1
+    assert "QAXA" not in exposition
     assert _metric(exposition, "parley_http_request_duration_seconds_count", route="/chat") == 3
     assert _metric(exposition, "parley_model_request_duration_seconds_count", provider="echo", outcome="ok") == 3
     assert _metric(exposition, "parley_model_tokens_total", provider="echo", direction="output") > 0
