@@ -86,13 +86,18 @@ class Metrics:
     def streamed_turn(self, provider: str, started: float, events: Iterator[str], replied: Callable[[], bool]) -> Iterator[str]:
         """A streamed turn's events (`streaming.stream_turn`), the turn counted in flight until
         they end, and the model's time, from `started` (opening its stream), with them;
-        `replied` tells whether the whole reply came."""
+        `replied` tells whether the whole reply came. A stream its client left
+        before then is `cancelled`, not a model error."""
         self.turns_in_flight.inc()
+        left = False
         try:
             yield from events
+        except GeneratorExit:  # the server closed the response: its client went away
+            left = True
+            raise
         finally:
             self.turns_in_flight.dec()
-            outcome = "ok" if replied() else "error"
+            outcome = "ok" if replied() else "cancelled" if left else "error"
             self.model_seconds.labels(provider, outcome).observe(time.perf_counter() - started)
 
     def count_tokens(self, provider: str, usage: dict[str, int]) -> None:

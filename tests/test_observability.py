@@ -94,6 +94,25 @@ def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_s
     assert _metric(after, "parley_model_request_duration_seconds_sum", provider="anthropic", outcome="ok") > 0.5
 
 
+def test_a_stream_its_client_left_counts_as_cancelled_not_as_a_model_error(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    fake_model.reply_override = " ".join(f"word{n}" for n in range(200))
+    fake_model.stream_interval = 0.05
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "long", "stream": True},
+                           buffered=False)
+    for chunk in response.response:
+        if b"event: delta" in chunk:
+            break
+    response.close()  # what the WSGI server does when the client disconnects
+    after = client.application.test_client().get("/metrics").get_data(as_text=True)
+
+    assert _metric(after, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="cancelled") == 1
+    assert _metric(after, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="error") == 0
+    assert _metric(after, "parley_turns_in_flight") == 0
+
+
 @pytest.mark.parametrize("made", [False, True], ids=["missing", "made"])
 def test_a_parley_command_keeps_its_metrics_out_of_the_servers_directory(tmp_path, made):
     """With the server's PROMETHEUS_MULTIPROC_DIR set (from .env, say), a command neither fails nor adds samples to it."""
