@@ -27,12 +27,21 @@ from sqlalchemy.orm import Session
 
 from database_utils import ApiKey, Conversation, add_transition, get_session, utcnow
 from errors import NotFound, Unauthorized
+from schemas import MAX_KEY_NAME_CHARS
 from states import Handoff, Role, Status
 
 KEY_PREFIX = "prly_"
 SHOWN_PREFIX_CHARS = 12
 ROLES = tuple(role.value for role in Role)
 _CACHE_SIZE = 10_000
+MAX_EXPIRES_IN_DAYS = 36_500  # a hundred years; beyond, dates overflow
+
+
+def _key_name(_context: click.Context, _parameter: click.Parameter, name: str | None) -> str | None:
+    """A key's name as `POST /keys` takes it: 1 to MAX_KEY_NAME_CHARS characters, not blank."""
+    if name is not None and not (name.strip() and len(name) <= MAX_KEY_NAME_CHARS):
+        raise click.BadParameter(f"a name is 1 to {MAX_KEY_NAME_CHARS} characters, not blank")
+    return name
 
 
 @dataclass(frozen=True)
@@ -190,8 +199,8 @@ keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
 
 @keys_cli.command("create")
 @click.option("--role", type=click.Choice(ROLES), required=True)
-@click.option("--name", required=True, help="Who or what the key is for.")
-@click.option("--expires-in-days", type=click.IntRange(min=1), default=None, help="Default: never expires.")
+@click.option("--name", required=True, callback=_key_name, help="Who or what the key is for.")
+@click.option("--expires-in-days", type=click.IntRange(min=1, max=MAX_EXPIRES_IN_DAYS), default=None, help="Default: never expires.")
 def create_key_command(role: str, name: str, expires_in_days: int | None) -> None:
     """Create a key and print it. It is shown only this once."""
     expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
@@ -223,8 +232,8 @@ def revoke_key_command(key_id: uuid.UUID) -> None:
 
 @keys_cli.command("rotate")
 @click.argument("key_id", type=click.UUID)
-@click.option("--name", default=None, help="Name of the new key (default: the old key's).")
-@click.option("--expires-in-days", type=click.IntRange(min=1), default=None, help="Default: never expires.")
+@click.option("--name", default=None, callback=_key_name, help="Name of the new key (default: the old key's).")
+@click.option("--expires-in-days", type=click.IntRange(min=1, max=MAX_EXPIRES_IN_DAYS), default=None, help="Default: never expires.")
 def rotate_key_command(key_id: uuid.UUID, name: str | None, expires_in_days: int | None) -> None:
     """Make a new key that takes over KEY_ID's conversations, and revoke KEY_ID."""
     expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None

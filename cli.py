@@ -31,4 +31,10 @@ def _create_app():
 def main() -> None:
     if CHECKOUT not in sys.path:
         sys.path.insert(0, CHECKOUT)
-    FlaskGroup(name="parley", create_app=_create_app, help="Parley's commands (Flask's CLI for main:create_app).")()
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        FlaskGroup(name="parley", create_app=_create_app, help="Parley's commands (Flask's CLI for main:create_app).")()
+    except OperationalError as exc:  # the database is down, unreachable or missing: one line, not a traceback
+        reason = " ".join(str(exc.orig).split())
+        sys.exit(f"Error: cannot use the database at DATABASE_URL: {reason}")

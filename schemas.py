@@ -30,6 +30,7 @@ from werkzeug import datastructures
 from states import Handoff, Role, Status
 
 MAX_NAME_CHARS = 200
+MAX_KEY_NAME_CHARS = 100
 MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_METADATA_BYTES = 16 * 1024
 # Deepest nesting of a stored JSON value (metadata, a variable): what every JSON library reads back.
@@ -575,7 +576,7 @@ class AuditPage(BaseModel):
 
 class KeyCreate(_Request):
     role: Role
-    name: Annotated[Text, StringConstraints(min_length=1, max_length=100)]
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_KEY_NAME_CHARS)]
     expires_at: UtcDatetime | None = Field(default=None, description="When the key stops working; default never.")
 
 

@@ -54,6 +54,33 @@ def test_parley_command_runs_every_registered_command(tmp_path):
     assert re.fullmatch(r"prly_[A-Za-z0-9_\-]{43}\n", created.stdout)
 
 
+@pytest.mark.parametrize("command", [["keys", "list"], ["db-upgrade"]])
+def test_a_database_the_command_cannot_reach_is_one_line_not_a_traceback(tmp_path, command):
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_ports(1)[0]}/parley"
+    env = {**os.environ, "DATABASE_URL": down, "ARCHIVE_URL": (tmp_path / "a").as_uri(), "PYTHONPATH": str(ROOT)}
+
+    result = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *command], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot use the database at DATABASE_URL: ") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("arguments", [
+    ["keys", "create", "--role", "client", "--name", "x", "--expires-in-days", "99999999"],
+    ["keys", "create", "--role", "client", "--name", ""],
+    ["keys", "create", "--role", "client", "--name", "   "],
+    ["keys", "create", "--role", "client", "--name", "n" * 101],
+    ["keys", "rotate", str(uuid.uuid4()), "--expires-in-days", "99999999"],
+])
+def test_key_options_the_api_would_refuse_are_usage_errors(runner, arguments):
+    result = runner.invoke(args=arguments)
+
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_make_targets_use_the_venv_and_install_the_command():
     dry_run = subprocess.run(["make", "-n", "-B", "run", "db-upgrade", "archive-prepare"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
