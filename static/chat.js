@@ -5,6 +5,16 @@
 const KEY = "parley.key";
 const CONVERSATION = "parley.conversation";
 const USER_ID = "chat-page";
+const POLL_MS = 3000; // while a person from support has the conversation
+const LABELS = { user: "You", staff: "Support" };
+const HANDOFF_NOTICES = {
+  needs_human: "A person from support will answer here.",
+  human: "A person from support is answering.",
+  bot: "Support handed the conversation back to the assistant.",
+};
+
+// The open conversation's log as the page shows it, so that polling adds each message once.
+const log = { conversationId: null, lastSeq: 0, shown: new Set(), handoff: "bot", timer: null, run: 0, polling: false };
 
 const $ = (id) => document.getElementById(id);
 
@@ -54,7 +64,7 @@ function addMessage(role, text) {
   item.className = `message ${role}`;
   const who = document.createElement("span");
   who.className = "who";
-  who.textContent = role === "user" ? "You" : role;
+  who.textContent = LABELS[role] || role;
   const body = document.createElement("p");
   body.className = "text";
   body.textContent = text;
@@ -69,6 +79,70 @@ function addMeta(item, text, trimmed) {
   meta.className = trimmed ? "meta trimmed" : "meta";
   meta.textContent = text;
   item.append(meta);
+}
+
+function addNotice(text) {
+  const item = document.createElement("li");
+  item.className = "notice";
+  item.textContent = text;
+  $("messages").append(item);
+  item.scrollIntoView({ block: "end" });
+}
+
+function showStored(message) {
+  log.lastSeq = Math.max(log.lastSeq, message.seq);
+  if (log.shown.has(message.seq)) return;
+  log.shown.add(message.seq);
+  const item = addMessage(message.role, message.content);
+  if (message.incomplete) addMeta(item, "incomplete: the reader left before the end", false);
+}
+
+function noteHandoff(state) {
+  if (state === log.handoff) return;
+  log.handoff = state;
+  if (HANDOFF_NOTICES[state]) addNotice(HANDOFF_NOTICES[state]);
+}
+
+function resetLog(conversationId) {
+  stopWatching();
+  Object.assign(log, { conversationId, lastSeq: 0, shown: new Set(), handoff: "bot" });
+}
+
+// While support has the conversation, read the newer messages every few seconds, one request at a time.
+function watch() {
+  if (log.timer === null && log.handoff !== "bot") log.timer = setTimeout(poll, POLL_MS);
+}
+
+function stopWatching() {
+  clearTimeout(log.timer);
+  log.timer = null;
+  log.run += 1; // a read still in flight is dropped when it comes back
+}
+
+async function poll() {
+  log.timer = null;
+  if (log.polling) return watch();
+  const run = log.run;
+  let delay = POLL_MS;
+  log.polling = true;
+  try {
+    const id = encodeURIComponent(log.conversationId);
+    const conversation = await call("GET", `/get_conversation?conversation_id=${id}&after_seq=${log.lastSeq}`);
+    if (run !== log.run) return;
+    // Support takes over before it writes, and hands back after it has written.
+    if (conversation.handoff !== "bot") noteHandoff(conversation.handoff);
+    conversation.messages.forEach(showStored);
+    if (conversation.status !== "active") return showConversation(conversation);
+    noteHandoff(conversation.handoff);
+  } catch (failure) {
+    if (run !== log.run) return;
+    if (!(failure instanceof ApiFailure) || failure.status >= 500) delay = POLL_MS * 3; // network or server trouble: try again later
+    else if (failure.status === 429) delay = (Number(failure.retryAfter) || 10) * 1000;
+    else return showError(explain(failure));
+  } finally {
+    log.polling = false;
+  }
+  if (run === log.run && log.handoff !== "bot") log.timer = setTimeout(poll, delay);
 }
 
 function describeTurn(done) {
@@ -109,7 +183,8 @@ async function readEvents(response, onEvent) {
 
 async function send(text) {
   const conversationId = sessionStorage.getItem(CONVERSATION);
-  addMessage("user", text);
+  stopWatching(); // a read racing this message could show it twice
+  const sent = addMessage("user", text);
   const item = addMessage("assistant", "");
   item.classList.add("streaming");
   const body = item.querySelector(".text");
@@ -124,8 +199,17 @@ async function send(text) {
       },
       body: JSON.stringify({ conversation_id: conversationId, message: text, stream: true }),
     });
-    if (!response.ok) {
+    if (!response.ok || response.status === 202) {
       const data = await response.json().catch(() => ({}));
+      if (response.status === 202 && data.handoff) {
+        // Stored for a person from support: no reply from the model now.
+        item.remove();
+        log.shown.add(data.seq);
+        addMeta(sent, "sent to support", false);
+        noteHandoff(data.handoff);
+        showError("");
+        return;
+      }
       throw new ApiFailure(response.status, data, response.headers.get("Retry-After"));
     }
     let finished = false;
@@ -137,6 +221,8 @@ async function send(text) {
         finished = true;
         body.textContent = data.reply;
         addMeta(item, ...describeTurn(data));
+        log.shown.add(data.seq - 1).add(data.seq); // the turn stores the message and its reply together
+        if (log.handoff === "bot") log.lastSeq = Math.max(log.lastSeq, data.seq);
       } else if (name === "error") {
         finished = true;
         throw new ApiFailure(502, data, null);
@@ -151,6 +237,7 @@ async function send(text) {
   } finally {
     item.classList.remove("streaming");
     $("send").disabled = false;
+    if (log.conversationId === conversationId) watch();
   }
 }
 
@@ -167,12 +254,14 @@ function showConversation(conversation) {
 
 async function openConversation(conversationId) {
   const conversation = await call("GET", `/get_conversation?conversation_id=${encodeURIComponent(conversationId)}`);
+  resetLog(conversationId);
   $("messages").replaceChildren();
-  for (const message of conversation.messages) {
-    const item = addMessage(message.role, message.content);
-    if (message.incomplete) addMeta(item, "incomplete: the reader left before the end", false);
-  }
+  conversation.messages.forEach(showStored);
   showConversation(conversation);
+  if (conversation.status === "active") {
+    noteHandoff(conversation.handoff);
+    watch();
+  }
 }
 
 function showStart() {
@@ -191,6 +280,7 @@ async function restore() {
     await openConversation(conversationId);
     $("message").focus();
   } catch (failure) {
+    resetLog(null);
     sessionStorage.removeItem(CONVERSATION);
     showStart();
     showError(explain(failure));
@@ -207,6 +297,7 @@ function wire() {
     $("conversation-name").focus();
   });
   $("forget-key").addEventListener("click", () => {
+    resetLog(null);
     sessionStorage.removeItem(KEY);
     sessionStorage.removeItem(CONVERSATION);
     showStart();
@@ -222,6 +313,7 @@ function wire() {
     try {
       const conversation = await call("POST", "/new_chat", body);
       sessionStorage.setItem(CONVERSATION, conversation.conversation_id);
+      resetLog(conversation.conversation_id);
       $("messages").replaceChildren();
       showConversation(conversation);
       showError("");
@@ -246,6 +338,7 @@ function wire() {
   $("end-chat").addEventListener("click", async () => {
     try {
       const conversation = await call("POST", "/end_chat", { conversation_id: sessionStorage.getItem(CONVERSATION) });
+      stopWatching();
       showConversation(conversation);
       showError("");
     } catch (failure) {
@@ -253,6 +346,7 @@ function wire() {
     }
   });
   $("leave-chat").addEventListener("click", () => {
+    resetLog(null);
     sessionStorage.removeItem(CONVERSATION);
     $("chat-panel").hidden = true;
     showStart();

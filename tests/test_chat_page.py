@@ -35,8 +35,16 @@ def browser():
 
 @pytest.fixture
 def serve(app_config, fake_model, monkeypatch) -> Iterator:
-    """Serve the app with `provider` on a free port: (base URL, client key, provider)."""
+    """Serve the app with `provider` on a free port: (base URL, client key, provider).
+
+    `serve.staff_key(base_url)` makes a staff key for the app served there.
+    """
     running = []
+
+    def staff_key(base_url: str) -> str:
+        app = next(app for app, server, _ in running if base_url.endswith(f":{server.server_port}"))
+        with app.app_context():
+            return create_key(get_session(), "staff", "support desk")[1]
 
     def start(provider: str) -> tuple[str, str, str]:
         # A small context budget, so that a few messages show trimming.
@@ -55,6 +63,7 @@ def serve(app_config, fake_model, monkeypatch) -> Iterator:
         running.append((app, server, thread))
         return f"http://127.0.0.1:{server.server_port}", secret, provider
 
+    start.staff_key = staff_key
     yield start
     for app, server, thread in running:
         server.shutdown()
@@ -175,6 +184,73 @@ def test_the_page_shows_when_the_context_was_trimmed(serve, page):
         expect(page.locator("#messages .assistant .meta")).to_have_count(n + 1, timeout=15_000)
 
     expect(page.locator("#messages .assistant .meta.trimmed").last).to_contain_text(re.compile(r"\d+ earlier dropped"))
+
+
+def ask_for_a_human(page: Page) -> None:
+    page.get_by_label("Message").fill("Please let me talk to a human")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .notice")).to_have_text(["A person from support will answer here."])
+
+
+def test_a_message_held_for_support_is_stored_and_says_so(serve, page):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+
+    ask_for_a_human(page)
+
+    expect(page.locator("#messages .user .text")).to_have_text(["Please let me talk to a human"])
+    expect(page.locator("#messages")).not_to_contain_text("not stored")
+    expect(page.locator("#messages .failed")).to_have_count(0)
+    expect(page.get_by_role("alert")).to_be_hidden()
+    expect(page.locator("#messages .user .meta")).to_have_text(["sent to support"])
+    expect(page.locator("#messages .assistant")).to_have_count(0)  # no empty reply waiting for the model
+    expect(page.get_by_label("Message")).to_be_enabled()
+    page.reload()  # the page reads the same log and state back
+    expect(page.locator("#messages .user .text")).to_have_text(["Please let me talk to a human"])
+    expect(page.locator("#messages .notice")).to_have_text(["A person from support will answer here."])
+    assert page.console_errors == []
+
+
+def test_staff_replies_appear_without_a_reload(serve, page, tmp_path):
+    base_url, secret, _ = serve("echo")
+    staff = {"Authorization": f"Bearer {serve.staff_key(base_url)}"}
+    start_conversation(page, base_url, secret)
+    ask_for_a_human(page)
+    conversation_id = page.evaluate("sessionStorage.getItem('parley.conversation')")
+    api = page.context.request
+
+    def staff_post(action: str, body: dict | None = None) -> None:
+        response = api.post(f"{base_url}/conversations/{conversation_id}/{action}", headers=staff, data=body or {})
+        assert response.ok, response.text()
+
+    staff_post("claim")
+    staff_post("staff_messages", {"message": "Hello, I am Sam from support. <b>How can I help?</b>"})
+
+    staff_replies = page.locator("#messages .staff")
+    expect(staff_replies.locator(".text")).to_have_text(["Hello, I am Sam from support. <b>How can I help?</b>"], timeout=10_000)
+    expect(staff_replies.locator(".who")).to_have_text(["Support"])
+    expect(page.locator("#messages .notice").last).to_have_text("A person from support is answering.")
+    page.get_by_label("Message").fill("My invoice is wrong")
+    page.get_by_label("Message").press("Enter")
+    staff_post("staff_messages", {"message": "Let me look at it."})
+    expect(staff_replies.locator(".text")).to_have_text(
+        ["Hello, I am Sam from support. <b>How can I help?</b>", "Let me look at it."], timeout=10_000
+    )
+    in_order = ["will answer here", "Sam from support", "My invoice", "Let me look"]
+    expect(page.locator("#messages > li")).to_contain_text(in_order[:1] + ["is answering"] + in_order[1:])
+    page.screenshot(path=str(tmp_path / "chat-handoff.png"), full_page=True)
+
+    page.reload()  # still with support: the page keeps reading
+    staff_post("staff_messages", {"message": "Fixed: the invoice is corrected."})
+    expect(staff_replies.locator(".text").last).to_have_text("Fixed: the invoice is corrected.", timeout=10_000)
+    staff_post("release", {"note": "solved"})
+    expect(page.locator("#messages .notice").last).to_have_text("Support handed the conversation back to the assistant.", timeout=10_000)
+
+    expect(page.locator("#messages .user .text")).to_have_text(["Please let me talk to a human", "My invoice is wrong"])
+    expect(staff_replies).to_have_count(3)  # each shown once
+    assert page.locator("#messages b").count() == 0
+    expect(page.get_by_role("alert")).to_be_hidden()
+    assert page.console_errors == []
 
 
 def test_the_page_sends_a_policy_against_inline_scripts(client):
