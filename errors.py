@@ -8,6 +8,8 @@ unexpected errors are logged by type only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from gunicorn.http.errors import NoMoreData, ParseException
@@ -108,15 +110,20 @@ _DATE_ERRORS = {"timezone_aware", "datetime_parsing", "datetime_from_date_parsin
 
 def validation_error_response(exc: ValidationError) -> Response:
     """400 listing each invalid field, without echoing the input back."""
-    details = [
-        {
-            "field": ".".join(str(part) for part in e["loc"]),
-            "problem": f"{e['msg']}: {_DATE_EXAMPLE}" if e["type"] in _DATE_ERRORS else e["msg"],
-        }
-        for e in exc.errors()
-    ]
+    details = [{"field": ".".join(str(part) for part in e["loc"]), "problem": _problem(e)} for e in exc.errors()]
     summary = "; ".join(f"{d['field'] or 'body'}: {d['problem']}" for d in details)
     return error_response(400, "invalid_request", summary, details)
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    if error["type"] in _DATE_ERRORS:
+        return f"{error['msg']}: {_DATE_EXAMPLE}"
+    if error["type"] in ("too_long", "too_short") and isinstance(error.get("input"), str):
+        # A length checked after a validator is pydantic's length of any sequence: "items".
+        context = error["ctx"]
+        bound = f"at most {context['max_length']}" if error["type"] == "too_long" else f"at least {context['min_length']}"
+        return f"should have {bound} characters, not {context['actual_length']}"
+    return error["msg"]
 
 
 def init_app(app: Flask) -> None:

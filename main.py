@@ -66,6 +66,7 @@ from schemas import (
     ChatHeld,
     ChatRequest,
     ChatResponse,
+    ClaimRequest,
     ConversationDetail,
     ConversationOut,
     ConversationPath,
@@ -284,7 +285,8 @@ def _authorize() -> Response | None:
     roles = ROUTE_ROLES[endpoint]
     if key.role not in roles:
         needed = " or ".join(sorted(roles))
-        raise Forbidden(f"{request.method} {request.path} needs a {needed} key; this key's role is {key.role}")
+        article = "an" if needed[0] in "aeiou" else "a"
+        raise Forbidden(f"{request.method} {request.path} needs {article} {needed} key; this key's role is {key.role}")
     g.api_key = key
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
@@ -565,7 +567,7 @@ def request_human(path: ConversationPath, body: HandoffRequest, header: Idempote
 @api.post("/conversations/<conversation_id>/claim", tags=[handoffs, staff],
           responses={200: ConversationOut, 409: ErrorResponse, 422: ErrorResponse})
 @allow(Role.STAFF)
-def claim_conversation(path: ConversationPath, header: IdempotencyHeader):
+def claim_conversation(path: ConversationPath, body: ClaimRequest, header: IdempotencyHeader):
     """Take the conversation: `needs_human -> human`, assigned to this staff key.
     A second claimant gets 409. Honours Idempotency-Key."""
     return _respond(ConversationOut.of(handoff.claim(get_session(), _caller(), path.conversation_id)))

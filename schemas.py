@@ -75,7 +75,7 @@ def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:
-        raise ValueError("metadata must not contain NaN or Infinity") from None
+        raise ValueError("metadata must not contain NaN, Infinity or a number beyond a double (1e400)") from None
     _storable_text(encoded)
     # json.dumps writes NUL as the escape \u0000, which PostgreSQL also refuses.
     if "\\u0000" in encoded:
@@ -217,16 +217,22 @@ class VariablePath(BaseModel):
 
 
 class HandoffRequest(_Request):
-    reason: Reason = Field(description="Why a human is needed; kept in the handoff history.")
+    reason: Annotated[Reason, AfterValidator(_not_blank)] = Field(description="Why a human is needed; kept in the handoff history.")
 
 
-class ReleaseRequest(_Request):
-    note: Reason | None = Field(default=None, description="Kept in the handoff history.")
-
+class _MayBeAbsent(_Request):
     @model_validator(mode="before")
     @classmethod
     def _body_may_be_absent(cls, data: Any) -> Any:
         return {} if data is None else data
+
+
+class ClaimRequest(_MayBeAbsent):
+    """No body, or `{}`: a claim takes no fields."""
+
+
+class ReleaseRequest(_MayBeAbsent):
+    note: Reason | None = Field(default=None, description="Kept in the handoff history.")
 
 
 class StaffMessageRequest(_Request):

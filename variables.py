@@ -77,7 +77,7 @@ def _check(settings: Mapping[str, Any], name: str, value: Any) -> None:
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:
-        raise ApiError(f"variable {name}: NaN and Infinity are not JSON") from None
+        raise ApiError(f"variable {name}: NaN, Infinity and numbers beyond a double (1e400) cannot be stored") from None
     if "\x00" in encoded or "\\u0000" in encoded:
         raise ApiError(f"variable {name} must not contain NUL characters")
     try:

@@ -205,6 +205,25 @@ def test_a_body_that_does_not_parse_is_told_why(client, raw, said):
     assert said in response.json["message"]
 
 
+def test_a_text_too_long_is_told_in_characters(client):
+    response = client.post("/new_chat", json={"user_id": "u", "conversation_name": "n" * 201})
+
+    assert response.status_code == 400
+    assert response.json["details"] == [{"field": "conversation_name", "problem": "should have at most 200 characters, not 201"}]
+
+
+@pytest.mark.parametrize("path", ["/new_chat", "variables"])
+def test_a_number_beyond_a_double_is_named_as_such(client, path):
+    raw = b'{"user_id": "u", "metadata": {"n": 1e400}}'
+    if path == "variables":
+        conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+        path, raw = f"/conversations/{conversation_id}/variables", b'{"n": 1e400}'
+
+    response = client.open(path, method="PATCH" if "variables" in path else "POST", data=raw, content_type="application/json")
+
+    assert response.status_code == 400 and "beyond a double (1e400)" in response.json["message"]
+
+
 def test_a_utf8_byte_order_mark_is_ignored(client):
     """RFC 8259 lets a parser ignore one; refusing it would only trouble a client's tools."""
     response = client.post("/new_chat", data="\ufeff" + '{"user_id": "bom"}', content_type="application/json")

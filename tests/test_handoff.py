@@ -435,9 +435,12 @@ def test_handoff_needs_a_reason_and_staff_messages_text(client, staff_client):
     conversation_id = _open(client)
 
     assert client.post(f"/conversations/{conversation_id}/handoff", json={}).status_code == 400
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": " "}).status_code == 400
     assert client.post("/conversations/not-a-uuid/handoff", json={"reason": "x"}).status_code == 400
     _handoff(client, conversation_id)
-    _claim(staff_client, conversation_id)
+    unknown = staff_client.post(f"/conversations/{conversation_id}/claim", json={"bogus_field": 1})
+    assert unknown.status_code == 400 and unknown.json["details"][0]["field"] == "bogus_field"
+    assert staff_client.post(f"/conversations/{conversation_id}/claim", json={}).status_code == 200
     assert _write(staff_client, conversation_id, "   ").status_code == 400
     assert staff_client.post(f"/conversations/{conversation_id}/release", data="nope", content_type="text/plain").status_code == 400
 

@@ -304,6 +304,13 @@ def test_forbidden_says_which_roles_may_call_the_route(admin_client):
     assert response.json["message"] == "POST /new_chat needs a client key; this key's role is admin"
 
 
+def test_forbidden_words_an_admin_role_with_an(client):
+    response = client.get("/keys")
+
+    assert response.status_code == 403
+    assert response.json["message"] == "GET /keys needs an admin key; this key's role is client"
+
+
 def test_a_date_without_offset_gets_an_example(staff_client):
     response = staff_client.get("/conversations", query_string={"created_from": "2026-11-01T00:00:00"})
 
