@@ -98,6 +98,8 @@ Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(),
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 MessageText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable_text), AfterValidator(_not_blank)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.@:+\-]+$")]
+# Clients may show a citation's source as a link: only web addresses, never `javascript:` or `data:`.
+SourceUrl = Annotated[Text, StringConstraints(min_length=1, max_length=2048, pattern=r"^(?i:https?)://[^\s]+$")]
 STAGE_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 VARIABLE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 Stage = Annotated[str, StringConstraints(pattern=STAGE_PATTERN)]
@@ -639,9 +641,7 @@ class KnowledgeText(_Request):
     text: Annotated[Text, StringConstraints(min_length=1), AfterValidator(_not_blank)] = Field(
         description="Plain text or Markdown; split into passages of 1,200 characters overlapping by 200."
     )
-    source_url: Annotated[Text, StringConstraints(min_length=1, max_length=2048)] | None = Field(
-        default=None, description="Where the document lives; shown with its citations."
-    )
+    source_url: SourceUrl | None = Field(default=None, description="Where the document lives (http or https); shown with its citations.")
 
 
 class KnowledgeUploadForm(_Request):
@@ -650,7 +650,7 @@ class KnowledgeUploadForm(_Request):
     title: Annotated[Text, StringConstraints(max_length=300)] | None = Field(
         default=None, description="Default: the document's own title (HTML <title>, PDF metadata, a Markdown # heading), else the file name."
     )
-    source_url: Annotated[Text, StringConstraints(min_length=1, max_length=2048)] | None = None
+    source_url: SourceUrl | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -156,6 +156,9 @@ def test_bad_uploads_are_4xx_and_store_nothing(app, admin_client, case):
         {"text": "no title"},
         {"title": "t", "text": "nul \x00 byte"},
         {"title": "t", "text": "x", "colour": "extra field"},
+        {"title": "t", "text": "x", "source_url": "javascript:alert(1)"},
+        {"title": "t", "text": "x", "source_url": "data:text/html,<b>x</b>"},
+        {"title": "t", "text": "x", "source_url": "https://kb.example/a b"},
     ],
 )
 def test_bad_json_documents_are_400_and_store_nothing(app, admin_client, body):
@@ -174,6 +177,8 @@ def test_multipart_without_file_and_other_bodies_are_400(app, admin_client):
     assert no_file.status_code == 400 and "file" in no_file.json["message"]
     assert a_field.status_code == 400 and "must be a file part" in a_field.json["message"]  # curl -F file=<path
     assert form_encoded.status_code == 400
+    script = _upload(admin_client, "faq.md", b"# Heading\n\nbody text", source_url="javascript:alert(1)")
+    assert script.status_code == 400 and "source_url" in script.json["message"]
     assert _counts(app) == (0, 0)
 
 
