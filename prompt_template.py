@@ -16,9 +16,12 @@ calls, macros or assignments) and every render is bounded:
 - size: every value an operator, filter, literal list or the output is
   given is at most `RENDERED_MAX_CHARS` characters as it would render,
   counted before it is used, so no step makes more than a few times that;
-- numbers: arithmetic takes integers of at most `INTEGER_MAX_BITS` bits.
-Jinja's optimizer is off, and what it still evaluates while compiling is
-under the same bounds.
+- numbers: arithmetic takes integers of at most `INTEGER_MAX_BITS` bits;
+- items: filters that sort, compare or collect items take at most
+  `FILTER_MAX_ITEMS` of them.
+Jinja's optimizer is off (its constant folding costs the cube of a filter
+chain's length), and what Jinja still evaluates while compiling is under
+the same bounds.
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ import contextlib
 import contextvars
 import functools
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateError, Undefined, meta, nodes
+from jinja2 import ChainableUndefined, TemplateError, Undefined, nodes
 from jinja2.exceptions import SecurityError
+from jinja2.filters import make_attrgetter
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -48,6 +54,10 @@ TEMPLATE_MAX_ELEMENTS = 5000
 # the parser's cost, so that a prompt far over the limit is refused sooner:
 # an element is rarely more than four tokens (`{{ name }}` is five for two).
 TEMPLATE_MAX_TOKENS = 10 * TEMPLATE_MAX_ELEMENTS
+# Sorting or collecting the characters of a 400,000-character text makes an
+# object of each (about 100 MB and a second for `sort`); no prompt needs it.
+FILTER_MAX_ITEMS = 20_000
+_ITEM_FILTERS = frozenset({"dictsort", "join", "list", "max", "min", "reverse", "sort", "sum", "unique"})
 # Filters whose work and output are about the size of their input; the few
 # arguments that could multiply them are checked (`_LIMITS`).
 FILTERS = frozenset({
@@ -100,7 +110,8 @@ def _bounds() -> Iterator[None]:
 
 
 def _render_error(exc: Exception) -> SystemPromptError:
-    return SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {exc}")
+    said = re.sub(r"\bjinja2\.\w+\.", "", str(exc))  # "'jinja2.runtime.LoopContext object' has no attribute ..."
+    return SystemPromptError(f"the system prompt could not be rendered: {exc.__class__.__name__}: {said}")
 
 
 def _check_time() -> None:
@@ -227,6 +238,10 @@ def _timed(name: str, function: Callable) -> Callable:
         value = _checked(_plain(args[data]))
         if name in _TEXT_FILTERS and isinstance(value, list | tuple | dict):
             value = _text(value)
+        if name in _ITEM_FILTERS and isinstance(value, str | list | tuple | dict) and len(value) > FILTER_MAX_ITEMS:
+            raise SecurityError(f"{name} takes at most {FILTER_MAX_ITEMS:,} items")
+        if name == "unique":  # its set may meet integers that share a hash: each step is timed
+            value = _loop(value)
         result = function(*args[:data], value, *args[data + 1:], **kwargs)
         if isinstance(result, Iterator) and not isinstance(result, LoopContext):  # items, unique, reverse
             result = list(result)  # a list, not a generator's name
@@ -260,8 +275,10 @@ def _limit_join(join: Callable) -> Callable:
     @functools.wraps(join)
     def checked(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
         value, seen = list(value), {}
+        if attribute is not None:
+            value = list(map(make_attrgetter(eval_ctx.environment, attribute), value))
         _check_size(sum(_chars(item, seen) for item in value) + len(str(d)) * len(value))
-        return join(eval_ctx, [item if attribute else _text(item) for item in value], d, attribute)
+        return join(eval_ctx, [_text(_plain(item)) for item in value], d)
 
     return checked
 
@@ -356,6 +373,10 @@ def _bounded(tree: nodes.Template) -> nodes.Template:
             raise SecurityError("recursive loops are not available in a system prompt")
         if isinstance(node, nodes.Filter) and node.name not in FILTERS:
             raise SecurityError(f"the filter {node.name!r} is not available in a system prompt")
+        if isinstance(node, nodes.Const) and isinstance(node.value, float) and not math.isfinite(node.value):
+            raise SecurityError("a number too large for a float (such as 1e400)")
+        if isinstance(node, nodes.Mod) and isinstance(node.left, nodes.Const) and isinstance(node.left.value, str):
+            raise SecurityError("% formatting of text is not available; use ~ to join text")
     for parent in elements:
         for field in parent.fields:
             child = getattr(parent, field)
@@ -396,9 +417,29 @@ def _compiled(source: str):
         for count, _token in enumerate(environment.lex(source), 1):
             if count > TEMPLATE_MAX_TOKENS:
                 raise SecurityError(f"a system prompt has at most {TEMPLATE_MAX_ELEMENTS:,} template elements")
-        tree = environment.parse(source)
-        names = frozenset(meta.find_undeclared_variables(tree))
-        return environment.from_string(_bounded(tree)), names
+        tree = _bounded(environment.parse(source))
+        return environment.from_string(tree), frozenset(_names_read(tree))
+
+
+def _names_read(node: nodes.Node, bound: frozenset[str] = frozenset()) -> Iterator[str]:
+    """The variables a template reads (what `jinja2.meta.find_undeclared_variables` finds,
+    without the optimizer it runs). A loop binds its targets, and `loop`, in its body."""
+    if isinstance(node, nodes.Name):
+        if node.ctx == "load" and node.name not in bound:
+            yield node.name
+        return
+    if isinstance(node, nodes.For):
+        targets = bound | {name.name for name in node.target.find_all(nodes.Name)}
+        yield from _names_read(node.iter, bound)
+        if node.test is not None:
+            yield from _names_read(node.test, targets)
+        for child in node.body:
+            yield from _names_read(child, targets | {"loop"})
+        for child in node.else_:
+            yield from _names_read(child, bound)
+        return
+    for child in node.iter_child_nodes():
+        yield from _names_read(child, bound)
 
 
 def check_template(source: str) -> None:
@@ -428,4 +469,9 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
                 pieces.append(piece)
     except Exception as exc:  # the template is the client's code: whatever it raises is its error
         raise _render_error(exc) from None
-    return "".join(pieces), sorted(names - set(variables))
+    rendered = "".join(pieces)
+    try:
+        rendered.encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud800" escape in the template: no model or log could take the text
+        raise SystemPromptError("the system prompt renders a lone surrogate, which is not valid Unicode") from None
+    return rendered, sorted(names - set(variables))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import jinja2.optimizer
 import pytest
 from jinja2 import Environment
 from jinja2.sandbox import SandboxedEnvironment
 
+from prompt_template import SystemPromptError, render_system_prompt
 from s3_utils import read_document
 
 
@@ -255,6 +258,8 @@ def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake
     "{{ " + "*".join(["a"] * 200) + " }}",  # Python's compiler refuses the nesting
     "{{ " + "9" * 5000 + " }}",  # a literal over Python's 4,300 digits
     "{{ a < a }}" * 2000,  # more than 5,000 template elements, each cheap
+    "{{ '%999999999d' % 1 }}",  # % formatting of text
+    "{{ 1e400 }}",  # no float: Jinja would write `inf` into the template's code
 ])
 def test_templates_that_could_take_a_worker_are_refused_when_set(client, template):
     """Calls, assignments, macros and filters that multiply their input: none is needed to fill a prompt."""
@@ -307,7 +312,10 @@ def test_a_prompt_far_over_the_element_limit_is_refused_on_its_token_count_befor
     ("{{ ('f' * 30000)|int(base=16) // 3 }}", "more than 65,536 bits"),
     ("{% for t in [s ~ s] %}{{ [" + ", ".join(["t"] * 100) + "] }}{% endfor %}", "more than 400,000 characters"),
     ("{% for t in [s ~ s] %}{{ [" + ", ".join(["t"] * 100) + "]|string|length }}{% endfor %}", "more than 400,000 characters"),
-    ("{{ '%999999999d' % 1 }}", "% formatting of text"),
+    ("{{ s % 1 }}", "% formatting of text"),
+    ("{{ (s ~ s)|sort|length }}", "sort takes at most 20,000 items"),
+    ("{{ (s ~ s)|list|length }}", "list takes at most 20,000 items"),
+    ('{{ "\\ud800" }}', "lone surrogate"),
     ("{{ 9 ** (9 ** 9) }}", "a power of more than 4096 bits"),
 ])
 def test_a_template_whose_render_would_take_the_worker_is_a_422(client, template, cause):
@@ -321,6 +329,54 @@ def test_a_template_whose_render_would_take_the_worker_is_a_422(client, template
     assert response.status_code == 422 and response.json["error"] == "system_prompt_error", response.json
     assert cause in response.json["message"]
     assert after["messages"] == []
+
+
+def test_jinjas_optimizer_never_runs_on_a_prompt(client, monkeypatch):
+    """Its constant folding costs the cube of a filter chain's length: 190 `|lower` took 2 s to check, 25 such chains 53 s."""
+    made = []
+    monkeypatch.setattr(jinja2.optimizer.Optimizer, "__init__", lambda self, environment: made.append(environment))
+    template = "".join("{{ x" + "|e" * 190 + " }}" for _ in range(25))
+
+    conversation_id = _open(client, system_prompt=template)
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 200 and response.json["context"]["missing_variables"] == ["x"]
+    assert made == []
+
+
+def test_the_names_a_template_reads_leave_out_its_loop_variables():
+    template = ("{% for item in cart if item != skip %}{{ item }}{{ loop.index }}{{ tax }}{% else %}{{ item }}{% endfor %}"
+                "{{ name|default(fallback) }}{{ plan.tier }}")
+
+    _, missing = render_system_prompt(template, {"cart": [1]})
+
+    assert missing == ["fallback", "item", "name", "plan", "skip", "tax"]  # `item` once more outside its loop
+
+
+def test_integers_that_share_a_hash_cannot_hold_unique_past_the_time_limit():
+    """A set of such integers costs the square of their number: 14,000 of them took unique 1.7 s."""
+    prime = 2**61 - 1
+    variables = {f"v{n}": [prime * (n * 700 + k + 1) for k in range(650)] for n in range(20)}  # each under 16 KiB
+    total = " + ".join(f"v{n}" for n in range(20))
+
+    started = time.monotonic()
+    with pytest.raises(SystemPromptError, match="longer than 0.25 s"):
+        render_system_prompt("{{ (" + total + ")|unique|length }}", variables)
+
+    # A bound, not a speed: unchecked, the filter ran its 1.5 s to the end before the next check.
+    assert time.monotonic() - started < 1.0
+
+
+def test_join_by_attribute_and_errors_speak_json_not_python():
+    rows = [{"a": [1, "x", True, None]}, {"a": {"k": "v"}}]
+
+    joined, _ = render_system_prompt("{{ rows|join(' | ', attribute='a') }}|{{ [{'a': self}]|join(',', attribute='a') }}",
+                                     {"rows": rows})
+    with pytest.raises(SystemPromptError) as failed:
+        render_system_prompt("{{ self.foo + 1 }}", {})
+
+    assert joined == '[1, "x", true, null] | {"k": "v"}|None'
+    assert "jinja2." not in failed.value.message and "TemplateReference object' has no attribute 'foo'" in failed.value.message
 
 
 def test_methods_and_template_objects_render_as_nothing_not_as_their_python_names(provider_app, fake_model):
