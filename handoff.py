@@ -145,7 +145,8 @@ def _moving(session: Session, viewer: Caller, conversation_id: uuid.UUID, source
     conversation = visible_conversation(session, viewer, conversation_id, lock=True)
     if conversation.status != Status.ACTIVE:
         session.rollback()
-        raise HandoffConflict(f"conversation {conversation_id} is {conversation.status}; open a new one")
+        next_step = "open a new one" if viewer.role == Role.CLIENT else "nothing more can be done in it"
+        raise HandoffConflict(f"conversation {conversation_id} is {conversation.status}; {next_step}")
     if conversation.handoff != source:
         current = conversation.handoff
         session.rollback()

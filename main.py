@@ -652,6 +652,9 @@ def upload_file(path: ConversationPath, form: FileUpload):
     `file_type_mismatch` (name or declared type disagree with the bytes),
     422 `empty_file`. Nothing is stored unless the file is accepted.
     """
+    parts = len(request.files.getlist("file"))
+    if parts > 1:  # flask-openapi3 would take the first and drop the rest without a word
+        raise errors.ApiError(f"send one file per request; this one has {parts} parts named file")
     row = files.upload_file(get_session(), _archive(), current_app.config, _caller(), path.conversation_id, form.file)
     return _respond(FileOut.of(row), 201)
 

@@ -187,9 +187,12 @@ def test_a_missing_file_part_is_400(app, client):
     no_part = client.post(f"/conversations/{conversation_id}/files", data={"other": "x"}, content_type="multipart/form-data")
     as_json = client.post(f"/conversations/{conversation_id}/files", json={"file": "x"})
     a_field = client.post(f"/conversations/{conversation_id}/files", data={"file": "hello"}, content_type="multipart/form-data")
+    two = client.post(f"/conversations/{conversation_id}/files", content_type="multipart/form-data",
+                      data={"file": [(io.BytesIO(b"one"), "a.txt"), (io.BytesIO(b"two"), "b.txt")]})
 
     assert no_part.status_code == 400 and no_part.json["error"] == "invalid_request"
     assert a_field.status_code == 400 and "must be a file part" in a_field.json["message"]  # curl -F file=<path
+    assert two.status_code == 400 and "one file per request" in two.json["message"]
     assert as_json.status_code == 400 and as_json.json["error"] == "invalid_request"
     assert _stored(app) == (0, [])
 

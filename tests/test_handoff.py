@@ -187,8 +187,10 @@ def test_an_ended_conversation_cannot_be_handed_off(client, staff_client):
     client.post("/end_chat", json={"conversation_id": conversation_id})
 
     response = _handoff(client, conversation_id)
+    by_staff = _handoff(staff_client, conversation_id)
 
-    assert response.status_code == 409 and "ended" in response.json["message"]
+    assert response.status_code == 409 and response.json["message"].endswith("is ended; open a new one")
+    assert by_staff.status_code == 409 and "open a new one" not in by_staff.json["message"]  # staff cannot open one
 
 
 def test_roles_and_ownership(client, staff_client, app, keys):
