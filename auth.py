@@ -119,7 +119,7 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
     return key
 
 
-def _requeue_assigned(session: Session, key: ApiKey) -> int:
+def _requeue_assigned(session: Session, key: ApiKey) -> None:
     """Put the active conversations a revoked staff key had claimed back in the queue
     (`human -> needs_human`, unassigned), so that another staff key can claim them."""
     held = session.scalars(
@@ -132,7 +132,6 @@ def _requeue_assigned(session: Session, key: ApiKey) -> int:
         add_transition(conversation, "handoff", Handoff.NEEDS_HUMAN, None, "key_revoked",
                        f"the assigned staff key {key.key_id} was revoked")
         conversation.assigned_key_id = None
-    return len(held)
 
 
 def rotate_key(
