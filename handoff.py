@@ -25,6 +25,7 @@ from auth import Caller
 from conversation_memory import ASSISTANT, STAFF, MemoryMessage, estimate_tokens
 from conversations import PreparedTurn, visible_conversation
 from database_utils import (
+    ApiKey,
     Conversation,
     add_audit,
     add_transition,
@@ -33,7 +34,7 @@ from database_utils import (
     lock_conversation,
     utcnow,
 )
-from errors import Conflict, PayloadTooLarge
+from errors import Conflict, PayloadTooLarge, Unauthorized
 from llm import ModelReply
 from states import Handoff, Role, Status
 
@@ -110,6 +111,7 @@ def request_handoff(session: Session, viewer: Caller, conversation_id: uuid.UUID
 def claim(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> Conversation:
     """needs_human -> human, assigned to the claiming staff key; the second claimant gets 409."""
     conversation = _moving(session, viewer, conversation_id, Handoff.NEEDS_HUMAN, "claim it")
+    _require_unrevoked(session, viewer)
     add_transition(conversation, "handoff", Handoff.HUMAN, viewer, viewer.role, None)
     conversation.assigned_key_id = viewer.key_id
     _audit(session, viewer, "claim", conversation_id)
@@ -152,6 +154,15 @@ def _moving(session: Session, viewer: Caller, conversation_id: uuid.UUID, source
         session.rollback()
         raise HandoffConflict(f"conversation {conversation_id} is in handoff state {current}; to {action} it must be {source}")
     return conversation
+
+
+def _require_unrevoked(session: Session, viewer: Caller) -> None:
+    """A key is cached by each process for AUTH_CACHE_SECONDS: a key revoked through another one must
+    not claim a conversation its revocation has just put back in the queue."""
+    key = session.get(ApiKey, viewer.key_id)
+    if key is None or key.state(utcnow()) != "active":
+        session.rollback()
+        raise Unauthorized("this key was revoked or has expired")
 
 
 def _require_assignee(session: Session, conversation: Conversation, viewer: Caller) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from database_utils import ApiKey, AuditEvent, Conversation, get_session
 from llm import ECHO_CHOSEN_LABEL, ECHO_LABEL
@@ -190,6 +190,23 @@ def test_revoking_a_staff_key_puts_its_claimed_conversations_back_in_the_queue(a
         ("human", "needs_human", None, "key_revoked"), ("needs_human", "human", str(_key_id(app, "second desk")), "staff")]
     ended = other_staff.get("/get_conversation", query_string={"conversation_id": ended_id}).json
     assert ended["status"] == "ended" and ended["handoff"] == "human"  # an ended conversation is left as it ended
+
+
+def test_a_staff_key_revoked_elsewhere_cannot_claim_while_this_process_still_caches_it(app, client, staff_client):
+    """Another worker revoked it: this one's key cache still holds it for AUTH_CACHE_SECONDS."""
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "a person"})
+    assert staff_client.get("/conversations").status_code == 200  # the key is in this process's cache now
+    with app.app_context():
+        session = get_session()
+        session.execute(update(ApiKey).where(ApiKey.name == "staff").values(revoked_at=datetime.now(timezone.utc)))
+        session.commit()
+
+    response = staff_client.post(f"/conversations/{conversation_id}/claim")
+    after = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+
+    assert response.status_code == 401 and response.json["error"] == "unauthorized"
+    assert (after["handoff"], after["assigned_to"]) == ("needs_human", None)
 
 
 def test_rotating_an_unknown_key_is_one_line(runner):
