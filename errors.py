@@ -110,9 +110,18 @@ _DATE_ERRORS = {"timezone_aware", "datetime_parsing", "datetime_from_date_parsin
 
 def validation_error_response(exc: ValidationError) -> Response:
     """400 listing each invalid field, without echoing the input back."""
-    details = [{"field": ".".join(str(part) for part in e["loc"]), "problem": _problem(e)} for e in exc.errors()]
-    summary = "; ".join(f"{d['field'] or 'body'}: {d['problem']}" for d in details)
-    return error_response(400, "invalid_request", summary, details)
+    refused = InvalidInput(exc)
+    return error_response(refused.status, refused.error, refused.message, refused.details)
+
+
+class InvalidInput(ApiError):
+    """Input that failed its pydantic model: each field's problem in `details`, as flask-openapi3's own validation answers."""
+
+    error = "invalid_request"
+
+    def __init__(self, exc: ValidationError) -> None:
+        self.details = [{"field": ".".join(str(part) for part in e["loc"]), "problem": _problem(e)} for e in exc.errors()]
+        super().__init__("; ".join(f"{d['field'] or 'body'}: {d['problem']}" for d in self.details))
 
 
 def _problem(error: Mapping[str, Any]) -> str:
@@ -152,7 +161,7 @@ def _broken_body(exc: Exception) -> Response:
 
 
 def _api_error(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.error, exc.message, retry_after=exc.retry_after)
+    return error_response(exc.status, exc.error, exc.message, getattr(exc, "details", None), retry_after=exc.retry_after)
 
 
 def _model_error(exc: ModelError) -> Response:

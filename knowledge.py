@@ -58,7 +58,7 @@ from auth import Caller
 from conversation_memory import estimate_tokens
 from conversations import PreparedTurn
 from database_utils import KnowledgeDocument, KnowledgePassage, get_session, plan_for_these_values, utcnow
-from errors import ApiError, Conflict, NotFound
+from errors import ApiError, Conflict, InvalidInput, NotFound
 from handoff import Trigger
 from llm import ModelReply
 from schemas import KnowledgeText, KnowledgeUploadForm
@@ -93,10 +93,6 @@ _STOP_WORDS = frozenset(
     "with would you your".split()
 )
 _MARKDOWN_TITLE = re.compile(r"^#\s+(.+)$", re.MULTILINE)
-
-
-class InvalidRequest(ApiError):
-    error = "invalid_request"
 
 
 class InvalidDocument(ApiError):
@@ -258,12 +254,11 @@ def document_from_request(incoming: Any) -> tuple[str, str, str, str | None]:
 
 
 def _validated(model: type[BaseModel], data: Any) -> Any:
-    """The model, or 400 `invalid_request` naming each bad field (without echoing the input)."""
+    """The model, or 400 `invalid_request` naming each bad field in `details` (without echoing the input)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequest(problems) from None
+        raise InvalidInput(exc) from None
 
 
 def list_documents(session: Session, limit: int, offset: int) -> tuple[list[KnowledgeDocument], int]:
