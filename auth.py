@@ -107,14 +107,19 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
-    """Revoke a key; revoking it again keeps the first revocation time."""
-    key = session.get(ApiKey, key_id)
+    """Revoke a key; revoking it again keeps the first revocation time.
+
+    The key's row is locked first, as a claim locks it (`handoff.claim`):
+    a claim that started before waits for its commit to be re-queued here,
+    one that starts after sees the key revoked. Revoking again re-queues too.
+    """
+    key = session.get(ApiKey, key_id, with_for_update=True)
     if key is None:
         raise NotFound(f"key {key_id} does not exist")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
-        _requeue_assigned(session, key)
-        session.commit()
+    _requeue_assigned(session, key)
+    session.commit()
     _key_cache().clear()
     return key
 
@@ -144,7 +149,7 @@ def rotate_key(
     Returns the new key, its secret and how many conversations moved. A key
     that was already revoked (a leak is often revoked first) can be rotated too.
     """
-    old = session.get(ApiKey, key_id)
+    old = session.get(ApiKey, key_id, with_for_update=True)  # no claim with it meanwhile (see `revoke_key`)
     if old is None:
         raise NotFound(f"key {key_id} does not exist")
     new, secret = _new_key(old.role, name or old.name, expires_at)

@@ -110,8 +110,8 @@ def request_handoff(session: Session, viewer: Caller, conversation_id: uuid.UUID
 
 def claim(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> Conversation:
     """needs_human -> human, assigned to the claiming staff key; the second claimant gets 409."""
+    _require_unrevoked(session, viewer)  # before the conversation's lock: revoke_key locks in this order too
     conversation = _moving(session, viewer, conversation_id, Handoff.NEEDS_HUMAN, "claim it")
-    _require_unrevoked(session, viewer)
     add_transition(conversation, "handoff", Handoff.HUMAN, viewer, viewer.role, None)
     conversation.assigned_key_id = viewer.key_id
     _audit(session, viewer, "claim", conversation_id)
@@ -158,8 +158,9 @@ def _moving(session: Session, viewer: Caller, conversation_id: uuid.UUID, source
 
 def _require_unrevoked(session: Session, viewer: Caller) -> None:
     """A key is cached by each process for AUTH_CACHE_SECONDS: a key revoked through another one must
-    not claim a conversation its revocation has just put back in the queue."""
-    key = session.get(ApiKey, viewer.key_id)
+    not claim a conversation its revocation puts back in the queue. The key's row is share-locked until
+    the claim commits, so a revocation running meanwhile waits for it and then re-queues its conversation."""
+    key = session.get(ApiKey, viewer.key_id, with_for_update={"read": True})
     if key is None or key.state(utcnow()) != "active":
         session.rollback()
         raise Unauthorized("this key was revoked or has expired")

@@ -4,6 +4,7 @@ first (`GET /`, 405, 403, dates, archive locations, the echo label)."""
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -207,6 +208,44 @@ def test_a_staff_key_revoked_elsewhere_cannot_claim_while_this_process_still_cac
 
     assert response.status_code == 401 and response.json["error"] == "unauthorized"
     assert (after["handoff"], after["assigned_to"]) == ("needs_human", None)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_claim_racing_a_revocation_waits_for_it_and_leaves_nothing_stuck(app, client, staff_client):
+    """A revocation committing while a claim runs: the claim waits on the key's row, then sees it revoked."""
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "a person"})
+    staff_id = _key_id(app, "staff")
+    assert staff_client.get("/conversations").status_code == 200  # cached: the claim's own check must be the one to see it
+    revoker = app.extensions["parley.engine"].connect()
+    revoker.execute(select(ApiKey).where(ApiKey.key_id == staff_id).with_for_update())  # a revocation under way
+    result: dict[str, int] = {}
+    claiming = threading.Thread(target=lambda: result.setdefault("status", staff_client.post(
+        f"/conversations/{conversation_id}/claim").status_code))
+    claiming.start()
+    claiming.join(timeout=1.0)
+    waited = claiming.is_alive()
+    revoker.execute(update(ApiKey).where(ApiKey.key_id == staff_id).values(revoked_at=datetime.now(timezone.utc)))
+    revoker.commit()
+    revoker.close()
+    claiming.join(timeout=30)
+
+    after = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert waited and result["status"] == 401
+    assert (after["handoff"], after["assigned_to"]) == ("needs_human", None)
+
+
+def test_revoking_a_key_again_puts_back_what_it_still_holds(app, client, staff_client, admin_client):
+    conversation_id = _claimed_by_staff(client, staff_client)
+    with app.app_context():  # revoked without the re-queue (as a claim racing an older release could leave it)
+        session = get_session()
+        session.execute(update(ApiKey).where(ApiKey.name == "staff").values(revoked_at=datetime.now(timezone.utc)))
+        session.commit()
+
+    again = admin_client.post("/keys/revoke", json={"key_id": str(_key_id(app, "staff"))})
+
+    after = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert again.status_code == 200 and (after["handoff"], after["assigned_to"]) == ("needs_human", None)
 
 
 def test_rotating_an_unknown_key_is_one_line(runner):
