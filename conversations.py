@@ -164,8 +164,8 @@ def prepare_turn(
     claimed, tail = claimed
     try:
         system, missing = render_system_prompt(claimed.system_prompt, claimed.variables)
-        if system and system != claimed.system_prompt:  # a template's variables may have grown it
-            _check_room(estimate_tokens(system), budget, "the system prompt with its variables")
+        if system:  # a template's variables may have grown it, or CONTEXT_MAX_TOKENS shrunk since it was set
+            _check_room(estimate_tokens(system), budget, "the system prompt as rendered")
         memory = ConversationMemory(
             system_prompt=system,
             max_tokens=budget,

@@ -31,6 +31,7 @@ import functools
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -429,7 +430,8 @@ def _names_read(node: nodes.Node, bound: frozenset[str] = frozenset()) -> Iterat
             yield node.name
         return
     if isinstance(node, nodes.For):
-        targets = bound | {name.name for name in node.target.find_all(nodes.Name)}
+        named = [node.target, *node.target.find_all(nodes.Name)]  # `item`, or the names of `(k, v)`
+        targets = bound | {name.name for name in named if isinstance(name, nodes.Name)}
         yield from _names_read(node.iter, bound)
         if node.test is not None:
             yield from _names_read(node.test, targets)
@@ -448,6 +450,8 @@ def check_template(source: str) -> None:
         _compiled(source)
     except _UNPARSABLE as exc:
         reason = exc.message if isinstance(exc, TemplateError) else f"{exc.__class__.__name__} while reading it"
+        if isinstance(exc, ValueError) and "digits" in str(exc):  # Python's limit on an integer literal
+            reason = f"a number of more than {sys.get_int_max_str_digits():,} digits"
         raise ApiError(f"system_prompt is not a valid template: {reason}") from None
 
 
@@ -469,9 +473,17 @@ def render_system_prompt(source: str | None, variables: Mapping[str, Any]) -> tu
                 pieces.append(piece)
     except Exception as exc:  # the template is the client's code: whatever it raises is its error
         raise _render_error(exc) from None
-    rendered = "".join(pieces)
+    return _unicode("".join(pieces)), sorted(names - set(variables))
+
+
+def _unicode(rendered: str) -> str:
+    """The text, with a pair of surrogates written as two escapes (`"\ud83d\ude00"`) made the character they stand for."""
     try:
         rendered.encode("utf-8")
-    except UnicodeEncodeError:  # a "\ud800" escape in the template: no model or log could take the text
+        return rendered
+    except UnicodeEncodeError:
+        pass
+    try:
+        return rendered.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:  # a lone one ("\ud800"): no model or log could take the text
         raise SystemPromptError("the system prompt renders a lone surrogate, which is not valid Unicode") from None
-    return rendered, sorted(names - set(variables))

@@ -10,7 +10,8 @@ import pytest
 from jinja2 import Environment
 from jinja2.sandbox import SandboxedEnvironment
 
-from prompt_template import SystemPromptError, render_system_prompt
+from errors import ApiError
+from prompt_template import SystemPromptError, check_template, render_system_prompt
 from s3_utils import read_document
 
 
@@ -221,10 +222,29 @@ def test_a_rendered_prompt_that_leaves_no_room_in_the_budget_is_413_and_stores_n
     answered = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi again"})
 
     assert refused.status_code == 413 and refused.json["error"] == "payload_too_large"
-    assert "the system prompt with its variables is about 3" in refused.json["message"]
+    assert "the system prompt as rendered is about 3" in refused.json["message"]
     assert answered.status_code == 200 and answered.json["context"]["tokens"] <= 2000
     log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
     assert [message["content"] for message in log if message["role"] == "user"] == ["hi again"]
+
+
+def test_a_plain_prompt_is_held_to_the_budget_as_it_is_at_each_turn(app, client):
+    """An operator lowered CONTEXT_MAX_TOKENS after the prompt was set."""
+    app.config["CONTEXT_MAX_TOKENS"] = 8000
+    conversation_id = _open(client, system_prompt="p " * 3000)  # about 2,000 tokens
+    app.config["CONTEXT_MAX_TOKENS"] = 1000
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+
+    assert response.status_code == 413 and "the system prompt as rendered is about 2" in response.json["message"]
+
+
+def test_a_surrogate_pair_written_as_two_escapes_is_its_character_and_a_long_literal_is_named():
+    with pytest.raises(ApiError) as refused:
+        check_template("{{ " + "9" * 5000 + " }}")
+
+    assert render_system_prompt('{{ "\\ud83d\\ude00" }} ok', {}) == ("\U0001f600 ok", [])
+    assert "a number of more than 4,300 digits" in refused.value.message
 
 
 def test_a_template_with_conditions_loops_and_filters_renders(provider_app, fake_model):
@@ -316,6 +336,7 @@ def test_a_prompt_far_over_the_element_limit_is_refused_on_its_token_count_befor
     ("{{ (s ~ s)|sort|length }}", "sort takes at most 20,000 items"),
     ("{{ (s ~ s)|list|length }}", "list takes at most 20,000 items"),
     ('{{ "\\ud800" }}', "lone surrogate"),
+    ('{{ "\\ude00\\ud83d" }}', "lone surrogate"),  # a pair in the wrong order
     ("{{ 9 ** (9 ** 9) }}", "a power of more than 4096 bits"),
 ])
 def test_a_template_whose_render_would_take_the_worker_is_a_422(client, template, cause):
@@ -345,12 +366,13 @@ def test_jinjas_optimizer_never_runs_on_a_prompt(client, monkeypatch):
 
 
 def test_the_names_a_template_reads_leave_out_its_loop_variables():
-    template = ("{% for item in cart if item != skip %}{{ item }}{{ loop.index }}{{ tax }}{% else %}{{ item }}{% endfor %}"
-                "{{ name|default(fallback) }}{{ plan.tier }}")
+    template = ("{% for item in cart if item != skip %}{{ item }}{{ loop.index }}{{ tax }}"
+                "{% for part in item %}{{ part }}{% endfor %}{% for (k, v) in pairs %}{{ k ~ v }}{% endfor %}{% endfor %}"
+                "{{ name|default(fallback) }}{{ plan.tier }}{{ part }}")
 
-    _, missing = render_system_prompt(template, {"cart": [1]})
+    _, missing = render_system_prompt(template, {"cart": [[1]]})
 
-    assert missing == ["fallback", "item", "name", "plan", "skip", "tax"]  # `item` once more outside its loop
+    assert missing == ["fallback", "name", "pairs", "part", "plan", "skip", "tax"]  # `part` once more outside its loop
 
 
 def test_integers_that_share_a_hash_cannot_hold_unique_past_the_time_limit():
