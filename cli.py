@@ -31,10 +31,14 @@ def _create_app():
 def main() -> None:
     if CHECKOUT not in sys.path:
         sys.path.insert(0, CHECKOUT)
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
     try:
         FlaskGroup(name="parley", create_app=_create_app, help="Parley's commands (Flask's CLI for main:create_app).")()
     except OperationalError as exc:  # the database is down, unreachable or missing: one line, not a traceback
         reason = " ".join(str(exc.orig).split())
         sys.exit(f"Error: cannot use the database at DATABASE_URL: {reason}")
+    except (ArgumentError, NoSuchModuleError) as exc:  # not echoed: a malformed URL may hold a password
+        reason = str(exc) if isinstance(exc, NoSuchModuleError) else "it cannot be parsed"
+        sys.exit(f"Error: DATABASE_URL is not a database URL Parley can use ({reason}); "
+                 "e.g. postgresql+psycopg://user@host:5432/parley or sqlite:///parley.db")

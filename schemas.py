@@ -584,7 +584,7 @@ class AuditPage(BaseModel):
 
 class KeyCreate(_Request):
     role: Role
-    name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_KEY_NAME_CHARS)]
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_KEY_NAME_CHARS), AfterValidator(_not_blank)]
     expires_at: UtcDatetime | None = Field(default=None, description="When the key stops working; default never.")
 
 

@@ -168,7 +168,8 @@ def test_admin_key_lifecycle_over_http(app, admin_client):
 
 @pytest.mark.parametrize(
     "body",
-    [{"role": "root", "name": "x"}, {"role": "client", "name": ""}, {"role": "client", "name": "x", "expires_at": "2020-01-01T00:00:00Z"}],
+    [{"role": "root", "name": "x"}, {"role": "client", "name": ""}, {"role": "client", "name": "   "},
+     {"role": "client", "name": "x", "expires_at": "2020-01-01T00:00:00Z"}],
 )
 def test_bad_key_requests_are_400(admin_client, body):
     assert admin_client.post("/keys", json=body).status_code == 400

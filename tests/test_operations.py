@@ -54,16 +54,21 @@ def test_parley_command_runs_every_registered_command(tmp_path):
     assert re.fullmatch(r"prly_[A-Za-z0-9_\-]{43}\n", created.stdout)
 
 
-@pytest.mark.parametrize("command", [["keys", "list"], ["db-upgrade"]])
-def test_a_database_the_command_cannot_reach_is_one_line_not_a_traceback(tmp_path, command):
-    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_ports(1)[0]}/parley"
-    env = {**os.environ, "DATABASE_URL": down, "ARCHIVE_URL": (tmp_path / "a").as_uri(), "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize(("command", "url", "said"), [
+    (["keys", "list"], "postgresql+psycopg://postgres@127.0.0.1:{port}/parley", "cannot use the database at DATABASE_URL: "),
+    (["db-upgrade"], "postgresql+psycopg://postgres@127.0.0.1:{port}/parley", "cannot use the database at DATABASE_URL: "),
+    (["keys", "list"], "not a url with s3cret", "DATABASE_URL is not a database URL Parley can use (it cannot be parsed)"),
+    (["keys", "list"], "nosuchdb://u@127.0.0.1/p", "DATABASE_URL is not a database URL Parley can use (Can't load plugin"),
+])
+def test_a_database_the_command_cannot_use_is_one_line_not_a_traceback(tmp_path, command, url, said):
+    env = {**os.environ, "DATABASE_URL": url.format(port=free_ports(1)[0]), "ARCHIVE_URL": (tmp_path / "a").as_uri(),
+           "PYTHONPATH": str(ROOT)}
 
     result = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *command], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 1
-    assert result.stderr.startswith("Error: cannot use the database at DATABASE_URL: ") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: {said}") and "Traceback" not in result.stderr and "s3cret" not in result.stderr
     assert result.stderr.count("\n") == 1
 
 
