@@ -14,14 +14,38 @@ const HANDOFF_NOTICES = {
 };
 
 // The open conversation's log as the page shows it, so that polling adds each message once.
+// Each message element carries its seq (data-seq) once it is known, so that a message read later
+// is put in its place in the log rather than at the end.
 const log = { conversationId: null, lastSeq: 0, shown: new Set(), handoff: "bot", timer: null, run: 0, polling: false };
+// The key's rate limit (429 with Retry-After): the page reads nothing in the background before then.
+let rateLimitedUntil = 0;
+// What the error box shows: "rate_limited" is cleared by the next request that succeeds.
+let errorKind = null;
 
 const $ = (id) => document.getElementById(id);
 
-function showError(text) {
+function showError(text, kind = null) {
   const box = $("error");
   box.textContent = text;
   box.hidden = !text;
+  errorKind = text ? kind : null;
+}
+
+// A request succeeded: a rate-limit error shown earlier no longer holds (other errors stay).
+function succeeded() {
+  if (errorKind === "rate_limited") showError("");
+}
+
+function noteRateLimit(failure) {
+  const seconds = Number(failure.retryAfter) || 10;
+  rateLimitedUntil = Math.max(rateLimitedUntil, Date.now() + seconds * 1000);
+}
+
+function showFailure(failure) {
+  if (!(failure instanceof ApiFailure)) return showError("Could not reach Parley: " + failure.message);
+  if (failure.status !== 429) return showError(explain(failure));
+  noteRateLimit(failure);
+  showError(explain(failure), "rate_limited");
 }
 
 class ApiFailure extends Error {
@@ -56,12 +80,34 @@ async function call(method, path, body) {
   const response = await fetch(path, options);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new ApiFailure(response.status, data, response.headers.get("Retry-After"));
+  succeeded();
   return data;
 }
 
-function addMessage(role, text) {
+// The first element on the page stored after `seq` (null: none, or seq unknown).
+function storedAfter(seq) {
+  if (seq === null || seq === undefined) return null;
+  for (const item of $("messages").querySelectorAll(":scope > [data-seq]")) {
+    if (Number(item.dataset.seq) > seq) return item;
+  }
+  return null;
+}
+
+// Puts an element before the first message stored after `seq`, or at the end.
+function place(item, seq) {
+  const list = $("messages");
+  list.insertBefore(item, storedAfter(seq));
+  list.lastElementChild.scrollIntoView({ block: "end" });
+}
+
+function setSeq(item, seq) {
+  if (seq !== null && seq !== undefined) item.dataset.seq = String(seq);
+}
+
+function addMessage(role, text, seq = null) {
   const item = document.createElement("li");
   item.className = `message ${role}`;
+  setSeq(item, seq);
   const who = document.createElement("span");
   who.className = "who";
   who.textContent = LABELS[role] || role;
@@ -69,8 +115,7 @@ function addMessage(role, text) {
   body.className = "text";
   body.textContent = text;
   item.append(who, body);
-  $("messages").append(item);
-  item.scrollIntoView({ block: "end" });
+  place(item, seq);
   return item;
 }
 
@@ -81,26 +126,26 @@ function addMeta(item, text, trimmed) {
   item.append(meta);
 }
 
-function addNotice(text) {
+// A notice goes at the end, or before the first message stored after `beforeSeq`.
+function addNotice(text, beforeSeq = null) {
   const item = document.createElement("li");
   item.className = "notice";
   item.textContent = text;
-  $("messages").append(item);
-  item.scrollIntoView({ block: "end" });
+  place(item, beforeSeq);
 }
 
 function showStored(message) {
   log.lastSeq = Math.max(log.lastSeq, message.seq);
   if (log.shown.has(message.seq)) return;
   log.shown.add(message.seq);
-  const item = addMessage(message.role, message.content);
+  const item = addMessage(message.role, message.content, message.seq);
   if (message.incomplete) addMeta(item, "incomplete: the reader left before the end", false);
 }
 
-function noteHandoff(state) {
+function noteHandoff(state, beforeSeq = null) {
   if (state === log.handoff) return;
   log.handoff = state;
-  if (HANDOFF_NOTICES[state]) addNotice(HANDOFF_NOTICES[state]);
+  if (HANDOFF_NOTICES[state]) addNotice(HANDOFF_NOTICES[state], beforeSeq);
 }
 
 function resetLog(conversationId) {
@@ -108,9 +153,11 @@ function resetLog(conversationId) {
   Object.assign(log, { conversationId, lastSeq: 0, shown: new Set(), handoff: "bot" });
 }
 
-// While support has the conversation, read the newer messages every few seconds, one request at a time.
-function watch() {
-  if (log.timer === null && log.handoff !== "bot") log.timer = setTimeout(poll, POLL_MS);
+// While support has the conversation, read the newer messages every few seconds, one request at a time,
+// never before the key's rate limit allows it again.
+function watch(delay = POLL_MS) {
+  if (log.timer !== null || log.handoff === "bot") return;
+  log.timer = setTimeout(poll, Math.max(delay, rateLimitedUntil - Date.now()));
 }
 
 function stopWatching() {
@@ -129,20 +176,22 @@ async function poll() {
     const id = encodeURIComponent(log.conversationId);
     const conversation = await call("GET", `/get_conversation?conversation_id=${id}&after_seq=${log.lastSeq}`);
     if (run !== log.run) return;
-    // Support takes over before it writes, and hands back after it has written.
-    if (conversation.handoff !== "bot") noteHandoff(conversation.handoff);
+    // Support takes over before it writes, and hands back after it has written: the notice of a
+    // take-over goes before the first message not shown yet (wherever its seq puts it).
+    const first = conversation.messages.find((message) => !log.shown.has(message.seq));
+    if (conversation.handoff !== "bot") noteHandoff(conversation.handoff, first ? first.seq : null);
     conversation.messages.forEach(showStored);
     if (conversation.status !== "active") return showConversation(conversation);
     noteHandoff(conversation.handoff);
   } catch (failure) {
     if (run !== log.run) return;
     if (!(failure instanceof ApiFailure) || failure.status >= 500) delay = POLL_MS * 3; // network or server trouble: try again later
-    else if (failure.status === 429) delay = (Number(failure.retryAfter) || 10) * 1000;
+    else if (failure.status === 429) noteRateLimit(failure); // quietly: watch() waits for Retry-After
     else return showError(explain(failure));
   } finally {
     log.polling = false;
   }
-  if (run === log.run && log.handoff !== "bot") log.timer = setTimeout(poll, delay);
+  if (run === log.run) watch(delay);
 }
 
 function describeTurn(done) {
@@ -205,8 +254,11 @@ async function send(text) {
         // Stored for a person from support: no reply from the model now.
         item.remove();
         log.shown.add(data.seq);
+        setSeq(sent, data.seq);
         addMeta(sent, "sent to support", false);
-        noteHandoff(data.handoff);
+        // This message may have asked for a person; any other change came before it was stored.
+        const askedNow = log.handoff === "bot" && data.handoff === "needs_human";
+        noteHandoff(data.handoff, askedNow ? null : data.seq - 1);
         showError("");
         return;
       }
@@ -222,6 +274,8 @@ async function send(text) {
         body.textContent = data.reply;
         addMeta(item, ...describeTurn(data));
         log.shown.add(data.seq - 1).add(data.seq); // the turn stores the message and its reply together
+        setSeq(sent, data.seq - 1);
+        setSeq(item, data.seq);
         if (log.handoff === "bot") log.lastSeq = Math.max(log.lastSeq, data.seq);
       } else if (name === "error") {
         finished = true;
@@ -231,9 +285,17 @@ async function send(text) {
     if (!finished) throw new ApiFailure(0, { message: "The connection closed before the reply was complete." }, null);
     showError("");
   } catch (failure) {
-    item.classList.add("failed");
-    addMeta(item, "not stored", false);
-    showError(failure instanceof ApiFailure ? explain(failure) : "Could not reach Parley: " + failure.message);
+    if (body.textContent) {
+      // Part of a reply came before the failure: it stays on the page, marked.
+      item.classList.add("failed");
+      addMeta(item, "not stored", false);
+    } else {
+      // Nothing came back: no empty reply, the message itself is marked.
+      item.remove();
+      sent.classList.add("failed");
+      addMeta(sent, "not sent (not stored)", false);
+    }
+    showFailure(failure);
   } finally {
     item.classList.remove("streaming");
     $("send").disabled = false;
@@ -283,7 +345,7 @@ async function restore() {
     resetLog(null);
     sessionStorage.removeItem(CONVERSATION);
     showStart();
-    showError(explain(failure));
+    showFailure(failure);
   }
 }
 
@@ -319,7 +381,7 @@ function wire() {
       showError("");
       $("message").focus();
     } catch (failure) {
-      showError(explain(failure));
+      showFailure(failure);
     }
   });
   $("message").addEventListener("keydown", (event) => {
@@ -342,7 +404,7 @@ function wire() {
       showConversation(conversation);
       showError("");
     } catch (failure) {
-      showError(explain(failure));
+      showFailure(failure);
     }
   });
   $("leave-chat").addEventListener("click", () => {

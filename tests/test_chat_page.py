@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +39,8 @@ def browser():
 def serve(app_config, fake_model, monkeypatch) -> Iterator:
     """Serve the app with `provider` on a free port: (base URL, client key, provider).
 
-    `serve.staff_key(base_url)` makes a staff key for the app served there.
+    Keyword arguments are settings for that app. `serve.staff_key(base_url)` makes a staff key
+    for the app served there.
     """
     running = []
 
@@ -46,9 +49,9 @@ def serve(app_config, fake_model, monkeypatch) -> Iterator:
         with app.app_context():
             return create_key(get_session(), "staff", "support desk")[1]
 
-    def start(provider: str) -> tuple[str, str, str]:
+    def start(provider: str, **settings) -> tuple[str, str, str]:
         # A small context budget, so that a few messages show trimming.
-        config = {**app_config, "CONTEXT_MAX_TOKENS": 400}
+        config = {**app_config, "CONTEXT_MAX_TOKENS": 400, **settings}
         if provider == "anthropic":
             monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
             monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
@@ -172,7 +175,9 @@ def test_the_page_says_when_the_model_is_unavailable(serve, page, fake_model):
     page.get_by_label("Message").press("Enter")
 
     expect(page.get_by_role("alert")).to_contain_text("The model is unavailable right now")
-    expect(page.locator("#messages .assistant .meta")).to_have_text("not stored")
+    # Nothing came back: no empty reply, the message itself is marked as not stored.
+    expect(page.locator("#messages .user.failed .meta")).to_have_text("not sent (not stored)")
+    expect(page.locator("#messages .assistant")).to_have_count(0)
 
 
 def test_the_page_shows_when_the_context_was_trimmed(serve, page):
@@ -251,6 +256,126 @@ def test_staff_replies_appear_without_a_reload(serve, page, tmp_path):
     assert page.locator("#messages b").count() == 0
     expect(page.get_by_role("alert")).to_be_hidden()
     assert page.console_errors == []
+
+
+class Support:
+    """Staff and client API calls for the conversation open in `page`."""
+
+    def __init__(self, page: Page, base_url: str, secret: str, staff_secret: str):
+        self.api = page.context.request
+        self.base_url = base_url
+        self.client = {"Authorization": f"Bearer {secret}"}
+        self.staff = {"Authorization": f"Bearer {staff_secret}"}
+        self.conversation_id = page.evaluate("sessionStorage.getItem('parley.conversation')")
+
+    def post(self, action: str, body: dict | None = None) -> None:
+        url = f"{self.base_url}/conversations/{self.conversation_id}/{action}"
+        response = self.api.post(url, headers=self.staff, data=body or {})
+        assert response.ok, response.text()
+
+    def read(self):
+        return self.api.get(f"{self.base_url}/get_conversation?conversation_id={self.conversation_id}", headers=self.client)
+
+    def spend_the_rate_limit(self, page: Page, at_least: int = 0) -> int:
+        """Read with the client key until it is refused; the refusal's Retry-After (waits for a new window if under `at_least`)."""
+        for _ in range(100):
+            response = self.read()
+            if response.status == 429:
+                wait = int(response.headers["retry-after"])
+                if wait >= at_least:
+                    return wait
+                page.wait_for_timeout(wait * 1000 + 300)
+        pytest.fail("the client key was never rate limited")
+
+
+def wait_for_a_read(page: Page) -> None:
+    """Wait until the page has read the conversation (the next read is then a whole poll interval away)."""
+    with page.expect_response(lambda response: "/get_conversation" in response.url, timeout=10_000):
+        pass
+
+
+def test_a_message_sent_before_the_next_read_keeps_its_place_in_the_log(serve, page, tmp_path):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    ask_for_a_human(page)
+    support = Support(page, base_url, secret, serve.staff_key(base_url))
+    wait_for_a_read(page)
+
+    # Support writes (seq 2) and the person writes (seq 3) before the page reads again.
+    support.post("claim")
+    support.post("staff_messages", {"message": "Sam here: which invoice?"})
+    page.get_by_label("Message").fill("Invoice 42")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .user .meta")).to_have_text(["sent to support", "sent to support"])
+    expect(page.locator("#messages .staff")).to_have_count(1, timeout=10_000)
+
+    log = support.read().json()["messages"]
+    stored = [message["content"] for message in log]
+    assert stored == ["Please let me talk to a human", "Sam here: which invoice?", "Invoice 42"]
+    expect(page.locator("#messages > .message .text")).to_have_text(stored)
+    expect(page.locator("#messages > li")).to_have_text(
+        [
+            re.compile("talk to a human"),
+            "A person from support will answer here.",
+            "A person from support is answering.",
+            re.compile("Sam here"),
+            re.compile("Invoice 42"),
+        ]
+    )
+    shown_seqs = page.eval_on_selector_all("#messages > .message", "items => items.map(item => Number(item.dataset.seq))")
+    assert shown_seqs == [message["seq"] for message in log]
+    page.screenshot(path=str(tmp_path / "chat-order.png"), full_page=True)
+    page.reload()
+    expect(page.locator("#messages > .message .text")).to_have_text(stored)
+    assert page.console_errors == []
+
+
+def test_a_rate_limited_message_during_handoff_is_marked_not_sent(serve, page, tmp_path):
+    base_url, secret, _ = serve("echo", RATELIMIT_ENABLED=True, RATE_LIMIT="10 per minute", RATELIMIT_KEY_PREFIX=uuid.uuid4().hex)
+    start_conversation(page, base_url, secret)
+    ask_for_a_human(page)
+    support = Support(page, base_url, secret, serve.staff_key(base_url))
+    support.spend_the_rate_limit(page)
+    reads = []
+    page.on("request", lambda request: "/get_conversation" in request.url and reads.append(request.url))
+
+    page.get_by_label("Message").fill("Are you still there?")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("Rate limited")
+    refused = page.locator("#messages .user").last
+    expect(refused.locator(".text")).to_have_text("Are you still there?")
+    expect(refused).to_have_class(re.compile(r"\bfailed\b"))
+    expect(refused.locator(".meta")).to_have_text("not sent (not stored)")
+    expect(page.locator("#messages .assistant")).to_have_count(0)  # no empty reply
+    expect(page.locator("#messages .user .meta").first).to_have_text("sent to support")
+    expect(page.get_by_label("Message")).to_be_enabled()
+    page.screenshot(path=str(tmp_path / "chat-rate-limited.png"), full_page=True)
+    page.wait_for_timeout(4_000)  # more than a poll interval: the page waits for Retry-After
+    assert reads == []
+
+
+def test_polling_waits_out_the_rate_limit_and_then_clears_its_error(serve, page):
+    base_url, secret, _ = serve("echo", RATELIMIT_ENABLED=True, RATE_LIMIT="8 per 10 seconds", RATELIMIT_KEY_PREFIX=uuid.uuid4().hex)
+    start_conversation(page, base_url, secret)
+    ask_for_a_human(page)
+    support = Support(page, base_url, secret, serve.staff_key(base_url))
+    support.spend_the_rate_limit(page, at_least=6)  # at the start of a window: the message below is refused too
+    reads = []
+    page.on("request", lambda request: "/get_conversation" in request.url and reads.append(time.monotonic()))
+
+    page.get_by_label("Message").fill("Hello?")
+    page.get_by_label("Message").press("Enter")
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("Rate limited")
+    refused_at = time.monotonic()
+    wait = int(re.search(r"Try again in (\d+) s", alert.text_content()).group(1))
+    assert wait >= 5
+
+    expect(alert).to_be_hidden(timeout=(wait + 8) * 1000)  # a later read succeeded
+    assert reads and reads[0] >= refused_at + wait - 1.5, (reads, refused_at, wait)
+    expect(page.locator("#messages .user.failed .meta")).to_have_text(["not sent (not stored)"])
+    assert page.console_errors == [] or all("429" in error for error in page.console_errors)
 
 
 def test_the_page_sends_a_policy_against_inline_scripts(client):
