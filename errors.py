@@ -36,6 +36,7 @@ class ApiError(Exception):
     status = 400
     error = "bad_request"
     retry_after: int | None = None
+    details: list[dict[str, str]] | None = None  # one entry per refused field
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -161,7 +162,7 @@ def _broken_body(exc: Exception) -> Response:
 
 
 def _api_error(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.error, exc.message, getattr(exc, "details", None), retry_after=exc.retry_after)
+    return error_response(exc.status, exc.error, exc.message, exc.details, retry_after=exc.retry_after)
 
 
 def _model_error(exc: ModelError) -> Response:
