@@ -235,6 +235,64 @@ def test_a_200_that_is_not_a_reply_is_a_retryable_502(provider_app, fake_model, 
     assert _say(client, conversation_id).status_code == 200
 
 
+def _message(**fields):
+    return json.dumps({"model": "m", "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                       "usage": {"input_tokens": 3, "output_tokens": 1}, **fields}).encode()
+
+
+def _completion(**fields):
+    return json.dumps({"model": "m", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 1}, **fields}).encode()
+
+
+# Replies that parse as JSON but whose fields are not what they must be.
+BAD_FIELDS = {
+    "tokens as text": (_message(usage={"input_tokens": "many", "output_tokens": 1}),
+                       _completion(usage={"prompt_tokens": "many", "completion_tokens": 1})),
+    "negative tokens": (_message(usage={"input_tokens": 3, "output_tokens": -1}),
+                        _completion(usage={"prompt_tokens": 3, "completion_tokens": -1})),
+    "tokens beyond a count": (_message(usage={"input_tokens": 2**64, "output_tokens": 1}),
+                              _completion(usage={"prompt_tokens": 2**64, "completion_tokens": 1})),
+    "tokens as a boolean": (_message(usage={"input_tokens": True, "output_tokens": 1}),
+                            _completion(usage={"prompt_tokens": True, "completion_tokens": 1})),
+    "model not text": (_message(model=7), _completion(model=None)),
+    "stop reason not text": (_message(stop_reason=["end_turn"]), _completion(choices=[{"message": {"content": "hi"}, "finish_reason": 1}])),
+    "blocks not objects": (_message(content=["hi"]), _completion(choices=["hi"])),
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("bodies", BAD_FIELDS.values(), ids=BAD_FIELDS.keys())
+def test_a_reply_with_a_field_of_the_wrong_kind_is_a_retryable_502(provider_app, fake_model, provider, bodies):
+    client = provider_app(provider, LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(bodies[1] if provider == "openai" else bodies[0])
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 502, failed.json
+    assert failed.json == {"error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
+    assert _log(client, conversation_id) == []
+    assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_well_formed_reply_read_as_json_gives_its_text_and_usage(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    body = _completion(usage={"prompt_tokens": 41, "completion_tokens": 2**40}) if provider == "openai" else _message(
+        content=[{"type": "text", "text": "one "}, {"type": "thinking", "thinking": "x"}, {"type": "text", "text": "two"}],
+        usage={"input_tokens": 41, "output_tokens": 2**40})
+    fake_model.answer_raw_next(body)
+
+    answered = _say(client, conversation_id)
+
+    assert answered.status_code == 200, answered.json
+    assert answered.json["reply"] == ("hi" if provider == "openai" else "one two")
+    assert answered.json["usage"] == {"input_tokens": 41, "output_tokens": 2**40}
+    assert answered.json["model"] == "m"
+
+
 NOT_AN_EVENT = {
     "anthropic": b'{"type": "message_start", "message": {}}',
     "openai": b'{"object": "chat.completion.chunk", "choices": [{}]}',
@@ -258,6 +316,48 @@ def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(
         "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
     assert _log(client, conversation_id) == []
     assert _say(client, conversation_id).status_code == 200
+
+
+def _events(*events):
+    return b"".join(b"event: " + event["type"].encode() + b"\ndata: " + json.dumps(event).encode() + b"\n\n" for event in events)
+
+
+def _chunks(*chunks):
+    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+def _stream(provider, input_tokens=3, text="hi", stop="end_turn"):
+    if provider == "openai":
+        return _chunks({"object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": text}}]},
+                       {"object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": stop}]},
+                       {"object": "chat.completion.chunk", "model": "m", "choices": [],
+                        "usage": {"prompt_tokens": input_tokens, "completion_tokens": 1}})
+    return _events({"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": input_tokens}}},
+                   {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                   {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 1}},
+                   {"type": "message_stop"})
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+@pytest.mark.parametrize("field", [{"input_tokens": "many"}, {"input_tokens": -1}, {"text": 5}, {"stop": 1}],
+                         ids=["tokens as text", "negative tokens", "text not text", "stop reason not text"])
+def test_a_stream_with_a_field_of_the_wrong_kind_ends_with_a_model_error(provider_app, fake_model, provider, field):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(_stream(provider, **field), content_type="text/event-stream")
+
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    assert streamed.status_code == 200
+    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n"), last
+    assert json.loads(last.partition("data: ")[2]) == {
+        "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
+    assert _log(client, conversation_id) == []
+    fake_model.answer_raw_next(_stream(provider), content_type="text/event-stream")
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+    assert "event: done" in streamed.get_data(as_text=True)
+    assert [message["content"] for message in _log(client, conversation_id)] == ["hi", "hi"]
 
 
 @pytest.mark.parametrize("retry_after", ["nan", "inf", "-inf", "1e400", "soon"])
