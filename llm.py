@@ -206,14 +206,15 @@ class ChatModel(Protocol):
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply: ...
 
-    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream: ...
+    def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream: ...
 
 
 class ReplyStream:
     """A reply as the provider streams it.
 
     Iterating yields the text deltas; `reply` holds the whole reply once the
-    iteration ended normally. `close()` stops the upstream request at once
+    iteration ended normally (with `handoff_reason` set when the model called
+    the request_human tool). `close()` stops the upstream request at once
     (from any thread or greenlet), and `partial_reply()` is what came so far.
     Errors are `ModelError`s, mid-stream too.
     """
@@ -227,6 +228,9 @@ class ReplyStream:
         self.parts: list[str] = []
         self.reply: ModelReply | None = None
         self.closed = False
+        # The request_human call's block (or call) index and its arguments' JSON so far, once it began.
+        self._handoff_index: int | None = None
+        self._handoff_json: list[str] = []
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -243,7 +247,9 @@ class ReplyStream:
                 return  # closed under the reader's feet: the end the caller asked for
             raise _stream_error(exc, self.provider) from exc
         if not self.closed:
-            self.reply = self._whole(_storable_reply("".join(self.parts), self.provider), incomplete=False)
+            handoff = None if self._handoff_index is None else _reason(_arguments("".join(self._handoff_json)))
+            text = _storable_reply("".join(self.parts), self.provider, may_be_empty=handoff is not None)
+            self.reply = self._whole(text, incomplete=False, handoff_reason=handoff)
 
     def partial_reply(self) -> ModelReply | None:
         """What the model said before the stream stopped, or None if nothing."""
@@ -254,12 +260,19 @@ class ReplyStream:
         self.closed = True
         self._close_upstream()
 
-    def _whole(self, text: str, incomplete: bool) -> ModelReply:
+    def _whole(self, text: str, incomplete: bool, handoff_reason: str | None = None) -> ModelReply:
         output_tokens = self.output_tokens or estimate_tokens(text)
-        return ModelReply(text, self.model, self.input_tokens, output_tokens, self.stop_reason, incomplete)
+        return ModelReply(text, self.model, self.input_tokens, output_tokens, self.stop_reason, incomplete, handoff_reason)
 
     def _deltas(self) -> Iterator[str]:
         raise NotImplementedError
+
+    def _tool_call(self, index: int, name: str | None, arguments: str | None) -> None:
+        """A piece of a tool call: its name when it begins, then its arguments' JSON piece by piece."""
+        if name == REQUEST_HUMAN and self._handoff_index is None:
+            self._handoff_index = index
+        if arguments and index == self._handoff_index:
+            self._handoff_json.append(_text(arguments))
 
     def _close_upstream(self) -> None:
         """Close the provider's connection."""
@@ -298,6 +311,10 @@ def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
         stream.input_tokens = _count(event.message.usage.input_tokens)
     elif event.type == "content_block_delta" and event.delta.type == "text_delta":
         return _text(event.delta.text)
+    elif event.type == "content_block_start" and event.content_block.type == "tool_use":
+        stream._tool_call(event.index, event.content_block.name, None)
+    elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+        stream._tool_call(event.index, None, event.delta.partial_json)
     elif event.type == "message_delta":
         stream.output_tokens = _count(event.usage.output_tokens)
         stream.stop_reason = _text(event.delta.stop_reason, may_be_none=True)
@@ -317,6 +334,9 @@ def _read_openai_chunk(stream: ReplyStream, chunk: Any) -> str | None:
     choice = chunk.choices[0]
     if choice.finish_reason is not None:
         stream.stop_reason = _text(choice.finish_reason)
+    for call in choice.delta.tool_calls or []:
+        if call.function is not None:
+            stream._tool_call(call.index, call.function.name, call.function.arguments)
     return _text(choice.delta.content or "")
 
 
@@ -346,9 +366,7 @@ class AnthropicModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        body = self._body(system, messages)
-        if offer_human:
-            body["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
+        body = self._body(system, messages, offer_human)
         message = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
         try:
             return self._read(orjson.loads(message))
@@ -373,16 +391,18 @@ class AnthropicModel:
             stop_reason=_text(message.get("stop_reason"), may_be_none=True),
         )
 
-    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+    def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """Messages streaming; failures before the first event are retried like `reply`'s."""
-        body = self._body(system, messages)
+        body = self._body(system, messages, offer_human)
         events = self.retries.call(lambda: self._create(body, stream=True), anthropic, self.provider)
         return _SDKStream(self.provider, self.model, events, _read_anthropic_event)
 
-    def _body(self, system: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": messages}
         if system:
             body["system"] = system
+        if offer_human:
+            body["tools"] = [{"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "input_schema": _REQUEST_HUMAN_INPUT}]
         if self.temperature is not None:
             # This SDK release has no `temperature` argument (newer Claude
             # models fix it); models that still take one get it in the body.
@@ -433,10 +453,7 @@ class OpenAIModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        body = self._body(system, messages)
-        if offer_human:
-            function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
-            body["tools"] = [{"type": "function", "function": function}]
+        body = self._body(system, messages, offer_human)
         completion = self.retries.call(lambda: self._create(body), openai, self.provider)
         try:
             return self._read(orjson.loads(completion))
@@ -464,19 +481,22 @@ class OpenAIModel:
             stop_reason=_text(choice.get("finish_reason"), may_be_none=True),
         )
 
-    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+    def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
-        body = {**self._body(system, messages), "stream": True, "stream_options": {"include_usage": True}}
+        body = {**self._body(system, messages, offer_human), "stream": True, "stream_options": {"include_usage": True}}
         chunks = self.retries.call(lambda: self._create(body), openai, self.provider)
         return _SDKStream(self.provider, self.model, chunks, _read_openai_chunk)
 
-    def _body(self, system: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
         prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
         # max_tokens rather than max_completion_tokens: most compatible
         # servers (vLLM, Ollama, LiteLLM) only know the former.
         body: dict[str, Any] = {"model": self.model, "messages": prompt, "max_tokens": self.max_tokens}
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        if offer_human:
+            function = {"name": REQUEST_HUMAN, "description": _REQUEST_HUMAN_DESCRIPTION, "parameters": _REQUEST_HUMAN_INPUT}
+            body["tools"] = [{"type": "function", "function": function}]
         return body
 
     def _create(self, body: dict[str, Any]) -> Any:
@@ -519,7 +539,7 @@ class EchoModel:
             stop_reason="end_turn",
         )
 
-    def stream(self, system: str | None, messages: list[dict[str, str]]) -> ReplyStream:
+    def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """The same reply, word by word."""
         return _EchoStream(self.reply(system, messages))
 

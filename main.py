@@ -49,7 +49,6 @@ from config import load_config
 from context_cache import TailCache
 from conversations import (
     PreparedTurn,
-    Turn,
     abandon_turn,
     complete_turn,
     open_conversation,
@@ -58,7 +57,7 @@ from conversations import (
 )
 from database_utils import get_session, rollback_session, utcnow
 from errors import Forbidden, Unauthorized
-from llm import ChatModel, make_model
+from llm import ChatModel, ModelReply, make_model
 from s3_utils import make_archive
 from schemas import (
     AuditPage,
@@ -492,27 +491,33 @@ def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> 
     started = time.perf_counter()
     try:
         with telemetry.turn():
-            upstream = model.stream(prepared.context.system, prepared.context.messages)
+            upstream = model.stream(prepared.context.system, prepared.context.messages, current_app.config["HANDOFF_TOOL"])
     except BaseException:
         telemetry.model_seconds.labels(model.provider, "error").observe(time.perf_counter() - started)
         abandon_turn(session, prepared)
         raise
     claim = g.pop("idempotency_claim", None)
 
-    def commit(turn: Turn) -> dict[str, Any]:
-        telemetry.count_tokens(model.provider, turn.reply.usage)
-        data = ChatResponse.of(turn).model_dump(mode="json")
+    def store(reply: ModelReply) -> tuple[str, dict[str, Any]]:
+        """The turn stored and committed: `done` with /chat's answer, or `handoff` with its 202 answer."""
+        stream_session = get_session()  # the stream's own (streaming.stream_turn)
+        telemetry.count_tokens(model.provider, reply.usage)
+        if reply.handoff_reason is not None:
+            held = handoff.hold_turn(stream_session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
+            name, status, data = "handoff", 202, ChatHeld(**vars(held)).model_dump(mode="json")
+        else:
+            name, status, data = "done", 200, ChatResponse.of(complete_turn(stream_session, prepared, reply)).model_dump(mode="json")
         if claim is not None:
-            idempotency.save_response(get_session(), claim, 200, data)
-        get_session().commit()
-        return data
+            idempotency.save_response(stream_session, claim, status, data)
+        stream_session.commit()
+        return name, data
 
     def forget() -> None:
         if claim is not None:
             idempotency.release(get_session(), claim)
 
     heartbeat = current_app.config["STREAM_HEARTBEAT_SECONDS"]
-    events = streaming.stream_turn(prepared, upstream, heartbeat, commit, forget)
+    events = streaming.stream_turn(prepared, upstream, heartbeat, store, forget)
     return streaming.respond(telemetry.streamed_turn(model.provider, started, events, lambda: upstream.reply is not None))
 
 

@@ -1,7 +1,8 @@
 """Server-sent events for POST /chat: a streamed turn, and a stored reply replayed as a short stream.
 
 A streamed turn plugs into the turn's two halves (`conversations.prepare_turn`
-before the stream starts, `complete_turn` or `abandon_turn` at its end). The
+before the stream starts; at its end, `store` (the route's: `complete_turn`,
+or `handoff.hold_turn` when the model asked for a human) or `abandon_turn`). The
 provider's stream is read by a helper thread (a greenlet under gunicorn's
 gevent workers) into a queue, so that the response can send a heartbeat
 comment while the model is silent, and so that a client that goes away stops
@@ -12,6 +13,8 @@ far marked `incomplete`, and releases the lease.
 Events (`event:` name, `data:` one JSON object):
 - `delta` `{"text": ...}` as the provider produces it;
 - `done`: the stored turn, the same object as /chat's JSON answer;
+- `handoff` instead of `done` when the model called the request_human tool:
+  the same object as /chat's 202 answer `{conversation_id, handoff, seq}`;
 - `error` `{"error", "message"}` instead of `done` when the turn failed.
 """
 from __future__ import annotations
@@ -29,10 +32,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MIMEAccept
 
-from conversations import PreparedTurn, Turn, abandon_turn, complete_turn
+from conversations import PreparedTurn, abandon_turn
 from database_utils import get_session
 from errors import ApiError
-from llm import ModelError, ReplyStream
+from llm import ModelError, ModelReply, ReplyStream
 
 log = logging.getLogger("parley")
 
@@ -75,15 +78,15 @@ def stream_turn(
     prepared: PreparedTurn,
     upstream: ReplyStream,
     heartbeat_seconds: float,
-    commit: Callable[[Turn], dict[str, Any]],
+    store: Callable[[ModelReply], tuple[str, dict[str, Any]]],
     forget: Callable[[], None],
 ) -> Iterator[str]:
-    """Forward the provider's deltas, then store the turn and send `done` (or `error`).
+    """Forward the provider's deltas, then store the turn and send `done` or `handoff` (or `error`).
 
-    `commit` commits the stored turn (with its Idempotency-Key response) and
-    returns the /chat answer; `forget` undoes what the request claimed when
-    nothing is stored. Whatever ends the stream, the `finally` leaves the
-    turn stored or abandoned, never holding its lease.
+    `store` stores and commits the turn (with its Idempotency-Key response)
+    and returns the last event's name and data; `forget` undoes what the
+    request claimed when nothing is stored. Whatever ends the stream, the
+    `finally` leaves the turn stored or abandoned, never holding its lease.
     """
     # The view's session was closed when the view returned; the stream has its own.
     session = get_session()
@@ -104,10 +107,10 @@ def stream_turn(
                 yield event("error", _error_body(value))
                 return
             else:
-                body, failure = None, None
+                last, failure = None, None
                 for _ in range(STORE_ATTEMPTS):
                     try:
-                        body = commit(complete_turn(session, prepared, upstream.reply))
+                        last = store(upstream.reply)
                         break
                     except PoolTimeoutError as exc:  # the reply is paid for and its client waits: try again
                         session.rollback()
@@ -117,20 +120,20 @@ def stream_turn(
                         failure = exc
                         break
                 settled = True
-                if body is None:
+                if last is None:
                     _abandon(session, prepared, forget)
                     yield event("error", _error_body(failure))
                 else:
-                    yield event("done", body)
+                    yield event(*last)
                 return
     finally:
         reader.stop()
         if not settled:
-            _keep_what_came(session, prepared, upstream, commit, forget)
+            _keep_what_came(session, prepared, upstream, store, forget)
 
 
 def _keep_what_came(
-    session: Session, prepared: PreparedTurn, upstream: ReplyStream, commit: Callable[[Turn], Any], forget: Callable[[], None]
+    session: Session, prepared: PreparedTurn, upstream: ReplyStream, store: Callable[[ModelReply], Any], forget: Callable[[], None]
 ) -> None:
     """The client went away mid-stream: store the reply so far, marked incomplete, or nothing."""
     partial = upstream.reply or upstream.partial_reply()
@@ -138,7 +141,7 @@ def _keep_what_came(
         _abandon(session, prepared, forget)
         return
     try:
-        commit(complete_turn(session, prepared, partial))
+        store(partial)
     except Exception as exc:  # the client is gone; the log and the released lease are what is left
         log.warning("could not store the incomplete reply of %s: %s", prepared.conversation_id, exc.__class__.__name__)
         _abandon(session, prepared, forget)

@@ -277,6 +277,19 @@ async function send(text) {
         setSeq(sent, data.seq - 1);
         setSeq(item, data.seq);
         if (log.handoff === "bot") log.lastSeq = Math.max(log.lastSeq, data.seq);
+      } else if (name === "handoff") {
+        // The model handed the conversation to support: its words before that (if any) are stored.
+        finished = true;
+        if (body.textContent) {
+          setSeq(sent, data.seq - 1);
+          setSeq(item, data.seq);
+          log.shown.add(data.seq - 1).add(data.seq);
+        } else {
+          item.remove();
+          setSeq(sent, data.seq);
+          log.shown.add(data.seq);
+        }
+        noteHandoff(data.handoff);
       } else if (name === "error") {
         finished = true;
         throw new ApiFailure(502, data, null);

@@ -14,9 +14,10 @@ unmodified (point their ``base_url`` at :attr:`FakeModelServer.base_url`):
 
 The reply is deterministic: ``"reply to: " + <text of the last user message>`` (text
 blocks are concatenated), unless :attr:`FakeModelServer.reply_override` is set.
-:meth:`FakeModelServer.tool_use_next` makes the next non-streaming reply call a tool
-instead (an Anthropic ``tool_use`` block with ``stop_reason: "tool_use"``, or OpenAI
-``tool_calls`` with ``finish_reason: "tool_calls"``). Every
+:meth:`FakeModelServer.tool_use_next` makes the next reply call a tool instead (an
+Anthropic ``tool_use`` block with ``stop_reason: "tool_use"``, or OpenAI ``tool_calls``
+with ``finish_reason: "tool_calls"``; streamed, the call's arguments arrive in pieces:
+``input_json_delta`` events or ``tool_calls`` deltas). Every
 request is recorded, and errors and delays can be injected per request::
 
     with FakeModelServer() as server:
@@ -158,24 +159,46 @@ def _openai_tool_completion(reply: _Reply, tool: _ToolUse) -> Json:
     return completion
 
 
-def _anthropic_events(reply: _Reply) -> list[Json]:
+def _anthropic_events(reply: _Reply, tool: _ToolUse | None = None) -> list[Json]:
     """The Messages streaming events, in the order the real API sends them."""
-    return [
-        {"type": "message_start", "message": _anthropic_message(reply, streaming_start=True)},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "ping"},
-        *(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
-            for piece in _pieces(reply.text)
-        ),
-        {"type": "content_block_stop", "index": 0},
+    text = reply.text if tool is None else tool.text
+    events: list[Json] = [{"type": "message_start", "message": _anthropic_message(reply, streaming_start=True)}]
+    if text or tool is None:
+        events += [
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "ping"},
+            *(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+                for piece in _pieces(text)
+            ),
+            {"type": "content_block_stop", "index": 0},
+        ]
+    if tool is not None:
+        index = 1 if text else 0
+        arguments = json.dumps(tool.input)
+        use = {"type": "tool_use", "id": f"toolu_fake_{uuid.uuid4().hex[:20]}", "name": tool.name, "input": {}}
+        events += [
+            {"type": "content_block_start", "index": index, "content_block": use},
+            *(
+                {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}}
+                for piece in _halves(arguments)
+            ),
+            {"type": "content_block_stop", "index": index},
+        ]
+    events += [
         {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": "end_turn" if tool is None else "tool_use", "stop_sequence": None},
             "usage": {"output_tokens": reply.output_tokens},
         },
         {"type": "message_stop"},
     ]
+    return events
+
+
+def _halves(text: str) -> list[str]:
+    """A tool call's arguments in two pieces (the first may be empty), as the APIs stream them."""
+    return [text[: len(text) // 2], text[len(text) // 2 :]]
 
 
 def _event_stream_frame(payload: bytes) -> bytes:
@@ -220,7 +243,7 @@ def _openai_usage(reply: _Reply) -> Json:
     }
 
 
-def _openai_chunks(reply: _Reply, include_usage: bool) -> list[Json]:
+def _openai_chunks(reply: _Reply, include_usage: bool, tool: _ToolUse | None = None) -> list[Json]:
     base = {
         "id": f"chatcmpl-fake{uuid.uuid4().hex[:20]}",
         "object": "chat.completion.chunk",
@@ -229,8 +252,13 @@ def _openai_chunks(reply: _Reply, include_usage: bool) -> list[Json]:
     }
     extra = {"usage": None} if include_usage else {}
     deltas: list[tuple[Json, str | None]] = [({"role": "assistant", "content": "", "refusal": None}, None)]
-    deltas += [({"content": piece}, None) for piece in _pieces(reply.text)]
-    deltas.append(({}, "stop"))
+    deltas += [({"content": piece}, None) for piece in _pieces(reply.text if tool is None else tool.text)]
+    if tool is not None:
+        call = {"index": 0, "id": f"call_fake{uuid.uuid4().hex[:20]}", "type": "function",
+                "function": {"name": tool.name, "arguments": ""}}
+        deltas.append(({"tool_calls": [call]}, None))
+        deltas += [({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None) for piece in _halves(json.dumps(tool.input))]
+    deltas.append(({}, "stop" if tool is None else "tool_calls"))
     chunks = [
         {**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": f}], **extra}
         for d, f in deltas
@@ -349,7 +377,8 @@ class _Handler(BaseHTTPRequestHandler):
             tool = self.server.fake._take_tool_use()
             self._send_json(200, _anthropic_message(reply) if tool is None else _anthropic_tool_message(reply, tool))
             return
-        frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in _anthropic_events(reply)]
+        tool = self.server.fake._take_tool_use()
+        frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in _anthropic_events(reply, tool)]
         error = _error_body("anthropic", 529, "Overloaded (injected mid-stream by FakeModelServer)")
         self._send_stream("text/event-stream; charset=utf-8", frames, f"event: error\ndata: {json.dumps(error)}\n\n".encode())
 
@@ -358,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             tool = self.server.fake._take_tool_use()
             self._send_json(200, _anthropic_message(reply) if tool is None else _anthropic_tool_message(reply, tool))
             return
-        frames = [_bedrock_chunk(event) for event in _anthropic_events(reply)]
+        frames = [_bedrock_chunk(event) for event in _anthropic_events(reply, self.server.fake._take_tool_use())]
         self._send_stream("application/vnd.amazon.eventstream", frames, b"")  # a mid-stream fault cuts the stream
 
     def _openai(self, reply: _Reply, body: Json) -> None:
@@ -367,7 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, _openai_completion(reply) if tool is None else _openai_tool_completion(reply, tool))
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage)]
+        tool = self.server.fake._take_tool_use()
+        frames = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in _openai_chunks(reply, include_usage, tool)]
         error = _error_body("openai", 500, "Server error (injected mid-stream by FakeModelServer)")
         self._send_stream("text/event-stream; charset=utf-8", [*frames, b"data: [DONE]\n\n"], f"data: {json.dumps(error)}\n\n".encode())
 
@@ -537,7 +567,7 @@ class FakeModelServer:
             return self._stopping if self._stopping.is_set() else self._wake
 
     def tool_use_next(self, name: str, tool_input: Json, text: str = "") -> None:
-        """Make the next (non-streaming) reply call tool ``name`` with ``tool_input``, after saying ``text``."""
+        """Make the next reply (streamed or not) call tool ``name`` with ``tool_input``, after saying ``text``."""
         with self._lock:
             self._tool_uses.append(_ToolUse(name, dict(tool_input), text))
 

@@ -216,6 +216,32 @@ def test_a_message_held_for_support_is_stored_and_says_so(serve, page):
     assert page.console_errors == []
 
 
+def test_the_model_hands_a_streamed_turn_to_support(serve, page, fake_model, tmp_path):
+    base_url, secret, _ = serve("anthropic")
+    staff = {"Authorization": f"Bearer {serve.staff_key(base_url)}"}
+    start_conversation(page, base_url, secret)
+    fake_model.tool_use_next("request_human", {"reason": "a disputed charge"}, text="Let me fetch a colleague.")
+
+    page.get_by_label("Message").fill("This charge is wrong!")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.locator("#messages .notice")).to_have_text(["A person from support will answer here."])
+    expect(page.locator("#messages .assistant .text")).to_have_text(["Let me fetch a colleague."])
+    expect(page.locator("#messages .failed")).to_have_count(0)
+    expect(page.get_by_role("alert")).to_be_hidden()
+    page.screenshot(path=str(tmp_path / "chat-model-handoff.png"), full_page=True)
+    conversation_id = page.evaluate("sessionStorage.getItem('parley.conversation')")
+    api = page.context.request
+    assert api.post(f"{base_url}/conversations/{conversation_id}/claim", headers=staff, data={}).ok
+    assert api.post(f"{base_url}/conversations/{conversation_id}/staff_messages", headers=staff,
+                    data={"message": "Sam here, I see the charge."}).ok
+    expect(page.locator("#messages .staff .text")).to_have_text(["Sam here, I see the charge."], timeout=10_000)
+    expect(page.locator("#messages > li")).to_contain_text(
+        ["This charge is wrong!", "Let me fetch a colleague.", "will answer here", "is answering", "Sam here"])
+    expect(page.locator("#messages .assistant")).to_have_count(1)  # the model's words shown once
+    assert page.console_errors == []
+
+
 def test_staff_replies_appear_without_a_reload(serve, page, tmp_path):
     base_url, secret, _ = serve("echo")
     staff = {"Authorization": f"Bearer {serve.staff_key(base_url)}"}

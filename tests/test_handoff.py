@@ -16,6 +16,7 @@ from database_utils import Conversation, add_transition, find_conversations, get
 from states import HANDOFF_TRANSITIONS, Handoff
 from tests.conftest import client_with_key
 from tests.factories import seed_conversations
+from tests.test_streaming import parse_events
 
 
 def _open(client, **body) -> str:
@@ -287,6 +288,83 @@ def test_the_model_hands_off_with_the_request_human_tool(provider_app, fake_mode
         ("user", "This charge is wrong!"), ("assistant", "Let me fetch a colleague."),
     ]
     assert [(h["actor"], h["reason"]) for h in log["handoff_history"]] == [("model", "the user disputes a charge")]
+
+
+def _stream(client, conversation_id: str, message: str, **headers):
+    return client.post("/chat", json={"conversation_id": conversation_id, "message": message, "stream": True}, headers=headers)
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "bedrock", "openai"])
+def test_a_streamed_turn_hands_off_with_the_request_human_tool(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _open(client)
+    fake_model.tool_use_next("request_human", {"reason": "the user disputes a charge"}, text="Let me fetch a colleague.")
+
+    streamed = _stream(client, conversation_id, "This charge is wrong!")
+
+    assert streamed.status_code == 200 and streamed.mimetype == "text/event-stream"
+    events = parse_events(streamed.data)
+    assert {name for name, _ in events[:-1]} == {"delta"}
+    assert "".join(data["text"] for _, data in events[:-1]) == "Let me fetch a colleague."
+    assert events[-1] == ("handoff", {"conversation_id": conversation_id, "handoff": "needs_human", "seq": 2})
+    offered = fake_model.requests[-1].body["tools"]
+    assert [tool.get("name") or tool["function"]["name"] for tool in offered] == ["request_human"]
+    log = _read(client, conversation_id)
+    assert [(m["role"], m["content"]) for m in log["messages"]] == [
+        ("user", "This charge is wrong!"), ("assistant", "Let me fetch a colleague."),
+    ]
+    assert [(h["actor"], h["reason"]) for h in log["handoff_history"]] == [("model", "the user disputes a charge")]
+    assert _chat(client, conversation_id, "hello?").status_code == 202
+    assert len(fake_model.requests) == 1
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_streamed_tool_call_without_words_stores_only_the_user_message(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _open(client)
+    fake_model.tool_use_next("request_human", {})
+
+    events = parse_events(_stream(client, conversation_id, "help").data)
+
+    assert events == [("handoff", {"conversation_id": conversation_id, "handoff": "needs_human", "seq": 1})]
+    log = _read(client, conversation_id)
+    assert [m["content"] for m in log["messages"]] == ["help"]
+    assert log["handoff_history"][0]["reason"] == "the model asked for a human"
+
+
+def test_a_streamed_call_of_another_tool_is_not_a_handoff(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _open(client)
+    fake_model.tool_use_next("look_up_order", {"order": 7}, text="Looking it up.")
+
+    events = parse_events(_stream(client, conversation_id, "where is my order?").data)
+
+    assert events[-1][0] == "done" and events[-1][1]["reply"] == "Looking it up."
+    assert _read(client, conversation_id)["handoff"] == "bot"
+
+
+def test_a_streamed_handoff_retried_with_its_idempotency_key_is_the_held_answer(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _open(client)
+    fake_model.tool_use_next("request_human", {"reason": "a refund"}, text="One moment.")
+
+    first = parse_events(_stream(client, conversation_id, "refund please", **{"Idempotency-Key": "refund-1"}).data)
+    retry = _stream(client, conversation_id, "refund please", **{"Idempotency-Key": "refund-1"})
+
+    assert first[-1] == ("handoff", {"conversation_id": conversation_id, "handoff": "needs_human", "seq": 2})
+    assert retry.status_code == 202 and retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json == {"conversation_id": conversation_id, "handoff": "needs_human", "seq": 2}
+    assert len(fake_model.requests) == 1
+    assert len(_read(client, conversation_id)["messages"]) == 2
+
+
+def test_the_tool_is_not_offered_to_a_streamed_turn_when_switched_off(provider_app, fake_model):
+    client = provider_app("anthropic", HANDOFF_TOOL=False)
+
+    events = parse_events(_stream(client, _open(client), "hello").data)
+
+    assert events[-1][0] == "done"
+    assert "tools" not in fake_model.requests[-1].body
 
 
 def test_a_compatible_server_that_sends_tool_arguments_as_an_object_hands_off(provider_app, fake_model):
