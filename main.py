@@ -439,7 +439,8 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
 
     With `"stream": true` (or `Accept: text/event-stream`) the reply comes as
     server-sent events: `delta` `{text}`..., then one `done` (this route's
-    JSON answer) or one `error` (`{error, message}`). Errors found before the
+    JSON answer), one `handoff` (the 202's object, when the model asked for
+    a human) or one `error` (`{error, message}`). Errors found before the
     stream starts are ordinary JSON responses.
     """
     model = current_app.extensions["parley.model"]

@@ -126,7 +126,7 @@ class ChatRequest(_Request):
     message: MessageText = Field(description="The user's message; limited by MAX_MESSAGE_CHARS (413 beyond).")
     stream: StrictBool = Field(
         default=False,
-        description="Answer with server-sent events (as does `Accept: text/event-stream`): `delta`..., then `done` or `error`.",
+        description="Answer with server-sent events (as does `Accept: text/event-stream`): `delta`..., then `done`, `handoff` or `error`.",
     )
     file_ids: list[uuid.UUID] = Field(
         default_factory=list,
