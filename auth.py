@@ -25,7 +25,7 @@ from flask.cli import AppGroup
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from database_utils import ApiKey, Conversation, add_transition, get_session, utcnow
+from database_utils import ApiKey, Conversation, IdempotencyRecord, add_transition, get_session, utcnow
 from errors import NotFound, Unauthorized
 from schemas import MAX_KEY_NAME_CHARS
 from states import Handoff, Role, Status
@@ -143,8 +143,10 @@ def rotate_key(
     session: Session, key_id: uuid.UUID, name: str | None = None, expires_at: datetime | None = None
 ) -> tuple[ApiKey, str, int]:
     """Replace a key: a new key of the same role takes over the old key's
-    conversations (a client's own, a staff key's claimed ones), and the old
-    key is revoked, all in one transaction.
+    conversations (a client's own, a staff key's claimed ones) and the
+    answers kept for its Idempotency-Keys (so a retry sent with the new key
+    is answered, not run again), and the old key is revoked, all in one
+    transaction. A request still running under the old key keeps its claim.
 
     Returns the new key, its secret and how many conversations moved. A key
     that was already revoked (a leak is often revoked first) can be rotated too.
@@ -161,6 +163,11 @@ def rotate_key(
     moved += session.execute(
         update(Conversation).where(Conversation.assigned_key_id == old.key_id).values(assigned_key_id=new.key_id)
     ).rowcount
+    session.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.key_id == old.key_id, IdempotencyRecord.response_status.is_not(None))
+        .values(key_id=new.key_id)
+    )
     if old.revoked_at is None:
         old.revoked_at = utcnow()
     session.commit()

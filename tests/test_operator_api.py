@@ -142,6 +142,25 @@ def test_rotating_a_client_key_moves_its_conversations_to_the_new_key(app, keys,
     assert new_key.role == "client" and owners == {new_key.key_id} and old_state == "revoked"
 
 
+def test_a_retry_sent_with_the_rotated_key_is_answered_from_the_first_request(app, keys, client, runner):
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    body = {"conversation_id": conversation_id, "message": "pay me once"}
+    first = client.post("/chat", json=body, headers={"Idempotency-Key": "pay-1"})
+    opened = client.post("/new_chat", json={"user_id": "u"}, headers={"Idempotency-Key": "open-1"})
+
+    result = runner.invoke(args=["keys", "rotate", str(_key_id(app, "client_a"))])
+
+    rotated = client_with_key(app, result.stdout.strip().splitlines()[-1])
+    retry = rotated.post("/chat", json=body, headers={"Idempotency-Key": "pay-1"})
+    assert (retry.status_code, retry.json) == (200, first.json)
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    reopened = rotated.post("/new_chat", json={"user_id": "u"}, headers={"Idempotency-Key": "open-1"})
+    assert reopened.json == opened.json and reopened.headers["Idempotent-Replayed"] == "true"
+    messages = rotated.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["pay me once"]
+    assert len(rotated.get("/conversations").json["conversations"]) == 2
+
+
 def test_a_revoked_key_can_be_rotated_to_give_its_conversations_an_owner(app, keys, client, runner):
     conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
     old_id = _key_id(app, "client_a")
