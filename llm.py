@@ -146,21 +146,25 @@ class DeadlineTransport(httpx2.BaseTransport):
     a time never times out; here the read timeout shrinks to the time left,
     and the body stops with a timeout once the deadline has passed.
 
-    Requests take turns over `shards` connection pools. httpcore's pool walks
-    every one of its connections each time a request starts or ends
+    Requests take turns over `shards` connection pools (fewer when the limit
+    is smaller), which share the limits exactly. httpcore's pool walks every
+    one of its connections each time a request starts or ends
     (pydantic/httpx2#1169), so with hundreds of replies in flight one pool
     spent an eighth of a worker's CPU on that bookkeeping (measured with
     py-spy at 200 turns in flight per worker).
     """
 
     def __init__(self, limits: httpx2.Limits, shards: int = POOL_SHARDS) -> None:
-        share = httpx2.Limits(
-            max_connections=-(-limits.max_connections // shards),
-            max_keepalive_connections=-(-limits.max_keepalive_connections // shards),
-        )
+        shards = max(1, min(shards, limits.max_connections))
         # One TLS context for all: each loads the system's CA certificates (about 25 ms).
         tls = httpx2.create_ssl_context()
-        self._pools = [httpx2.HTTPTransport(verify=tls, limits=share) for _ in range(shards)]
+        self._pools = [
+            httpx2.HTTPTransport(verify=tls, limits=httpx2.Limits(
+                max_connections=_share(limits.max_connections, shards, n),
+                max_keepalive_connections=_share(limits.max_keepalive_connections, shards, n),
+            ))
+            for n in range(shards)
+        ]
         self._next_pool = itertools.cycle(self._pools)
 
     def close(self) -> None:
@@ -182,6 +186,11 @@ class DeadlineTransport(httpx2.BaseTransport):
         response = pool.handle_request(request)
         response.stream = _DeadlineStream(response.stream, deadline, request)
         return response
+
+
+def _share(total: int, shards: int, n: int) -> int:
+    """Pool `n`'s part of `total`, so that the parts add up to it."""
+    return total // shards + (n < total % shards)
 
 
 class _DeadlineStream(httpx2.SyncByteStream):
@@ -661,8 +670,10 @@ def _stream_error(exc: Exception, provider: str) -> ModelError:
     for sdk in (anthropic, openai):
         if isinstance(exc, sdk.APIError):
             return _provider_error(exc, sdk, provider)
-    if isinstance(exc, httpx2.TimeoutException):
-        return ModelError(504, "model_timeout", f"the {provider} model did not finish within LLM_TOTAL_TIMEOUT_SECONDS", retryable=True)
+    if isinstance(exc, httpx2.TimeoutException):  # a read that waited LLM_TIMEOUT_SECONDS, or the total deadline
+        message = (f"the {provider} model did not finish in time (LLM_TIMEOUT_SECONDS without a byte, "
+                   "or LLM_TOTAL_TIMEOUT_SECONDS in all)")
+        return ModelError(504, "model_timeout", message, retryable=True)
     if isinstance(exc, httpx2.HTTPError):
         return ModelError(502, "model_error", f"the {provider} model's stream broke off", retryable=True)
     raise exc

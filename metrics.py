@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import (
@@ -108,6 +110,11 @@ class Metrics:
         size = getattr(engine.pool, "size", None)
         if callable(size):
             self.db_pool_size.inc(size())
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                # With --preload the master made the app, and a forked worker starts
+                # its samples from zero: each worker counts its own pool again.
+                gauge, pool = weakref.ref(self.db_pool_size), weakref.ref(engine.pool)
+                os.register_at_fork(after_in_child=lambda: _add_pool(gauge(), pool()))
         event.listen(engine, "checkout", lambda *_: self.db_connections_in_use.inc())
         event.listen(engine, "checkin", lambda *_: self.db_connections_in_use.dec())
 
@@ -117,6 +124,12 @@ class Metrics:
             multiprocess.MultiProcessCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def _add_pool(gauge: Gauge | None, pool: Any) -> None:
+    """A forked worker's pool in the pool-size gauge (weak references: a disposed app is not kept)."""
+    if gauge is not None and pool is not None:
+        gauge.inc(pool.size())
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

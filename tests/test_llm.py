@@ -1,9 +1,12 @@
 """Real anthropic and openai SDKs against a local server speaking their wire protocol."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 import llm
+from config import load_config
 from main import create_app
 from tests.conftest import client_with_key
 from tests.seaweed import free_ports
@@ -182,3 +185,19 @@ def test_the_model_connection_pool_is_as_large_as_the_connections_a_worker_carri
     pools = client._transport._pools  # DeadlineTransport's shards, each an httpx transport over an httpcore pool
 
     assert sum(pool._pool._max_connections for pool in pools) == 48
+
+
+@pytest.mark.parametrize("limit", [5, 20])
+def test_the_model_connections_of_a_process_are_as_many_as_worker_connections(fake_model, monkeypatch, limit):
+    """The pools the requests are spread over share WORKER_CONNECTIONS exactly (not rounded up to their number)."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+    model = llm.make_model(load_config({"LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "WORKER_CONNECTIONS": str(limit)}))
+    fake_model.latency = 0.5
+    fake_model.peak_in_flight = 0
+
+    with ThreadPoolExecutor(max_workers=2 * limit) as pool:
+        replies = list(pool.map(lambda n: model.reply(None, [{"role": "user", "content": f"hi {n}"}]), range(2 * limit)))
+
+    assert [reply.text for reply in replies] == [f"reply to: hi {n}" for n in range(2 * limit)]
+    assert fake_model.peak_in_flight == limit

@@ -383,3 +383,21 @@ def test_a_retry_after_beyond_a_day_is_passed_on_as_a_day(provider_app, fake_mod
 
     assert failed.status_code == 503 and failed.headers["Retry-After"] == "86400"
     assert len(fake_model.requests) == 1  # a day is past the deadline: answered at once
+
+
+def test_a_stream_that_stalls_names_both_timeouts(provider_app, fake_model):
+    """A read that waited LLM_TIMEOUT_SECONDS ends the stream as the total deadline does; the message names both."""
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=0.5, LLM_TOTAL_TIMEOUT_SECONDS=30)
+    conversation_id = _conversation(client)
+    fake_model.stream_interval = 2
+
+    started = time.monotonic()
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+
+    assert time.monotonic() - started < 10
+    assert last.startswith("event: error\n"), last
+    error = json.loads(last.partition("data: ")[2])
+    assert (error["error"], error["retryable"]) == ("model_timeout", True)
+    assert "LLM_TIMEOUT_SECONDS without a byte" in error["message"] and "LLM_TOTAL_TIMEOUT_SECONDS" in error["message"]
+    assert _log(client, conversation_id) == []

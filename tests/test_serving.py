@@ -132,9 +132,28 @@ def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_
     assert fake_model.peak_in_flight == clients  # all waited on the model together, in one worker
 
 
+def test_worker_connections_on_the_command_line_size_the_model_pool_too(serve, fake_model):
+    """WORKER_CONNECTIONS says 16, the command line 24: 24 turns wait on the model together."""
+    clients = 24
+    server = serve(WORKER_CONNECTIONS="16", GUNICORN_CMD_ARGS=f"--worker-connections {clients}")
+    conversations = [server.new_chat() for _ in range(clients)]
+    fake_model.latency = 1.0
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight and time.monotonic() < deadline:  # requests of earlier tests leaving
+        time.sleep(0.05)
+    fake_model.peak_in_flight = 0
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
+
+    assert statuses == [200] * clients
+    assert fake_model.peak_in_flight == clients
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_metrics_add_up_across_workers(serve):
-    server = serve(WEB_CONCURRENCY="2")
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+def test_metrics_add_up_across_workers(serve, preload):
+    server = serve(WEB_CONCURRENCY="2", GUNICORN_CMD_ARGS="--preload" if preload else "")
     # Each worker adds its pool (DB_POOL_SIZE) once it has loaded the app: wait for both.
     pool, deadline = 0.0, time.monotonic() + 60
     while pool < 2 * load_config()["DB_POOL_SIZE"] and time.monotonic() < deadline:
