@@ -118,15 +118,8 @@ def serve(app_config, fake_model, tmp_path) -> Iterator:
 def test_one_worker_carries_many_turns_waiting_on_the_model_at_once(serve, fake_model, clients):
     """`make run` (the embedded default) serves concurrent turns the same way as production."""
     server = serve()
-    conversations = [server.new_chat() for _ in range(clients)]
-    fake_model.latency = 1.0
-    deadline = time.monotonic() + 10
-    while fake_model.in_flight and time.monotonic() < deadline:  # requests of earlier tests leaving
-        time.sleep(0.05)
-    fake_model.peak_in_flight = 0
 
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
+    statuses = _turns_at_once(server, fake_model, clients)
 
     assert statuses == [200] * clients
     assert fake_model.peak_in_flight == clients  # all waited on the model together, in one worker
@@ -136,18 +129,23 @@ def test_worker_connections_on_the_command_line_size_the_model_pool_too(serve, f
     """WORKER_CONNECTIONS says 16, the command line 24: 24 turns wait on the model together."""
     clients = 24
     server = serve(WORKER_CONNECTIONS="16", GUNICORN_CMD_ARGS=f"--worker-connections {clients}")
+
+    statuses = _turns_at_once(server, fake_model, clients)
+
+    assert statuses == [200] * clients
+    assert fake_model.peak_in_flight == clients
+
+
+def _turns_at_once(server: Server, fake_model, clients: int) -> list[int]:
+    """`clients` turns, each on its own conversation, sent together to a model answering after 1 s."""
     conversations = [server.new_chat() for _ in range(clients)]
     fake_model.latency = 1.0
     deadline = time.monotonic() + 10
     while fake_model.in_flight and time.monotonic() < deadline:  # requests of earlier tests leaving
         time.sleep(0.05)
     fake_model.peak_in_flight = 0
-
     with ThreadPoolExecutor(max_workers=clients) as pool:
-        statuses = list(pool.map(lambda c: server.chat(c, "hello"), conversations))
-
-    assert statuses == [200] * clients
-    assert fake_model.peak_in_flight == clients
+        return list(pool.map(lambda c: server.chat(c, "hello"), conversations))
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
