@@ -94,9 +94,9 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     def _remove_on_exit_of_the_maker() -> None:
         if os.getpid() == _made_by:  # not in a worker: they inherit exit handlers
             on_exit(None)
-else:
+elif not os.path.exists(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
     # A directory named but not made yet: with --preload the app writes samples there before on_starting.
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 
 def on_starting(server):
@@ -120,7 +120,7 @@ def post_fork(server, worker):
     """The worker's connections as in force (the command line wins over WORKER_CONNECTIONS):
     the app, loaded next in the worker, sizes its pool of model connections by them.
     With --preload the app was loaded in the master and keeps WORKER_CONNECTIONS's value."""
-    os.environ["WORKER_CONNECTIONS"] = str(worker.worker_connections)
+    os.environ["WORKER_CONNECTIONS"] = str(worker.cfg.worker_connections)  # every worker class has cfg
 
 
 def post_worker_init(worker):

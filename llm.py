@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-import json
 import math
 import random
 import re
@@ -120,8 +119,6 @@ class RetryPolicy:
             for retries in range(self.max_retries + 1):
                 try:
                     return attempt()
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a body that is not JSON: no reply, not retried
-                    raise _unreadable(provider) from exc
                 except sdk.APIError as exc:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
                     if not error.retryable or retries == self.max_retries:
@@ -237,9 +234,8 @@ class ReplyStream:
         self.parts: list[str] = []
         self.reply: ModelReply | None = None
         self.closed = False
-        # The request_human call's block (or call) index and its arguments' JSON so far, once it began.
-        self._handoff_index: int | None = None
-        self._handoff_json: list[str] = []
+        # Each tool call so far, by its block (or call) index: [its name, the pieces of its arguments].
+        self._tool_calls: dict[Any, list[Any]] = {}
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -247,6 +243,7 @@ class ReplyStream:
                 if self.closed:
                     return
                 if text:
+                    text = _utf8(text)
                     self.parts.append(text)
                     yield text
         except ModelError:
@@ -256,13 +253,20 @@ class ReplyStream:
                 return  # closed under the reader's feet: the end the caller asked for
             raise _stream_error(exc, self.provider) from exc
         if not self.closed:
-            handoff = None if self._handoff_index is None else _reason(_arguments("".join(self._handoff_json)))
+            handoff = self._handoff_reason()
             text = _storable_reply("".join(self.parts), self.provider, may_be_empty=handoff is not None)
             self.reply = self._whole(text, incomplete=False, handoff_reason=handoff)
 
     def partial_reply(self) -> ModelReply | None:
-        """What the model said before the stream stopped, or None if nothing."""
+        """What the model said before the stream stopped, or None if nothing.
+
+        A reply that had begun to call request_human is a handoff all the
+        same (with the reason if its arguments came whole), words or none.
+        """
         text = "".join(self.parts).replace("\x00", "")
+        handoff = self._handoff_reason()
+        if handoff is not None:
+            return self._whole(text, incomplete=False, handoff_reason=handoff)
         return self._whole(text, incomplete=True) if text.strip() else None
 
     def close(self) -> None:
@@ -276,12 +280,22 @@ class ReplyStream:
     def _deltas(self) -> Iterator[str]:
         raise NotImplementedError
 
-    def _tool_call(self, index: int, name: str | None, arguments: str | None) -> None:
-        """A piece of a tool call: its name when it begins, then its arguments' JSON piece by piece."""
-        if name == REQUEST_HUMAN and self._handoff_index is None:
-            self._handoff_index = index
-        if arguments and index == self._handoff_index:
-            self._handoff_json.append(_text(arguments))
+    def _tool_call(self, index: Any, name: str | None, arguments: Any) -> None:
+        """A piece of a tool call: its name, and its arguments' JSON piece by piece (in any order)."""
+        call = self._tool_calls.setdefault(index, [None, []])
+        if name:
+            call[0] = name
+        if arguments:
+            call[1].append(arguments)
+
+    def _handoff_reason(self) -> str | None:
+        """The reason of the first request_human call, if the model made one."""
+        pieces = next((pieces for name, pieces in self._tool_calls.values() if name == REQUEST_HUMAN), None)
+        if pieces is None:
+            return None
+        # JSON text in pieces, or (from some compatible servers) the object itself.
+        whole = pieces[0] if len(pieces) == 1 else "".join(piece for piece in pieces if isinstance(piece, str))
+        return _reason(_arguments(whole))
 
     def _close_upstream(self) -> None:
         """Close the provider's connection."""
@@ -616,14 +630,19 @@ def _reason(tool_input: Any) -> str:
     return reason.replace("\x00", "")[:1000] if isinstance(reason, str) and reason.strip() else DEFAULT_HANDOFF_REASON
 
 
-def _arguments(raw: str | dict | None) -> Any:
+def _arguments(raw: Any) -> Any:
     """A tool call's arguments: JSON text, or (from some compatible servers) already an object."""
     if isinstance(raw, dict):
         return raw
     try:
-        return json.loads(raw or "{}")
+        return orjson.loads(raw or "{}")  # nested past 1,024 levels: a JSONDecodeError, not a RecursionError
     except (TypeError, ValueError):
         return {}
+
+
+def _utf8(text: str) -> str:
+    """The text as UTF-8 can carry it: a lone surrogate (`\\ud800` in the JSON) becomes `?`."""
+    return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str:
@@ -633,7 +652,7 @@ def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str
     turns, so an empty reply is a failed turn, not a stored one (unless the
     model handed off instead: then nothing of it is stored).
     """
-    text = text.replace("\x00", "").encode("utf-8", errors="replace").decode("utf-8")
+    text = _utf8(text.replace("\x00", ""))
     if not text.strip() and not may_be_empty:
         raise ModelError(502, "model_error", f"the {provider} model returned an empty reply", retryable=True)
     return text
@@ -641,9 +660,11 @@ def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str
 
 # What reading a reply that lacks a field, or is not an object at all, raises
 # (orjson.JSONDecodeError is a ValueError). The SDKs build their typed stream
-# events without validating them either.
-_UNREADABLE = (AttributeError, KeyError, TypeError, ValueError)
-# A token count beyond this is not a count (PostgreSQL's BIGINT holds 2**63 - 1).
+# events without validating them either, and decode them with the standard
+# library's json, which nesting too deep for it stops with a RecursionError.
+_UNREADABLE = (AttributeError, KeyError, TypeError, ValueError, RecursionError)
+# A token count is below this: the integers a JSON reader holds exactly
+# (JavaScript's Number.MAX_SAFE_INTEGER + 1), far inside PostgreSQL's BIGINT.
 _MAX_COUNT = 2**53
 
 

@@ -463,14 +463,20 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
             with telemetry.model_call(model.provider):
                 reply = model.reply(prepared.context.system, prepared.context.messages, current_app.config["HANDOFF_TOOL"])
             telemetry.count_tokens(model.provider, reply.usage)
-            if reply.handoff_reason is not None:
-                held = handoff.hold_turn(session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
-                return _respond(ChatHeld(**vars(held)), 202)
             alone = "idempotency_claim" not in g  # no stored response to commit with the turn
-            return _respond(ChatResponse.of(complete_turn(session, prepared, reply, alone)))
+            answer, status = _store_reply(session, prepared, reply, alone)
+            return _respond(answer, status)
     except BaseException:
         abandon_turn(session, prepared)
         raise
+
+
+def _store_reply(session: Session, prepared: PreparedTurn, reply: ModelReply, alone: bool = False) -> tuple[BaseModel, int]:
+    """The model's reply stored: the turn and its 200 answer, or, when the model asked for a human, the held turn's 202."""
+    if reply.handoff_reason is not None:
+        held = handoff.hold_turn(session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
+        return ChatHeld(**vars(held)), 202
+    return ChatResponse.of(complete_turn(session, prepared, reply, alone)), 200
 
 
 def _answer_from_knowledge(session: Session, prepared: PreparedTurn):
@@ -502,16 +508,13 @@ def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> 
     def store(reply: ModelReply) -> tuple[str, dict[str, Any]]:
         """The turn stored and committed: `done` with /chat's answer, or `handoff` with its 202 answer."""
         stream_session = get_session()  # the stream's own (streaming.stream_turn)
-        telemetry.count_tokens(model.provider, reply.usage)
-        if reply.handoff_reason is not None:
-            held = handoff.hold_turn(stream_session, prepared, handoff.Trigger("model", reply.handoff_reason), reply)
-            name, status, data = "handoff", 202, ChatHeld(**vars(held)).model_dump(mode="json")
-        else:
-            name, status, data = "done", 200, ChatResponse.of(complete_turn(stream_session, prepared, reply)).model_dump(mode="json")
+        answer, status = _store_reply(stream_session, prepared, reply)
+        data = answer.model_dump(mode="json")
         if claim is not None:
             idempotency.save_response(stream_session, claim, status, data)
         stream_session.commit()
-        return name, data
+        telemetry.count_tokens(model.provider, reply.usage)
+        return ("done" if status == 200 else "handoff"), data
 
     def forget() -> None:
         if claim is not None:

@@ -136,15 +136,14 @@ def _keep_what_came(
     session: Session, prepared: PreparedTurn, upstream: ReplyStream, store: Callable[[ModelReply], Any], forget: Callable[[], None]
 ) -> None:
     """The client went away mid-stream: store the reply so far, marked incomplete, or nothing."""
-    partial = upstream.reply or upstream.partial_reply()
-    if partial is None:
-        _abandon(session, prepared, forget)
-        return
     try:
-        store(partial)
+        partial = upstream.reply or upstream.partial_reply()
+        if partial is not None:
+            store(partial)
+            return
     except Exception as exc:  # the client is gone; the log and the released lease are what is left
         log.warning("could not store the incomplete reply of %s: %s", prepared.conversation_id, exc.__class__.__name__)
-        _abandon(session, prepared, forget)
+    _abandon(session, prepared, forget)
 
 
 def _abandon(session: Session, prepared: PreparedTurn, forget: Callable[[], None]) -> None:

@@ -1,11 +1,13 @@
 """CPU of one model call: Parley's `AnthropicModel.reply` against the SDK's own `messages.create`.
 
-Both send the same context to the fake Claude server (in a process of its
+Each sends the same context to the fake Claude server (in a process of its
 own, so its CPU is not counted) through the same client, one call at a time,
-in interleaved rounds; the figure is this process's CPU time per call.
-Parley encodes the body with orjson and reads the reply as JSON; the SDK's
-`messages.create` copies and encodes the context with the standard library
-and builds its typed `Message`.
+in interleaved rounds; the figure is this process's CPU time per call:
+- `messages.create`: the SDK copies and encodes the context with the
+  standard library and builds its typed `Message` (the baseline);
+- `post`, typed: the body encoded by orjson, the reply still built into the
+  typed `Message` (Parley's call before it read replies as JSON);
+- `AnthropicModel.reply`: orjson both ways (Parley's call).
 
     python -m bench.model_call [--calls 3000] [--rounds 3] [--messages 21]
 """
@@ -16,6 +18,9 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+
+import anthropic
+import orjson
 
 from bench.serving import fake_model
 from config import load_config
@@ -46,9 +51,11 @@ def main() -> None:
         os.environ.update(settings)  # the SDK reads its own variables
         model = make_model(load_config(settings))
         assert isinstance(model, AnthropicModel)
+        body = {"model": model.model, "max_tokens": model.max_tokens, "messages": messages}
         setups = {
-            "messages.create (the SDK's way)": lambda: model.client.messages.create(
-                model=model.model, max_tokens=model.max_tokens, messages=messages),
+            "messages.create (the SDK's way)": lambda: model.client.messages.create(**body),
+            "post, typed Message": lambda: model.client.post(
+                "/v1/messages", content=orjson.dumps(body), cast_to=anthropic.types.Message),
             "AnthropicModel.reply (Parley)": lambda: model.reply(None, messages),
         }
         figures: dict[str, list[float]] = {name: [] for name in setups}
@@ -56,9 +63,10 @@ def main() -> None:
             for name, call in setups.items():
                 figures[name].append(cpu_per_call(call, options.calls))
                 print(f"round {round_number} {name:<34} {figures[name][-1]:.3f} ms CPU per call")
-    baseline, parley = (statistics.median(values) for values in figures.values())
-    print(f"\nmedian: messages.create {baseline:.3f} ms, AnthropicModel.reply {parley:.3f} ms: "
-          f"{parley / baseline:.2f}x the SDK's way ({options.messages} messages a call)")
+    baseline = statistics.median(figures["messages.create (the SDK's way)"])
+    print(f"\nmedians, {options.messages} messages a call, against messages.create:")
+    for name, values in figures.items():
+        print(f"  {name:<34} {statistics.median(values):.3f} ms  {statistics.median(values) / baseline:.2f}x")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ async function send(text) {
       } else if (name === "handoff") {
         // The model handed the conversation to support: its words before that (if any) are stored.
         finished = true;
-        if (body.textContent) {
+        if (body.textContent.replace(/\0/g, "").trim()) { // as the server stores it
           setSeq(sent, data.seq - 1);
           setSeq(item, data.seq);
           log.shown.add(data.seq - 1).add(data.seq);

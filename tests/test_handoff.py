@@ -332,6 +332,45 @@ def test_a_streamed_tool_call_without_words_stores_only_the_user_message(provide
     assert log["handoff_history"][0]["reason"] == "the model asked for a human"
 
 
+def _chunk(delta: dict, finish: str | None = None) -> dict:
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+# How compatible servers have been seen to stream a call: arguments before the name, no index, an object.
+STREAMED_CALLS = {
+    "arguments before the name": [{"index": 0, "function": {"arguments": '{"reason": '}},
+                                  {"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "request_human", "arguments": '"a refund"}'}}],
+    "no index": [{"index": None, "id": "call_1", "type": "function", "function": {"name": "request_human"}},
+                 {"index": None, "function": {"arguments": '{"reason": "a refund"}'}}],
+    "arguments as an object": [{"index": 0, "id": "call_1", "type": "function",
+                                "function": {"name": "request_human", "arguments": {"reason": "a refund"}}}],
+    "after another tool": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "look_up", "arguments": "{}"}},
+                           {"index": 1, "id": "call_1", "type": "function",
+                            "function": {"name": "request_human", "arguments": '{"reason": "a refund"}'}},
+                           {"index": 2, "id": "call_2", "type": "function",
+                            "function": {"name": "request_human", "arguments": '{"reason": "a second call"}'}}],
+}
+
+
+@pytest.mark.parametrize("calls", STREAMED_CALLS.values(), ids=STREAMED_CALLS.keys())
+def test_a_streamed_call_however_its_pieces_come_hands_off_with_its_reason(provider_app, fake_model, calls):
+    client = provider_app("openai")
+    conversation_id = _open(client)
+    chunks = [_chunk({"role": "assistant", "content": "One moment."}), *(_chunk({"tool_calls": [call]}) for call in calls),
+              _chunk({}, "tool_calls")]
+    fake_model.answer_raw_next(b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n",
+                               content_type="text/event-stream")
+
+    events = parse_events(_stream(client, conversation_id, "refund please").data)
+
+    assert events[-1] == ("handoff", {"conversation_id": conversation_id, "handoff": "needs_human", "seq": 2})
+    log = _read(client, conversation_id)
+    assert [(h["actor"], h["reason"]) for h in log["handoff_history"]] == [("model", "a refund")]
+    assert [m["content"] for m in log["messages"]] == ["refund please", "One moment."]
+
+
 def test_a_streamed_call_of_another_tool_is_not_a_handoff(provider_app, fake_model):
     client = provider_app("anthropic")
     conversation_id = _open(client)

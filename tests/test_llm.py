@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -201,3 +202,62 @@ def test_the_model_connections_of_a_process_are_as_many_as_worker_connections(fa
 
     assert [reply.text for reply in replies] == [f"reply to: hi {n}" for n in range(2 * limit)]
     assert fake_model.peak_in_flight == limit
+
+
+class _ClientLeaves:
+    """SDK stream events, then the client goes away (the stream is closed) before the rest."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+        self.stream = None
+
+    def __iter__(self):
+        yield from self.events
+        self.stream.close()
+        yield SimpleNamespace(type="ping")
+
+    def close(self) -> None:
+        pass
+
+
+def _anthropic_events_until_left(*arguments: str, text: str = "One moment. ") -> llm.ReplyStream:
+    events = [
+        SimpleNamespace(type="message_start", message=SimpleNamespace(model="m", usage=SimpleNamespace(input_tokens=3))),
+        SimpleNamespace(type="content_block_delta", index=0, delta=SimpleNamespace(type="text_delta", text=text)),
+        SimpleNamespace(type="content_block_start", index=1, content_block=SimpleNamespace(type="tool_use", name="request_human")),
+        *(SimpleNamespace(type="content_block_delta", index=1, delta=SimpleNamespace(type="input_json_delta", partial_json=piece))
+          for piece in arguments),
+    ]
+    source = _ClientLeaves(events)
+    stream = llm._SDKStream("anthropic", "m", source, llm._read_anthropic_event)
+    source.stream = stream
+    assert list(stream) == ([text] if text else [])
+    return stream
+
+
+@pytest.mark.parametrize(("arguments", "reason"), [
+    (['{"reason": "a ref'], llm.DEFAULT_HANDOFF_REASON),
+    (['{"reason": ', '"a refund"}'], "a refund"),
+])
+def test_a_stream_left_once_the_request_human_call_began_is_a_handoff(arguments, reason):
+    stream = _anthropic_events_until_left(*arguments)
+
+    partial = stream.partial_reply()
+
+    assert stream.reply is None
+    assert (partial.text, partial.handoff_reason, partial.incomplete) == ("One moment. ", reason, False)
+
+
+def test_a_stream_left_before_any_words_or_call_keeps_nothing():
+    events = [SimpleNamespace(type="message_start", message=SimpleNamespace(model="m", usage=SimpleNamespace(input_tokens=3)))]
+    source = _ClientLeaves(events)
+    stream = llm._SDKStream("anthropic", "m", source, llm._read_anthropic_event)
+    source.stream = stream
+
+    assert list(stream) == []
+    assert stream.partial_reply() is None
+    assert _anthropic_events_until_left('{"reason": "x"}', text="").partial_reply().handoff_reason == "x"
+
+
+def test_tool_arguments_nested_too_deep_read_as_none():
+    assert llm._arguments("[" * 100_000 + "]" * 100_000) == {}

@@ -136,6 +136,15 @@ def test_worker_connections_on_the_command_line_size_the_model_pool_too(serve, f
     assert fake_model.peak_in_flight == clients
 
 
+def test_a_sync_worker_serves_too(serve):
+    """WORKER_CLASS=sync (allowed, though not for production): its workers boot and answer a turn."""
+    server = serve(WORKER_CLASS="sync")
+
+    conversation_id = server.new_chat()
+
+    assert server.chat(conversation_id, "hello") == 200
+
+
 def _turns_at_once(server: Server, fake_model, clients: int) -> list[int]:
     """`clients` turns, each on its own conversation, sent together to a model answering after 1 s."""
     conversations = [server.new_chat() for _ in range(clients)]

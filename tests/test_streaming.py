@@ -281,3 +281,29 @@ def test_a_stream_closed_before_its_first_read_releases_everything(provider_app,
     assert wait_for(lambda: fake_model.streams_closed_early == 1)
     fake_model.stream_interval = 0.0
     assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["reply", "handoff"])
+def test_a_lone_surrogate_in_a_streamed_delta_is_sent_and_stored_as_a_question_mark(provider_app, fake_model, tool):
+    client = provider_app("anthropic")
+    conversation_id = open_chat(client)
+    events = [
+        {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 3}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "bad \ud800 text"}},
+        *([{"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "name": "request_human"}},
+           {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"reason": "x"}'}}]
+          if tool else []),
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn"}, "usage": {"output_tokens": 3}},
+        {"type": "message_stop"},
+    ]
+    fake_model.answer_raw_next(b"".join(b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n"
+                                        for e in events), content_type="text/event-stream")
+
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    assert streamed.status_code == 200
+    events = parse_events(streamed.data)
+    assert events[0] == ("delta", {"text": "bad ? text"})
+    assert events[-1][0] == ("handoff" if tool else "done")
+    messages = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+    assert [m["content"] for m in messages] == ["hi", "bad ? text"]
