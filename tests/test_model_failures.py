@@ -299,11 +299,14 @@ NOT_AN_EVENT = {
     "anthropic": b'{"type": "message_start", "message": {}}',
     "openai": b'{"object": "chat.completion.chunk", "choices": [{}]}',
     "not JSON": b"<html>gateway</html>",
+    "nested too deep": b'{"type": "ping", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
 
 @pytest.mark.parametrize(("provider", "event"), [("anthropic", NOT_AN_EVENT["anthropic"]), ("openai", NOT_AN_EVENT["openai"]),
-                                                 ("anthropic", NOT_AN_EVENT["not JSON"]), ("openai", NOT_AN_EVENT["not JSON"])])
+                                                 ("anthropic", NOT_AN_EVENT["not JSON"]), ("openai", NOT_AN_EVENT["not JSON"]),
+                                                 ("anthropic", NOT_AN_EVENT["nested too deep"]),
+                                                 ("openai", NOT_AN_EVENT["nested too deep"])])
 def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(provider_app, fake_model, provider, event):
     client = provider_app(provider)
     conversation_id = _conversation(client)
