@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import json
 import math
 import random
 import re
@@ -243,7 +244,6 @@ class ReplyStream:
                 if self.closed:
                     return
                 if text:
-                    text = _utf8(text)
                     self.parts.append(text)
                     yield text
         except ModelError:
@@ -392,7 +392,7 @@ class AnthropicModel:
         body = self._body(system, messages, offer_human)
         message = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
         try:
-            return self._read(orjson.loads(message))
+            return self._read(_decoded(message))
         except _UNREADABLE as exc:
             raise _unreadable(self.provider) from exc
 
@@ -479,7 +479,7 @@ class OpenAIModel:
         body = self._body(system, messages, offer_human)
         completion = self.retries.call(lambda: self._create(body), openai, self.provider)
         try:
-            return self._read(orjson.loads(completion))
+            return self._read(_decoded(completion))
         except _UNREADABLE as exc:
             raise _unreadable(self.provider) from exc
 
@@ -668,10 +668,20 @@ _UNREADABLE = (AttributeError, KeyError, TypeError, ValueError, RecursionError)
 _MAX_COUNT = 2**53
 
 
+def _decoded(body: bytes) -> Any:
+    """A whole reply's JSON. orjson refuses a lone surrogate (`\\ud800`); the standard library reads it."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)  # what it cannot read either is an unreadable reply (_UNREADABLE)
+
+
 def _text(value: Any, may_be_none: bool = False) -> str | None:
-    """A reply's text field, or TypeError (read as an unreadable reply)."""
-    if isinstance(value, str) or (value is None and may_be_none):
-        return value
+    """A reply's text field as UTF-8 can carry it (see `_utf8`), or TypeError (read as an unreadable reply)."""
+    if isinstance(value, str):
+        return _utf8(value)
+    if value is None and may_be_none:
+        return None
     raise TypeError(f"expected text, got {type(value).__name__}")
 
 

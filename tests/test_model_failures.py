@@ -323,6 +323,22 @@ def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(
     assert _say(client, conversation_id).status_code == 200
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_reply_with_a_lone_surrogate_is_stored_with_a_question_mark(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    text = "bad \\ud800 text"  # the escape as it stands in the JSON: a UTF-16 half with no other
+    body = _completion(choices=[{"message": {"content": "X"}, "finish_reason": "stop"}]) if provider == "openai" else _message(
+        content=[{"type": "text", "text": "X"}])
+    fake_model.answer_raw_next(body.replace(b'"X"', b'"' + text.encode() + b'"'))
+
+    answered = _say(client, conversation_id)
+
+    assert answered.status_code == 200, answered.json
+    assert answered.json["reply"] == "bad ? text"
+    assert [m["content"] for m in _log(client, conversation_id)] == ["hi", "bad ? text"]
+
+
 def _events(*events):
     return b"".join(b"event: " + event["type"].encode() + b"\ndata: " + json.dumps(event).encode() + b"\n\n" for event in events)
 
