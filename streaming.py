@@ -135,7 +135,8 @@ def stream_turn(
 def _keep_what_came(
     session: Session, prepared: PreparedTurn, upstream: ReplyStream, store: Callable[[ModelReply], Any], forget: Callable[[], None]
 ) -> None:
-    """The client went away mid-stream: store the reply so far, marked incomplete, or nothing."""
+    """The client went away mid-stream: store the reply so far (marked incomplete, or the handoff
+    the model had begun to ask for), or nothing."""
     try:
         partial = upstream.reply or upstream.partial_reply()
         if partial is not None:

@@ -197,7 +197,7 @@ def _anthropic_events(reply: _Reply, tool: _ToolUse | None = None) -> list[Json]
 
 
 def _halves(text: str) -> list[str]:
-    """A tool call's arguments in two pieces (the first may be empty), as the APIs stream them."""
+    """A tool call's arguments in two pieces, as the APIs stream them."""
     return [text[: len(text) // 2], text[len(text) // 2 :]]
 
 
