@@ -686,7 +686,9 @@ def _text(value: Any, may_be_none: bool = False) -> str | None:
 
 
 def _count(value: Any) -> int:
-    """A reply's token count, or ValueError (read as an unreadable reply)."""
+    """A reply's token count (`3.0` from some compatible servers counts as 3), or ValueError (an unreadable reply)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT:
         return value
     raise ValueError(f"not a token count: {value!r}")

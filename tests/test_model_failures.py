@@ -253,8 +253,10 @@ BAD_FIELDS = {
                         _completion(usage={"prompt_tokens": 3, "completion_tokens": -1})),
     "tokens beyond a count": (_message(usage={"input_tokens": 2**53, "output_tokens": 1}),
                               _completion(usage={"prompt_tokens": 2**53, "completion_tokens": 1})),
-    "tokens as a float": (_message(usage={"input_tokens": 2**64, "output_tokens": 1}),
-                          _completion(usage={"prompt_tokens": 3.0, "completion_tokens": 1})),
+    "tokens beyond a count, read as a float": (_message(usage={"input_tokens": 2**64, "output_tokens": 1}),
+                                              _completion(usage={"prompt_tokens": 1e300, "completion_tokens": 1})),
+    "tokens as a fraction": (_message(usage={"input_tokens": 3.5, "output_tokens": 1}),
+                             _completion(usage={"prompt_tokens": 3.5, "completion_tokens": 1})),
     "tokens as a boolean": (_message(usage={"input_tokens": True, "output_tokens": 1}),
                             _completion(usage={"prompt_tokens": True, "completion_tokens": 1})),
     "model not text": (_message(model=7), _completion(model=None)),
@@ -282,9 +284,9 @@ def test_a_reply_with_a_field_of_the_wrong_kind_is_a_retryable_502(provider_app,
 def test_a_well_formed_reply_read_as_json_gives_its_text_and_usage(provider_app, fake_model, provider):
     client = provider_app(provider)
     conversation_id = _conversation(client)
-    body = _completion(usage={"prompt_tokens": 41, "completion_tokens": 2**53 - 1}) if provider == "openai" else _message(
+    body = _completion(usage={"prompt_tokens": 41.0, "completion_tokens": 2**53 - 1}) if provider == "openai" else _message(
         content=[{"type": "text", "text": "one "}, {"type": "thinking", "thinking": "x"}, {"type": "text", "text": "two"}],
-        usage={"input_tokens": 41, "output_tokens": 2**53 - 1})
+        usage={"input_tokens": 41.0, "output_tokens": 2**53 - 1})
     fake_model.answer_raw_next(body)
 
     answered = _say(client, conversation_id)
