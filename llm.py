@@ -408,7 +408,7 @@ class AnthropicModel:
         return ModelReply(
             text=_storable_reply(text, self.provider, handoff is not None),
             handoff_reason=handoff,
-            model=_text(message["model"]),
+            model=_text(message.get("model") or self.model),
             input_tokens=_count(usage["input_tokens"]),
             output_tokens=_count(usage["output_tokens"]),
             stop_reason=_text(message.get("stop_reason"), may_be_none=True),
@@ -498,7 +498,7 @@ class OpenAIModel:
         return ModelReply(
             text=_storable_reply(message.get("content") or "", self.provider, handoff is not None),
             handoff_reason=handoff,
-            model=_text(completion["model"]),
+            model=_text(completion.get("model") or self.model),  # some compatible servers leave it out
             input_tokens=_count(usage["prompt_tokens"]) if usage else 0,
             output_tokens=_count(usage["completion_tokens"]) if usage else 0,
             stop_reason=_text(choice.get("finish_reason"), may_be_none=True),

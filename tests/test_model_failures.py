@@ -259,7 +259,7 @@ BAD_FIELDS = {
                              _completion(usage={"prompt_tokens": 3.5, "completion_tokens": 1})),
     "tokens as a boolean": (_message(usage={"input_tokens": True, "output_tokens": 1}),
                             _completion(usage={"prompt_tokens": True, "completion_tokens": 1})),
-    "model not text": (_message(model=7), _completion(model=None)),
+    "model not text": (_message(model=7), _completion(model=["m"])),
     "stop reason not text": (_message(stop_reason=["end_turn"]), _completion(choices=[{"message": {"content": "hi"}, "finish_reason": 1}])),
     "blocks not objects": (_message(content=["hi"]), _completion(choices=["hi"])),
 }
@@ -295,6 +295,18 @@ def test_a_well_formed_reply_read_as_json_gives_its_text_and_usage(provider_app,
     assert answered.json["reply"] == ("hi" if provider == "openai" else "one two")
     assert answered.json["usage"] == {"input_tokens": 41, "output_tokens": 2**53 - 1}
     assert answered.json["model"] == "m"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_reply_without_a_model_name_is_read_as_the_configured_model(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(_completion(model=None) if provider == "openai" else _message(model=None))
+
+    answered = _say(client, conversation_id)
+
+    assert answered.status_code == 200, answered.json
+    assert answered.json["model"] == client.application.config["LLM_MODEL"]
 
 
 NOT_AN_EVENT = {
