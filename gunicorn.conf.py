@@ -96,7 +96,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             on_exit(None)
 elif not os.path.exists(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
     # A directory named but not made yet: with --preload the app writes samples there before on_starting.
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
 def on_starting(server):

@@ -89,7 +89,9 @@ def hold_turn(session: Session, prepared: PreparedTurn, trigger: Trigger | None,
     if reply is not None:
         usage = reply.usage
         if reply.text.strip():
-            stored.append(MemoryMessage(ASSISTANT, reply.text, estimate_tokens(reply.text), created_at=utcnow(), usage=usage))
+            words = MemoryMessage(ASSISTANT, reply.text, estimate_tokens(reply.text), created_at=utcnow(), usage=usage,
+                                  incomplete=reply.incomplete)  # cut short when its client left mid-stream
+            stored.append(words)
     last_seq = finish_turn(session, prepared.conversation_id, prepared.lease_id, stored, usage)
     if last_seq is None:
         session.rollback()

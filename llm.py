@@ -235,8 +235,9 @@ class ReplyStream:
         self.parts: list[str] = []
         self.reply: ModelReply | None = None
         self.closed = False
-        # Each tool call so far, by its block (or call) index: [its name, the pieces of its arguments].
-        self._tool_calls: dict[Any, list[Any]] = {}
+        # Each tool call so far, [its name, the pieces of its arguments], and the latest call of each block (or call) index.
+        self._tool_calls: list[list[Any]] = []
+        self._call_at: dict[Any, list[Any]] = {}
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -266,7 +267,7 @@ class ReplyStream:
         text = "".join(self.parts).replace("\x00", "")
         handoff = self._handoff_reason()
         if handoff is not None:
-            return self._whole(text, incomplete=False, handoff_reason=handoff)
+            return self._whole(text, incomplete=True, handoff_reason=handoff)
         return self._whole(text, incomplete=True) if text.strip() else None
 
     def close(self) -> None:
@@ -281,8 +282,15 @@ class ReplyStream:
         raise NotImplementedError
 
     def _tool_call(self, index: Any, name: str | None, arguments: Any) -> None:
-        """A piece of a tool call: its name, and its arguments' JSON piece by piece (in any order)."""
-        call = self._tool_calls.setdefault(index, [None, []])
+        """A piece of a tool call: its name, and its arguments' JSON piece by piece (in any order).
+
+        Another name at the same index begins another call: servers that send
+        no index at all put every call under `None`.
+        """
+        call = self._call_at.get(index)
+        if call is None or (name and call[0] not in (None, name)):
+            call = self._call_at[index] = [None, []]
+            self._tool_calls.append(call)
         if name:
             call[0] = name
         if arguments:
@@ -290,7 +298,7 @@ class ReplyStream:
 
     def _handoff_reason(self) -> str | None:
         """The reason of the first request_human call, if the model made one."""
-        pieces = next((pieces for name, pieces in self._tool_calls.values() if name == REQUEST_HUMAN), None)
+        pieces = next((pieces for name, pieces in self._tool_calls if name == REQUEST_HUMAN), None)
         if pieces is None:
             return None
         # JSON text in pieces, or (from some compatible servers) the object itself.
@@ -627,7 +635,7 @@ def _openai_part(block: dict[str, Any]) -> dict[str, Any]:
 
 def _reason(tool_input: Any) -> str:
     reason = tool_input.get("reason") if isinstance(tool_input, dict) else None
-    return reason.replace("\x00", "")[:1000] if isinstance(reason, str) and reason.strip() else DEFAULT_HANDOFF_REASON
+    return _utf8(reason.replace("\x00", ""))[:1000] if isinstance(reason, str) and reason.strip() else DEFAULT_HANDOFF_REASON
 
 
 def _arguments(raw: Any) -> Any:
@@ -635,8 +643,8 @@ def _arguments(raw: Any) -> Any:
     if isinstance(raw, dict):
         return raw
     try:
-        return orjson.loads(raw or "{}")  # nested past 1,024 levels: a JSONDecodeError, not a RecursionError
-    except (TypeError, ValueError):
+        return _decoded(raw or "{}")
+    except (TypeError, ValueError, RecursionError):
         return {}
 
 
@@ -668,7 +676,7 @@ _UNREADABLE = (AttributeError, KeyError, TypeError, ValueError, RecursionError)
 _MAX_COUNT = 2**53
 
 
-def _decoded(body: bytes) -> Any:
+def _decoded(body: bytes | str) -> Any:
     """A whole reply's JSON. orjson refuses a lone surrogate (`\\ud800`); the standard library reads it."""
     try:
         return orjson.loads(body)

@@ -504,16 +504,19 @@ def _stream_chat(session: Session, model: ChatModel, prepared: PreparedTurn) -> 
         abandon_turn(session, prepared)
         raise
     claim = g.pop("idempotency_claim", None)
+    counted: list[ModelReply] = []
 
     def store(reply: ModelReply) -> tuple[str, dict[str, Any]]:
         """The turn stored and committed: `done` with /chat's answer, or `handoff` with its 202 answer."""
+        if not counted:  # the tokens are spent once, however many tries the store takes (streaming.STORE_ATTEMPTS)
+            telemetry.count_tokens(model.provider, reply.usage)
+            counted.append(reply)
         stream_session = get_session()  # the stream's own (streaming.stream_turn)
         answer, status = _store_reply(stream_session, prepared, reply)
         data = answer.model_dump(mode="json")
         if claim is not None:
             idempotency.save_response(stream_session, claim, status, data)
         stream_session.commit()
-        telemetry.count_tokens(model.provider, reply.usage)
         return ("done" if status == 200 else "handoff"), data
 
     def forget() -> None:

@@ -344,6 +344,10 @@ STREAMED_CALLS = {
                                    "function": {"name": "request_human", "arguments": '"a refund"}'}}],
     "no index": [{"index": None, "id": "call_1", "type": "function", "function": {"name": "request_human"}},
                  {"index": None, "function": {"arguments": '{"reason": "a refund"}'}}],
+    "no index, then another tool": [{"index": None, "id": "call_1", "type": "function",
+                                     "function": {"name": "request_human", "arguments": '{"reason": "a refund"}'}},
+                                    {"index": None, "id": "call_2", "type": "function",
+                                     "function": {"name": "look_up", "arguments": '{"order": 7}'}}],
     "arguments as an object": [{"index": 0, "id": "call_1", "type": "function",
                                 "function": {"name": "request_human", "arguments": {"reason": "a refund"}}}],
     "after another tool": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "look_up", "arguments": "{}"}},
@@ -404,6 +408,27 @@ def test_the_tool_is_not_offered_to_a_streamed_turn_when_switched_off(provider_a
 
     assert events[-1][0] == "done"
     assert "tools" not in fake_model.requests[-1].body
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_reason_with_a_lone_surrogate_is_stored_with_a_question_mark(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _open(client)
+    reason = "help \\udc00 me"  # the escape as it stands in the JSON: a UTF-16 half with no other
+    if provider == "openai":
+        arguments = json.dumps(json.dumps({"reason": "R"})).replace("R", reason)
+        raw = ('{"model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", '
+               '"content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "request_human", '
+               f'"arguments": {arguments}}}}}]}}}}], "usage": {{"prompt_tokens": 3, "completion_tokens": 1}}}}')
+    else:
+        raw = ('{"model": "m", "content": [{"type": "tool_use", "id": "t1", "name": "request_human", '
+               f'"input": {{"reason": "{reason}"}}}}], "stop_reason": "tool_use", "usage": {{"input_tokens": 3, "output_tokens": 1}}}}')
+    fake_model.answer_raw_next(raw.encode())
+
+    response = _chat(client, conversation_id, "help")
+
+    assert response.status_code == 202, response.json
+    assert _read(client, conversation_id)["handoff_history"][0]["reason"] == "help ? me"
 
 
 def test_a_compatible_server_that_sends_tool_arguments_as_an_object_hands_off(provider_app, fake_model):

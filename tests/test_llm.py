@@ -245,7 +245,7 @@ def test_a_stream_left_once_the_request_human_call_began_is_a_handoff(arguments,
     partial = stream.partial_reply()
 
     assert stream.reply is None
-    assert (partial.text, partial.handoff_reason, partial.incomplete) == ("One moment. ", reason, False)
+    assert (partial.text, partial.handoff_reason, partial.incomplete) == ("One moment. ", reason, True)
 
 
 def test_a_stream_left_before_any_words_or_call_keeps_nothing():
