@@ -59,7 +59,8 @@ async function refreshQueue() {
   try {
     const page = await api("GET", "/conversations?status=active&handoff=needs_human&limit=100");
     $("queue").replaceChildren(...page.conversations.map(conversationButton));
-    $("queue-count").textContent = String(page.conversations.length);
+    // One page of the queue is shown; more waiting reads as "100+".
+    $("queue-count").textContent = page.conversations.length + (page.next_cursor ? "+" : "");
   } catch (error) {
     say("Queue: " + error.message, true);
   }

@@ -130,3 +130,17 @@ def test_staff_claim_reply_and_release_in_the_browser(app, keys, live_url, page,
     assert screenshot.stat().st_size > 10_000
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["handoff"] == "bot"
     assert problems == []
+
+
+def test_queue_count_says_when_more_are_waiting_than_it_lists(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    for n in range(101):
+        conversation_id = client.post("/new_chat", json={"user_id": f"waiting-{n}"}).json["conversation_id"]
+        assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
+
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+
+    expect(page.locator("#queue-count")).to_have_text("100+")
+    expect(page.locator("#queue button")).to_have_count(100)
