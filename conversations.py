@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+import releases
 from auth import Caller
 from config import turn_lease_seconds
 from context_cache import TailCache
@@ -83,6 +85,7 @@ class PreparedTurn:
     missing_variables: list[str] = field(default_factory=list)
     knowledge: bool = False  # the conversation searches the knowledge base on each turn
     retrieval: Any = None  # knowledge.Retrieval, once searched (between the two halves)
+    lease_until: float = 0.0  # time.monotonic() when the lease runs out if nobody gives it back
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,12 @@ def prepare_turn(
     """
     if len(text) > settings["MAX_MESSAGE_CHARS"]:
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
-    lease_id = uuid.uuid4()
+    lease_id, lease_seconds = uuid.uuid4(), turn_lease_seconds(settings)
+    lease_until = time.monotonic() + lease_seconds
     owner = viewer.key_id if viewer.role == Role.CLIENT else None
     budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
     commit_each_statement(session)  # the claim commits by itself: no transaction to begin and end
-    claimed = claim_turn(session, conversation_id, owner, lease_id, turn_lease_seconds(settings), budget, cap, tails)
+    claimed = claim_turn(session, conversation_id, owner, lease_id, lease_seconds, budget, cap, tails)
     if claimed is None:
         _explain_unclaimable(session, viewer, conversation_id)
     claimed, tail = claimed
@@ -178,10 +182,18 @@ def prepare_turn(
         context = memory.get_current_context()
         session.commit()
     except BaseException:
-        _give_back(session, conversation_id, lease_id)
+        _give_back(session, conversation_id, lease_id, lease_until)
         raise
     return PreparedTurn(
-        conversation_id, lease_id, user, context, claimed.handoff, claimed.user_message_count, missing, claimed.knowledge
+        conversation_id,
+        lease_id,
+        user,
+        context,
+        claimed.handoff,
+        claimed.user_message_count,
+        missing,
+        claimed.knowledge,
+        lease_until=lease_until,
     )
 
 
@@ -215,22 +227,28 @@ def abandon_turn(session: Session, prepared: PreparedTurn) -> None:
 
     Safe after a failed commit whose outcome is unknown: a stored turn has
     released its lease already, and this changes nothing. If the database
-    is unreachable, the lease runs out after TURN_LEASE_SECONDS instead.
+    cannot take the release now, it is tried again in the background until
+    the lease would have run out (releases.py).
     """
-    _give_back(session, prepared.conversation_id, prepared.lease_id)
+    _give_back(session, prepared.conversation_id, prepared.lease_id, prepared.lease_until)
 
 
-def _give_back(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID) -> None:
+def _give_back(session: Session, conversation_id: uuid.UUID, lease_id: uuid.UUID, lease_until: float) -> None:
+    def release(on: Session) -> None:
+        on.rollback()
+        release_turn(on, conversation_id, lease_id)
+        on.commit()
+
     for attempt in range(2):  # the second on a fresh connection, after a restart broke the first
         try:
-            session.rollback()
-            release_turn(session, conversation_id, lease_id)
-            session.commit()
+            release(session)
             return
         except SQLAlchemyError as exc:
             session.rollback()
             if attempt:
-                log.warning("could not release the turn lease of %s: %s", conversation_id, exc.__class__.__name__)
+                log.warning("could not release the turn lease of %s: %s; trying again in the background",
+                            conversation_id, exc.__class__.__name__)
+    releases.later(f"the turn lease of {conversation_id}", release, session, lease_until - time.monotonic())
 
 
 def _explain_unclaimable(session: Session, viewer: Caller, conversation_id: uuid.UUID) -> None:

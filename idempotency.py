@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -33,9 +34,10 @@ import click
 from flask import Flask
 from flask.cli import with_appcontext
 from sqlalchemy import ColumnElement, delete, or_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+import releases
 from config import turn_lease_seconds
 from database_utils import IdempotencyRecord, get_session, utcnow
 from errors import (
@@ -47,6 +49,8 @@ from errors import (
     RequestInProgress,
     TurnInProgress,
 )
+
+log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -71,6 +75,7 @@ class Claim:
     key_id: uuid.UUID
     idempotency_key: str
     claimed_at: datetime
+    lock_seconds: float  # the claim runs out this long after `claimed_at` if nobody releases it
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str
         session.add(record)
         try:
             session.commit()
-            return Claim(key_id, idempotency_key, now)
+            return Claim(key_id, idempotency_key, now, lock_seconds)
         except IntegrityError:
             session.rollback()
         existing = session.get(IdempotencyRecord, (key_id, idempotency_key), populate_existing=True)
@@ -134,7 +139,7 @@ def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str
                 session.rollback()
                 raise RequestInProgress(f"the first request with {HEADER} {idempotency_key!r} is still running")
         if _take_over(session, key_id, idempotency_key, digest, now, lock_seconds, ttl):
-            return Claim(key_id, idempotency_key, now)
+            return Claim(key_id, idempotency_key, now, lock_seconds)
     raise RequestInProgress(f"the request with {HEADER} {idempotency_key!r} is contended; retry")
 
 
@@ -192,7 +197,21 @@ def keeps(status: int, body: Any) -> bool:
 
 
 def release(session: Session, held: Claim) -> None:
-    """Drop the claim of a request that failed, so that a retry runs afresh."""
+    """Drop the claim of a request that failed, so that a retry runs afresh.
+
+    If the database cannot take that now, it is tried again in the
+    background until the claim would have run out (releases.py).
+    """
+    try:
+        _release(session, held)
+    except SQLAlchemyError as exc:
+        session.rollback()
+        log.warning("could not release an idempotency claim: %s; trying again in the background", exc.__class__.__name__)
+        remaining = (held.claimed_at + timedelta(seconds=held.lock_seconds) - utcnow()).total_seconds()
+        releases.later(f"the claim of {HEADER} {held.idempotency_key!r}", lambda retry: _release(retry, held), session, remaining)
+
+
+def _release(session: Session, held: Claim) -> None:
     session.rollback()
     session.execute(delete(IdempotencyRecord).where(_held(held), IdempotencyRecord.response_status.is_(None)))
     session.commit()

@@ -336,10 +336,7 @@ def _release_unanswered_claim(_exc: BaseException | None = None) -> None:
     claim = g.pop("idempotency_claim", None)
     if claim is None or g.get("idempotency_saved"):
         return
-    try:
-        idempotency.release(get_session(), claim)
-    except SQLAlchemyError as exc:  # the claim's lock runs out instead
-        log.warning("could not release an idempotency claim: %s", exc.__class__.__name__)
+    idempotency.release(get_session(), claim)
 
 
 def _respond(body: BaseModel, status: int = 200) -> tuple[dict[str, Any], int]:

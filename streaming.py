@@ -149,10 +149,7 @@ def _keep_what_came(
 
 def _abandon(session: Session, prepared: PreparedTurn, forget: Callable[[], None]) -> None:
     abandon_turn(session, prepared)
-    try:
-        forget()
-    except SQLAlchemyError as exc:  # an Idempotency-Key claim runs out instead
-        log.warning("could not release an idempotency claim: %s", exc.__class__.__name__)
+    forget()
 
 
 def _error_body(exc: BaseException) -> dict[str, Any]:

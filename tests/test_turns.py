@@ -5,16 +5,21 @@ request really arrives while the first turn is between its two halves.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import releases
 from conversation_memory import MemoryMessage
 from database_utils import append_messages, claim_turn, get_session
+from tests.postgres import admin_url
 
 
 def _conversation(client, user_id: str = "u-1") -> str:
@@ -97,6 +102,42 @@ def test_a_lease_left_by_a_dead_worker_expires(provider_app, app, fake_model):
     assert [m["seq"] for m in log["messages"]] == [1, 2]
 
 
+def _allow_connections(database_url: str, allowed: bool) -> None:
+    """Let the test database take connections or not; not also ends the ones it has (an outage)."""
+    name = make_url(database_url).database
+    admin = create_engine(admin_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
+    admin.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_lease_and_key_the_database_could_not_take_back_are_given_back_once_it_returns(provider_app, fake_model, postgres_url):
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=120)
+    conversation_id = _conversation(client)
+    body, headers = {"conversation_id": conversation_id, "message": "are you there?"}, {"Idempotency-Key": "outage-1"}
+    fake_model.delay_next(1.0)
+
+    thread, first = _in_background(lambda: client.post("/chat", json=body, headers=headers))
+    _wait_until(lambda: fake_model.in_flight == 1)
+    _allow_connections(postgres_url, False)  # the database goes away while the model works
+    try:
+        thread.join()
+        kept = releases.pending()
+    finally:
+        _allow_connections(postgres_url, True)
+    _wait_until(lambda: releases.pending() == 0)  # within the first retries (1 s, 2 s), not 120 s
+    again = client.post("/chat", json=body, headers=headers)
+
+    assert first["response"].status_code == 503 and first["response"].json["error"] == "database_unavailable"
+    assert kept == 2  # the conversation's lease and the Idempotency-Key's claim
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers  # the same key runs afresh
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json
+    assert [m["content"] for m in log["messages"]] == ["are you there?", "reply to: are you there?"]
+
+
 def test_a_turn_that_outlives_its_lease_stores_nothing(provider_app, fake_model):
     client = provider_app("anthropic", TURN_LEASE_SECONDS=1)
     conversation_id = _conversation(client)
@@ -175,3 +216,29 @@ def _waiting_on_a_lock(engine) -> bool:
     with engine.connect() as connection:
         query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         return connection.execute(text(query)).scalar_one() > 0
+
+
+def test_a_release_is_tried_until_it_passes_or_its_lock_has_run_out(caplog):
+    caplog.set_level(logging.INFO, logger="releases")
+    engine = create_engine("sqlite://")
+    tries = {"flaky": 0, "down": 0}
+
+    def flaky(session: Session) -> None:  # the database takes it at the second try
+        tries["flaky"] += 1
+        if tries["flaky"] == 1:
+            raise OperationalError("UPDATE", {}, Exception("connection refused"))
+        session.execute(text("SELECT 1"))
+
+    def down(session: Session) -> None:  # never taken
+        tries["down"] += 1
+        raise OperationalError("UPDATE", {}, Exception("connection refused"))
+
+    with Session(engine) as session:
+        releases.later("a flaky release", flaky, session, lock_seconds=60)
+        releases.later("a release past its lock", down, session, lock_seconds=1.5)
+    _wait_until(lambda: releases.pending() == 0)
+
+    assert tries == {"flaky": 2, "down": 2}  # after 1 s and 2 s; the second is past the lock's 1.5 s
+    assert "gave back a flaky release once the database took it" in caplog.text
+    assert "gave up giving back a release past its lock" in caplog.text
+    engine.dispose()
