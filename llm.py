@@ -772,17 +772,17 @@ def _retry_after_seconds(exc: Exception) -> float | None:
         return _wait(float(value))
     except ValueError:
         pass
-    try:
-        return _wait(parsedate_to_datetime(value).timestamp() - time.time())
+    try:  # a date already past means now
+        return _wait(max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0))
     except (TypeError, ValueError):
         return None
 
 
 def _wait(seconds: float) -> float | None:
-    """A provider's wait as Parley uses it: none if not a number ("nan", "inf"), at most a day."""
-    if not math.isfinite(seconds):
+    """A provider's wait as Parley uses it: none if not a wait ("nan", "inf", "-5"), at most a day."""
+    if not math.isfinite(seconds) or seconds < 0:
         return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_PASSED_ON)
+    return min(seconds, RETRY_AFTER_MAX_PASSED_ON)
 
 
 def _backoff(retries: int) -> float:

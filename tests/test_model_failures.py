@@ -395,7 +395,7 @@ def test_a_stream_with_a_field_of_the_wrong_kind_ends_with_a_model_error(provide
     assert [message["content"] for message in _log(client, conversation_id)] == ["hi", "hi"]
 
 
-@pytest.mark.parametrize("retry_after", ["nan", "inf", "-inf", "1e400", "soon"])
+@pytest.mark.parametrize("retry_after", ["nan", "inf", "-inf", "1e400", "soon", "-5", "-0.5"])
 def test_a_retry_after_that_is_not_a_wait_counts_as_none(provider_app, fake_model, retry_after):
     client = provider_app("anthropic", LLM_MAX_RETRIES=1)
     conversation_id = _conversation(client)
