@@ -33,8 +33,12 @@ def main() -> None:
         sys.path.insert(0, CHECKOUT)
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
+    from config import ConfigError
+
     try:
         FlaskGroup(name="parley", create_app=_create_app, help="Parley's commands (Flask's CLI for main:create_app).")()
+    except ConfigError as exc:  # a setting that cannot be used: one line that names it
+        sys.exit(f"Error: {exc}")
     except OperationalError as exc:  # the database is down, unreachable or missing: one line, not a traceback
         reason = " ".join(str(exc.orig).split())
         sys.exit(f"Error: cannot use the database at DATABASE_URL: {reason}")

@@ -12,8 +12,14 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path("data")
+
 DEFAULT_DECLINE_REPLY = "I could not find this in the knowledge base, so I cannot answer it reliably."
 DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,speak to a person,human agent,real person"
+
+
+class ConfigError(ValueError):
+    """A setting in the environment that Parley cannot use; the message names it."""
+
 
 
 # Python's cyclic garbage collector, for a process that has loaded the app and
@@ -131,17 +137,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             config[name] = parse(raw) if raw else default
         except ValueError as exc:
-            raise ValueError(f"{name}={raw!r} is not a valid {parse.__name__}") from exc
+            raise ConfigError(f"{name}={raw!r} is not a valid {parse.__name__}") from exc
     # The echo model says why it is answering: chosen, or no key configured.
     config["LLM_PROVIDER_CHOSEN"] = config["LLM_PROVIDER"] is not None
     config["LLM_PROVIDER"] = (config["LLM_PROVIDER"] or _default_provider(environ)).lower()
     if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
-        raise ValueError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")
+        raise ConfigError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
     if config["LOG_FORMAT"] not in ("json", "text"):
-        raise ValueError("LOG_FORMAT must be json or text")
+        raise ConfigError("LOG_FORMAT must be json or text")
     if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
-        raise ValueError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
+        raise ConfigError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
     _check_knowledge(config)
     return config
 
@@ -154,19 +160,19 @@ KENDRA_CONFIDENCES = ("VERY_HIGH", "HIGH", "MEDIUM", "LOW")
 def _check_knowledge(config: dict[str, Any]) -> None:
     config["KNOWLEDGE_BACKEND"] = config["KNOWLEDGE_BACKEND"].lower()
     if config["KNOWLEDGE_BACKEND"] not in KNOWLEDGE_BACKENDS:
-        raise ValueError(f"KNOWLEDGE_BACKEND must be one of {', '.join(KNOWLEDGE_BACKENDS)}")
+        raise ConfigError(f"KNOWLEDGE_BACKEND must be one of {', '.join(KNOWLEDGE_BACKENDS)}")
     config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"] = config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"].lower()
     if config["KNOWLEDGE_LOW_CONFIDENCE_POLICY"] not in KNOWLEDGE_POLICIES:
-        raise ValueError(f"KNOWLEDGE_LOW_CONFIDENCE_POLICY must be one of {', '.join(KNOWLEDGE_POLICIES)}")
+        raise ConfigError(f"KNOWLEDGE_LOW_CONFIDENCE_POLICY must be one of {', '.join(KNOWLEDGE_POLICIES)}")
     config["KENDRA_MIN_CONFIDENCE"] = config["KENDRA_MIN_CONFIDENCE"].upper()
     if config["KENDRA_MIN_CONFIDENCE"] not in KENDRA_CONFIDENCES:
-        raise ValueError(f"KENDRA_MIN_CONFIDENCE must be one of {', '.join(KENDRA_CONFIDENCES)}")
+        raise ConfigError(f"KENDRA_MIN_CONFIDENCE must be one of {', '.join(KENDRA_CONFIDENCES)}")
     if config["KNOWLEDGE_BACKEND"] == "kendra" and len(config["KENDRA_INDEX_ID"] or "") != 36:
-        raise ValueError("KNOWLEDGE_BACKEND=kendra needs KENDRA_INDEX_ID, the index's 36-character ID")
+        raise ConfigError("KNOWLEDGE_BACKEND=kendra needs KENDRA_INDEX_ID, the index's 36-character ID")
     if not config["KNOWLEDGE_LANGUAGE"].replace("_", "").isalnum():
-        raise ValueError("KNOWLEDGE_LANGUAGE must be a text search configuration name, e.g. english")
+        raise ConfigError("KNOWLEDGE_LANGUAGE must be a text search configuration name, e.g. english")
     if not 1 <= config["KNOWLEDGE_TOP_K"] <= 20:
-        raise ValueError("KNOWLEDGE_TOP_K must be between 1 and 20")
+        raise ConfigError("KNOWLEDGE_TOP_K must be between 1 and 20")
 
 
 def default(name: str) -> Any:

@@ -72,6 +72,23 @@ def test_a_database_the_command_cannot_use_is_one_line_not_a_traceback(tmp_path,
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(("setting", "said"), [
+    ({"IDEMPOTENCY_TTL_HOURS": "abc"}, "IDEMPOTENCY_TTL_HOURS='abc' is not a valid float"),
+    ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS must be at least 24: clients may retry for a day"),
+    ({"LLM_PROVIDER": "nope"}, "LLM_PROVIDER must be one of "),
+])
+def test_a_setting_the_command_cannot_use_is_one_line_that_names_it(tmp_path, setting, said):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "a").as_uri(),
+           "PYTHONPATH": str(ROOT), **setting}
+
+    result = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "keys", "list"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: {said}") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("arguments", [
     ["keys", "create", "--role", "client", "--name", "x", "--expires-in-days", "99999999"],
     ["keys", "create", "--role", "client", "--name", ""],
