@@ -115,8 +115,19 @@ class Metrics:
                 # its samples from zero: each worker counts its own pool again.
                 gauge, pool = weakref.ref(self.db_pool_size), weakref.ref(engine.pool)
                 os.register_at_fork(after_in_child=lambda: _add_pool(gauge(), pool()))
-        event.listen(engine, "checkout", lambda *_: self.db_connections_in_use.inc())
-        event.listen(engine, "checkin", lambda *_: self.db_connections_in_use.dec())
+        event.listen(engine, "checkout", self._checked_out)
+        event.listen(engine, "checkin", self._checked_in)
+
+    # A record is checked in without a checkout when its connection could not be
+    # opened (the database is down), so each checkout is marked on its record, whose
+    # `record_info` outlives the connection, and only a marked record counts back in.
+    def _checked_out(self, _connection: Any, record: Any, _proxy: Any) -> None:
+        record.record_info["parley_in_use"] = True
+        self.db_connections_in_use.inc()
+
+    def _checked_in(self, _connection: Any, record: Any) -> None:
+        if record.record_info.pop("parley_in_use", False):
+            self.db_connections_in_use.dec()
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -31,3 +31,14 @@ def temporary_database(server_url: str, prefix: str = "parley_test") -> Iterator
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def allow_connections(database_url: str, allowed: bool) -> None:
+    """Let a database take connections or not; not also ends the ones it has (an outage, on a live server)."""
+    name = make_url(database_url).database
+    admin = create_engine(admin_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
+    admin.dispose()

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
+from database_utils import PING_IDLE_SECONDS
 from tests.conftest import client_with_key
+from tests.postgres import allow_connections
 
 
 def _metric(exposition: str, name: str, **labels: str) -> float:
@@ -66,6 +69,49 @@ def test_the_pool_gauge_counts_the_connections_checked_out(app):
         connection.close()
 
     assert during == before + 2
+    assert in_use() == before
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_pool_gauge_is_not_lowered_by_connections_that_never_opened(app, postgres_url):
+    """A pooled connection found closed is replaced; when the new one cannot be opened, SQLAlchemy
+    checks the record in without a checkout event."""
+    engine = app.extensions["parley.engine"]
+
+    def in_use() -> float:
+        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
+
+    engine.connect().close()  # one connection in the pool
+    before = in_use()
+    allow_connections(postgres_url, False)  # the database goes away
+    try:
+        time.sleep(PING_IDLE_SECONDS + 0.1)  # the pooled connection is pinged at its next checkout
+        for _ in range(3):
+            with pytest.raises(OperationalError):
+                engine.connect()
+        during = in_use()
+    finally:
+        allow_connections(postgres_url, True)
+    engine.connect().close()
+
+    assert during == before
+    assert in_use() == before
+
+
+def test_the_pool_gauge_counts_an_invalidated_connection_back_in(app):
+    engine = app.extensions["parley.engine"]
+
+    def in_use() -> float:
+        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
+
+    before = in_use()
+    connection = engine.connect()
+    during = in_use()
+    connection.invalidate()  # as a connection the database dropped mid-request is: it goes back at once
+    invalidated = in_use()
+    connection.close()
+
+    assert (during, invalidated) == (before + 1, before)
     assert in_use() == before
 
 

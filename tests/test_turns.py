@@ -12,14 +12,13 @@ import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import releases
 from conversation_memory import MemoryMessage
 from database_utils import append_messages, claim_turn, get_session
-from tests.postgres import admin_url
+from tests.postgres import allow_connections
 
 
 def _conversation(client, user_id: str = "u-1") -> str:
@@ -102,17 +101,6 @@ def test_a_lease_left_by_a_dead_worker_expires(provider_app, app, fake_model):
     assert [m["seq"] for m in log["messages"]] == [1, 2]
 
 
-def _allow_connections(database_url: str, allowed: bool) -> None:
-    """Let the test database take connections or not; not also ends the ones it has (an outage)."""
-    name = make_url(database_url).database
-    admin = create_engine(admin_url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
-        if not allowed:
-            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
-    admin.dispose()
-
-
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_a_lease_and_key_the_database_could_not_take_back_are_given_back_once_it_returns(provider_app, fake_model, postgres_url):
     client = provider_app("anthropic", TURN_LEASE_SECONDS=120)
@@ -122,12 +110,12 @@ def test_a_lease_and_key_the_database_could_not_take_back_are_given_back_once_it
 
     thread, first = _in_background(lambda: client.post("/chat", json=body, headers=headers))
     _wait_until(lambda: fake_model.in_flight == 1)
-    _allow_connections(postgres_url, False)  # the database goes away while the model works
+    allow_connections(postgres_url, False)  # the database goes away while the model works
     try:
         thread.join()
         kept = releases.pending()
     finally:
-        _allow_connections(postgres_url, True)
+        allow_connections(postgres_url, True)
     _wait_until(lambda: releases.pending() == 0)  # within the first retries (1 s, 2 s), not 120 s
     again = client.post("/chat", json=body, headers=headers)
 
