@@ -81,6 +81,9 @@ def _try(release: _Release) -> bool:
             return False
         log.warning("gave up giving back %s; it has run out by itself: %s", release.what, exc.__class__.__name__)
         return True
+    except Exception:  # not the database being away: trying again would fail alike
+        log.exception("could not give back %s; it runs out by itself", release.what)
+        return True
     log.info("gave back %s once the database took it", release.what)
     return True
 

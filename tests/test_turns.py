@@ -230,3 +230,23 @@ def test_a_release_is_tried_until_it_passes_or_its_lock_has_run_out(caplog):
     assert "gave back a flaky release once the database took it" in caplog.text
     assert "gave up giving back a release past its lock" in caplog.text
     engine.dispose()
+
+
+def test_a_release_that_fails_for_another_reason_is_dropped_and_the_next_ones_still_run(caplog):
+    engine = create_engine("sqlite://")
+    ran: list[str] = []
+
+    def broken(_session: Session) -> None:
+        ran.append("broken")
+        raise RuntimeError("a bug, not an outage")
+
+    with Session(engine) as session:
+        releases.later("a broken release", broken, session, lock_seconds=60)
+    _wait_until(lambda: releases.pending() == 0)
+    with Session(engine) as session:
+        releases.later("a later release", lambda retry: ran.append("later"), session, lock_seconds=60)
+    _wait_until(lambda: releases.pending() == 0)
+
+    assert ran == ["broken", "later"]
+    assert "could not give back a broken release" in caplog.text
+    engine.dispose()
