@@ -210,7 +210,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.extensions["parley.archive"] = make_archive(app.config["ARCHIVE_URL"], app.config["S3_ENDPOINT_URL"])
     app.extensions["parley.model"] = make_model(app.config)
     app.extensions["parley.context_cache"] = TailCache(app.config["CONTEXT_CACHE_CONVERSATIONS"])
-    app.before_request(_require_json_body)
     limiter = Limiter(key_func=_rate_limit_key, app=app)
     limiter.exempt(probes)
     limiter.request_filter(lambda: request.method == "OPTIONS")  # a CORS preflight carries no key to count
@@ -287,6 +286,7 @@ def _authorize() -> Response | None:
         article = "an" if needed[0] in "aeiou" else "a"
         raise Forbidden(f"{request.method} {request.path} needs {article} {needed} key; this key's role is {key.role}")
     g.api_key = key
+    _require_json_body()  # after the key: a caller without one learns nothing about the body
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
         return None

@@ -248,6 +248,23 @@ def test_non_json_body_is_400(client):
     assert "JSON" in response.json["message"]
 
 
+@pytest.mark.parametrize("authorization", [None, "Bearer prly_not-a-key"])
+def test_a_caller_without_a_usable_key_gets_401_whatever_the_body(app, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    for data, content_type in (("{not json", "application/json"), ("user_id=u", "application/x-www-form-urlencoded"),
+                               ("x" * (app.config["MAX_CONTENT_LENGTH"] + 1), "application/json")):
+        response = app.test_client().post("/new_chat", data=data, content_type=content_type, headers=headers)
+
+        assert response.status_code == 401 and response.json["error"] == "unauthorized", (data[:20], response.json)
+
+
+def test_a_key_of_the_wrong_role_gets_403_whatever_the_body(client):
+    response = client.post("/conversations/00000000-0000-0000-0000-000000000000/claim", data="{not json",
+                           content_type="application/json")
+
+    assert response.status_code == 403 and response.json["error"] == "forbidden"
+
+
 def test_too_long_message_is_413_and_not_stored(app, client):
     app.config["MAX_MESSAGE_CHARS"] = 100
     conversation_id = _open(client)["conversation_id"]
