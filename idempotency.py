@@ -20,6 +20,7 @@ deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ from errors import (
     TurnInProgress,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("parley")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -205,7 +206,8 @@ def release(session: Session, held: Claim) -> None:
     try:
         _release(session, held)
     except SQLAlchemyError as exc:
-        session.rollback()
+        with contextlib.suppress(SQLAlchemyError):
+            session.rollback()
         log.warning("could not release an idempotency claim: %s; trying again in the background", exc.__class__.__name__)
         remaining = (held.claimed_at + timedelta(seconds=held.lock_seconds) - utcnow()).total_seconds()
         releases.later(f"the claim of {HEADER} {held.idempotency_key!r}", lambda retry: _release(retry, held), session, remaining)

@@ -6,8 +6,10 @@ and a failed request with an Idempotency-Key gives its key back
 (down, restarting, or no pooled connection free), the lock would stay until
 it runs out by itself, `TURN_LEASE_SECONDS` later, and the conversation
 would answer 409 all that time. So each process keeps such releases and
-tries them again in the background, after 1, 2, 4 and then every 8 seconds,
-until one commits or its lock would have run out anyway.
+tries them again in the background: a pass 1, 2 and 4 seconds after the
+first one was kept, then every 8 seconds, until none is left. A pass drops
+the releases whose lock has run out by now, untried, and stops at the first
+sign that the database is still away, leaving the rest for the next pass.
 
 Trying again is safe: a release matches the very lease or claim it gives
 back, so once another request holds the lock, or the first try did commit
@@ -23,16 +25,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("parley")
 
 FIRST_WAIT_SECONDS = 1.0
 LONGEST_WAIT_SECONDS = 8.0
+# The database is away (not this one release refused): the pass stops at such an error.
+_AWAY = (OperationalError, PoolTimeout)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Release:
     what: str  # for the log: "the turn lease of <conversation>"
     give_back: Callable[[Session], None]  # runs the release and commits
@@ -40,72 +45,97 @@ class _Release:
     until: float  # time.monotonic() when the lock runs out by itself
 
 
-class _Pending:
-    """The releases this process keeps, and the background thread (a greenlet under gevent) that tries them."""
+class Releases:
+    """The releases one process keeps, and the thread (a greenlet under gevent) that tries them.
+
+    The lock guards only the list and the flag, and nothing under it may
+    wait or yield: with gunicorn's `--preload`, a forked worker's lock is a
+    real thread lock, made before gevent patched the worker.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.releases: list[_Release] = []
+        self.kept: list[_Release] = []
         self.running = False
 
-    def add(self, release: _Release) -> None:
+    def later(self, what: str, give_back: Callable[[Session], None], session: Session, lock_seconds: float) -> None:
+        """Keep trying `give_back` (which releases and commits) on `session`'s database, for `lock_seconds` at most."""
         with self.lock:
-            self.releases.append(release)
+            self.kept.append(_Release(what, give_back, session.get_bind(), time.monotonic() + lock_seconds))
             if self.running:
                 return
             self.running = True
-        threading.Thread(target=self._run, name="parley-releases", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="parley-releases", daemon=True).start()
+        except BaseException:  # e.g. at interpreter shutdown: the locks run out by themselves
+            with self.lock:
+                self.running = False
+            raise
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.kept)
 
     def _run(self) -> None:
         wait = FIRST_WAIT_SECONDS
-        while True:
-            time.sleep(wait)
-            wait = min(wait * 2, LONGEST_WAIT_SECONDS)
+        try:
+            while True:
+                time.sleep(wait)
+                wait = min(wait * 2, LONGEST_WAIT_SECONDS)
+                with self.lock:
+                    due = list(self.kept)
+                finished = self._pass(due)
+                with self.lock:
+                    self.kept = [release for release in self.kept if release not in finished]
+                    if not self.kept:
+                        self.running = False  # under the lock: a release kept from now on starts a new thread
+                        return
+        except BaseException:  # the thread is killed (GreenletExit): the next release kept starts another
             with self.lock:
-                due = list(self.releases)
-            done = [release for release in due if _try(release)]
-            with self.lock:
-                self.releases = [release for release in self.releases if release not in done]
-                if not self.releases:
-                    self.running = False
-                    return
+                self.running = False
+            raise
+
+    def _pass(self, due: list[_Release]) -> list[_Release]:
+        """Try `due` in order; returns those finished with (given back, run out, or failing for good)."""
+        now = time.monotonic()
+        finished = [release for release in due if release.until <= now]
+        for release in finished:
+            log.warning("gave up giving back %s: it has run out by itself", release.what)
+        for release in (release for release in due if release.until > now):
+            try:
+                with Session(release.bind) as session:
+                    release.give_back(session)
+            except _AWAY:
+                break  # the others would wait and fail alike: the next pass tries them
+            except SQLAlchemyError as exc:
+                log.warning("could not give back %s yet: %s", release.what, exc.__class__.__name__)
+                continue
+            except Exception:  # not the database: trying again would fail alike
+                log.exception("could not give back %s; it runs out by itself", release.what)
+            else:
+                log.info("gave back %s once the database took it", release.what)
+            finished.append(release)
+        return finished
 
 
-def _try(release: _Release) -> bool:
-    """Whether `release` is finished with: given back now, or its lock has run out."""
-    try:
-        with Session(release.bind) as session:
-            release.give_back(session)
-    except SQLAlchemyError as exc:
-        if time.monotonic() < release.until:
-            return False
-        log.warning("gave up giving back %s; it has run out by itself: %s", release.what, exc.__class__.__name__)
-        return True
-    except Exception:  # not the database being away: trying again would fail alike
-        log.exception("could not give back %s; it runs out by itself", release.what)
-        return True
-    log.info("gave back %s once the database took it", release.what)
-    return True
+# One per process: a request's failure hands its release to it. A forked process starts
+# with a new one: the parent's thread is not in it, and the parent's lock may be held.
+_releases = Releases()
 
 
-_pending = _Pending()
+def _new_in_child() -> None:
+    global _releases
+    _releases = Releases()
 
 
-def _forget_in_child() -> None:
-    """A forked process starts with none: the parent's thread is not in it, and its lock may be held."""
-    global _pending
-    _pending = _Pending()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
+os.register_at_fork(after_in_child=_new_in_child)
 
 
 def later(what: str, give_back: Callable[[Session], None], session: Session, lock_seconds: float) -> None:
-    """Keep trying `give_back` (which releases and commits) on `session`'s database, for `lock_seconds` at most."""
-    _pending.add(_Release(what, give_back, session.get_bind(), time.monotonic() + lock_seconds))
+    """This process's `Releases.later`."""
+    _releases.later(what, give_back, session, lock_seconds)
 
 
 def pending() -> int:
-    """How many releases this process still keeps (for tests and the log)."""
-    with _pending.lock:
-        return len(_pending.releases)
+    """How many releases this process still keeps."""
+    return _releases.pending()
