@@ -36,6 +36,7 @@ import httpx2
 import openai
 import orjson
 
+from config import ConfigError
 from conversation_memory import MESSAGE_OVERHEAD_TOKENS, USER, estimate_tokens
 
 ECHO_LABEL = "[echo model: not a real LLM, no API key configured]"
@@ -581,13 +582,16 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
     if provider == "echo":
         return EchoModel(ECHO_CHOSEN_LABEL if config.get("LLM_PROVIDER_CHOSEN") else ECHO_LABEL)
     client_options = {"timeout": config["LLM_TIMEOUT_SECONDS"], "max_retries": 0, "http_client": _http_client(config)}
-    if provider == "anthropic":
-        return AnthropicModel(anthropic.Anthropic(**client_options), provider, config)
-    if provider == "bedrock":
-        return AnthropicModel(anthropic.AnthropicBedrock(**client_options), provider, config)
-    if provider == "openai":
-        return OpenAIModel(openai.OpenAI(**client_options), config)
-    raise ValueError(f"unknown LLM_PROVIDER {provider!r}")
+    try:
+        if provider == "anthropic":
+            return AnthropicModel(anthropic.Anthropic(**client_options), provider, config)
+        if provider == "bedrock":
+            return AnthropicModel(anthropic.AnthropicBedrock(**client_options), provider, config)
+        if provider == "openai":
+            return OpenAIModel(openai.OpenAI(**client_options), config)
+    except (anthropic.AnthropicError, openai.OpenAIError, ValueError) as exc:  # e.g. no key, no AWS region
+        raise ConfigError(f"LLM_PROVIDER={provider}: {exc}") from exc
+    raise ConfigError(f"unknown LLM_PROVIDER {provider!r}")
 
 
 def _http_client(config: Mapping[str, Any]) -> httpx2.Client:

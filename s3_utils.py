@@ -37,6 +37,8 @@ import orjson
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from config import ConfigError
+
 SCHEMA_VERSION = 1
 CONVERSATIONS_PREFIX = "conversations/"
 CHECKSUM_METADATA = "sha256"  # x-amz-meta-sha256
@@ -323,7 +325,7 @@ def make_archive(
     if parsed.scheme == "file":
         # file://data/archive (relative) and file:///srv/archive (absolute) both work.
         return FileArchive(Path(parsed.netloc + parsed.path))
-    raise ValueError(f"ARCHIVE_URL must be s3://bucket/prefix or file:///path, not {archive_url!r}")
+    raise ConfigError(f"ARCHIVE_URL must be s3://bucket/prefix or file:///path, not {archive_url!r}")
 
 
 def encode_document(document: dict[str, Any]) -> bytes:

@@ -76,10 +76,15 @@ def test_a_database_the_command_cannot_use_is_one_line_not_a_traceback(tmp_path,
     ({"IDEMPOTENCY_TTL_HOURS": "abc"}, "IDEMPOTENCY_TTL_HOURS='abc' is not a valid float"),
     ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS must be at least 24: clients may retry for a day"),
     ({"LLM_PROVIDER": "nope"}, "LLM_PROVIDER must be one of "),
+    ({"ARCHIVE_URL": "http://archive.example/parley"}, "ARCHIVE_URL must be s3://bucket/prefix or file:///path"),
+    ({"LLM_PROVIDER": "openai"}, "LLM_PROVIDER=openai: Missing credentials"),
+    ({"LLM_PROVIDER": "bedrock"}, "LLM_PROVIDER=bedrock: No AWS region was provided"),
 ])
 def test_a_setting_the_command_cannot_use_is_one_line_that_names_it(tmp_path, setting, said):
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "a").as_uri(),
-           "PYTHONPATH": str(ROOT), **setting}
+    unset = ("OPENAI_API_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    env |= {"DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "ARCHIVE_URL": (tmp_path / "a").as_uri(),
+            "PYTHONPATH": str(ROOT), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"), **setting}
 
     result = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "keys", "list"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
