@@ -122,8 +122,9 @@ class Metrics:
     # opened (the database is down), so each checkout is marked on its record, whose
     # `record_info` outlives the connection, and only a marked record counts back in.
     def _checked_out(self, _connection: Any, record: Any, _proxy: Any) -> None:
-        record.record_info["parley_in_use"] = True
-        self.db_connections_in_use.inc()
+        if not record.record_info.get("parley_in_use"):  # a checkout retried after a disconnect counts once
+            record.record_info["parley_in_use"] = True
+            self.db_connections_in_use.inc()
 
     def _checked_in(self, _connection: Any, record: Any) -> None:
         if record.record_info.pop("parley_in_use", False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from email.utils import formatdate
 
 import pytest
 
@@ -407,6 +408,19 @@ def test_a_retry_after_that_is_not_a_wait_counts_as_none(provider_app, fake_mode
     assert "Retry-After" not in failed.headers
     assert len(fake_model.requests) == 2  # retried after the backoff
     assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize(("offset", "passed_on", "calls"), [(-3600, "0", 2), (2 * 86_400, "86400", 1)])
+def test_a_retry_after_date_counts_from_now(provider_app, fake_model, offset, passed_on, calls):
+    """A date already past means now (the backoff is used, 0 is passed on); one two days ahead, a day."""
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(529, count=2, headers={"retry-after": formatdate(time.time() + offset, usegmt=True)})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == passed_on
+    assert len(fake_model.requests) == calls
 
 
 def test_a_retry_after_beyond_a_day_is_passed_on_as_a_day(provider_app, fake_model):

@@ -54,22 +54,23 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert "parley_db_pool_connections_in_use" in exposition
 
 
+def _in_use(app) -> float:
+    return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_the_pool_gauge_counts_the_connections_checked_out(app):
     """A turn holds a connection only for its statements, so a scrape mostly reads 0: hold two here."""
     engine = app.extensions["parley.engine"]
 
-    def in_use() -> float:
-        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
-
-    before = in_use()
+    before = _in_use(app)
     held = [engine.connect(), engine.connect()]
-    during = in_use()
+    during = _in_use(app)
     for connection in held:
         connection.close()
 
     assert during == before + 2
-    assert in_use() == before
+    assert _in_use(app) == before
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
@@ -78,41 +79,35 @@ def test_the_pool_gauge_is_not_lowered_by_connections_that_never_opened(app, pos
     checks the record in without a checkout event."""
     engine = app.extensions["parley.engine"]
 
-    def in_use() -> float:
-        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
-
     engine.connect().close()  # one connection in the pool
-    before = in_use()
-    allow_connections(postgres_url, False)  # the database goes away
+    before = _in_use(app)
     try:
+        allow_connections(postgres_url, False)  # the database goes away
         time.sleep(PING_IDLE_SECONDS + 0.1)  # the pooled connection is pinged at its next checkout
         for _ in range(3):
             with pytest.raises(OperationalError):
                 engine.connect()
-        during = in_use()
+        during = _in_use(app)
     finally:
         allow_connections(postgres_url, True)
     engine.connect().close()
 
     assert during == before
-    assert in_use() == before
+    assert _in_use(app) == before
 
 
 def test_the_pool_gauge_counts_an_invalidated_connection_back_in(app):
     engine = app.extensions["parley.engine"]
 
-    def in_use() -> float:
-        return _metric(app.test_client().get("/metrics").get_data(as_text=True), "parley_db_pool_connections_in_use")
-
-    before = in_use()
+    before = _in_use(app)
     connection = engine.connect()
-    during = in_use()
+    during = _in_use(app)
     connection.invalidate()  # as a connection the database dropped mid-request is: it goes back at once
-    invalidated = in_use()
+    invalidated = _in_use(app)
     connection.close()
 
     assert (during, invalidated) == (before + 1, before)
-    assert in_use() == before
+    assert _in_use(app) == before
 
 
 def test_a_streamed_turn_is_in_flight_until_its_stream_ends_and_its_model_time_spans_it(provider_app, fake_model, app):
