@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path("data")
-
 DEFAULT_DECLINE_REPLY = "I could not find this in the knowledge base, so I cannot answer it reliably."
 DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,speak to a person,human agent,real person"
 
 
 class ConfigError(ValueError):
     """A setting in the environment that Parley cannot use; the message names it."""
-
 
 
 # Python's cyclic garbage collector, for a process that has loaded the app and
