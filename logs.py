@@ -67,6 +67,8 @@ def configure(log_format: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # Python's warnings too (e.g. gevent's about patching late, in --preload's workers), not raw stderr lines.
+    logging.captureWarnings(True)
     # Their INFO lines say nothing an operator acts on ("Context impl PostgresqlImpl.",
     # "Found credentials in environment variables.") and would fill every command's output.
     for chatty in ("alembic", "botocore", "httpx2", "httpx"):

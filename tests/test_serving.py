@@ -323,8 +323,10 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
         "gunicorn answered: 414 URI Too Long"]
 
 
-def test_log_lines_are_json_with_the_request_id(serve):
-    server = serve()
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+def test_log_lines_are_json_with_the_request_id(serve, preload):
+    """With --preload, gevent warns in each worker that it patched ssl after the app imported it: a JSON line too."""
+    server = serve(GUNICORN_CMD_ARGS="--preload" if preload else "")
 
     _, _, headers = server.request("POST", "/new_chat", {"user_id": "traced"}, {"X-Request-ID": "serving-trace-1"})
     server.process.terminate()
