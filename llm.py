@@ -35,6 +35,7 @@ import anthropic
 import httpx2
 import openai
 import orjson
+from botocore.exceptions import BotoCoreError
 
 from config import ConfigError
 from conversation_memory import MESSAGE_OVERHEAD_TOKENS, USER, estimate_tokens
@@ -589,7 +590,7 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
             return AnthropicModel(anthropic.AnthropicBedrock(**client_options), provider, config)
         if provider == "openai":
             return OpenAIModel(openai.OpenAI(**client_options), config)
-    except (anthropic.AnthropicError, openai.OpenAIError, ValueError) as exc:  # e.g. no key, no AWS region
+    except (anthropic.AnthropicError, openai.OpenAIError, BotoCoreError, ValueError) as exc:  # no key, AWS region or profile
         raise ConfigError(f"LLM_PROVIDER={provider}: {exc}") from exc
     raise ConfigError(f"unknown LLM_PROVIDER {provider!r}")
 

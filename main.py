@@ -223,7 +223,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
 
 def _require_json_body() -> None:
     """Reject bodies that are not one JSON object before validation sees them."""
-    if request.method not in ("POST", "PUT", "PATCH") or request.routing_exception is not None:
+    if request.method not in ("POST", "PUT", "PATCH"):
         return
     endpoint = request.endpoint.rpartition(".")[2]
     if endpoint in UPLOAD_LIMITS:

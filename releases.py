@@ -6,8 +6,8 @@ and a failed request with an Idempotency-Key gives its key back
 (down, restarting, or no pooled connection free), the lock would stay until
 it runs out by itself, `TURN_LEASE_SECONDS` later, and the conversation
 would answer 409 all that time. So each process keeps such releases and
-tries them again in the background: a pass 1, 2 and 4 seconds after the
-first one was kept, then every 8 seconds, until none is left. A pass drops
+tries them again in the background, in passes after waits of 1, 2 and 4
+seconds, then every 8 seconds, until none is left. A pass drops
 the releases whose lock has run out by now, untried, and stops at the first
 sign that the database is still away, leaving the rest for the next pass.
 
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,7 @@ log = logging.getLogger("parley")
 FIRST_WAIT_SECONDS = 1.0
 LONGEST_WAIT_SECONDS = 8.0
 # The database is away (not this one release refused): the pass stops at such an error.
-_AWAY = (OperationalError, PoolTimeout)
+_AWAY = (OperationalError, InterfaceError, PoolTimeout)
 
 
 @dataclass(eq=False)
@@ -67,10 +67,10 @@ class Releases:
             self.running = True
         try:
             threading.Thread(target=self._run, name="parley-releases", daemon=True).start()
-        except BaseException:  # e.g. at interpreter shutdown: the locks run out by themselves
+        except RuntimeError as exc:  # e.g. at interpreter shutdown: the locks run out by themselves
             with self.lock:
                 self.running = False
-            raise
+            log.warning("could not start giving back %s in the background: %s", what, exc)
 
     def pending(self) -> int:
         with self.lock:

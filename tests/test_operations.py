@@ -79,6 +79,7 @@ def test_a_database_the_command_cannot_use_is_one_line_not_a_traceback(tmp_path,
     ({"ARCHIVE_URL": "http://archive.example/parley"}, "ARCHIVE_URL must be s3://bucket/prefix or file:///path"),
     ({"LLM_PROVIDER": "openai"}, "LLM_PROVIDER=openai: Missing credentials"),
     ({"LLM_PROVIDER": "bedrock"}, "LLM_PROVIDER=bedrock: No AWS region was provided"),
+    ({"LLM_PROVIDER": "bedrock", "AWS_PROFILE": "nosuch"}, "LLM_PROVIDER=bedrock: The config profile (nosuch) could not be found"),
 ])
 def test_a_setting_the_command_cannot_use_is_one_line_that_names_it(tmp_path, setting, said):
     unset = ("OPENAI_API_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE")

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 import releases
@@ -206,7 +206,8 @@ def _waiting_on_a_lock(engine) -> bool:
         return connection.execute(text(query)).scalar_one() > 0
 
 
-def test_a_release_is_tried_until_it_passes_and_dropped_untried_once_its_lock_has_run_out(caplog):
+@pytest.mark.parametrize("away", [OperationalError, InterfaceError])
+def test_a_release_is_tried_until_it_passes_and_dropped_untried_once_its_lock_has_run_out(caplog, away):
     caplog.set_level(logging.INFO, logger="parley")
     kept = releases.Releases()  # this test's own, apart from the process's
     engine = create_engine("sqlite://")
@@ -215,7 +216,7 @@ def test_a_release_is_tried_until_it_passes_and_dropped_untried_once_its_lock_ha
     def flaky(session: Session) -> None:  # the database is still away at the first pass
         tries["flaky"] += 1
         if tries["flaky"] == 1:
-            raise OperationalError("UPDATE", {}, Exception("connection refused"))
+            raise away("UPDATE", {}, Exception("connection refused"))
         session.execute(text("SELECT 1"))
 
     def counted(name: str):
