@@ -7,6 +7,7 @@ Every API test runs on both backends Parley supports:
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import uuid
@@ -14,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import flask
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
@@ -37,6 +39,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_sep("-", f"OpenAPI fuzzing: {sum(FUZZ_CASES.values())} generated requests")
         for operation, count in sorted(FUZZ_CASES.items()):
             terminalreporter.write_line(f"{count:>6}  {operation}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A streamed response whose body was never closed keeps its request context pushed (Flask's
+    `stream_with_context`) until the garbage collector finalizes it. That may happen inside a later
+    test, where popping it resets that test's contexts (seen once in CI: a CLI command then ran
+    against another test's app). So it is finalized right after the test that left it, while
+    that test's app is still there."""
+    yield
+    if flask.has_request_context():
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
