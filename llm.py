@@ -763,23 +763,23 @@ def _error_type(exc: Exception) -> str | None:
 
 
 def _retry_after_seconds(exc: Exception) -> float | None:
-    """The provider's Retry-After (seconds or an HTTP date), or None."""
+    """The provider's wait: `retry-after-ms` (as the SDKs read it), else Retry-After in seconds or as an HTTP date; or None.
+
+    A header that is not a wait ("nan", "soon", a date no clock holds) counts as none, and the other is read.
+    """
     response = getattr(exc, "response", None)
     if response is None:
         return None
-    milliseconds = response.headers.get("retry-after-ms")
-    value = response.headers.get("retry-after")
-    try:
-        if milliseconds is not None:
-            return _wait(float(milliseconds) / 1000)
-        if value is None:
-            return None
-        return _wait(float(value))
-    except ValueError:
-        pass
+    for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            wait = _wait(float(response.headers.get(name)) / per_second)
+        except (TypeError, ValueError):  # absent, or not a number
+            continue
+        if wait is not None:
+            return wait
     try:  # a date already past means now
-        return _wait(max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0))
-    except (TypeError, ValueError):
+        return _wait(max(parsedate_to_datetime(response.headers.get("retry-after")).timestamp() - time.time(), 0.0))
+    except (TypeError, ValueError, OverflowError):  # absent, not a date, or a year beyond the clock's
         return None
 
 

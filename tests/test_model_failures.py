@@ -396,7 +396,9 @@ def test_a_stream_with_a_field_of_the_wrong_kind_ends_with_a_model_error(provide
     assert [message["content"] for message in _log(client, conversation_id)] == ["hi", "hi"]
 
 
-@pytest.mark.parametrize("retry_after", ["nan", "inf", "-inf", "1e400", "soon", "-5", "-0.5"])
+@pytest.mark.parametrize(
+    "retry_after", ["nan", "inf", "-inf", "1e400", "soon", "-5", "-0.5", "Mon, 01 Jan 99999999999 00:00:00 GMT"]
+)
 def test_a_retry_after_that_is_not_a_wait_counts_as_none(provider_app, fake_model, retry_after):
     client = provider_app("anthropic", LLM_MAX_RETRIES=1)
     conversation_id = _conversation(client)
@@ -408,6 +410,28 @@ def test_a_retry_after_that_is_not_a_wait_counts_as_none(provider_app, fake_mode
     assert "Retry-After" not in failed.headers
     assert len(fake_model.requests) == 2  # retried after the backoff
     assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize("milliseconds", ["abc", "nan", "-1"])
+def test_a_retry_after_ms_that_is_not_a_wait_leaves_the_retry_after(provider_app, fake_model, milliseconds):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=0)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, headers={"retry-after-ms": milliseconds, "retry-after": "7"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "7"
+
+
+def test_retry_after_ms_comes_before_retry_after(provider_app, fake_model):
+    """As the SDKs read them: the finer wait wins."""
+    client = provider_app("anthropic", LLM_MAX_RETRIES=0)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, headers={"retry-after-ms": "2500", "retry-after": "30"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "3"
 
 
 @pytest.mark.parametrize(("offset", "passed_on", "calls"), [(-3600, "0", 2), (2 * 86_400, "86400", 1)])
