@@ -35,6 +35,7 @@ import anthropic
 import httpx2
 import openai
 import orjson
+from botocore.eventstream import ParserError as EventStreamError
 from botocore.exceptions import BotoCoreError
 
 from config import ConfigError
@@ -328,13 +329,46 @@ class _SDKStream(ReplyStream):
                     finished = True
                 else:
                     yield text
-        except _UNREADABLE as exc:
+        except _UNREADABLE_STREAM as exc:
             raise _unreadable(self.provider) from exc
         if not finished and self.stop_reason is None and not self.closed:
             raise ModelError(502, "model_error", f"the {self.provider} model's stream ended before the reply was complete", retryable=True)
 
     def _close_upstream(self) -> None:
         self._events.close()
+
+
+class _Begun:
+    """A provider's stream (`anthropic.Stream`, `openai.Stream`) whose first event has been read.
+
+    A provider may fail a stream it has begun with 200 in its first event
+    (Anthropic's `overloaded_error`, Bedrock's `throttlingException`): read
+    here, inside the retries, such an error is retried like the status its
+    type stands for, and after the last retry answered as that status, before
+    the client's stream begins. A failure after the first event is the
+    stream's `error` event.
+    """
+
+    def __init__(self, stream: Any, sdk: Any, provider: str) -> None:
+        self._stream = stream
+        self._events = iter(stream)
+        try:
+            self._first = list(itertools.islice(self._events, 1))
+        except BaseException as exc:
+            stream.close()
+            if isinstance(exc, sdk.APIError):
+                raise  # retried by RetryPolicy.call
+            if isinstance(exc, _UNREADABLE_STREAM):
+                raise _unreadable(provider) from exc
+            if isinstance(exc, Exception):
+                raise _stream_error(exc, provider) from exc
+            raise
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.chain(self._first, self._events)
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
@@ -427,7 +461,7 @@ class AnthropicModel:
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """Messages streaming; failures before the first event are retried like `reply`'s."""
         body = self._body(system, messages, offer_human)
-        events = self.retries.call(lambda: self._create(body, stream=True), anthropic, self.provider)
+        events = self.retries.call(lambda: _Begun(self._create(body, stream=True), anthropic, self.provider), anthropic, self.provider)
         return _SDKStream(self.provider, self.model, events, _read_anthropic_event)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
@@ -517,7 +551,7 @@ class OpenAIModel:
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
         body = {**self._body(system, messages, offer_human), "stream": True, "stream_options": {"include_usage": True}}
-        chunks = self.retries.call(lambda: self._create(body), openai, self.provider)
+        chunks = self.retries.call(lambda: _Begun(self._create(body), openai, self.provider), openai, self.provider)
         return _SDKStream(self.provider, self.model, chunks, _read_openai_chunk)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
@@ -676,6 +710,8 @@ def _storable_reply(text: str, provider: str, may_be_empty: bool = False) -> str
 # events without validating them either, and decode them with the standard
 # library's json, which nesting too deep for it stops with a RecursionError.
 _UNREADABLE = (AttributeError, KeyError, TypeError, ValueError, RecursionError)
+# A stream's events may also come in a Bedrock event-stream framing that cannot be decoded (a checksum that does not match, ...).
+_UNREADABLE_STREAM = (*_UNREADABLE, EventStreamError)
 # A token count is below this: the integers a JSON reader holds exactly
 # (JavaScript's Number.MAX_SAFE_INTEGER + 1), far inside PostgreSQL's BIGINT.
 _MAX_COUNT = 2**53
@@ -747,10 +783,13 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
 
 
 # The HTTP status each provider's error type stands for, for an error that
-# arrives as a stream event (Anthropic's `error` event, OpenAI's `error` chunk).
+# arrives as a stream event (Anthropic's `error` event, OpenAI's `error` chunk,
+# Bedrock's exception message, which the SDK reads as an `error` event).
 _STATUS_OF_ERROR_TYPE = {
     "overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "timeout_error": 504,  # Anthropic
     "server_error": 500, "rate_limit_exceeded": 429, "requests": 429, "tokens": 429,  # OpenAI
+    "throttlingException": 429, "serviceUnavailableException": 503, "internalServerException": 500,  # Bedrock
+    "modelStreamErrorException": 500, "modelTimeoutException": 504, "validationException": 400,
 }
 
 

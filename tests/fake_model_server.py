@@ -201,20 +201,26 @@ def _halves(text: str) -> list[str]:
     return [text[: len(text) // 2], text[len(text) // 2 :]]
 
 
-def _event_stream_frame(payload: bytes) -> bytes:
+def _event_stream_frame(payload: bytes, headers: dict[str, str] = _EVENT_STREAM_HEADERS) -> bytes:
     """One AWS event-stream message (prelude, CRCs, string headers) carrying ``payload``."""
-    headers = b"".join(
+    encoded = b"".join(
         bytes([len(name)]) + name.encode() + b"\x07" + struct.pack(">H", len(value)) + value.encode()
-        for name, value in _EVENT_STREAM_HEADERS.items()
+        for name, value in headers.items()
     )
-    prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
-    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
+    prelude = struct.pack(">II", 12 + len(encoded) + len(payload) + 4, len(encoded))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + encoded + payload
     return message + struct.pack(">I", zlib.crc32(message))
 
 
 def _bedrock_chunk(event: Json) -> bytes:
     encoded = base64.b64encode(json.dumps(event).encode()).decode()
     return _event_stream_frame(json.dumps({"bytes": encoded}).encode())
+
+
+def _bedrock_exception(kind: str) -> bytes:
+    """Bedrock's failure inside a stream: an exception message (``throttlingException``, ...)."""
+    headers = {":exception-type": kind, ":content-type": "application/json", ":message-type": "exception"}
+    return _event_stream_frame(json.dumps({"message": f"{kind} (injected mid-stream by FakeModelServer)"}).encode(), headers)
 
 
 def _openai_completion(reply: _Reply) -> Json:
@@ -426,13 +432,13 @@ class _Handler(BaseHTTPRequestHandler):
         is counted in `streams_closed_early`.
         """
         fake = self.server.fake
-        interval, fault_after = fake._take_stream_plan()
+        interval, fault_after, exception = fake._take_stream_plan()
         self._start(200, content_type, {"Cache-Control": "no-cache"})
         self.end_headers()
         try:
             for n, frame in enumerate(frames):
                 if fault_after is not None and n == fault_after:
-                    self.wfile.write(error_frame)
+                    self.wfile.write(error_frame if exception is None else _bedrock_exception(exception))
                     self.wfile.flush()
                     return
                 if n and interval and fake._stopping.wait(interval):
@@ -458,7 +464,7 @@ class FakeModelServer:
         self._faults: deque[_Fault] = deque()
         self._delays: deque[float] = deque()
         self._drips: deque[float] = deque()
-        self._stream_faults: deque[int] = deque()
+        self._stream_faults: deque[tuple[int, str | None]] = deque()
         # Seconds between the frames of a streamed reply.
         self.stream_interval = 0.0
         # Streams the client closed before their end (and how many frames each had been sent), streams sent whole.
@@ -532,15 +538,17 @@ class FakeModelServer:
         with self._lock:
             self._faults.extend(_Fault(0, None) for _ in range(count))
 
-    def fail_stream_next(self, after_frames: int) -> None:
+    def fail_stream_next(self, after_frames: int, bedrock_exception: str | None = None) -> None:
         """Break the next stream after ``after_frames`` frames: an ``error`` event (Anthropic,
-        OpenAI) or a cut connection (Bedrock)."""
+        OpenAI) or, on Bedrock, a cut connection, or an exception message of the type
+        ``bedrock_exception`` names (``throttlingException``, ...)."""
         with self._lock:
-            self._stream_faults.append(after_frames)
+            self._stream_faults.append((after_frames, bedrock_exception))
 
-    def _take_stream_plan(self) -> tuple[float, int | None]:
+    def _take_stream_plan(self) -> tuple[float, int | None, str | None]:
         with self._lock:
-            return self.stream_interval, (self._stream_faults.popleft() if self._stream_faults else None)
+            fault_after, exception = self._stream_faults.popleft() if self._stream_faults else (None, None)
+            return self.stream_interval, fault_after, exception
 
     def _count_early_close(self, frames_sent: int) -> None:
         with self._lock:

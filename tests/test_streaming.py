@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from tests.fake_model_server import _bedrock_chunk
+
 PROVIDERS = ["anthropic", "bedrock", "openai"]
 
 
@@ -133,6 +135,86 @@ def test_a_provider_failing_mid_stream_ends_with_one_error_event_and_stores_noth
     # The lease was released: the next turn works.
     again = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then"})
     assert again.status_code == 200 and again.json["seq"] == 2
+
+
+FIRST_EVENT_FAILURES = [("anthropic", None, 503, "model_unavailable"), ("openai", None, 502, "model_error"),
+                        ("bedrock", "throttlingException", 503, "model_unavailable")]
+
+
+@pytest.mark.parametrize(("provider", "bedrock_exception", "_status", "_error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_in_its_first_event_is_retried_before_the_clients_stream_begins(
+    provider_app, fake_model, provider, bedrock_exception, _status, _error
+):
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=0, bedrock_exception=bedrock_exception)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert [name for name, _ in events if name != "delta"] == ["done"]
+    assert events[-1][1]["reply"] == "".join(data["text"] for name, data in events if name == "delta") == "reply to: go on then"
+    assert len(fake_model.requests) == 2
+
+
+@pytest.mark.parametrize(("provider", "bedrock_exception", "status", "error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_in_its_first_event_past_the_retries_is_answered_as_its_status(
+    provider_app, fake_model, provider, bedrock_exception, status, error
+):
+    client = provider_app(provider)  # LLM_MAX_RETRIES=0
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=0, bedrock_exception=bedrock_exception)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    assert (response.status_code, response.mimetype) == (status, "application/json")
+    assert (response.json["error"], response.json["retryable"]) == (error, True)
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+    assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("exception", "error", "retryable"),
+    [
+        ("throttlingException", "model_unavailable", True),
+        ("serviceUnavailableException", "model_error", True),
+        ("internalServerException", "model_error", True),
+        ("modelStreamErrorException", "model_error", True),
+        ("modelTimeoutException", "model_error", True),
+        ("validationException", "model_error", False),
+    ],
+)
+def test_a_bedrock_exception_mid_stream_says_whether_to_retry(provider_app, fake_model, exception, error, retryable):
+    """Bedrock fails inside a stream with an exception message; its type says what a plain call's status would."""
+    client = provider_app("bedrock")
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=3, bedrock_exception=exception)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert [name for name, _ in events][-1] == "error"
+    assert (events[-1][1]["error"], events[-1][1]["retryable"]) == (error, retryable)
+    assert error == "model_unavailable" or exception in events[-1][1]["message"]
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+    assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
+
+
+def test_a_bedrock_stream_that_cannot_be_decoded_is_a_retryable_model_error(provider_app, fake_model):
+    client = provider_app("bedrock")
+    conversation_id = open_chat(client)
+    garbage = b"\x00\x00\x00\x10garbage-garbage-garbage"
+    first = _bedrock_chunk({"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 1}}})
+
+    fake_model.answer_raw_next(garbage, content_type="application/vnd.amazon.eventstream")
+    before = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+    fake_model.answer_raw_next(first + garbage, content_type="application/vnd.amazon.eventstream")
+    during = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    unreadable = {"error": "model_error", "message": "the bedrock model's reply could not be read", "retryable": True}
+    assert (before.status_code, before.json) == (502, unreadable)
+    assert during.status_code == 200 and parse_events(during.data)[-1] == ("error", unreadable)
+    assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
