@@ -100,9 +100,15 @@ elif not os.path.exists(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
 
 
 def on_starting(server):
-    """Start with no samples from an earlier run (nor the master's, with --preload); answer refused requests in JSON."""
+    """Start with no samples from an earlier run (nor the master's, with --preload); answer refused requests in JSON.
+
+    A master started by an upgrade (USR2: `server.master_pid` is the old
+    master's) keeps the samples: a PROMETHEUS_MULTIPROC_DIR that is named
+    holds the old generation's, whose workers still serve and count there.
+    """
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(directory, ignore_errors=True)
+    if not server.master_pid:
+        shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
 
     from gunicorn import util

@@ -387,6 +387,43 @@ def test_the_metrics_directory_the_server_made_goes_when_it_stops(serve, tmp_pat
     assert list(temporary.glob("parley-metrics-*")) == []
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+@pytest.mark.parametrize("named", [True, False], ids=["named directory", "made directory"])
+def test_metrics_work_on_after_an_upgrade_with_usr2(serve, tmp_path, named):
+    """gunicorn's upgrade in place: USR2 starts a new master beside the old, then the old one is stopped.
+
+    A named PROMETHEUS_MULTIPROC_DIR is shared by both generations and keeps
+    its counts; a directory each master made is its own, and the old one goes
+    with the old master.
+    """
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = serve(**({} if named else {"PROMETHEUS_MULTIPROC_DIR": ""}), TMPDIR=str(temporary))
+    for _ in range(3):
+        server.new_chat()
+
+    server.process.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 60
+    while server.log.read_text().count("Worker ready") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    new_master = int(re.findall(r"Listening at: \S+ \((\d+)\)", server.log.read_text())[-1])
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=60)
+        server.new_chat()
+        status, page, _ = server.request("GET", "/metrics")
+    finally:
+        os.kill(new_master, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while any(temporary.glob("parley-metrics-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert new_master != server.process.pid
+    assert status == 200
+    assert _sample(page["text"], "parley_http_requests_total{", 'route="/new_chat"') == (4 if named else 1)
+    assert list(temporary.glob("parley-metrics-*")) == []
+
+
 @pytest.mark.parametrize("option", ["--check-config", "--print-config"])
 def test_checking_the_config_leaves_no_metrics_directory(tmp_path, option):
     """These run no server hook: the directory the config made goes when gunicorn exits."""
