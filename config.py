@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,24 +55,32 @@ def on_off(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def number(raw: str) -> float:
+    """A number of seconds, hours, ...: `nan` and `inf` are none."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 # An Idempotency-Key's response is kept at least this long (hours), as Stripe keeps it.
 MIN_IDEMPOTENCY_TTL_HOURS = 24
 
 # name -> (default, parser). The README's configuration table mirrors this.
-_SETTINGS: dict[str, tuple[Any, type]] = {
+_SETTINGS: dict[str, tuple[Any, Any]] = {
     "DATABASE_URL": (f"sqlite:///{DATA_DIR / 'parley.db'}", str),
     "ARCHIVE_URL": (f"file://{DATA_DIR / 'archive'}", str),
     "S3_ENDPOINT_URL": (None, str),
     "LLM_PROVIDER": (None, str),
     "LLM_MODEL": (None, str),
     "LLM_MAX_TOKENS": (1024, int),
-    "LLM_TEMPERATURE": (None, float),
-    "LLM_TIMEOUT_SECONDS": (60.0, float),
-    "LLM_TOTAL_TIMEOUT_SECONDS": (120.0, float),
+    "LLM_TEMPERATURE": (None, number),
+    "LLM_TIMEOUT_SECONDS": (60.0, number),
+    "LLM_TOTAL_TIMEOUT_SECONDS": (120.0, number),
     "LLM_MAX_RETRIES": (2, int),
-    "LLM_RETRY_AFTER_MAX_SECONDS": (10.0, float),
-    "STREAM_HEARTBEAT_SECONDS": (15.0, float),
-    "TURN_LEASE_SECONDS": (None, float),
+    "LLM_RETRY_AFTER_MAX_SECONDS": (10.0, number),
+    "STREAM_HEARTBEAT_SECONDS": (15.0, number),
+    "TURN_LEASE_SECONDS": (None, number),
     "CONTEXT_MAX_TOKENS": (8000, int),
     "CONTEXT_MAX_MESSAGES": (None, int),
     "CONTEXT_CACHE_CONVERSATIONS": (500, int),
@@ -80,18 +89,18 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "MAX_FILE_BYTES": (10 * 1024 * 1024, int),
     "REDIS_URL": (None, str),
     "RATE_LIMIT": ("120 per minute", str),
-    "AUTH_CACHE_SECONDS": (5.0, float),
+    "AUTH_CACHE_SECONDS": (5.0, number),
     "GC_TUNING": (True, on_off),
-    "IDEMPOTENCY_TTL_HOURS": (24.0, float),
+    "IDEMPOTENCY_TTL_HOURS": (24.0, number),
     "DB_POOL_SIZE": (30, int),
     "DB_MAX_OVERFLOW": (10, int),
-    "DB_POOL_TIMEOUT": (10.0, float),
+    "DB_POOL_TIMEOUT": (10.0, number),
     "LOG_FORMAT": ("json", str),
     # Also read by gunicorn.conf.py (connections per gevent worker); the model's connection pool follows it.
     "WORKER_CONNECTIONS": (1000, int),
     "TRUSTED_PROXY_HOPS": (0, int),
     "CORS_ORIGINS": (None, str),
-    "READYZ_TIMEOUT_SECONDS": (3.0, float),
+    "READYZ_TIMEOUT_SECONDS": (3.0, number),
     "AUDIT_RETENTION_DAYS": (None, int),
     "SESSION_IDLE_MINUTES": (60, int),
     "LIVE_RETENTION_DAYS": (0, int),
@@ -105,7 +114,7 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "KNOWLEDGE_DEFAULT": (False, on_off),
     "KNOWLEDGE_LANGUAGE": ("english", str),
     "KNOWLEDGE_TOP_K": (3, int),
-    "KNOWLEDGE_MIN_SCORE": (None, float),
+    "KNOWLEDGE_MIN_SCORE": (None, number),
     "KNOWLEDGE_LOW_CONFIDENCE_POLICY": ("answer", str),
     "KNOWLEDGE_DECLINE_REPLY": (DEFAULT_DECLINE_REPLY, str),
     "KNOWLEDGE_MAX_BYTES": (10 * 1024 * 1024, int),
@@ -114,6 +123,10 @@ _SETTINGS: dict[str, tuple[Any, type]] = {
     "KENDRA_ENDPOINT_URL": (None, str),
     "KENDRA_MIN_CONFIDENCE": ("HIGH", str),
 }
+# The least each of these may be set to: SQLAlchemy reads a pool of 0 (or less) as one
+# without a limit and a negative pool timeout as an error, and a gevent worker that may
+# hold no connection serves nothing.
+_MINIMUMS = {"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1}
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.
 LEASE_MARGIN_SECONDS = 30.0
@@ -144,6 +157,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ConfigError("LOG_FORMAT must be json or text")
+    for name, least in _MINIMUMS.items():
+        if config[name] < least:
+            raise ConfigError(f"{name} must be at least {least}")
     if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
         raise ConfigError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
     _check_knowledge(config)

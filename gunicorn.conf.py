@@ -19,33 +19,54 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
 from gunicorn.glogging import Logger
 
-bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+
+def _whole_number(name: str, default: int, least: int) -> int:
+    """A setting from the environment (empty counts as unset); one that is not a whole number of
+    at least `least` stops the server with one line that names it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        sys.exit(f"Error: {name}={raw!r} must be a whole number of at least {least}")
+    return value
+
+
+bind = os.environ.get("BIND", "").strip() or f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
+workers = _whole_number("WEB_CONCURRENCY", 2, least=1)
 worker_class = os.environ.get("WORKER_CLASS", "gevent")
 # Connections (turns in flight, streams) each worker carries at once.
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
-# A worker that stops answering its master this long is restarted. gevent
+worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1)
+# A worker that stops answering its master this long is restarted (0: never). gevent
 # workers report from their own loop, so a long model call does not count.
-timeout = int(os.environ.get("WORKER_TIMEOUT", "30"))
+timeout = _whole_number("WORKER_TIMEOUT", 30, least=0)
 
 
 def _past_the_model_deadline() -> int:
     """The model's whole deadline (LLM_TOTAL_TIMEOUT_SECONDS) and a turn lease's margin: 150 s by default."""
-    from config import LEASE_MARGIN_SECONDS, default  # plain constants: nothing patched by gevent
+    from config import LEASE_MARGIN_SECONDS, default, number  # plain constants: nothing patched by gevent
 
-    deadline = float(os.environ.get("LLM_TOTAL_TIMEOUT_SECONDS") or default("LLM_TOTAL_TIMEOUT_SECONDS"))
+    raw = os.environ.get("LLM_TOTAL_TIMEOUT_SECONDS", "").strip()
+    try:
+        deadline = number(raw) if raw else default("LLM_TOTAL_TIMEOUT_SECONDS")
+    except ValueError:
+        sys.exit(f"Error: LLM_TOTAL_TIMEOUT_SECONDS={raw!r} is not a valid number")
     return math.ceil(deadline + LEASE_MARGIN_SECONDS)
 
 
 # On SIGTERM, turns in flight get this long to finish before workers stop:
 # past the model's deadline, so no turn is cut short.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or _past_the_model_deadline())
-keepalive = int(os.environ.get("KEEPALIVE", "5"))
+graceful_timeout = _whole_number("GRACEFUL_TIMEOUT", _past_the_model_deadline(), least=0)
+keepalive = _whole_number("KEEPALIVE", 5, least=0)
 # What gunicorn refuses before Parley sees a request: a request line over
 # 8 KiB (414), more than 100 headers or one over 8 KiB (431). The answer is
 # JSON like every other error (see on_starting).

@@ -73,7 +73,14 @@ def test_a_database_the_command_cannot_use_is_one_line_not_a_traceback(tmp_path,
 
 
 @pytest.mark.parametrize(("setting", "said"), [
-    ({"IDEMPOTENCY_TTL_HOURS": "abc"}, "IDEMPOTENCY_TTL_HOURS='abc' is not a valid float"),
+    ({"IDEMPOTENCY_TTL_HOURS": "abc"}, "IDEMPOTENCY_TTL_HOURS='abc' is not a valid number"),
+    ({"LLM_TOTAL_TIMEOUT_SECONDS": "nan"}, "LLM_TOTAL_TIMEOUT_SECONDS='nan' is not a valid number"),
+    ({"DB_POOL_TIMEOUT": "inf"}, "DB_POOL_TIMEOUT='inf' is not a valid number"),
+    ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE must be at least 1"),
+    ({"DB_POOL_SIZE": "-3"}, "DB_POOL_SIZE must be at least 1"),
+    ({"DB_MAX_OVERFLOW": "-5"}, "DB_MAX_OVERFLOW must be at least 0"),
+    ({"DB_POOL_TIMEOUT": "-1"}, "DB_POOL_TIMEOUT must be at least 0"),
+    ({"WORKER_CONNECTIONS": "0"}, "WORKER_CONNECTIONS must be at least 1"),
     ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS must be at least 24: clients may retry for a day"),
     ({"LLM_PROVIDER": "nope"}, "LLM_PROVIDER must be one of "),
     ({"ARCHIVE_URL": "http://archive.example/parley"}, "ARCHIVE_URL must be s3://bucket/prefix or file:///path"),

@@ -424,6 +424,35 @@ def test_metrics_work_on_after_an_upgrade_with_usr2(serve, tmp_path, named):
     assert list(temporary.glob("parley-metrics-*")) == []
 
 
+@pytest.mark.parametrize(("setting", "said"), [
+    ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0' must be a whole number of at least 1"),
+    ({"WORKER_CONNECTIONS": "0"}, "WORKER_CONNECTIONS='0' must be a whole number of at least 1"),
+    ({"WORKER_CONNECTIONS": "many"}, "WORKER_CONNECTIONS='many' must be a whole number of at least 1"),
+    ({"WORKER_TIMEOUT": "1.5"}, "WORKER_TIMEOUT='1.5' must be a whole number of at least 0"),
+    ({"GRACEFUL_TIMEOUT": "-1"}, "GRACEFUL_TIMEOUT='-1' must be a whole number of at least 0"),
+    ({"KEEPALIVE": "x"}, "KEEPALIVE='x' must be a whole number of at least 0"),
+    ({"LLM_TOTAL_TIMEOUT_SECONDS": "nan"}, "LLM_TOTAL_TIMEOUT_SECONDS='nan' is not a valid number"),
+])
+def test_a_server_setting_it_cannot_use_stops_gunicorn_with_one_line(tmp_path, setting, said):
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), **setting}
+
+    done = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config", "main:create_app()"],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1
+    assert done.stderr == f"Error: {said}\n"
+
+
+def test_an_empty_bind_or_port_is_the_default_address(tmp_path):
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "BIND": "", "PORT": " "}
+
+    done = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config", "main:create_app()"],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^bind += \['0\.0\.0\.0:8000'\]$", done.stdout, re.MULTILINE), done.stdout
+
+
 @pytest.mark.parametrize("option", ["--check-config", "--print-config"])
 def test_checking_the_config_leaves_no_metrics_directory(tmp_path, option):
     """These run no server hook: the directory the config made goes when gunicorn exits."""
