@@ -96,6 +96,8 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "DB_MAX_OVERFLOW": (10, int),
     "DB_POOL_TIMEOUT": (10.0, number),
     "LOG_FORMAT": ("json", str),
+    # Also read by gunicorn.conf.py for gunicorn's own lines.
+    "LOG_LEVEL": ("info", str),
     # Also read by gunicorn.conf.py (connections per gevent worker); the model's connection pool follows it.
     "WORKER_CONNECTIONS": (1000, int),
     "TRUSTED_PROXY_HOPS": (0, int),
@@ -157,6 +159,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ConfigError("LOG_FORMAT must be json or text")
+    config["LOG_LEVEL"] = config["LOG_LEVEL"].lower()
+    if config["LOG_LEVEL"] not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     for name, least in _MINIMUMS.items():
         if config[name] < least:
             raise ConfigError(f"{name} must be at least {least}")
@@ -166,6 +171,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return config
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 KNOWLEDGE_BACKENDS = ("database", "kendra")
 KNOWLEDGE_POLICIES = ("answer", "decline", "handoff")
 KENDRA_CONFIDENCES = ("VERY_HIGH", "HIGH", "MEDIUM", "LOW")

@@ -192,6 +192,36 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     assert (logged[0]["method"], logged[0]["path"], logged[0]["status"]) == ("POST", "/new_chat", 201)
 
 
+def test_the_text_log_format_gives_each_request_its_method_path_status_and_duration(tmp_path):
+    script = (
+        "from main import create_app\n"
+        f"app = create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
+        "app.test_client().get('/healthz', headers={'X-Request-ID': 'trace-1'})\n"
+    )
+    env = {**os.environ, "LOG_FORMAT": "text", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r" INFO parley\.request \[trace-1\]: request GET /healthz 200 [0-9.]+ ms$", result.stderr, re.MULTILINE), result.stderr
+
+
+def test_log_level_warning_leaves_out_the_request_lines(tmp_path):
+    script = (
+        "import logging\n"
+        "from main import create_app\n"
+        f"app = create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
+        "app.test_client().get('/healthz')\n"
+        "logging.getLogger('parley').warning('still said')\n"
+    )
+    env = {**os.environ, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["message"] for line in result.stderr.splitlines()] == ["still said"]
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app, keys, postgres_url, capfd):
     """Eight clients chat while every connection of the database is killed, again and again."""
