@@ -154,7 +154,8 @@ def _abandon(session: Session, prepared: PreparedTurn, forget: Callable[[], None
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ModelError):
-        log.warning("model provider failed mid-stream: %s (%s)", exc.error, exc.__cause__.__class__.__name__)
+        cause = exc.message if exc.__cause__ is None else exc.__cause__.__class__.__name__  # Parley's own finding, or the SDK's error
+        log.warning("model provider failed mid-stream: %s (%s)", exc.error, cause)
         return {"error": exc.error, "message": exc.message, "retryable": exc.retryable}
     if isinstance(exc, ApiError):
         return {"error": exc.error, "message": exc.message}
