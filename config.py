@@ -128,7 +128,9 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
 # The least each of these may be set to: SQLAlchemy reads a pool of 0 (or less) as one
 # without a limit and a negative pool timeout as an error, and a gevent worker that may
 # hold no connection serves nothing.
-_MINIMUMS = {"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1}
+_MINIMUMS = {"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1, "LLM_MAX_RETRIES": 0}
+# ... and these more than 0 (a wait of none, or a negative one, that the code would wait on).
+_POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBEAT_SECONDS")
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.
 LEASE_MARGIN_SECONDS = 30.0
@@ -165,6 +167,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     for name, least in _MINIMUMS.items():
         if config[name] < least:
             raise ConfigError(f"{name} must be at least {least}")
+    for name in _POSITIVE:
+        if config[name] <= 0:
+            raise ConfigError(f"{name} must be more than 0")
     if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
         raise ConfigError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
     _check_knowledge(config)

@@ -20,6 +20,7 @@ covers the retries, the waits and a reply that arrives slowly.
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import json
 import math
@@ -105,6 +106,14 @@ class ModelError(Exception):
         self.retry_after = retry_after
 
 
+@dataclass
+class Attempts:
+    """One model call's deadline and the retries it has made, shared by a stream's restarts."""
+
+    deadline: float
+    retries: int = 0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_retries: int
@@ -115,29 +124,36 @@ class RetryPolicy:
     def from_config(cls, config: Mapping[str, Any]) -> RetryPolicy:
         return cls(config["LLM_MAX_RETRIES"], config["LLM_TOTAL_TIMEOUT_SECONDS"], config["LLM_RETRY_AFTER_MAX_SECONDS"])
 
-    def call(self, attempt: Callable[[], T], sdk: Any, provider: str) -> T:
+    def start(self) -> Attempts:
+        return Attempts(time.monotonic() + self.total_seconds)
+
+    def call(self, attempt: Callable[[], T], sdk: Any, provider: str, attempts: Attempts | None = None) -> T:
         """Run `attempt` under the total deadline, retrying what may succeed later."""
-        deadline = time.monotonic() + self.total_seconds
-        token = _deadline.set(deadline)
+        attempts = attempts or self.start()
+        token = _deadline.set(attempts.deadline)
         try:
-            for retries in range(self.max_retries + 1):
+            while True:
                 try:
                     return attempt()
                 except sdk.APIError as exc:
-                    error = _provider_error(exc, sdk, provider, time.monotonic() >= deadline)
-                    if not error.retryable or retries == self.max_retries:
-                        raise error from exc
-                    asked = _retry_after_seconds(exc)
-                    wait = min(asked or _backoff(retries), self.retry_after_cap)
-                    # A provider asking for longer than the deadline leaves is answered at
-                    # once with its Retry-After: retrying sooner than asked, under the cap,
-                    # would only spend the turn's time on refusals.
-                    if time.monotonic() + max(wait, asked or 0.0) >= deadline:
-                        raise error from exc
-                    time.sleep(wait)
-            raise AssertionError("unreachable")
+                    error = _provider_error(exc, sdk, provider, time.monotonic() >= attempts.deadline)
+                    self.wait_or_raise(error, _retry_after_seconds(exc), attempts, exc)
         finally:
             _deadline.reset(token)
+
+    def wait_or_raise(self, error: ModelError, asked: float | None, attempts: Attempts, cause: Exception) -> None:
+        """Wait before the next try (the provider's `asked` wait, capped, or a backoff), or raise
+        `error`: it is not retryable, the retries are spent, or the wait would pass the deadline."""
+        if not error.retryable or attempts.retries >= self.max_retries:
+            raise error from cause
+        wait = min(asked or _backoff(attempts.retries), self.retry_after_cap)
+        # A provider asking for longer than the deadline leaves is answered at
+        # once with its Retry-After: retrying sooner than asked, under the cap,
+        # would only spend the turn's time on refusals.
+        if time.monotonic() + max(wait, asked or 0.0) >= attempts.deadline:
+            raise error from cause
+        attempts.retries += 1
+        time.sleep(wait)
 
 
 class DeadlineTransport(httpx2.BaseTransport):
@@ -338,36 +354,58 @@ class _SDKStream(ReplyStream):
         self._events.close()
 
 
-class _Begun:
-    """A provider's stream (`anthropic.Stream`, `openai.Stream`) whose first event has been read.
+class _Restartable:
+    """A provider's stream (`anthropic.Stream`, `openai.Stream`), started again when it fails before its first event.
 
     A provider may fail a stream it has begun with 200 in its first event
-    (Anthropic's `overloaded_error`, Bedrock's `throttlingException`): read
-    here, inside the retries, such an error is retried like the status its
-    type stands for, and after the last retry answered as that status, before
-    the client's stream begins. A failure after the first event is the
-    stream's `error` event.
+    (Anthropic's `overloaded_error`, Bedrock's `throttlingException`), or end
+    it with none. Nothing has reached the client then (the response sends its
+    heartbeats meanwhile), so the stream is started again like a request that
+    failed with the status the error's type stands for (an early end or a
+    broken connection as a dropped one), within the retries and the deadline
+    of the request that started it. A failure after the first event ends the
+    stream.
     """
 
-    def __init__(self, stream: Any, sdk: Any, provider: str) -> None:
+    def __init__(self, stream: Any, start: Callable[[], Any], policy: RetryPolicy, attempts: Attempts, sdk: Any,
+                 provider: str) -> None:
         self._stream = stream
-        self._events = iter(stream)
-        try:
-            self._first = list(itertools.islice(self._events, 1))
-        except BaseException as exc:
-            stream.close()
-            if isinstance(exc, sdk.APIError):
-                raise  # retried by RetryPolicy.call
-            if isinstance(exc, _UNREADABLE_STREAM):
-                raise _unreadable(provider) from exc
-            if isinstance(exc, Exception):
-                raise _stream_error(exc, provider) from exc
-            raise
+        self._start = start
+        self._policy = policy
+        self._attempts = attempts
+        self._sdk = sdk
+        self._provider = provider
+        self._closed = False
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.chain(self._first, self._events)
+        while True:
+            events = iter(self._stream)
+            asked = None
+            try:
+                first = next(events)
+            except StopIteration as exc:
+                cause: Exception = exc
+                error = ModelError(502, "model_error", f"the {self._provider} model's stream ended before its first event", retryable=True)
+            except self._sdk.APIError as exc:
+                cause, error, asked = exc, _provider_error(exc, self._sdk, self._provider), _retry_after_seconds(exc)
+            except httpx2.TransportError as exc:  # the connection broke, or a read waited LLM_TIMEOUT_SECONDS
+                cause, error = exc, _stream_error(exc, self._provider)
+            else:
+                yield first
+                yield from events
+                return
+            self._stream.close()
+            self._policy.wait_or_raise(error, asked, self._attempts, cause)
+            if self._closed:
+                return
+            self._stream = self._policy.call(self._start, self._sdk, self._provider, self._attempts)
+            if self._closed:  # while it started
+                self._stream.close()
+                return
 
     def close(self) -> None:
+        """Stop: from the reader's own thread, or another while it waits to start again."""
+        self._closed = True
         self._stream.close()
 
 
@@ -461,8 +499,11 @@ class AnthropicModel:
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """Messages streaming; failures before the first event are retried like `reply`'s."""
         body = self._body(system, messages, offer_human)
-        events = self.retries.call(lambda: _Begun(self._create(body, stream=True), anthropic, self.provider), anthropic, self.provider)
-        return _SDKStream(self.provider, self.model, events, _read_anthropic_event)
+        attempts = self.retries.start()
+        start = functools.partial(self._create, body, stream=True)
+        events = self.retries.call(start, anthropic, self.provider, attempts)
+        restartable = _Restartable(events, start, self.retries, attempts, anthropic, self.provider)
+        return _SDKStream(self.provider, self.model, restartable, _read_anthropic_event)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": messages}
@@ -551,8 +592,11 @@ class OpenAIModel:
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
         body = {**self._body(system, messages, offer_human), "stream": True, "stream_options": {"include_usage": True}}
-        chunks = self.retries.call(lambda: _Begun(self._create(body), openai, self.provider), openai, self.provider)
-        return _SDKStream(self.provider, self.model, chunks, _read_openai_chunk)
+        attempts = self.retries.start()
+        start = functools.partial(self._create, body)
+        chunks = self.retries.call(start, openai, self.provider, attempts)
+        return _SDKStream(self.provider, self.model, _Restartable(chunks, start, self.retries, attempts, openai, self.provider),
+                          _read_openai_chunk)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
         prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
@@ -789,7 +833,7 @@ _STATUS_OF_ERROR_TYPE = {
     "overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "timeout_error": 504,  # Anthropic
     "server_error": 500, "rate_limit_exceeded": 429, "requests": 429, "tokens": 429,  # OpenAI
     "throttlingException": 429, "serviceUnavailableException": 503, "internalServerException": 500,  # Bedrock
-    "modelStreamErrorException": 500, "modelTimeoutException": 504, "validationException": 400,
+    "modelStreamErrorException": 500, "modelTimeoutException": 504, "modelNotReadyException": 503, "validationException": 400,
 }
 
 

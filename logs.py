@@ -76,7 +76,9 @@ def configure(log_format: str, level: str = "info") -> None:
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    # Below INFO only Parley's own lines: the SDKs' debug lines carry whole requests (conversations, keys).
+    root.setLevel(max(logging.getLevelName(level.upper()), logging.INFO))
+    logging.getLogger("parley").setLevel(level.upper())
     # Python's warnings too (e.g. gevent's about patching late, in --preload's workers), not raw stderr lines.
     logging.captureWarnings(True)
     # Their INFO lines say nothing an operator acts on ("Context impl PostgresqlImpl.",

@@ -32,7 +32,8 @@ def test_env_example_lists_every_setting_in_the_readme_order():
 
 
 def test_readme_documents_every_setting_parley_and_its_server_read():
-    server = set(re.findall(r"os\.environ\.get\(\s*[\"']([A-Z0-9_]+)[\"']", (ROOT / "gunicorn.conf.py").read_text()))
+    server = set(re.findall(r"(?:os\.environ\.get|_whole_number)\(\s*[\"']([A-Z0-9_]+)[\"']", (ROOT / "gunicorn.conf.py").read_text()))
+    assert {"BIND", "WEB_CONCURRENCY", "WORKER_CONNECTIONS", "GRACEFUL_TIMEOUT"} <= server
     documented = _readme_settings()
 
     assert len(documented) == len(set(documented))

@@ -325,8 +325,7 @@ NOT_AN_EVENT = {
 def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(provider_app, fake_model, provider, event):
     client = provider_app(provider)
     conversation_id = _conversation(client)
-    first = _stream(provider).partition(b"\n\n")[0] + b"\n\n"  # read before the client's stream begins
-    fake_model.answer_raw_next(first + b"event: message_start\ndata: " + event + b"\n\n", content_type="text/event-stream")
+    fake_model.answer_raw_next(b"event: message_start\ndata: " + event + b"\n\n", content_type="text/event-stream")
 
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
 
@@ -335,21 +334,6 @@ def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(
     assert last.startswith("event: error\n")
     assert json.loads(last.partition("data: ")[2]) == {
         "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
-    assert _log(client, conversation_id) == []
-    assert _say(client, conversation_id).status_code == 200
-
-
-@pytest.mark.parametrize("provider", ["anthropic", "openai"])
-@pytest.mark.parametrize("event", [NOT_AN_EVENT["not JSON"], NOT_AN_EVENT["nested too deep"]], ids=["not JSON", "nested too deep"])
-def test_a_stream_whose_first_event_cannot_be_decoded_is_a_retryable_502_before_the_stream(provider_app, fake_model, provider, event):
-    client = provider_app(provider)
-    conversation_id = _conversation(client)
-    fake_model.answer_raw_next(b"event: message_start\ndata: " + event + b"\n\n", content_type="text/event-stream")
-
-    answered = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
-
-    assert (answered.status_code, answered.mimetype) == (502, "application/json")
-    assert answered.json == {"error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
     assert _log(client, conversation_id) == []
     assert _say(client, conversation_id).status_code == 200
 

@@ -222,6 +222,23 @@ def test_log_level_warning_leaves_out_the_request_lines(tmp_path):
     assert [json.loads(line)["message"] for line in result.stderr.splitlines()] == ["still said"]
 
 
+def test_log_level_debug_is_parleys_own_debug_lines_not_the_sdks(tmp_path):
+    """The SDKs' debug lines carry whole requests: a conversation, headers."""
+    script = (
+        "import logging\n"
+        "from main import create_app\n"
+        f"create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
+        "logging.getLogger('anthropic._base_client').debug('Request options: the conversation')\n"
+        "logging.getLogger('parley').debug('ours')\n"
+    )
+    env = {**os.environ, "LOG_LEVEL": "debug", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["message"] for line in result.stderr.splitlines()] == ["ours"]
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app, keys, postgres_url, capfd):
     """Eight clients chat while every connection of the database is killed, again and again."""

@@ -137,29 +137,30 @@ def test_a_provider_failing_mid_stream_ends_with_one_error_event_and_stores_noth
     assert again.status_code == 200 and again.json["seq"] == 2
 
 
-FIRST_EVENT_FAILURES = [("anthropic", None, 503, "model_unavailable"), ("openai", None, 502, "model_error"),
-                        ("bedrock", "throttlingException", 503, "model_unavailable")]
+FIRST_EVENT_FAILURES = [("anthropic", None, "model_unavailable"), ("openai", None, "model_error"),
+                        ("bedrock", "throttlingException", "model_unavailable")]
 
 
-@pytest.mark.parametrize(("provider", "bedrock_exception", "_status", "_error"), FIRST_EVENT_FAILURES)
-def test_a_stream_failing_in_its_first_event_is_retried_before_the_clients_stream_begins(
-    provider_app, fake_model, provider, bedrock_exception, _status, _error
+@pytest.mark.parametrize(("provider", "bedrock_exception", "_error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_in_its_first_event_is_started_again_with_heartbeats_meanwhile(
+    provider_app, fake_model, provider, bedrock_exception, _error
 ):
-    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    client = provider_app(provider, LLM_MAX_RETRIES=1, STREAM_HEARTBEAT_SECONDS=0.05)
     conversation_id = open_chat(client)
     fake_model.fail_stream_next(after_frames=0, bedrock_exception=bedrock_exception)
+    fake_model.latency = 0.4  # each request's; the second one's passes while the client's stream is open
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
 
     events = parse_events(response.data)
-    assert [name for name, _ in events if name != "delta"] == ["done"]
+    assert events[0][0] == "comment" and [name for name, _ in events if name not in ("delta", "comment")] == ["done"]
     assert events[-1][1]["reply"] == "".join(data["text"] for name, data in events if name == "delta") == "reply to: go on then"
     assert len(fake_model.requests) == 2
 
 
-@pytest.mark.parametrize(("provider", "bedrock_exception", "status", "error"), FIRST_EVENT_FAILURES)
-def test_a_stream_failing_in_its_first_event_past_the_retries_is_answered_as_its_status(
-    provider_app, fake_model, provider, bedrock_exception, status, error
+@pytest.mark.parametrize(("provider", "bedrock_exception", "error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_in_its_first_event_past_the_retries_ends_with_its_error(
+    provider_app, fake_model, provider, bedrock_exception, error
 ):
     client = provider_app(provider)  # LLM_MAX_RETRIES=0
     conversation_id = open_chat(client)
@@ -167,10 +168,25 @@ def test_a_stream_failing_in_its_first_event_past_the_retries_is_answered_as_its
 
     response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
 
-    assert (response.status_code, response.mimetype) == (status, "application/json")
-    assert (response.json["error"], response.json["retryable"]) == (error, True)
+    events = parse_events(response.data)
+    assert response.status_code == 200 and [name for name, _ in events] == ["error"]
+    assert (events[0][1]["error"], events[0][1]["retryable"]) == (error, True)
+    assert len(fake_model.requests) == 1
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
     assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_stream_that_ends_before_its_first_event_is_started_again(provider_app, fake_model, provider):
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = open_chat(client)
+    fake_model.answer_raw_next(b"", content_type="application/vnd.amazon.eventstream" if provider == "bedrock" else "text/event-stream")
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert events[-1][0] == "done" and events[-1][1]["reply"] == "reply to: go on then"
+    assert len(fake_model.requests) == 2
 
 
 @pytest.mark.parametrize(
@@ -205,15 +221,13 @@ def test_a_bedrock_stream_that_cannot_be_decoded_is_a_retryable_model_error(prov
     conversation_id = open_chat(client)
     garbage = b"\x00\x00\x00\x10garbage-garbage-garbage"
     first = _bedrock_chunk({"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 1}}})
+    unreadable = ("error", {"error": "model_error", "message": "the bedrock model's reply could not be read", "retryable": True})
 
-    fake_model.answer_raw_next(garbage, content_type="application/vnd.amazon.eventstream")
-    before = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
-    fake_model.answer_raw_next(first + garbage, content_type="application/vnd.amazon.eventstream")
-    during = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+    for body in (garbage, first + garbage):
+        fake_model.answer_raw_next(body, content_type="application/vnd.amazon.eventstream")
+        response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+        assert response.status_code == 200 and parse_events(response.data)[-1] == unreadable
 
-    unreadable = {"error": "model_error", "message": "the bedrock model's reply could not be read", "retryable": True}
-    assert (before.status_code, before.json) == (502, unreadable)
-    assert during.status_code == 200 and parse_events(during.data)[-1] == ("error", unreadable)
     assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
 
 
