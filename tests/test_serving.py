@@ -407,6 +407,7 @@ def test_metrics_work_on_after_an_upgrade_with_usr2(serve, tmp_path, named):
     while server.log.read_text().count("Worker ready") < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     new_master = int(re.findall(r"Listening at: \S+ \((\d+)\)", server.log.read_text())[-1])
+    assert new_master != server.process.pid, server.log.read_text()[-3000:]  # the new master started
     try:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=60)
