@@ -23,9 +23,11 @@ import contextvars
 import functools
 import itertools
 import json
+import logging
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from botocore.exceptions import BotoCoreError
 
 from config import ConfigError
 from conversation_memory import MESSAGE_OVERHEAD_TOKENS, USER, estimate_tokens
+
+log = logging.getLogger("parley")
 
 ECHO_LABEL = "[echo model: not a real LLM, no API key configured]"
 ECHO_CHOSEN_LABEL = "[echo model: not a real LLM, chosen with LLM_PROVIDER=echo]"
@@ -108,10 +112,14 @@ class ModelError(Exception):
 
 @dataclass
 class Attempts:
-    """One model call's deadline and the retries it has made, shared by a stream's restarts."""
+    """One model call's deadline and the retries it has made, shared by a stream's restarts.
+
+    Setting `stopped` ends a wait before a retry, which then retries no more.
+    """
 
     deadline: float
     retries: int = 0
+    stopped: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +149,10 @@ class RetryPolicy:
         finally:
             _deadline.reset(token)
 
-    def wait_or_raise(self, error: ModelError, asked: float | None, attempts: Attempts, cause: Exception) -> None:
+    def wait_or_raise(self, error: ModelError, asked: float | None, attempts: Attempts, cause: Exception | None) -> None:
         """Wait before the next try (the provider's `asked` wait, capped, or a backoff), or raise
-        `error`: it is not retryable, the retries are spent, or the wait would pass the deadline."""
+        `error`: it is not retryable, the retries are spent, the wait would pass the deadline, or
+        the call was stopped."""
         if not error.retryable or attempts.retries >= self.max_retries:
             raise error from cause
         wait = min(asked or _backoff(attempts.retries), self.retry_after_cap)
@@ -153,7 +162,10 @@ class RetryPolicy:
         if time.monotonic() + max(wait, asked or 0.0) >= attempts.deadline:
             raise error from cause
         attempts.retries += 1
-        time.sleep(wait)
+        if attempts.stopped is None:
+            time.sleep(wait)
+        elif attempts.stopped.wait(wait):
+            raise error from cause
 
 
 class DeadlineTransport(httpx2.BaseTransport):
@@ -375,7 +387,7 @@ class _Restartable:
         self._attempts = attempts
         self._sdk = sdk
         self._provider = provider
-        self._closed = False
+        self._stopped = attempts.stopped = threading.Event()
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -383,8 +395,8 @@ class _Restartable:
             asked = None
             try:
                 first = next(events)
-            except StopIteration as exc:
-                cause: Exception = exc
+            except StopIteration:
+                cause: Exception | None = None  # Parley's own finding
                 error = ModelError(502, "model_error", f"the {self._provider} model's stream ended before its first event", retryable=True)
             except self._sdk.APIError as exc:
                 cause, error, asked = exc, _provider_error(exc, self._sdk, self._provider), _retry_after_seconds(exc)
@@ -394,19 +406,26 @@ class _Restartable:
                 yield first
                 yield from events
                 return
-            self._stream.close()
-            self._policy.wait_or_raise(error, asked, self._attempts, cause)
-            if self._closed:
+            self._close_quietly()
+            if self._stopped.is_set():  # closed under the reader's feet: not a failure
                 return
+            self._policy.wait_or_raise(error, asked, self._attempts, cause)
             self._stream = self._policy.call(self._start, self._sdk, self._provider, self._attempts)
-            if self._closed:  # while it started
-                self._stream.close()
+            if self._stopped.is_set():  # while it started
+                self._close_quietly()
                 return
 
     def close(self) -> None:
-        """Stop: from the reader's own thread, or another while it waits to start again."""
-        self._closed = True
+        """Stop, from another thread too: at once while waiting to start again, and no more starts."""
+        self._stopped.set()
         self._stream.close()
+
+    def _close_quietly(self) -> None:
+        """Close a stream that failed; an error closing it would only hide why it failed."""
+        try:
+            self._stream.close()
+        except Exception as exc:
+            log.debug("closing the provider's stream: %s", exc.__class__.__name__)
 
 
 def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:

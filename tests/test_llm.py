@@ -1,6 +1,8 @@
 """Real anthropic and openai SDKs against a local server speaking their wire protocol."""
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -261,3 +263,35 @@ def test_a_stream_left_before_any_words_or_call_keeps_nothing():
 
 def test_tool_arguments_nested_too_deep_read_as_none():
     assert llm._arguments("[" * 100_000 + "]" * 100_000) == {}
+
+
+def test_closing_a_stream_that_waits_to_start_again_stops_it_at_once(fake_model, monkeypatch):
+    """The client left while its stream, failed before its first event, waits out a Retry-After to start again."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+    model = llm.make_model(load_config({"LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "LLM_MAX_RETRIES": "5"}))
+    fake_model.fail_stream_next(after_frames=0)
+    stream = model.stream(None, [{"role": "user", "content": "hi"}])
+    fake_model.fail_next(429, headers={"retry-after": "5"})  # the second start's answer
+    reader = threading.Thread(target=_drain, args=(stream,))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while len(fake_model.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # into the 5 s wait
+
+    stream.close()
+    reader.join(1.0)
+
+    assert len(fake_model.requests) == 2
+    assert not reader.is_alive()
+    time.sleep(0.3)
+    assert len(fake_model.requests) == 2
+
+
+def _drain(stream) -> None:
+    try:
+        for _ in stream:
+            pass
+    except llm.ModelError:
+        pass  # what the stream's reader would put in a queue nobody reads
