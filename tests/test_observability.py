@@ -192,51 +192,44 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     assert (logged[0]["method"], logged[0]["path"], logged[0]["status"]) == ("POST", "/new_chat", 201)
 
 
-def test_the_text_log_format_gives_each_request_its_method_path_status_and_duration(tmp_path):
-    script = (
-        "from main import create_app\n"
-        f"app = create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
-        "app.test_client().get('/healthz', headers={'X-Request-ID': 'trace-1'})\n"
-    )
-    env = {**os.environ, "LOG_FORMAT": "text", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
-    assert result.returncode == 0, result.stderr
-    assert re.search(r" INFO parley\.request \[trace-1\]: request GET /healthz 200 [0-9.]+ ms$", result.stderr, re.MULTILINE), result.stderr
-
-
-def test_log_level_warning_leaves_out_the_request_lines(tmp_path):
+def _logged_by_a_process(tmp_path, then: str, **environ: str) -> str:
+    """stderr of a process that builds an app (its logging set up from `environ`), then runs the code `then`."""
     script = (
         "import logging\n"
         "from main import create_app\n"
         f"app = create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
-        "app.test_client().get('/healthz')\n"
-        "logging.getLogger('parley').warning('still said')\n"
+        + then
     )
-    env = {**os.environ, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-
+    env = {**os.environ, **environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["message"] for line in result.stderr.splitlines()] == ["still said"]
+    return result.stderr
+
+
+def test_the_text_log_format_gives_each_request_its_method_path_status_and_duration(tmp_path):
+    logged = _logged_by_a_process(tmp_path, "app.test_client().get('/healthz', headers={'X-Request-ID': 'trace-1'})", LOG_FORMAT="text")
+
+    assert re.search(r" INFO parley\.request \[trace-1\]: request GET /healthz 200 [0-9.]+ ms$", logged, re.MULTILINE), logged
+
+
+def test_log_level_warning_leaves_out_the_request_lines(tmp_path):
+    logged = _logged_by_a_process(
+        tmp_path, "app.test_client().get('/healthz')\nlogging.getLogger('parley').warning('still said')", LOG_LEVEL="WARNING"
+    )
+
+    assert [json.loads(line)["message"] for line in logged.splitlines()] == ["still said"]
 
 
 def test_log_level_debug_is_parleys_own_debug_lines_not_the_sdks(tmp_path):
     """The SDKs' debug lines carry whole requests: a conversation, headers."""
-    script = (
-        "import logging\n"
-        "from main import create_app\n"
-        f"create_app({{'DATABASE_URL': 'sqlite:///{tmp_path / 'p.db'}', 'ARCHIVE_URL': '{(tmp_path / 'a').as_uri()}'}})\n"
+    logged = _logged_by_a_process(
+        tmp_path,
         "logging.getLogger('anthropic._base_client').debug('Request options: the conversation')\n"
-        "logging.getLogger('parley').debug('ours')\n"
+        "logging.getLogger('parley').debug('ours')",
+        LOG_LEVEL="debug",
     )
-    env = {**os.environ, "LOG_LEVEL": "debug", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
-    assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["message"] for line in result.stderr.splitlines()] == ["ours"]
+    assert [json.loads(line)["message"] for line in logged.splitlines()] == ["ours"]
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
