@@ -319,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault, delay, drip = fake._record(RecordedRequest(path, headers, body, query))
         fake._enter()
         try:
+            fake._wait_for_the_others()
             if delay:
                 fake._interrupted().wait(delay)
             with contextlib.suppress(ConnectionError):  # the client may have gone away, e.g. timed out
@@ -476,6 +477,9 @@ class FakeModelServer:
         self.latency = 0.0
         self.in_flight = 0
         self.peak_in_flight = 0
+        # Requests in flight wake this; gather() holds requests on it until enough arrive.
+        self._arrived = threading.Condition(self._lock)
+        self._gathering: tuple[int, float] | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -516,6 +520,8 @@ class FakeModelServer:
             self._tool_uses.clear()
             self.reply_override = None
             self.latency = 0.0
+            self._gathering = None
+            self._arrived.notify_all()
             # Cut short the waits of requests still held from before, so they leave.
             self._wake.set()
             self._wake = threading.Event()
@@ -564,6 +570,26 @@ class FakeModelServer:
         with self._lock:
             self._delays.extend(seconds for _ in range(count))
 
+    def gather(self, count: int, within: float = 30.0) -> None:
+        """Hold each request until ``count`` are in flight at once, or ``within`` seconds have
+        passed; then answer them all, and later requests without holding. A fixed latency
+        proves the same only if the client sends them all within it, which a loaded machine
+        may not."""
+        with self._lock:
+            self._gathering = (count, time.monotonic() + within)
+
+    def _wait_for_the_others(self) -> None:
+        with self._arrived:
+            if self._gathering is None:
+                return
+            count, deadline = self._gathering
+            self._arrived.wait_for(
+                lambda: self._gathering is None or self.in_flight >= count or self._stopping.is_set(),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            self._gathering = None
+            self._arrived.notify_all()
+
     def drip_next(self, bytes_per_second: float, count: int = 1) -> None:
         """Send the next ``count`` replies (JSON) a byte at a time, ``bytes_per_second`` fast."""
         with self._lock:
@@ -584,9 +610,10 @@ class FakeModelServer:
             return self._tool_uses.popleft() if self._tool_uses else None
 
     def _enter(self) -> None:
-        with self._lock:
+        with self._arrived:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self._arrived.notify_all()
 
     def _leave(self) -> None:
         with self._lock:
@@ -606,6 +633,8 @@ class FakeModelServer:
         self._closed = True
         self._stopping.set()
         self._wake.set()
+        with self._arrived:
+            self._arrived.notify_all()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()

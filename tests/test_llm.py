@@ -196,8 +196,9 @@ def test_the_model_connections_of_a_process_are_as_many_as_worker_connections(fa
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
     model = llm.make_model(load_config({"LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "WORKER_CONNECTIONS": str(limit)}))
-    fake_model.latency = 0.5
+    fake_model.latency = 0.5  # after gathering: the time for requests beyond the limit to arrive too
     fake_model.peak_in_flight = 0
+    fake_model.gather(limit, within=10)
 
     with ThreadPoolExecutor(max_workers=2 * limit) as pool:
         replies = list(pool.map(lambda n: model.reply(None, [{"role": "user", "content": f"hi {n}"}]), range(2 * limit)))

@@ -146,13 +146,14 @@ def test_a_sync_worker_serves_too(serve):
 
 
 def _turns_at_once(server: Server, fake_model, clients: int) -> list[int]:
-    """`clients` turns, each on its own conversation, sent together to a model answering after 1 s."""
+    """`clients` turns, each on its own conversation, sent together to a model that answers
+    once all of them wait on it (or after 30 s, when they cannot all be carried at once)."""
     conversations = [server.new_chat() for _ in range(clients)]
-    fake_model.latency = 1.0
     deadline = time.monotonic() + 10
     while fake_model.in_flight and time.monotonic() < deadline:  # requests of earlier tests leaving
         time.sleep(0.05)
     fake_model.peak_in_flight = 0
+    fake_model.gather(clients, within=30)
     with ThreadPoolExecutor(max_workers=clients) as pool:
         return list(pool.map(lambda c: server.chat(c, "hello"), conversations))
 
