@@ -16,6 +16,10 @@ itself (the SDKs' own retries are off, because they wait for any
 `Retry-After` without a cap), with backoff, at most `LLM_MAX_RETRIES` times,
 and every call has one total deadline, `LLM_TOTAL_TIMEOUT_SECONDS`, that
 covers the retries, the waits and a reply that arrives slowly.
+
+The SDKs are imported when a provider first needs them: importing
+`anthropic` and `openai` takes seconds (about 4 and 2 on a slow 2-core
+machine), which a `parley` command or the echo model should not pay.
 """
 from __future__ import annotations
 
@@ -27,22 +31,25 @@ import logging
 import math
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import anthropic
 import httpx2
-import openai
 import orjson
 from botocore.eventstream import ParserError as EventStreamError
 from botocore.exceptions import BotoCoreError
 
 from config import ConfigError
 from conversation_memory import MESSAGE_OVERHEAD_TOKENS, USER, estimate_tokens
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
 
 log = logging.getLogger("parley")
 
@@ -367,45 +374,51 @@ class _SDKStream(ReplyStream):
 
 
 class _Restartable:
-    """A provider's stream (`anthropic.Stream`, `openai.Stream`), started again when it fails before its first event.
+    """A provider's stream (`anthropic.Stream`, `openai.Stream`), started again when it fails before its reply begins.
 
-    A provider may fail a stream it has begun with 200 in its first event
+    A provider may fail a stream it has begun with 200 in its first events
     (Anthropic's `overloaded_error`, Bedrock's `throttlingException`), or end
-    it with none. Nothing has reached the client then (the response sends its
-    heartbeats meanwhile), so the stream is started again like a request that
-    failed with the status the error's type stands for (an early end or a
-    broken connection as a dropped one), within the retries and the deadline
-    of the request that started it. A failure after the first event ends the
-    stream.
+    it with none. Until an event says something (`preamble(event)` is false:
+    the reply's first words, a tool call, or its end), nothing has reached
+    the client (the response sends its heartbeats meanwhile), and the events
+    passed on only set what the next stream's set again. So the stream is
+    started again like a request that failed with the status the error's type
+    stands for (an early end or a broken connection as a dropped one), within
+    the retries and the deadline of the request that started it. A failure
+    after that ends the stream.
     """
 
     def __init__(self, stream: Any, start: Callable[[], Any], policy: RetryPolicy, attempts: Attempts, sdk: Any,
-                 provider: str) -> None:
+                 provider: str, preamble: Callable[[Any], bool]) -> None:
         self._stream = stream
         self._start = start
         self._policy = policy
         self._attempts = attempts
         self._sdk = sdk
         self._provider = provider
+        self._preamble = preamble
         self._stopped = attempts.stopped = threading.Event()
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            events = iter(self._stream)
-            asked = None
+            said, asked = False, None  # whether an event that says something was passed on
             try:
-                first = next(events)
-            except StopIteration:
-                cause: Exception | None = None  # Parley's own finding
-                error = ModelError(502, "model_error", f"the {self._provider} model's stream ended before its first event", retryable=True)
+                for event in self._stream:
+                    said = said or not self._preamble(event)
+                    yield event
             except self._sdk.APIError as exc:
+                if said:
+                    raise
                 cause, error, asked = exc, _provider_error(exc, self._sdk, self._provider), _retry_after_seconds(exc)
             except httpx2.TransportError as exc:  # the connection broke, or a read waited LLM_TIMEOUT_SECONDS
+                if said:
+                    raise
                 cause, error = exc, _stream_error(exc, self._provider)
             else:
-                yield first
-                yield from events
-                return
+                if said:
+                    return
+                cause = None  # Parley's own finding
+                error = ModelError(502, "model_error", f"the {self._provider} model's stream ended before its reply began", retryable=True)
             self._close_quietly()
             if self._stopped.is_set():  # closed under the reader's feet: not a failure
                 return
@@ -428,6 +441,11 @@ class _Restartable:
             log.debug("closing the provider's stream: %s", exc.__class__.__name__)
 
 
+def _anthropic_preamble(event: Any) -> bool:
+    """A Messages event that comes before the reply says anything."""
+    return event.type in ("message_start", "ping") or (event.type == "content_block_start" and event.content_block.type == "text")
+
+
 def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
     """Text of a Messages stream event ("" for bookkeeping), None at message_stop."""
     if event.type == "message_start":
@@ -445,6 +463,14 @@ def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
     elif event.type == "message_stop":
         return None
     return ""
+
+
+def _openai_preamble(chunk: Any) -> bool:
+    """A Chat Completions chunk that comes before the reply says anything (the role's, a filter's)."""
+    if chunk.usage is not None or not chunk.choices:
+        return chunk.usage is None
+    choice = chunk.choices[0]
+    return not (choice.delta.content or choice.delta.tool_calls or choice.finish_reason)
 
 
 def _read_openai_chunk(stream: ReplyStream, chunk: Any) -> str | None:
@@ -490,6 +516,8 @@ class AnthropicModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
+        import anthropic
+
         body = self._body(system, messages, offer_human)
         message = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
         try:
@@ -516,12 +544,14 @@ class AnthropicModel:
         )
 
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
-        """Messages streaming; failures before the first event are retried like `reply`'s."""
+        """Messages streaming; failures before the reply begins are retried like `reply`'s."""
+        import anthropic
+
         body = self._body(system, messages, offer_human)
         attempts = self.retries.start()
         start = functools.partial(self._create, body, stream=True)
         events = self.retries.call(start, anthropic, self.provider, attempts)
-        restartable = _Restartable(events, start, self.retries, attempts, anthropic, self.provider)
+        restartable = _Restartable(events, start, self.retries, attempts, anthropic, self.provider, _anthropic_preamble)
         return _SDKStream(self.provider, self.model, restartable, _read_anthropic_event)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
@@ -552,6 +582,8 @@ class AnthropicModel:
         Bedrock's client rewrites the body into its own request, so it is
         given the arguments of `messages.create`.
         """
+        import anthropic
+
         if isinstance(self.client, anthropic.AnthropicBedrock):
             arguments = {name: value for name, value in body.items() if name != "temperature"}
             extra_body = {"temperature": body["temperature"]} if "temperature" in body else None
@@ -580,6 +612,8 @@ class OpenAIModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
+        import openai
+
         body = self._body(system, messages, offer_human)
         completion = self.retries.call(lambda: self._create(body), openai, self.provider)
         try:
@@ -610,12 +644,14 @@ class OpenAIModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
+        import openai
+
         body = {**self._body(system, messages, offer_human), "stream": True, "stream_options": {"include_usage": True}}
         attempts = self.retries.start()
         start = functools.partial(self._create, body)
         chunks = self.retries.call(start, openai, self.provider, attempts)
-        return _SDKStream(self.provider, self.model, _Restartable(chunks, start, self.retries, attempts, openai, self.provider),
-                          _read_openai_chunk)
+        restartable = _Restartable(chunks, start, self.retries, attempts, openai, self.provider, _openai_preamble)
+        return _SDKStream(self.provider, self.model, restartable, _read_openai_chunk)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
         prompt = ([{"role": "system", "content": system}] if system else []) + _openai_messages(messages)
@@ -631,6 +667,8 @@ class OpenAIModel:
 
     def _create(self, body: dict[str, Any]) -> Any:
         """POST /chat/completions, the body encoded by orjson (see `AnthropicModel._create`)."""
+        import openai
+
         return self.client.post(
             "/chat/completions",
             content=orjson.dumps(body),
@@ -679,17 +717,23 @@ def make_model(config: Mapping[str, Any]) -> ChatModel:
     provider = config["LLM_PROVIDER"]
     if provider == "echo":
         return EchoModel(ECHO_CHOSEN_LABEL if config.get("LLM_PROVIDER_CHOSEN") else ECHO_LABEL)
+    if provider == "openai":
+        import openai
+
+        client_class, sdk_error = openai.OpenAI, openai.OpenAIError
+    elif provider in ("anthropic", "bedrock"):
+        import anthropic
+
+        client_class = anthropic.Anthropic if provider == "anthropic" else anthropic.AnthropicBedrock
+        sdk_error = anthropic.AnthropicError
+    else:
+        raise ConfigError(f"unknown LLM_PROVIDER {provider!r}")
     client_options = {"timeout": config["LLM_TIMEOUT_SECONDS"], "max_retries": 0, "http_client": _http_client(config)}
     try:
-        if provider == "anthropic":
-            return AnthropicModel(anthropic.Anthropic(**client_options), provider, config)
-        if provider == "bedrock":
-            return AnthropicModel(anthropic.AnthropicBedrock(**client_options), provider, config)
-        if provider == "openai":
-            return OpenAIModel(openai.OpenAI(**client_options), config)
-    except (anthropic.AnthropicError, openai.OpenAIError, BotoCoreError, ValueError) as exc:  # no key, AWS region or profile
+        client = client_class(**client_options)
+        return OpenAIModel(client, config) if provider == "openai" else AnthropicModel(client, provider, config)
+    except (sdk_error, BotoCoreError, ValueError) as exc:  # no key, AWS region or profile
         raise ConfigError(f"LLM_PROVIDER={provider}: {exc}") from exc
-    raise ConfigError(f"unknown LLM_PROVIDER {provider!r}")
 
 
 def _http_client(config: Mapping[str, Any]) -> httpx2.Client:
@@ -812,8 +856,9 @@ def _unreadable(provider: str) -> ModelError:
 
 def _stream_error(exc: Exception, provider: str) -> ModelError:
     """A failure while reading a stream, as the status Parley reports in its `error` event."""
-    for sdk in (anthropic, openai):
-        if isinstance(exc, sdk.APIError):
+    for name in ("anthropic", "openai"):
+        sdk = sys.modules.get(name)  # an SDK that was never imported raised nothing
+        if sdk is not None and isinstance(exc, sdk.APIError):
             return _provider_error(exc, sdk, provider)
     if isinstance(exc, httpx2.TimeoutException):  # a read that waited LLM_TIMEOUT_SECONDS, or the total deadline
         message = (f"the {provider} model did not finish in time (LLM_TIMEOUT_SECONDS without a byte, "
@@ -835,7 +880,8 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
     upstream = f"upstream status {status}"
     kind = _error_type(exc) if status in (None, 200) else None
     if kind is not None:  # an error event inside a stream that began with 200: its type tells
-        status, upstream = _STATUS_OF_ERROR_TYPE.get(kind, status), f"upstream error {kind}"
+        # Bedrock's SDK names a type its service model lacks as "".
+        status, upstream = _STATUS_OF_ERROR_TYPE.get(kind, status), f"upstream error {kind or 'of a type Parley does not know'}"
     retry_after = _retry_after_seconds(exc)
     wait = None if retry_after is None else math.ceil(retry_after)
     if status in (429, 529):

@@ -1,9 +1,13 @@
 """Real anthropic and openai SDKs against a local server speaking their wire protocol."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -190,6 +194,22 @@ def test_the_model_connection_pool_is_as_large_as_the_connections_a_worker_carri
     assert sum(pool._pool._max_connections for pool in pools) == 48
 
 
+@pytest.mark.parametrize(("provider", "loaded"), [("echo", []), ("anthropic", ["anthropic"]), ("openai", ["openai"])])
+def test_a_process_imports_only_the_model_sdk_its_provider_needs(provider, loaded):
+    """Each SDK takes seconds to import: a `parley` command or the echo model pays for none."""
+    code = (
+        "import sys, cli, main, llm; from config import load_config; "
+        f"llm.make_model(load_config({{'LLM_PROVIDER': '{provider}', 'LLM_MODEL': 'm'}})); "
+        "print(sorted(name for name in ('anthropic', 'openai') if name in sys.modules))"
+    )
+    env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test", "OPENAI_API_KEY": "sk-test"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr(loaded)
+
+
 @pytest.mark.parametrize("limit", [5, 20])
 def test_the_model_connections_of_a_process_are_as_many_as_worker_connections(fake_model, monkeypatch, limit):
     """The pools the requests are spread over share WORKER_CONNECTIONS exactly (not rounded up to their number)."""
@@ -267,7 +287,7 @@ def test_tool_arguments_nested_too_deep_read_as_none():
 
 
 def test_closing_a_stream_that_waits_to_start_again_stops_it_at_once(fake_model, monkeypatch):
-    """The client left while its stream, failed before its first event, waits out a Retry-After to start again."""
+    """The client left while its stream, failed before its reply began, waits out a Retry-After to start again."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
     model = llm.make_model(load_config({"LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "LLM_MAX_RETRIES": "5"}))

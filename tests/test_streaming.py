@@ -176,6 +176,43 @@ def test_a_stream_failing_in_its_first_event_past_the_retries_ends_with_its_erro
     assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
 
 
+# The frames a stream sends before its reply says anything: Anthropic's (and Bedrock's)
+# message_start, content_block_start and ping; OpenAI's chunk with the role.
+PREAMBLE_FRAMES = {"anthropic": 3, "openai": 1, "bedrock": 3}
+
+
+@pytest.mark.parametrize(("provider", "bedrock_exception", "_error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_after_its_preamble_before_any_words_is_started_again(
+    provider_app, fake_model, provider, bedrock_exception, _error
+):
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=PREAMBLE_FRAMES[provider], bedrock_exception=bedrock_exception)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert [name for name, _ in events if name not in ("delta", "comment")] == ["done"]
+    assert events[-1][1]["reply"] == "".join(data["text"] for name, data in events if name == "delta") == "reply to: go on then"
+    assert len(fake_model.requests) == 2
+
+
+@pytest.mark.parametrize(("provider", "bedrock_exception", "error"), FIRST_EVENT_FAILURES)
+def test_a_stream_failing_after_its_first_words_is_not_started_again(provider_app, fake_model, provider, bedrock_exception, error):
+    """The client has the reply's first words: a second reply would not follow on from them."""
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=PREAMBLE_FRAMES[provider] + 1, bedrock_exception=bedrock_exception)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert [name for name, _ in events if name != "comment"] == ["delta", "error"]
+    assert (events[-1][1]["error"], events[-1][1]["retryable"]) == (error, True)
+    assert len(fake_model.requests) == 1
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_stream_that_ends_before_its_first_event_is_started_again(provider_app, fake_model, provider):
     client = provider_app(provider, LLM_MAX_RETRIES=1)
@@ -214,6 +251,19 @@ def test_a_bedrock_exception_mid_stream_says_whether_to_retry(provider_app, fake
     assert error == "model_unavailable" or exception in events[-1][1]["message"]
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
     assert client.post("/chat", json={"conversation_id": conversation_id, "message": "again"}).status_code == 200
+
+
+def test_a_bedrock_exception_of_a_type_parley_does_not_know_says_so(provider_app, fake_model):
+    client = provider_app("bedrock")
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=3, bedrock_exception="quotaSurpriseException")
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    assert parse_events(response.data)[-1] == ("error", {
+        "error": "model_error", "retryable": False,
+        "message": "the bedrock model failed (upstream error of a type Parley does not know)",
+    })
 
 
 def test_a_bedrock_stream_that_cannot_be_decoded_is_a_retryable_model_error(provider_app, fake_model):
