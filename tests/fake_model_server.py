@@ -37,6 +37,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -577,6 +578,16 @@ class FakeModelServer:
         may not."""
         with self._lock:
             self._gathering = (count, time.monotonic() + within)
+
+    def hold(self, within: float = 30.0) -> None:
+        """Hold every request until `let_go()`, or until ``within`` seconds have passed."""
+        self.gather(sys.maxsize, within)
+
+    def let_go(self) -> None:
+        """Answer the requests held now (by `hold` or `gather`), and later ones without holding."""
+        with self._arrived:
+            self._gathering = None
+            self._arrived.notify_all()
 
     def _wait_for_the_others(self) -> None:
         with self._arrived:

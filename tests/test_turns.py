@@ -47,13 +47,14 @@ def _in_background(call):
 def test_a_second_turn_during_a_turn_gets_409_and_then_sees_the_first_exchange(provider_app, fake_model):
     client = provider_app("anthropic")
     conversation_id = _conversation(client)
-    fake_model.delay_next(1.5)
+    fake_model.hold()  # the first turn waits on the model until the others have been answered
 
     thread, first = _in_background(lambda: _say(client, conversation_id, "first question"))
     _wait_until(lambda: fake_model.in_flight == 1)
     during = _say(client, conversation_id, "second question")
     end_during = client.post("/end_chat", json={"conversation_id": conversation_id})
     read_during = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    fake_model.let_go()
     thread.join()
     after = _say(client, conversation_id, "second question")
 
@@ -71,7 +72,7 @@ def test_a_second_turn_during_a_turn_gets_409_and_then_sees_the_first_exchange(p
 def test_other_conversations_are_served_while_one_turn_waits(provider_app, fake_model):
     client = provider_app("anthropic")
     slow, other = _conversation(client), _conversation(client)
-    fake_model.delay_next(1.5)
+    fake_model.gather(2)  # the slow turn waits on the model until the quick one's request comes too
 
     thread, first = _in_background(lambda: _say(client, slow, "slow"))
     _wait_until(lambda: fake_model.in_flight == 1)
@@ -80,6 +81,7 @@ def test_other_conversations_are_served_while_one_turn_waits(provider_app, fake_
 
     assert meanwhile.status_code == 200
     assert first["response"].status_code == 200
+    assert fake_model.peak_in_flight == 2  # the quick turn reached the model while the slow one waited on it
 
 
 def test_a_lease_left_by_a_dead_worker_expires(provider_app, app, fake_model):
