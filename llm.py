@@ -508,6 +508,9 @@ class AnthropicModel:
     """Claude via the Messages API, direct or on Bedrock."""
 
     def __init__(self, client: anthropic.Anthropic | anthropic.AnthropicBedrock, provider: str, config: Mapping[str, Any]) -> None:
+        import anthropic  # imported only by the processes that use it (see make_model)
+
+        self.sdk = anthropic
         self.client = client
         self.provider = provider
         self.model = config["LLM_MODEL"]
@@ -516,10 +519,8 @@ class AnthropicModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        import anthropic
-
         body = self._body(system, messages, offer_human)
-        message = self.retries.call(lambda: self._create(body, stream=False), anthropic, self.provider)
+        message = self.retries.call(lambda: self._create(body, stream=False), self.sdk, self.provider)
         try:
             return self._read(_decoded(message))
         except _UNREADABLE as exc:
@@ -545,13 +546,11 @@ class AnthropicModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """Messages streaming; failures before the reply begins are retried like `reply`'s."""
-        import anthropic
-
         body = self._body(system, messages, offer_human)
         attempts = self.retries.start()
         start = functools.partial(self._create, body, stream=True)
-        events = self.retries.call(start, anthropic, self.provider, attempts)
-        restartable = _Restartable(events, start, self.retries, attempts, anthropic, self.provider, _anthropic_preamble)
+        events = self.retries.call(start, self.sdk, self.provider, attempts)
+        restartable = _Restartable(events, start, self.retries, attempts, self.sdk, self.provider, _anthropic_preamble)
         return _SDKStream(self.provider, self.model, restartable, _read_anthropic_event)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
@@ -582,9 +581,7 @@ class AnthropicModel:
         Bedrock's client rewrites the body into its own request, so it is
         given the arguments of `messages.create`.
         """
-        import anthropic
-
-        if isinstance(self.client, anthropic.AnthropicBedrock):
+        if isinstance(self.client, self.sdk.AnthropicBedrock):
             arguments = {name: value for name, value in body.items() if name != "temperature"}
             extra_body = {"temperature": body["temperature"]} if "temperature" in body else None
             if stream:
@@ -595,7 +592,7 @@ class AnthropicModel:
             content=orjson.dumps({**body, "stream": True} if stream else body),
             cast_to=bytes,
             stream=stream,
-            stream_cls=anthropic.Stream[anthropic.types.RawMessageStreamEvent],
+            stream_cls=self.sdk.Stream[self.sdk.types.RawMessageStreamEvent],
         )
 
 
@@ -605,6 +602,9 @@ class OpenAIModel:
     provider = "openai"
 
     def __init__(self, client: openai.OpenAI, config: Mapping[str, Any]) -> None:
+        import openai  # imported only by the processes that use it (see make_model)
+
+        self.sdk = openai
         self.client = client
         self.model = config["LLM_MODEL"]
         self.max_tokens = config["LLM_MAX_TOKENS"]
@@ -612,10 +612,8 @@ class OpenAIModel:
         self.retries = RetryPolicy.from_config(config)
 
     def reply(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ModelReply:
-        import openai
-
         body = self._body(system, messages, offer_human)
-        completion = self.retries.call(lambda: self._create(body), openai, self.provider)
+        completion = self.retries.call(lambda: self._create(body), self.sdk, self.provider)
         try:
             return self._read(_decoded(completion))
         except _UNREADABLE as exc:
@@ -644,13 +642,11 @@ class OpenAIModel:
 
     def stream(self, system: str | None, messages: list[dict[str, str]], offer_human: bool = False) -> ReplyStream:
         """`stream=True`, asking for the usage chunk at the end."""
-        import openai
-
         body = {**self._body(system, messages, offer_human), "stream": True, "stream_options": {"include_usage": True}}
         attempts = self.retries.start()
         start = functools.partial(self._create, body)
-        chunks = self.retries.call(start, openai, self.provider, attempts)
-        restartable = _Restartable(chunks, start, self.retries, attempts, openai, self.provider, _openai_preamble)
+        chunks = self.retries.call(start, self.sdk, self.provider, attempts)
+        restartable = _Restartable(chunks, start, self.retries, attempts, self.sdk, self.provider, _openai_preamble)
         return _SDKStream(self.provider, self.model, restartable, _read_openai_chunk)
 
     def _body(self, system: str | None, messages: list[dict[str, str]], offer_human: bool) -> dict[str, Any]:
@@ -667,14 +663,12 @@ class OpenAIModel:
 
     def _create(self, body: dict[str, Any]) -> Any:
         """POST /chat/completions, the body encoded by orjson (see `AnthropicModel._create`)."""
-        import openai
-
         return self.client.post(
             "/chat/completions",
             content=orjson.dumps(body),
             cast_to=bytes,
             stream=bool(body.get("stream")),
-            stream_cls=openai.Stream[openai.types.chat.ChatCompletionChunk],
+            stream_cls=self.sdk.Stream[self.sdk.types.chat.ChatCompletionChunk],
         )
 
 
