@@ -878,8 +878,8 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
         status, upstream = _STATUS_OF_ERROR_TYPE.get(kind, status), f"upstream error {kind or 'of a type Parley does not know'}"
     retry_after = _retry_after_seconds(exc)
     wait = None if retry_after is None else math.ceil(retry_after)
-    if status in (429, 529):
-        message = f"the {provider} model is overloaded or rate limited; retry later"
+    if status in (429, 503, 529):
+        message = f"the {provider} model is unavailable, overloaded or rate limited; retry later"
         return ModelError(503, "model_unavailable", message, retryable=True, retry_after=wait)
     retryable = status in RETRYABLE_STATUSES
     return ModelError(502, "model_error", f"the {provider} model failed ({upstream})", retryable, wait)

@@ -109,6 +109,7 @@ def test_text_beyond_ascii_and_the_temperature_reach_the_provider_as_sent(provid
         (400, 502, "model_error"),
         (401, 502, "model_error"),
         (429, 503, "model_unavailable"),
+        (503, 503, "model_unavailable"),
         (529, 503, "model_unavailable"),
     ],
 )

@@ -109,7 +109,7 @@ def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, f
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize(
     ("upstream_status", "status", "error"),
-    [(429, 503, "model_unavailable"), (529, 503, "model_unavailable"), (500, 502, "model_error")],
+    [(429, 503, "model_unavailable"), (503, 503, "model_unavailable"), (529, 503, "model_unavailable"), (500, 502, "model_error")],
 )
 def test_exhausted_retries_answer_a_retryable_5xx_with_the_providers_retry_after(
     provider_app, fake_model, provider, upstream_status, status, error
