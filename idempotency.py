@@ -21,12 +21,14 @@ deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 import click
 from flask import Flask
 from flask.cli import with_appcontext
+from pydantic import BaseModel
 from sqlalchemy import ColumnElement, delete, or_, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -87,10 +90,37 @@ class Replay:
     body: dict[str, Any]
 
 
-def fingerprint(method: str, path: str, body: Any) -> str:
-    """What makes two requests "the same": route and JSON body, key order ignored."""
+def fingerprint(method: str, path: str, body: Any, defaults: Mapping[str, Any]) -> str:
+    """What makes two requests "the same": route and JSON body, key order ignored.
+
+    A field sent with its default value (`defaults`, from `body_defaults`)
+    is the same request as the field left out: `{"stream": false}` is `{}`,
+    and so is no body at all.
+    """
+    if body is None:
+        body = {}
+    if isinstance(body, dict):
+        body = {name: value for name, value in body.items() if not _is_default(value, defaults.get(name, _REQUIRED))}
     canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_REQUIRED = object()
+
+
+@functools.cache
+def body_defaults(model: type[BaseModel]) -> Mapping[str, Any]:
+    """The value each optional field of a request body's model takes when it is left out."""
+    return {
+        field.alias or name: field.get_default(call_default_factory=True)
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+    }
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    # The type too: 0 is not false, and 1.0 is not 1.
+    return default is not _REQUIRED and type(value) is type(default) and value == default
 
 
 def check_key(value: str) -> str:

@@ -111,10 +111,16 @@ log = logging.getLogger("parley")
 
 # Who may call each route on `api`, by endpoint name, filled in by `@allow`.
 ROUTE_ROLES: dict[str, frozenset[Role]] = {}
-# Routes that honour an Idempotency-Key header.
-IDEMPOTENT_ROUTES = frozenset(
-    {"new_chat", "chat", "end_chat", "request_human", "claim_conversation", "write_staff_message", "release_conversation"}
-)
+# Routes that honour an Idempotency-Key header, and the model of each one's body.
+IDEMPOTENT_ROUTES: dict[str, type[BaseModel]] = {
+    "new_chat": NewChatRequest,
+    "chat": ChatRequest,
+    "end_chat": ConversationRef,
+    "request_human": HandoffRequest,
+    "claim_conversation": ClaimRequest,
+    "write_staff_message": StaffMessageRequest,
+    "release_conversation": ReleaseRequest,
+}
 # POST routes whose body may be left out altogether.
 BODYLESS_ROUTES = frozenset({"claim_conversation", "release_conversation"})
 # POST routes that take multipart/form-data uploads, each with its own body
@@ -291,7 +297,8 @@ def _authorize() -> Response | None:
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
         return None
     session = get_session()
-    digest = idempotency.fingerprint(request.method, request.path, request.get_json(silent=True))
+    defaults = idempotency.body_defaults(IDEMPOTENT_ROUTES[endpoint])
+    digest = idempotency.fingerprint(request.method, request.path, request.get_json(silent=True), defaults)
     idempotency.purge_now_and_then(session, current_app)
     outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
     if isinstance(outcome, idempotency.Replay):

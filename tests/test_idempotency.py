@@ -12,7 +12,8 @@ import idempotency
 from auth import authenticate
 from config import load_config
 from database_utils import Conversation, IdempotencyRecord, get_session
-from idempotency import Claim, claim, fingerprint
+from idempotency import Claim, body_defaults, claim, fingerprint
+from schemas import NewChatRequest
 from tests.conftest import client_with_key
 
 
@@ -88,6 +89,44 @@ def test_key_order_in_the_body_does_not_make_another_request(client):
                         headers={"Idempotency-Key": "order", "Content-Type": "application/json"})
 
     assert retry.status_code == 200 and retry.json == first.json
+
+
+def test_a_field_sent_with_its_default_is_the_same_request_as_the_field_left_out(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "once"}
+
+    first = _post(client, "/chat", body, "defaults")
+    spelled_out = _post(client, "/chat", {**body, "stream": False, "file_ids": []}, "defaults")
+    streamed = _post(client, "/chat", {**body, "stream": True}, "defaults")
+
+    assert spelled_out.status_code == 200 and spelled_out.data == first.data
+    assert spelled_out.headers["Idempotent-Replayed"] == "true"
+    assert streamed.status_code == 422 and streamed.json["error"] == "idempotency_key_reused"
+    assert len([r for r in fake_model.requests if r.path == "/v1/messages"]) == 1
+
+
+def test_no_body_an_empty_one_and_one_of_defaults_are_the_same_release(client, staff_client):
+    conversation_id = _conversation(client)
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "a person, please"}).status_code == 200
+    assert staff_client.post(f"/conversations/{conversation_id}/claim").status_code == 200
+    headers = {"Idempotency-Key": "release-1"}
+
+    first = staff_client.post(f"/conversations/{conversation_id}/release", headers=headers)
+    empty = staff_client.post(f"/conversations/{conversation_id}/release", json={}, headers=headers)
+    null_note = staff_client.post(f"/conversations/{conversation_id}/release", json={"note": None}, headers=headers)
+    with_note = staff_client.post(f"/conversations/{conversation_id}/release", json={"note": "done"}, headers=headers)
+
+    assert first.status_code == 200
+    assert [(r.status_code, r.headers.get("Idempotent-Replayed")) for r in (empty, null_note)] == [(200, "true")] * 2
+    assert with_note.status_code == 422
+
+
+def test_a_default_is_matched_by_type_as_well_as_value():
+    defaults = {"stream": False}
+
+    assert fingerprint("POST", "/chat", {"stream": False}, defaults) == fingerprint("POST", "/chat", {}, defaults)
+    assert fingerprint("POST", "/chat", {"stream": 0}, defaults) != fingerprint("POST", "/chat", {}, defaults)
 
 
 def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
@@ -272,7 +311,7 @@ def test_a_claim_left_by_a_dead_worker_is_taken_over_after_its_lock(app, client,
         session = get_session()
         caller = authenticate(session, f"Bearer {keys['client_a']}")
         # A request that claimed the key and whose worker then died.
-        held = claim(session, caller.key_id, "orphan", fingerprint("POST", "/new_chat", body), app.config)
+        held = claim(session, caller.key_id, "orphan", fingerprint("POST", "/new_chat", body, body_defaults(NewChatRequest)), app.config)
         assert isinstance(held, Claim)
 
     blocked = _post(client, "/new_chat", body, "orphan")
