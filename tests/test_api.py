@@ -1,11 +1,13 @@
 """The HTTP API end to end, on PostgreSQL + S3 and on the embedded default."""
 from __future__ import annotations
 
+import typing
 import uuid
 
 import pytest
 from sqlalchemy import select
 
+import main
 from audit import list_audit_events
 from auth import Caller
 from conversation_memory import estimate_tokens
@@ -315,6 +317,12 @@ def test_openapi_declares_the_idempotency_key_on_every_route_that_honours_it(cli
         headers = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "header"]
         assert "Idempotency-Key" in headers, route
         assert "422" in operation["responses"], route
+
+
+def test_each_idempotent_route_names_the_model_its_body_is_read_with():
+    """An Idempotency-Key's fingerprint leaves out the fields at that model's defaults."""
+    for route, model in IDEMPOTENT_ROUTES.items():
+        assert typing.get_type_hints(getattr(main, route))["body"] is model, route
 
 
 def test_openapi_states_and_roles_are_exactly_the_enums(client):
