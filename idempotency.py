@@ -58,7 +58,8 @@ log = logging.getLogger("parley")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+# Visible ASCII but the comma: two Idempotency-Key headers reach the app joined by one.
+_KEY_PATTERN = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,255}")
 PURGE_INTERVAL_SECONDS = 600.0
 # Failures whose answer is not kept, so a retry with the same key runs again. Stripe keeps
 # none "if incoming parameters fail validation, or the request conflicts with another request
@@ -125,7 +126,7 @@ def _is_default(value: Any, default: Any) -> bool:
 
 def check_key(value: str) -> str:
     if not _KEY_PATTERN.fullmatch(value):
-        raise ApiError(f"{HEADER} must be 1 to 255 visible ASCII characters")
+        raise ApiError(f"{HEADER} must be one header of 1 to 255 visible ASCII characters other than a comma")
     return value
 
 

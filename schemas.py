@@ -143,7 +143,7 @@ class IdempotencyHeader(BaseModel):
         alias="Idempotency-Key",
         min_length=1,
         max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
+        pattern=r"^[\x21-\x2b\x2d-\x7e]+$",
         description="Makes a retry safe: the same key and body return the first response without running again.",
     )
 

@@ -324,6 +324,24 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
         "gunicorn answered: 414 URI Too Long"]
 
 
+def test_two_idempotency_keys_on_one_request_are_refused(serve):
+    """gunicorn joins the two headers with a comma: Parley refuses the result instead of taking it for one key."""
+    server = serve()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"user_id": "two-keys"}).encode()
+    connection.putrequest("POST", "/new_chat")
+    for name, value in [("Authorization", f"Bearer {server.key}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(len(body))), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]:
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+
+    assert response.status == 400
+    assert "Idempotency-Key" in answer["message"]
+
+
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
 def test_log_lines_are_json_with_the_request_id(serve, preload):
     """With --preload, gevent warns in each worker that it patched ssl after the app imported it: a JSON line too."""
