@@ -177,12 +177,16 @@ def _write_json_error(sock, status_int, reason, mesg):
 
     The request was refused before its headers were read, so its X-Request-ID
     is a new one, as Parley gives a request that sent none; a log line carries
-    it (gunicorn's own line about the refusal, just before, cannot).
+    it (gunicorn's own line about the refusal, just before, cannot). The
+    request is counted in the metrics like the app's.
     """
     from gunicorn import util
 
+    from metrics import count_refused_by_server
+
     request_id = uuid.uuid4().hex
     logging.getLogger("gunicorn.error").info("gunicorn answered: %s %s", status_int, reason, extra={"request_id": request_id})
+    count_refused_by_server(status_int)
     body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": mesg or reason}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nX-Request-ID: {request_id}\r\n"

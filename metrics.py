@@ -8,6 +8,7 @@ in-process apps, `parley run`) the process's own samples are served.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -157,6 +158,21 @@ def _route_label() -> str:
         rule, _ = adapter.match(method=refused.valid_methods[0], return_rule=True)
         return rule.rule
     return "unmatched"
+
+
+def count_refused_by_server(status: int) -> None:
+    """Count a request gunicorn answered itself (a request line or headers over its limits, a
+    malformed request), which the app never saw: `unmatched` and `other`, as no route or method
+    was read. In the shared samples of gunicorn's workers only (PROMETHEUS_MULTIPROC_DIR)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _refused_requests().labels("unmatched", "other", str(status)).inc()
+
+
+@functools.cache
+def _refused_requests() -> Counter:
+    # Not registered: the samples go to the worker's file, where /metrics merges them with the app's.
+    return Counter("parley_http_requests", "HTTP requests answered, by route, method and status.",
+                   ["route", "method", "status"], registry=None)
 
 
 def get_metrics(app: Flask) -> Metrics:

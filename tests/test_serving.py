@@ -311,6 +311,7 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
     server = serve()
 
     status, body, headers = server.request("GET", "/get_conversation?conversation_id=" + "a" * 10_000)
+    metrics = server.request("GET", "/metrics")[1]["text"]
 
     server.process.terminate()
     server.process.wait(timeout=30)
@@ -322,6 +323,7 @@ def test_what_gunicorn_refuses_is_answered_in_json(serve):
     assert body["error"] == "request-uri_too_long" or body["error"].endswith("too_long")
     assert [line["message"] for line in logged if line.get("request_id") == headers["X-Request-ID"]] == [
         "gunicorn answered: 414 URI Too Long"]
+    assert 'parley_http_requests_total{method="other",route="unmatched",status="414"} 1.0' in metrics
 
 
 def test_two_idempotency_keys_on_one_request_are_refused(serve):
