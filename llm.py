@@ -467,8 +467,10 @@ def _read_anthropic_event(stream: ReplyStream, event: Any) -> str | None:
 
 def _openai_preamble(chunk: Any) -> bool:
     """A Chat Completions chunk that comes before the reply says anything (the role's, a filter's)."""
-    if chunk.usage is not None or not chunk.choices:
-        return chunk.usage is None
+    if chunk.usage is not None:  # the usage chunk, the last
+        return False
+    if not chunk.choices:  # a content filter's
+        return True
     choice = chunk.choices[0]
     return not (choice.delta.content or choice.delta.tool_calls or choice.finish_reason)
 

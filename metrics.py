@@ -38,10 +38,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter(
-            "parley_http_requests", "HTTP requests answered, by route, method and status.",
-            ["route", "method", "status"], registry=registry,
-        )
+        self.requests = _requests_counter(registry)
         self.request_seconds = Histogram(
             "parley_http_request_duration_seconds", "Time to answer a request (to its first byte when streamed).",
             ["route", "method"], buckets=_LATENCY_BUCKETS, registry=registry,
@@ -171,8 +168,14 @@ def count_refused_by_server(status: int) -> None:
 @functools.cache
 def _refused_requests() -> Counter:
     # Not registered: the samples go to the worker's file, where /metrics merges them with the app's.
-    return Counter("parley_http_requests", "HTTP requests answered, by route, method and status.",
-                   ["route", "method", "status"], registry=None)
+    return _requests_counter(None)
+
+
+def _requests_counter(registry: CollectorRegistry | None) -> Counter:
+    return Counter(
+        "parley_http_requests", "HTTP requests answered, by route, method and status.",
+        ["route", "method", "status"], registry=registry,
+    )
 
 
 def get_metrics(app: Flask) -> Metrics:
