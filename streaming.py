@@ -15,7 +15,8 @@ Events (`event:` name, `data:` one JSON object):
 - `done`: the stored turn, the same object as /chat's JSON answer;
 - `handoff` instead of `done` when the model called the request_human tool:
   the same object as /chat's 202 answer `{conversation_id, handoff, seq}`;
-- `error` `{"error", "message"}` instead of `done` when the turn failed.
+- `error` `{"error", "message"}` instead of `done` when the turn failed (a model's error also
+  has `retryable`, and `retry_after` in seconds when the provider gave one).
 """
 from __future__ import annotations
 
@@ -156,7 +157,10 @@ def _error_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ModelError):
         cause = exc.message if exc.__cause__ is None else exc.__cause__.__class__.__name__  # Parley's own finding, or the SDK's error
         log.warning("model provider failed mid-stream: %s (%s)", exc.error, cause)
-        return {"error": exc.error, "message": exc.message, "retryable": exc.retryable}
+        body = {"error": exc.error, "message": exc.message, "retryable": exc.retryable}
+        if exc.retry_after is not None:  # what a response's Retry-After would have said
+            body["retry_after"] = exc.retry_after
+        return body
     if isinstance(exc, ApiError):
         return {"error": exc.error, "message": exc.message}
     if isinstance(exc, SQLAlchemyError):

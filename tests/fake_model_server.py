@@ -529,10 +529,12 @@ class FakeModelServer:
             self.peak_in_flight = self.in_flight
 
     def fail_next(
-        self, status: int, body: Json | None = None, count: int = 1, headers: dict[str, str] | None = None
+        self, status: int, body: Json | None = None, count: int = 1, headers: dict[str, str] | None = None, skip: int = 0
     ) -> None:
-        """Answer the next ``count`` requests with ``status`` and an error body in the provider's shape."""
+        """Answer the next ``count`` requests with ``status`` and an error body in the provider's shape,
+        after ``skip`` requests answered as usual."""
         with self._lock:
+            self._faults.extend([None] * skip)
             self._faults.extend(_Fault(status, body, dict(headers or {})) for _ in range(count))
 
     def answer_raw_next(self, raw: bytes, content_type: str = "application/json", status: int = 200) -> None:

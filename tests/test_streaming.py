@@ -197,6 +197,25 @@ def test_a_stream_failing_after_its_preamble_before_any_words_is_started_again(
     assert len(fake_model.requests) == 2
 
 
+@pytest.mark.parametrize(("provider", "bedrock_exception", "_error"), FIRST_EVENT_FAILURES)
+def test_a_stream_whose_new_start_is_refused_ends_with_the_providers_retry_after(
+    provider_app, fake_model, provider, bedrock_exception, _error
+):
+    """Started again after its preamble, the stream meets a 429 with Retry-After: the `error` event passes it on."""
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = open_chat(client)
+    fake_model.fail_stream_next(after_frames=PREAMBLE_FRAMES[provider], bedrock_exception=bedrock_exception)
+    fake_model.fail_next(429, headers={"retry-after": "7"}, skip=1)
+
+    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "go on then", "stream": True})
+
+    events = parse_events(response.data)
+    assert [name for name, _ in events if name != "comment"] == ["error"]
+    assert events[-1][1] == {"error": "model_unavailable", "message": events[-1][1]["message"], "retryable": True, "retry_after": 7}
+    assert len(fake_model.requests) == 2
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+
+
 @pytest.mark.parametrize(("provider", "bedrock_exception", "error"), FIRST_EVENT_FAILURES)
 def test_a_stream_failing_after_its_first_words_is_not_started_again(provider_app, fake_model, provider, bedrock_exception, error):
     """The client has the reply's first words: a second reply would not follow on from them."""
