@@ -162,7 +162,13 @@ def prepare_turn(
     owner = viewer.key_id if viewer.role == Role.CLIENT else None
     budget, cap = settings["CONTEXT_MAX_TOKENS"] - file_tokens, settings["CONTEXT_MAX_MESSAGES"]
     commit_each_statement(session)  # the claim commits by itself: no transaction to begin and end
-    claimed = claim_turn(session, conversation_id, owner, lease_id, lease_seconds, budget, cap, tails)
+    try:
+        claimed = claim_turn(session, conversation_id, owner, lease_id, lease_seconds, budget, cap, tails)
+    except BaseException:
+        # The claim may have committed before a later read of the tail (or the claim's
+        # retry) failed: give the lease back. Nothing matches it if the claim never committed.
+        _give_back(session, conversation_id, lease_id, lease_until)
+        raise
     if claimed is None:
         _explain_unclaimable(session, viewer, conversation_id)
     claimed, tail = claimed

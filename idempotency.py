@@ -103,7 +103,8 @@ def fingerprint(method: str, path: str, body: Any, defaults: Mapping[str, Any]) 
     if isinstance(body, dict):
         body = {name: value for name, value in body.items() if not _is_default(value, defaults.get(name, _REQUIRED))}
     canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    # "surrogatepass": a lone surrogate ("\ud800") is valid JSON; the body's validation refuses it later (400).
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _REQUIRED = object()

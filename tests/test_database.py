@@ -354,3 +354,37 @@ def test_a_connection_lost_before_the_session_closes_keeps_the_answer(app, clien
 
     assert answered.status_code == 200 and answered.json["conversation_id"] == conversation_id
     assert turn.status_code == 200 and turn.json["seq"] == 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turn_whose_tail_read_fails_after_its_claim_gives_the_lease_back(app, client, postgres_url):
+    """The claim committed; the connection dies on the walk back's next page: 503, and the next turn is not 409."""
+    conversation_id = _seed(app, 3_000)
+    with app.app_context():
+        session = get_session()
+        # An overstated total (200 tokens a message; they are 50): the first page falls short of the budget.
+        session.execute(text("UPDATE conversations SET token_count = 600000 WHERE conversation_id = :cid"),
+                        {"cid": conversation_id})
+        session.commit()
+    killed = []
+
+    def lose_the_connection(connection, _cursor, statement, *_args):
+        if "seq <" in statement and not killed:
+            killed.append(connection.connection.dbapi_connection.info.backend_pid)
+            admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": killed[0]})
+            admin.dispose()
+
+    # The key is looked up now, so the turn's request opens no transaction and its claim commits by itself.
+    assert client.post("/new_chat", json={"user_id": "u"}).status_code == 201
+    engine = app.extensions["parley.engine"]
+    event.listen(engine, "before_cursor_execute", lose_the_connection)
+    try:
+        failed = client.post("/chat", json={"conversation_id": str(conversation_id), "message": "first"})
+    finally:
+        event.remove(engine, "before_cursor_execute", lose_the_connection)
+    turn = client.post("/chat", json={"conversation_id": str(conversation_id), "message": "again"})
+
+    assert killed and failed.status_code == 503 and failed.json["error"] == "database_unavailable"
+    assert turn.status_code == 200 and turn.json["seq"] == 3_002

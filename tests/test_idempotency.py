@@ -296,6 +296,21 @@ def test_keys_are_scoped_to_the_api_key(app, keys):
     assert a.json["conversation_id"] != b.json["conversation_id"]
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/new_chat", {"user_id": "\ud800"}),
+    ("/chat", {"message": "half a pair: \udfff"}),
+])
+def test_a_lone_surrogate_under_a_key_is_refused_like_without_one(client, path, body):
+    """JSON may escape half a UTF-16 pair; the fingerprint takes it, and the body's validation refuses it."""
+    body = {**body, "conversation_id": _conversation(client)} if path == "/chat" else body
+
+    plain = _post(client, path, body, None)
+    keyed = _post(client, path, body, "surrogate-1")
+
+    assert plain.status_code == keyed.status_code == 400
+    assert plain.json["error"] == keyed.json["error"] == "invalid_request"
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "ключ", "two words", "two,keys"])
 def test_a_malformed_key_is_400(client, key):
     response = _post(client, "/new_chat", {"user_id": "u"}, key)
