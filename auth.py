@@ -64,6 +64,7 @@ class KeyCache:
     def __init__(self, ttl: float) -> None:
         self._entries: TTLCache[str, Caller] | None = TTLCache(_CACHE_SIZE, ttl) if ttl > 0 else None
         self._lock = threading.Lock()
+        self.generation = 0  # how many times it was cleared
 
     def get(self, key_hash: str) -> Caller | None:
         if self._entries is None:
@@ -71,14 +72,21 @@ class KeyCache:
         with self._lock:
             return self._entries.get(key_hash)
 
-    def put(self, key_hash: str, caller: Caller) -> None:
+    def put(self, key_hash: str, caller: Caller, generation: int) -> None:
+        """Keep `caller`, read from the database when the cache was at `generation`.
+
+        A read that began before a `clear` (a revocation) may have seen the key
+        still usable: it is not kept.
+        """
         if self._entries is not None:
             with self._lock:
-                self._entries[key_hash] = caller
+                if generation == self.generation:
+                    self._entries[key_hash] = caller
 
     def clear(self) -> None:
-        if self._entries is not None:
-            with self._lock:
+        with self._lock:
+            self.generation += 1
+            if self._entries is not None:
                 self._entries.clear()
 
 
@@ -184,11 +192,12 @@ def authenticate(session: Session, authorization: str | None) -> Caller:
     cache = _key_cache()
     caller = cache.get(key_hash)
     if caller is None:
+        generation = cache.generation
         key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
         if key is None:
             raise Unauthorized("the API key is unknown, revoked or expired")
         caller = Caller.of(key)
-        cache.put(key_hash, caller)
+        cache.put(key_hash, caller, generation)
     if caller.expires_at is not None and caller.expires_at <= utcnow():
         raise Unauthorized("the API key is unknown, revoked or expired")
     return caller

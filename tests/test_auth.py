@@ -11,7 +11,8 @@ from datetime import timedelta
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
 
 from auth import create_key, revoke_key
 from database_utils import ApiKey, AuditEvent, get_session, utcnow
@@ -435,6 +436,33 @@ def test_a_key_revoked_by_another_worker_stops_working_within_the_cache_time(app
     assert after_the_cache_time == 401
     for worker in (worker_a, worker_b):
         worker.extensions["parley.engine"].dispose()
+
+
+def test_a_key_revoked_while_a_request_reads_it_is_not_cached_as_usable(app_config, keys):
+    """The request's read saw the key usable; the revocation commits and clears the cache before
+    the read's answer is kept: it must not be kept, or the key would work for AUTH_CACHE_SECONDS more."""
+    worker = create_app({**app_config, "AUTH_CACHE_SECONDS": 60})
+    engine = worker.extensions["parley.engine"]
+    with Session(engine) as session:
+        key_id = session.scalar(select(ApiKey.key_id).where(ApiKey.name == "client_a"))
+    revoked = []
+
+    def revoke_after_the_read(_connection, _cursor, statement, *_args):
+        if "FROM api_keys" in statement and not revoked:
+            revoked.append(True)
+            with Session(engine) as session:
+                revoke_key(session, key_id)
+
+    event.listen(engine, "after_cursor_execute", revoke_after_the_read)
+    try:
+        during = client_with_key(worker, keys["client_a"]).post("/new_chat", json={"user_id": "u"}).status_code
+    finally:
+        event.remove(engine, "after_cursor_execute", revoke_after_the_read)
+    after = client_with_key(worker, keys["client_a"]).post("/new_chat", json={"user_id": "u"}).status_code
+
+    assert revoked and during == 201  # authenticated before the revocation committed
+    assert after == 401
+    engine.dispose()
 
 
 def test_with_the_cache_off_revocation_is_immediate_everywhere(app_config, keys):
