@@ -10,16 +10,19 @@ stored after it, by whichever worker or staff member (`database_utils.claim_turn
 The database stays the only source; a miss costs what a turn cost before.
 
 Bounded to CONTEXT_CACHE_CONVERSATIONS conversations per worker, the least
-recently used dropped first; 0 turns it off. A tail leaves the cache
-`CACHE_SECONDS` after it was read at the latest, so the messages of an
-ended or erased conversation do not stay in a worker's memory. PostgreSQL
-only (the embedded SQLite serves one machine's tests and demos).
+recently used dropped first; 0 turns it off. A tail is not served
+`CACHE_SECONDS` after it was read, and each worker sweeps such tails out
+of its memory every `SWEEP_SECONDS`, turns or none, so the messages of an
+ended or erased conversation do not stay there. PostgreSQL only (the
+embedded SQLite serves one machine's tests and demos).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +32,8 @@ from conversation_memory import MemoryMessage
 
 # How long a tail is kept after it was read.
 CACHE_SECONDS = 600.0
+# How often a worker frees the tails past CACHE_SECONDS (the cache itself only does when it changes).
+SWEEP_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class TailCache:
     def __init__(self, size: int, seconds: float = CACHE_SECONDS, timer: Callable[[], float] = time.monotonic) -> None:
         self._entries: TTLCache[uuid.UUID, CachedTail] | None = TTLCache(size, seconds, timer) if size > 0 else None
         self._lock = threading.Lock()
+        self._sweep_every = min(seconds, SWEEP_SECONDS)
+        self._swept_by: int | None = None  # the process whose sweeper runs (a forked one starts its own)
 
     def get(self, conversation_id: uuid.UUID, token_budget: int, max_messages: int | None) -> CachedTail | None:
         if self._entries is None:
@@ -80,9 +87,35 @@ class TailCache:
         return tail if tail is not None and tail.serves(token_budget, max_messages) else None
 
     def put(self, conversation_id: uuid.UUID, tail: CachedTail) -> None:
+        if self._entries is None:
+            return
+        with self._lock:
+            self._entries[conversation_id] = tail
+            start_sweeping, self._swept_by = self._swept_by != os.getpid(), os.getpid()
+        if start_sweeping:
+            sweeper = threading.Thread(target=_sweep, args=(weakref.ref(self), self._sweep_every), name="parley-tail-sweep",
+                                       daemon=True)
+            try:
+                sweeper.start()
+            except RuntimeError:  # at interpreter shutdown: the next put tries again
+                self._swept_by = None
+
+    def expire(self) -> None:
+        """Free the tails past their time."""
         if self._entries is not None:
             with self._lock:
-                self._entries[conversation_id] = tail
+                self._entries.expire()
 
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)
+
+
+def _sweep(cache: weakref.ref[TailCache], every: float) -> None:
+    """Every `every` seconds, free the cache's tails past their time; ends with the cache."""
+    while True:
+        time.sleep(every)
+        alive = cache()
+        if alive is None:
+            return
+        alive.expire()
+        del alive  # no reference kept while sleeping

@@ -3,7 +3,9 @@ turn's context is the same with them as without, whoever stored the messages sin
 from __future__ import annotations
 
 import random
+import time
 import uuid
+import weakref
 
 import pytest
 from sqlalchemy import select
@@ -148,3 +150,18 @@ def test_two_workers_each_see_the_turns_the_other_served(app_config, keys, app):
     assert [turn["context"]["messages_sent"] for turn in sent] == [1, 3, 5, 7, 9, 11]
     assert all(len(app.extensions["parley.context_cache"]) == 1 for app in (first, second))
     second.extensions["parley.engine"].dispose()
+
+
+def test_a_worker_without_turns_frees_its_tails_once_they_are_past_their_time():
+    """The cache frees expired tails only when it changes; the sweep frees them in a worker that serves nothing."""
+    cache = TailCache(10, seconds=0.2)
+    tail = CachedTail((MemoryMessage("user", "an erased conversation's words", 8, 1),), 1, 100, None)
+    cache.put(uuid.uuid4(), tail)
+    freed = weakref.ref(tail)
+    del tail
+
+    deadline = time.monotonic() + 5
+    while freed() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert freed() is None
