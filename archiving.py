@@ -487,10 +487,11 @@ class ReconcileReport:
     verified: int = 0
     rewritten: int = 0
     unrepairable: list[uuid.UUID] = field(default_factory=list)
+    stopped: str | None = None  # why the archive could not be read or written any more
 
     @property
     def clean(self) -> bool:
-        return not self.ending_failed and not self.unrepairable
+        return not self.ending_failed and not self.unrepairable and self.stopped is None
 
     def line(self) -> str:
         text = (
@@ -499,7 +500,8 @@ class ReconcileReport:
             f"verified {self.verified} objects, rewrote {self.rewritten} missing or different, "
             f"unrepairable {len(self.unrepairable)}"
         )
-        return text + (": " + ", ".join(map(str, self.unrepairable)) if self.unrepairable else "")
+        text += ": " + ", ".join(map(str, self.unrepairable)) if self.unrepairable else ""
+        return text + (f" (stopped: the archive is unavailable: {self.stopped})" if self.stopped else "")
 
 
 def reconcile(
@@ -533,16 +535,20 @@ def reconcile(
             report.ending_failed += len(result.failed)
             if result.failed and not result.archived:
                 break
-        with tqdm(unit="obj", desc="reconcile: objects", disable=None) as bar:
-            for keys in _chunks(archive.list(CONVERSATIONS_PREFIX), batch_size):
-                _match_objects(session, archive, keys, report)
-                bar.update(len(keys))
-        ended = session.scalar(select(func.count()).where(Conversation.status == Status.ENDED))
-        session.commit()
-        with tqdm(total=ended, unit="conv", desc="reconcile: ended", disable=None) as bar:
-            for rows in _ended_pages(session, batch_size):
-                _verify_objects(session, archive, settings, rows, pool, report)
-                bar.update(len(rows))
+        try:
+            with tqdm(unit="obj", desc="reconcile: objects", disable=None) as bar:
+                for keys in _chunks(archive.list(CONVERSATIONS_PREFIX), batch_size):
+                    _match_objects(session, archive, keys, report)
+                    bar.update(len(keys))
+            ended = session.scalar(select(func.count()).where(Conversation.status == Status.ENDED))
+            session.commit()
+            with tqdm(total=ended, unit="conv", desc="reconcile: ended", disable=None) as bar:
+                for rows in _ended_pages(session, batch_size):
+                    _verify_objects(session, archive, settings, rows, pool, report)
+                    bar.update(len(rows))
+        except ArchiveError as exc:  # S3 down or failing: what was repaired stands; run it again later
+            session.rollback()
+            report.stopped = str(exc)
     return report
 
 
@@ -663,12 +669,14 @@ def _rewrite_from_live_messages(
 class RetentionReport:
     messages_deleted: int = 0
     conversations_dropped: int = 0
+    stopped: str | None = None  # why the archive could not be written any more
 
     def line(self) -> str:
-        return (
+        text = (
             f"retention: deleted {self.messages_deleted} live messages of ended conversations, "
             f"dropped {self.conversations_dropped} archived conversations"
         )
+        return text + (f" (stopped: the archive is unavailable: {self.stopped})" if self.stopped else "")
 
 
 def apply_retention(
@@ -695,7 +703,12 @@ def apply_retention(
         if not rows:
             return report
         keys = [row.s3_file_location for row in rows if row.s3_file_location]
-        report.conversations_dropped += _drop(session, archive, [row.conversation_id for row in rows], keys)
+        try:
+            report.conversations_dropped += _drop(session, archive, [row.conversation_id for row in rows], keys)
+        except ArchiveError as exc:  # the rows stay until their objects are gone: the next run goes on
+            session.rollback()
+            report.stopped = str(exc)
+            return report
 
 
 def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str]) -> int:
@@ -805,7 +818,10 @@ def reconcile_command(workers: int) -> None:
 @with_appcontext
 def retention_command() -> None:
     """Apply LIVE_RETENTION_DAYS and ARCHIVE_RETENTION_DAYS."""
-    click.echo(apply_retention(get_session(), background_archive(), current_app.config).line())
+    report = apply_retention(get_session(), background_archive(), current_app.config)
+    click.echo(report.line())
+    if report.stopped:
+        raise SystemExit(1)
 
 
 @click.command("delete-user")
@@ -819,9 +835,14 @@ def retention_command() -> None:
 @with_appcontext
 def delete_user_command(user_id: str, export_targets: tuple[str, ...]) -> None:
     """Remove a user's conversations everywhere (right to erasure); audited."""
-    report = delete_user(
-        get_session(), background_archive(), user_id, export_targets, current_app.config["S3_ENDPOINT_URL"]
-    )
+    from export import ExportError
+
+    try:
+        report = delete_user(
+            get_session(), background_archive(), user_id, export_targets, current_app.config["S3_ENDPOINT_URL"]
+        )
+    except (ArchiveError, ExportError) as exc:
+        raise click.ClickException(f"delete-user {user_id} stopped: {exc}; run it again to finish") from None
     click.echo(report.line())
 
 

@@ -614,6 +614,45 @@ def test_reconcile_reports_what_it_cannot_repair(app, client):
     assert f"unrepairable 1: {conversation_id}" in result.output
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_reconcile_with_the_archive_away_ends_with_its_line_not_a_traceback(app_config, keys, client, unused_s3_endpoint):
+    ending = _talk(client)
+    broken = create_app({**app_config, "S3_ENDPOINT_URL": unused_s3_endpoint})
+    assert client_with_key(broken, keys["client_a"]).post("/end_chat", json={"conversation_id": ending}).status_code == 202
+
+    result = _run_cli(broken, "reconcile")
+
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    summary = result.output.strip().splitlines()[-1]  # after the write failure's log line
+    assert summary.startswith("reconcile: finished 0 ending (failed 1)"), result.output
+    assert "(stopped: the archive is unavailable: could not list" in summary
+    assert _row(broken, ending).status == Status.ENDING  # left for the next run
+    broken.extensions["parley.engine"].dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize("command", [["retention"], ["delete-user", "u-life"]])
+def test_retention_and_erasure_with_the_archive_away_say_so_in_one_line_and_keep_the_rows(
+    app_config, keys, client, unused_s3_endpoint, command
+):
+    conversation_id = _talk(client)
+    assert client.post("/end_chat", json={"conversation_id": conversation_id}).status_code == 200
+    broken = create_app({**app_config, "S3_ENDPOINT_URL": unused_s3_endpoint, "ARCHIVE_RETENTION_DAYS": 30})
+    _execute(broken, update(Conversation).values(ended_at=utcnow() - timedelta(days=31)))
+
+    result = _run_cli(broken, *command)
+
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    said = result.output.strip().splitlines()[-1]
+    if command == ["retention"]:
+        assert said.startswith("retention: deleted 0 live messages of ended conversations, dropped 0 archived conversations")
+        assert "(stopped: the archive is unavailable: could not delete" in said
+    else:
+        assert said.startswith("Error: delete-user u-life stopped: could not delete") and said.endswith("run it again to finish")
+    assert _row(broken, conversation_id).status == Status.ENDED  # its object could not be removed: the row stays
+    broken.extensions["parley.engine"].dispose()
+
+
 # ---------------------------------------------------------------- erasure
 
 
