@@ -29,8 +29,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -61,6 +63,8 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
 RETRY_AFTER_MAX_PASSED_ON = 86_400.0  # a provider's Retry-After beyond a day is passed on as a day
+# How often a process looks for model replies still being read past their deadline.
+DEADLINE_CHECK_SECONDS = 0.25
 # Connection pools per process that the model's requests are spread over (DeadlineTransport).
 POOL_SHARDS = 16
 # The echo model's pause between streamed words.
@@ -220,7 +224,7 @@ class DeadlineTransport(httpx2.BaseTransport):
             name: left for name in ("connect", "read", "write", "pool")
         }
         response = pool.handle_request(request)
-        response.stream = _DeadlineStream(response.stream, deadline, request)
+        response.stream = _DeadlineStream(response.stream, deadline, request, response.extensions.get("network_stream"))
         return response
 
 
@@ -230,19 +234,91 @@ def _share(total: int, shards: int, n: int) -> int:
 
 
 class _DeadlineStream(httpx2.SyncByteStream):
-    def __init__(self, stream: httpx2.SyncByteStream, deadline: float, request: httpx2.Request) -> None:
+    """A response's body, stopped at the deadline.
+
+    Each read waits at most the read timeout the request started with, so a
+    read that begins shortly before the deadline could wait past it. While
+    the body is read, `_WATCH` stops such a read soon after the deadline by
+    shutting the connection down.
+    """
+
+    def __init__(self, stream: httpx2.SyncByteStream, deadline: float, request: httpx2.Request, network: Any) -> None:
         self._stream = stream
-        self._deadline = deadline
+        self.deadline = deadline
         self._request = request
+        self._network = network  # httpcore's stream of the connection, if it says
+        self._cut = False
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._stream:
-            if time.monotonic() > self._deadline:
-                raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request)
-            yield chunk
+        _WATCH.add(self)
+        try:
+            for chunk in self._stream:
+                if time.monotonic() > self.deadline:
+                    raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request)
+                yield chunk
+        except httpx2.TransportError as exc:
+            if self._cut:
+                raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request) from exc
+            raise
+        finally:
+            _WATCH.discard(self)
+
+    def cut_off(self) -> None:
+        """Stop the read under way (called by `_WATCH`, on its thread, while this body is read)."""
+        if self._network is None:
+            return
+        self._cut = True
+        connection = self._network.get_extra_info("socket")
+        try:
+            # On a duplicate of its descriptor: a TLS socket's own shutdown would drop its TLS state under the read.
+            with socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):  # closed meanwhile, or not a socket
+            pass
 
     def close(self) -> None:
+        _WATCH.discard(self)
         self._stream.close()
+
+
+class _DeadlineWatch:
+    """The bodies being read, and one thread a process that stops those past their deadline.
+
+    It looks every `DEADLINE_CHECK_SECONDS`: a timer per call cost a thread
+    each (about 0.37 ms of CPU a call without gevent, `python -m bench.model_call`).
+    The lock guards the set and the cuts, and is never held while waiting (see releases.py).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reading: set[_DeadlineStream] = set()
+        self._watched_by: int | None = None  # the process whose thread runs (a forked one starts its own)
+
+    def add(self, body: _DeadlineStream) -> None:
+        with self._lock:
+            self._reading.add(body)
+            start, self._watched_by = self._watched_by != os.getpid(), os.getpid()
+        if start:
+            try:
+                threading.Thread(target=self._run, name="parley-model-deadlines", daemon=True).start()
+            except RuntimeError:  # at interpreter shutdown: the next body tries again
+                self._watched_by = None
+
+    def discard(self, body: _DeadlineStream) -> None:
+        with self._lock:
+            self._reading.discard(body)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(DEADLINE_CHECK_SECONDS)
+            now = time.monotonic()
+            with self._lock:  # held while cutting: a body that ends meanwhile gives its connection back after
+                for body in [body for body in self._reading if body.deadline <= now]:
+                    self._reading.discard(body)
+                    body.cut_off()
+
+
+_WATCH = _DeadlineWatch()
 
 
 class ChatModel(Protocol):

@@ -198,6 +198,22 @@ def test_a_reply_that_trickles_in_ends_at_the_total_deadline(provider_app, fake_
     assert _say(client, conversation_id).status_code == 200
 
 
+def test_a_read_waiting_when_the_deadline_passes_is_stopped_at_the_deadline(provider_app, fake_model):
+    """Each read may wait the read timeout as it was when the call began (here 2.5 s): a byte comes at 2 s,
+    the next read would wait to 4.5 s and the next byte comes at 4 s. The deadline (2.5 s) stops it."""
+    client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=4, LLM_TOTAL_TIMEOUT_SECONDS=2.5)
+    conversation_id = _conversation(client)
+    fake_model.drip_next(bytes_per_second=0.5)
+
+    started = time.monotonic()
+    failed = _say(client, conversation_id)
+    waited = time.monotonic() - started
+
+    assert failed.status_code == 504 and failed.json["error"] == "model_timeout"
+    assert waited < 3.5  # not the 4 s of the second byte
+    assert _log(client, conversation_id) == []
+
+
 def test_a_silent_provider_is_a_504_within_the_total_deadline(provider_app, fake_model):
     client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=30, LLM_TOTAL_TIMEOUT_SECONDS=1.5)
     conversation_id = _conversation(client)
