@@ -21,6 +21,7 @@ deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -61,6 +62,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 # Visible ASCII but the comma: two Idempotency-Key headers reach the app joined by one.
 _KEY_PATTERN = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,255}")
 PURGE_INTERVAL_SECONDS = 600.0
+RENEW_AFTER_SECONDS = 1.0  # a turn's lease taken this long after its key's claim renews the claim's lock
 # Failures whose answer is not kept, so a retry with the same key runs again. Stripe keeps
 # none "if incoming parameters fail validation, or the request conflicts with another request
 # that's executing concurrently": refused input (400, 413, 415, 422) and another turn holding
@@ -202,6 +204,32 @@ def _take_over(
     )
     session.commit()
     return result.rowcount == 1
+
+
+def renew(session: Session, held: Claim) -> Claim:
+    """Run the claim's lock from now, as the turn's lease (taken now) runs, when the work before
+    the lease took longer than `RENEW_AFTER_SECONDS` (a turn's files read from the archive, a
+    statement kept waiting by a lock): else the key's lock would end before the lease, and a
+    retry could take the key over from a turn that still holds its conversation.
+
+    Raises 409 if a retry has taken the key over already.
+    """
+    now = utcnow()
+    held_for = (now - held.claimed_at).total_seconds()
+    if held_for < RENEW_AFTER_SECONDS:
+        return held
+    result = session.execute(
+        update(IdempotencyRecord)
+        .where(_held(held), IdempotencyRecord.response_status.is_(None))
+        .values(locked_until=now + timedelta(seconds=held.lock_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if result.rowcount != 1:
+        raise IdempotencyClaimLost(
+            f"this request outlived its {HEADER} lock and a retry with the key took it over; the retry's answer is the key's"
+        )
+    return dataclasses.replace(held, lock_seconds=held_for + held.lock_seconds)
 
 
 def save_response(session: Session, held: Claim, status: int, body: dict[str, Any]) -> None:

@@ -455,6 +455,8 @@ def chat(body: ChatRequest, header: IdempotencyHeader):
         current_app.extensions["parley.context_cache"],
     )
     try:
+        if "idempotency_claim" in g:
+            g.idempotency_claim = idempotency.renew(session, g.idempotency_claim)
         trigger = handoff.automatic_trigger(current_app.config, prepared, body.message)
         if prepared.handoff != Handoff.BOT or trigger is not None:
             return _respond(ChatHeld(**vars(handoff.hold_turn(session, prepared, trigger))), 202)

@@ -1,6 +1,7 @@
 """Idempotency-Key on POST /new_chat, /chat and /end_chat (Stripe's semantics)."""
 from __future__ import annotations
 
+import io
 import threading
 import time
 import uuid
@@ -186,6 +187,40 @@ def test_a_request_that_outlives_its_lock_leaves_the_key_to_the_retry_that_took_
     assert again.data == retry.data
     assert len(fake_model.requests) == 2
     assert _stored(client, conversation_id) == [(1, "user", "slow"), (2, "assistant", retry.json["reply"])]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turn_whose_lease_came_late_keeps_its_key_while_it_runs(provider_app, fake_model, app_config, request):
+    """Reading the turn's file waits 2 s on a table lock after the key was claimed, before the lease is
+    taken: the key's lock is renewed with the lease, so a retry while the model answers is 409
+    `request_in_progress`, not a take-over of the key that fails both requests."""
+    client = provider_app("anthropic", TURN_LEASE_SECONDS=3)
+    conversation_id = _conversation(client)
+    upload = client.post(f"/conversations/{conversation_id}/files", content_type="multipart/form-data",
+                         data={"file": (io.BytesIO(b"two chairs, one table"), "notes.txt")})
+    body = {"conversation_id": conversation_id, "message": "held back", "file_ids": [upload.json["file_id"]]}
+    engine = create_engine(app_config["DATABASE_URL"])
+    request.addfinalizer(engine.dispose)
+    fake_model.delay_next(2.0)
+    results = {}
+    with engine.connect() as holder:
+        holder.execute(text("LOCK TABLE conversation_files IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        first = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "held-back")))
+        first.start()
+        time.sleep(2.0)
+        holder.rollback()  # the file is read now, and the lease taken, 2 s after the key
+    _wait_for_model_calls(fake_model, 1)
+    time.sleep(max(0.0, started + 3.4 - time.monotonic()))  # the key's first lock (3 s) has run out; the lease has not
+
+    retry = _post(client, "/chat", body, "held-back")
+    first.join()
+
+    assert upload.status_code == 201
+    assert retry.status_code == 409 and retry.json["error"] == "request_in_progress"
+    assert results["first"].status_code == 200
+    assert _stored(client, conversation_id) == [(1, "user", "held back"), (2, "assistant", results["first"].json["reply"])]
+    assert len(fake_model.requests) == 1
 
 
 def test_a_stream_that_outlives_its_lock_does_not_drop_the_claim_of_the_retry_that_took_it_over(provider_app, fake_model):

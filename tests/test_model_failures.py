@@ -126,6 +126,18 @@ def test_exhausted_retries_answer_a_retryable_5xx_with_the_providers_retry_after
     assert _say(client, conversation_id).status_code == 200
 
 
+def test_a_retry_after_of_zero_is_passed_on_as_zero(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(429, count=2, headers={"retry-after": "0"})
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 503 and failed.json["retryable"] is True
+    assert failed.headers["Retry-After"] == "0"
+    assert len(fake_model.requests) == 2
+
+
 @pytest.mark.parametrize("upstream_status", [400, 401, 404])
 def test_a_request_the_provider_refuses_is_not_retried(provider_app, fake_model, upstream_status):
     client = provider_app("openai", LLM_MAX_RETRIES=2)
