@@ -1,16 +1,20 @@
 """What `/readyz` checks: the database (reachable, schema at the latest
 revision) and the archive, each with a reason when it fails, in bounded time.
 
-The checks run side by side on a small thread pool and the answer waits at
-most `READYZ_TIMEOUT_SECONDS`: a check still running then is reported as
-`Timeout`, so a load balancer's probe never hangs on a dead dependency.
+The checks run side by side, each on a thread of its own (a greenlet on
+gevent workers), and the answer waits at most `READYZ_TIMEOUT_SECONDS`: a
+check still running then is reported as `Timeout`, so a load balancer's probe
+never hangs on a dead dependency. A check still running from an earlier
+probe is waited on again rather than started twice, so probes against a hung
+dependency do not pile up, nor hold back the other dependency's check.
 A reason is an error class or S3 error code and a fixed hint; never a
 message from the failure itself, which may carry a URL with a password.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 from flask import Flask
@@ -26,8 +30,41 @@ _DATABASE_HINTS = {
 }
 
 
+class Checks:
+    """Each dependency's check under way (one at most), started on demand.
+
+    Threads are made when a probe comes, in the process that serves it: with
+    gunicorn's `--preload` the app is made in the master, before gevent
+    patches the worker, and a thread pool made then would block the worker's
+    event loop. The lock guards only the dict and is never held while waiting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, Future] = {}
+
+    def start(self, name: str, check: Callable[[], None]) -> Future:
+        """The check `name` under way, or a new one."""
+        with self._lock:
+            future = self._running.get(name)
+            if future is not None and not future.done():
+                return future
+            future = self._running[name] = Future()
+        threading.Thread(target=_run, args=(future, check), name=f"readyz-{name}", daemon=True).start()
+        return future
+
+
+def _run(future: Future, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except BaseException as exc:  # reported by the probe
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
+
+
 def init_app(app: Flask) -> None:
-    app.extensions["parley.readiness_pool"] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+    app.extensions["parley.readiness"] = Checks()
 
 
 def check_readiness(app: Flask) -> tuple[dict[str, Any], bool]:
@@ -36,8 +73,8 @@ def check_readiness(app: Flask) -> tuple[dict[str, Any], bool]:
         "database": lambda: _check_database(app),
         "archive": lambda: app.extensions["parley.archive"].ping(),
     }
-    pool: ThreadPoolExecutor = app.extensions["parley.readiness_pool"]
-    futures = {name: pool.submit(check) for name, check in checks.items()}
+    running: Checks = app.extensions["parley.readiness"]
+    futures = {name: running.start(name, check) for name, check in checks.items()}
     timeout = app.config["READYZ_TIMEOUT_SECONDS"]
     wait(futures.values(), timeout=timeout)
     results: dict[str, str] = {}

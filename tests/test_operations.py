@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -351,6 +352,26 @@ def test_readyz_answers_within_its_time_bound_when_the_archive_hangs(app_config)
     assert elapsed < 3
     assert ready.json["checks"] == {"database": "ok", "archive": "unavailable"}
     assert ready.json["reasons"]["archive"]["error"] == "Timeout"
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_probes_against_a_hung_archive_wait_on_one_check_and_still_check_the_database(app_config):
+    """Probe after probe while the archive hangs: each waits on the one archive check under way
+    (they do not pile up), and the database is checked each time."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        app = create_app({**app_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          "READYZ_TIMEOUT_SECONDS": 0.5})
+        client = app.test_client()
+        probes = [client.get("/readyz").json for _ in range(6)]
+        archive_checks = [thread for thread in threading.enumerate() if thread.name == "readyz-archive"]
+    finally:
+        silent.close()
+
+    assert [probe["checks"] for probe in probes] == [{"database": "ok", "archive": "unavailable"}] * 6
+    assert len(archive_checks) <= 1  # one check at a time, however many probes
 
 
 # ---------------------------------------------------------------- logs

@@ -178,6 +178,22 @@ def test_metrics_add_up_across_workers(serve, preload):
     assert counted == 30
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+def test_readyz_answers_at_once_on_a_gevent_worker(serve, preload):
+    """With --preload the app is made in the master, before gevent patches the worker: the
+    checks' threads must still be the worker's greenlets, not block its loop."""
+    server = serve(GUNICORN_CMD_ARGS="--preload" if preload else "")
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        status, body, _ = server.request("GET", "/readyz")
+        timings.append((status, body.get("checks"), time.monotonic() - started < 2))
+
+    assert timings == [(200, {"database": "ok", "archive": "ok"}, True)] * 3
+    assert "WORKER TIMEOUT" not in server.log.read_text()
+
+
 def _sample(exposition: str, prefix: str, *labels: str) -> float:
     """The sum of the samples whose line starts with `prefix` and has every label."""
     return sum(
