@@ -157,6 +157,11 @@ class RetryPolicy:
                 except sdk.APIError as exc:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= attempts.deadline)
                     self.wait_or_raise(error, _retry_after_seconds(exc), attempts, exc)
+                except (BotoCoreError, RuntimeError) as exc:
+                    error = _signing_error(exc, provider)
+                    if error is None:
+                        raise
+                    self.wait_or_raise(error, None, attempts, exc)
         finally:
             _deadline.reset(token)
 
@@ -166,7 +171,8 @@ class RetryPolicy:
         the call was stopped."""
         if not error.retryable or attempts.retries >= self.max_retries:
             raise error from cause
-        wait = min(asked or _backoff(attempts.retries), self.retry_after_cap)
+        # A wait of 0 is the backoff too, as the SDKs take it; the cap bounds the provider's wait only.
+        wait = min(asked, self.retry_after_cap) if asked else _backoff(attempts.retries)
         # A provider asking for longer than the deadline leaves is answered at
         # once with its Retry-After: retrying sooner than asked, under the cap,
         # would only spend the turn's time on refusals.
@@ -959,8 +965,18 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
     if status in (429, 503, 529):
         message = f"the {provider} model is unavailable, overloaded or rate limited; retry later"
         return ModelError(503, "model_unavailable", message, retryable=True, retry_after=wait)
+    if status == 504:  # the provider's own timeout (a gateway's, `timeout_error`, `modelTimeoutException`)
+        return ModelError(504, "model_timeout", f"the {provider} model timed out ({upstream})", retryable=True, retry_after=wait)
     retryable = status in RETRYABLE_STATUSES
     return ModelError(502, "model_error", f"the {provider} model failed ({upstream})", retryable, wait)
+
+
+def _signing_error(exc: Exception, provider: str) -> ModelError | None:
+    """A request that could not be signed (Bedrock: no AWS credentials, or their refresh failed), or None for another error."""
+    if isinstance(exc, BotoCoreError) or (isinstance(exc, RuntimeError) and "AWS credentials" in str(exc)):
+        message = f"could not sign the request to the {provider} model: its AWS credentials could not be found or refreshed"
+        return ModelError(503, "model_unavailable", message, retryable=True)
+    return None
 
 
 # The HTTP status each provider's error type stands for, for an error that

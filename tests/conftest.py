@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import flask
 import pytest
 from flask.testing import FlaskClient
@@ -225,3 +226,19 @@ def provider_app(app_config, keys, fake_model, monkeypatch):
     for app in apps:
         app.extensions["parley.engine"].dispose()
 
+
+@pytest.fixture
+def fresh_boto3_session(monkeypatch):
+    """boto3's default session keeps the credentials it found first; start a new one."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path, fresh_boto3_session):
+    """No credentials anywhere botocore looks, and no instance metadata lookups."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

@@ -138,6 +138,40 @@ def test_a_retry_after_of_zero_is_passed_on_as_zero(provider_app, fake_model):
     assert len(fake_model.requests) == 2
 
 
+def test_bedrock_without_aws_credentials_is_a_retryable_503_kept_like_other_model_errors(
+    provider_app, fake_model, no_aws_credentials, request
+):
+    from anthropic.lib.aws._auth import _get_session  # the SDK keeps one boto3 session per region and keys
+
+    _get_session.cache_clear()
+    request.addfinalizer(_get_session.cache_clear)
+    client = provider_app("bedrock", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "hi"}
+
+    failed = client.post("/chat", json=body, headers={"Idempotency-Key": "unsigned"})
+    replayed = client.post("/chat", json=body, headers={"Idempotency-Key": "unsigned"})
+
+    assert failed.status_code == 503 and failed.json["error"] == "model_unavailable"
+    assert failed.json["retryable"] is True and "AWS credentials" in failed.json["message"]
+    assert replayed.status_code == 503 and replayed.headers["Idempotent-Replayed"] == "true"
+    assert fake_model.requests == []  # nothing unsigned was sent
+    assert _log(client, conversation_id) == []
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_providers_own_timeout_is_a_504(provider_app, fake_model, provider):
+    client = provider_app(provider)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(504)
+
+    failed = _say(client, conversation_id)
+
+    assert failed.status_code == 504 and failed.json["error"] == "model_timeout"
+    assert failed.json["retryable"] is True
+    assert _say(client, conversation_id).status_code == 200
+
+
 @pytest.mark.parametrize("upstream_status", [400, 401, 404])
 def test_a_request_the_provider_refuses_is_not_retried(provider_app, fake_model, upstream_status):
     client = provider_app("openai", LLM_MAX_RETRIES=2)
@@ -190,6 +224,20 @@ def test_an_honoured_retry_after_is_capped(provider_app, fake_model):
     assert response.status_code == 200
     assert len(fake_model.requests) == 2
     assert time.monotonic() - started < 5  # waited the 0.2 s cap, not 30 s
+
+
+def test_the_retry_after_cap_does_not_shorten_the_backoff(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=4, LLM_RETRY_AFTER_MAX_SECONDS=0)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(500, count=4)  # no Retry-After: the backoff (0.5, 1, 2, 4 s at most, with jitter)
+
+    started = time.monotonic()
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 5
+    # Four waits of full jitter add up to under 0.2 s about once in 60,000 runs; with no wait at all, always.
+    assert time.monotonic() - started > 0.2
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])

@@ -252,7 +252,7 @@ def test_a_stream_that_ends_before_its_first_event_is_started_again(provider_app
         ("serviceUnavailableException", "model_unavailable", True),
         ("internalServerException", "model_error", True),
         ("modelStreamErrorException", "model_error", True),
-        ("modelTimeoutException", "model_error", True),
+        ("modelTimeoutException", "model_timeout", True),
         ("validationException", "model_error", False),
     ],
 )
