@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import itertools
 import json
 import logging
 import math
@@ -192,8 +191,11 @@ class DeadlineTransport(httpx2.BaseTransport):
     a time never times out; here the read timeout shrinks to the time left,
     and the body stops with a timeout once the deadline has passed.
 
-    Requests take turns over `shards` connection pools (fewer when the limit
-    is smaller), which share the limits exactly. httpcore's pool walks every
+    The connections are split over `shards` pools (fewer when the limit is
+    smaller), which share the limits exactly. Each request goes to the pool
+    with the most connections free, so it waits for one only when every pool
+    is full (taken in turn, a pool could be full while others stood idle).
+    httpcore's pool walks every
     one of its connections each time a request starts or ends
     (pydantic/httpx2#1169), so with hundreds of replies in flight one pool
     spent an eighth of a worker's CPU on that bookkeeping (measured with
@@ -211,32 +213,64 @@ class DeadlineTransport(httpx2.BaseTransport):
             ))
             for n in range(shards)
         ]
-        self._next_pool = itertools.cycle(self._pools)
+        # Each pool's connections not in use by a request (from its start until its body is closed).
+        self._free = [_share(limits.max_connections, shards, n) for n in range(shards)]
+        self._lock = threading.Lock()  # guards `_free`; never held while waiting
 
     def close(self) -> None:
         for pool in self._pools:
             pool.close()
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        pool = next(self._next_pool)
         deadline = _deadline.get()
-        if deadline is None:
-            return pool.handle_request(request)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise httpx2.ConnectTimeout("the model call's total deadline has passed", request=request)
-        timeouts = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {name: min(value or left, left) for name, value in timeouts.items()} or {
-            name: left for name in ("connect", "read", "write", "pool")
-        }
-        response = pool.handle_request(request)
-        response.stream = _DeadlineStream(response.stream, deadline, request, response.extensions.get("network_stream"))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise httpx2.ConnectTimeout("the model call's total deadline has passed", request=request)
+            timeouts = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {name: min(value or left, left) for name, value in timeouts.items()} or {
+                name: left for name in ("connect", "read", "write", "pool")
+            }
+        with self._lock:
+            shard = max(range(len(self._free)), key=self._free.__getitem__)
+            self._free[shard] -= 1
+        try:
+            response = self._pools[shard].handle_request(request)
+        except BaseException:
+            self._done(shard)
+            raise
+        response.stream = _PoolShare(response.stream, functools.partial(self._done, shard))
+        if deadline is not None:
+            response.stream = _DeadlineStream(response.stream, deadline, request, response.extensions.get("network_stream"))
         return response
+
+    def _done(self, shard: int) -> None:
+        with self._lock:
+            self._free[shard] += 1
 
 
 def _share(total: int, shards: int, n: int) -> int:
     """Pool `n`'s part of `total`, so that the parts add up to it."""
     return total // shards + (n < total % shards)
+
+
+class _PoolShare(httpx2.SyncByteStream):
+    """A response's body that tells its pool, once, when it is closed (its connection given back)."""
+
+    def __init__(self, stream: httpx2.SyncByteStream, done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._stream)
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
 
 
 class _DeadlineStream(httpx2.SyncByteStream):

@@ -228,6 +228,36 @@ def test_the_model_connections_of_a_process_are_as_many_as_worker_connections(fa
     assert fake_model.peak_in_flight == limit
 
 
+def test_a_request_waits_for_a_model_connection_only_when_every_pool_is_full(fake_model, monkeypatch):
+    """One reply trickling in holds a connection of one of the 16 pools (one connection each):
+    the next 16 requests, one after another, go to pools with a connection free."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_model.base_url)
+    config = load_config({"LLM_PROVIDER": "anthropic", "LLM_MODEL": "claude-test", "WORKER_CONNECTIONS": "16",
+                          "LLM_TIMEOUT_SECONDS": "3", "LLM_MAX_RETRIES": "0"})
+    model = llm.make_model(config)
+    transport = model.client._client._transport  # the SDK's httpx client's DeadlineTransport
+    fake_model.drip_next(40)
+    slow = threading.Thread(target=lambda: model.reply(None, [{"role": "user", "content": "slow " * 40}]))
+    slow.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    waits = []
+    for n in range(16):
+        started = time.monotonic()
+        model.reply(None, [{"role": "user", "content": f"hi {n}"}])
+        waits.append(time.monotonic() - started)
+    with model.client.messages.stream(model="claude-test", max_tokens=10, messages=[{"role": "user", "content": "s"}]) as stream:
+        streamed = "".join(stream.text_stream)
+    slow.join()
+
+    assert max(waits) < 2  # none waited for the busy pool's one connection (3 s, then a timeout)
+    assert streamed == "reply to: s"
+    assert transport._free == [1] * 16  # every connection given back, the streamed one too
+
+
 class _ClientLeaves:
     """SDK stream events, then the client goes away (the stream is closed) before the rest."""
 
