@@ -34,7 +34,7 @@ from database_utils import (
     lock_conversation,
     utcnow,
 )
-from errors import Conflict, PayloadTooLarge, Unauthorized
+from errors import Conflict, PayloadTooLarge, TurnInProgress, Unauthorized
 from llm import ModelReply
 from states import Handoff, Role, Status
 
@@ -138,7 +138,14 @@ def post_staff_message(
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
     conversation = _moving(session, viewer, conversation_id, Handoff.HUMAN, "write to the user")
     _require_assignee(session, conversation, viewer)
-    message = MemoryMessage(STAFF, text, estimate_tokens(text), created_at=utcnow())
+    now = utcnow()
+    if conversation.turn_lease_id is not None and conversation.turn_lease_expires_at > now:
+        # A turn the model is answering, begun before the handoff: its user message and reply
+        # come first, and the staff member writes after them (the message is not stored).
+        session.rollback()
+        raise TurnInProgress(f"conversation {conversation_id} has a turn in progress (begun before the handoff); "
+                             "send the message again once its reply is stored")
+    message = MemoryMessage(STAFF, text, estimate_tokens(text), created_at=now)
     append_messages(session, conversation_id, [message])
     _audit(session, viewer, "staff_message", conversation_id, detail={"seq": message.seq})
     return message

@@ -133,25 +133,30 @@ function show(conversation) {
   $("messages").lastElementChild?.scrollIntoView({ block: "nearest" });
 }
 
-async function openConversation(conversationId) {
+// `keepStatus`: after an action, whose outcome (an error above all) stays on the status line.
+async function openConversation(conversationId, keepStatus = false) {
   try {
     show(await api("GET", "/get_conversation?conversation_id=" + encodeURIComponent(conversationId)));
-    say("");
+    if (!keepStatus) say("");
   } catch (error) {
     say("Open: " + error.message, true);
   }
 }
 
+// Returns whether the action was taken.
 async function act(label, method, suffix, body) {
-  if (!state.open) return;
+  if (!state.open) return false;
+  let done = false;
   try {
     await api(method, `/conversations/${encodeURIComponent(state.open)}/${suffix}`, body);
     say(label);
+    done = true;
   } catch (error) {
     say(error.message, true);
   }
-  await openConversation(state.open);
+  await openConversation(state.open, true);
   await refreshQueue();
+  return done;
 }
 
 function start() {
@@ -184,7 +189,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("release").addEventListener("click", () => {
     const note = $("release-note").value.trim();
     $("release-note").value = "";
-    act("Released to the bot.", "POST", "release", note ? { note } : {});
+    act("Released to the bot.", "POST", "release", note ? { note } : {}).then((released) => {
+      if (!released && !$("release-note").value) $("release-note").value = note;
+    });
   });
   $("reload").addEventListener("click", () => state.open && openConversation(state.open));
   $("reply-form").addEventListener("submit", (event) => {
@@ -192,7 +199,9 @@ document.addEventListener("DOMContentLoaded", () => {
     const message = $("reply").value;
     if (!message.trim()) return;
     $("reply").value = "";
-    act("Sent.", "POST", "staff_messages", { message });
+    act("Sent.", "POST", "staff_messages", { message }).then((sent) => {
+      if (!sent && !$("reply").value) $("reply").value = message; // not stored: keep it to send again
+    });
   });
   start();
 });

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -99,6 +100,36 @@ def test_whole_cycle_bot_needs_human_human_bot(anthropic_client, keys, fake_mode
     ]
     assert [h["by"] for h in log["handoff_history"]][1:] == [staff_key_id, staff_key_id]
     assert all(h["at"].endswith("+00:00") for h in log["handoff_history"])
+
+
+def test_a_staff_message_waits_for_a_turn_begun_before_the_handoff(anthropic_client, keys, fake_model):
+    """The model is answering when the conversation is handed off and claimed: the staff message
+    is 409 `turn_in_progress` until that turn's message and reply are stored, then follows them."""
+    client = anthropic_client
+    staff = client_with_key(client.application, keys["staff"])
+    conversation_id = _open(client)
+    fake_model.delay_next(1.5)
+    results = {}
+    turn = threading.Thread(target=lambda: results.setdefault("turn", _chat(client, conversation_id, "during")))
+    turn.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    asked, claimed = _handoff(client, conversation_id), _claim(staff, conversation_id)
+    during = _write(staff, conversation_id, "Sam here, from support.")
+    turn.join()
+    after = _write(staff, conversation_id, "Sam here, from support.")
+
+    assert (asked.status_code, claimed.status_code) == (200, 200)
+    assert during.status_code == 409 and during.json["error"] == "turn_in_progress"
+    assert during.headers["Retry-After"] == "1"
+    assert results["turn"].status_code == 200
+    assert after.status_code == 201
+    log = _read(client, conversation_id)["messages"]
+    assert [(m["seq"], m["role"], m["content"]) for m in log] == [
+        (1, "user", "during"), (2, "assistant", "reply to: during"), (3, "staff", "Sam here, from support."),
+    ]
 
 
 def test_staff_messages_reach_the_model_as_marked_assistant_turns(anthropic_client, keys, fake_model):

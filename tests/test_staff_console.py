@@ -150,3 +150,26 @@ def test_queue_count_says_when_more_are_waiting_than_it_lists(app, keys, live_ur
 
     expect(page.locator("#queue-count")).to_have_text("100+", timeout=15_000)  # at the next refresh
     expect(page.locator("#queue button")).to_have_count(100)
+
+
+def test_a_staff_message_that_is_refused_stays_in_its_box(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    staff = client_with_key(app, keys["staff"])
+    conversation_id = client.post("/new_chat", json={"user_id": "shopper-8"}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    page.locator(f'#queue button[data-conversation-id="{conversation_id}"]').click()
+    page.get_by_role("button", name="Claim").click()
+    expect(page.locator("#handoff-state")).to_have_text("human")
+
+    # Released behind the page's back (another tab): the message is refused, 409, and not lost.
+    assert staff.post(f"/conversations/{conversation_id}/release", json={}).status_code == 200
+    page.get_by_label("Write to the user").fill("Sam here: one moment please.")
+    page.get_by_role("button", name="Send as staff").click()
+
+    expect(page.locator("#status")).to_contain_text("handoff state bot")
+    expect(page.locator("#handoff-state")).to_have_text("bot")
+    expect(page.get_by_label("Write to the user")).to_have_value("Sam here: one moment please.")
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
