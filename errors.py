@@ -43,6 +43,11 @@ class ApiError(Exception):
         self.message = message
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    error = "unsupported_media_type"
+
+
 class Unauthorized(ApiError):
     status = 401
     error = "unauthorized"

@@ -58,7 +58,7 @@ from auth import Caller
 from conversation_memory import estimate_tokens
 from conversations import PreparedTurn
 from database_utils import KnowledgeDocument, KnowledgePassage, get_session, plan_for_these_values, utcnow
-from errors import ApiError, Conflict, InvalidInput, NotFound
+from errors import ApiError, Conflict, InvalidInput, NotFound, UnsupportedMediaType
 from handoff import Trigger
 from llm import ModelReply
 from schemas import KnowledgeText, KnowledgeUploadForm
@@ -99,9 +99,8 @@ class InvalidDocument(ApiError):
     error = "invalid_document"
 
 
-class UnsupportedDocumentType(ApiError):
-    status = 415
-    error = "unsupported_media_type"
+class UnsupportedDocumentType(UnsupportedMediaType):
+    """A knowledge upload of a type other than .txt, .md, .html or .pdf."""
 
 
 class DuplicateDocument(Conflict):

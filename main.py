@@ -231,6 +231,9 @@ def _require_json_body() -> None:
     """Reject bodies that are not one JSON object before validation sees them."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # the body would be read as it came, compressed (RFC 9110: 415)
+        raise errors.UnsupportedMediaType(f"Content-Encoding {coding!r} is not supported; send the body uncompressed")
     endpoint = request.endpoint.rpartition(".")[2]
     if endpoint in UPLOAD_LIMITS:
         request.max_content_length = UPLOAD_LIMITS[endpoint](current_app.config)

@@ -1,6 +1,7 @@
 """The HTTP API end to end, on PostgreSQL + S3 and on the embedded default."""
 from __future__ import annotations
 
+import json
 import typing
 import uuid
 
@@ -248,6 +249,19 @@ def test_non_json_body_is_400(client):
     response = client.post("/new_chat", data="user_id=u", content_type="application/x-www-form-urlencoded")
     assert response.status_code == 400
     assert "JSON" in response.json["message"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br, gzip", "x-made-up"])
+def test_a_compressed_body_is_415_and_nothing_is_stored(client, coding):
+    conversation_id = client.post("/new_chat", json={"user_id": "u-1"}).json["conversation_id"]
+    body = json.dumps({"conversation_id": conversation_id, "message": "hi"})
+
+    refused = client.post("/chat", data=body, content_type="application/json", headers={"Content-Encoding": coding})
+    plain = client.post("/chat", data=body, content_type="application/json", headers={"Content-Encoding": "identity"})
+
+    assert refused.status_code == 415 and refused.json["error"] == "unsupported_media_type"
+    assert "uncompressed" in refused.json["message"]
+    assert plain.status_code == 200 and plain.json["seq"] == 2  # the refused one stored nothing
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer prly_not-a-key"])
