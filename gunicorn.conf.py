@@ -43,7 +43,7 @@ def _whole_number(name: str, default: int, least: int) -> int:
 
 bind = os.environ.get("BIND", "").strip() or f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
 workers = _whole_number("WEB_CONCURRENCY", 2, least=1)
-worker_class = os.environ.get("WORKER_CLASS", "gevent")
+worker_class = os.environ.get("WORKER_CLASS", "").strip() or "gevent"
 # Connections (turns in flight, streams) each worker carries at once.
 worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1)
 # A worker that stops answering its master this long is restarted (0: never). gevent
@@ -78,7 +78,7 @@ limit_request_field_size = 8190
 control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = os.environ.get("LOG_LEVEL", "").strip() or "info"
 
 
 class JsonLogger(Logger):

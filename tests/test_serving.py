@@ -481,14 +481,17 @@ def test_a_server_setting_it_cannot_use_stops_gunicorn_with_one_line(tmp_path, s
     assert done.stderr == f"Error: {said}\n"
 
 
-def test_an_empty_bind_or_port_is_the_default_address(tmp_path):
-    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "BIND": "", "PORT": " "}
+def test_empty_server_settings_are_their_defaults(tmp_path):
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "BIND": "", "PORT": " ",
+                   "WORKER_CLASS": "", "LOG_LEVEL": " "}
 
     done = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config", "main:create_app()"],
                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0, done.stderr
     assert re.search(r"^bind += \['0\.0\.0\.0:8000'\]$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^worker_class += gevent$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^loglevel += info$", done.stdout, re.MULTILINE), done.stdout
 
 
 @pytest.mark.parametrize("option", ["--check-config", "--print-config"])
