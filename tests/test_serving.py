@@ -27,6 +27,7 @@ from auth import create_key
 from config import load_config
 from database_utils import Conversation, get_session, list_messages
 from main import create_app
+from tests.pdfs import pdf_with_text
 from tests.seaweed import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +193,42 @@ def test_readyz_answers_at_once_on_a_gevent_worker(serve, preload):
 
     assert timings == [(200, {"database": "ok", "archive": "ok"}, True)] * 3
     assert "WORKER TIMEOUT" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_large_pdf_is_parsed_while_the_worker_goes_on_serving(serve, app_config):
+    """Seconds of CPU in pypdf run on a native thread: the gevent worker answers meanwhile."""
+    server = serve()
+    with create_app(app_config).app_context():
+        staff_key = create_key(get_session(), "staff", "knowledge loader")[1]
+    document = pdf_with_text(*[f"page {n} of the returns guide " * 3 for n in range(6000)])
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="guide.pdf"\r\n'
+            f"Content-Type: application/pdf\r\n\r\n").encode() + document + f"\r\n--{boundary}--\r\n".encode()
+    uploaded = {}
+
+    def upload() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        connection.request("POST", "/knowledge/documents", body=body, headers={
+            "Authorization": f"Bearer {staff_key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = connection.getresponse()
+        uploaded["status"], uploaded["body"] = response.status, json.loads(response.read())
+        connection.close()
+
+    loader = threading.Thread(target=upload)
+    loader.start()
+    waits = []
+    while loader.is_alive():
+        started = time.monotonic()
+        assert server.request("GET", "/healthz")[0] == 200
+        waits.append(time.monotonic() - started)
+        time.sleep(0.02)
+    loader.join()
+
+    assert uploaded["status"] == 201, uploaded
+    assert uploaded["body"]["passage_count"] > 100
+    assert len(waits) > 10  # the parse took a while: long enough to have been blocking
+    assert max(waits) < 1.0, sorted(waits)[-5:]  # without the thread: one wait of the whole parse (2.8 s here)
 
 
 def _sample(exposition: str, prefix: str, *labels: str) -> float:
