@@ -94,6 +94,9 @@ _STOP_WORDS = frozenset(
     "with would you your".split()
 )
 _MARKDOWN_TITLE = re.compile(r"^#\s+(.+)$", re.MULTILINE)
+# pypdf logs a warning for each object of a damaged PDF it repairs (thousands for one file): the
+# document is refused or loaded all the same, so only its errors are worth a log line.
+logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 
 class InvalidDocument(ApiError):
@@ -165,8 +168,20 @@ def extract(kind: str, data: bytes) -> Extracted:
         from gevent import get_hub, monkey
 
         if monkey.is_module_patched("threading"):
-            return get_hub().threadpool.apply(_extract, (kind, data))
+            extracted, failure = get_hub().threadpool.apply(_extract_or_failure, (kind, data))
+            if failure is not None:
+                raise failure
+            return extracted
     return _extract(kind, data)
+
+
+def _extract_or_failure(kind: str, data: bytes) -> tuple[Extracted | None, Exception | None]:
+    """`_extract` on gevent's pool: its failure is returned, to be raised in the request's greenlet
+    (one raised in the pool would also be printed by gevent's hub, a raw traceback on stderr)."""
+    try:
+        return _extract(kind, data), None
+    except Exception as exc:
+        return None, exc
 
 
 def _extract(kind: str, data: bytes) -> Extracted:

@@ -202,20 +202,8 @@ def test_a_large_pdf_is_parsed_while_the_worker_goes_on_serving(serve, app_confi
     with create_app(app_config).app_context():
         staff_key = create_key(get_session(), "staff", "knowledge loader")[1]
     document = pdf_with_text(*[f"page {n} of the returns guide " * 3 for n in range(6000)])
-    boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="guide.pdf"\r\n'
-            f"Content-Type: application/pdf\r\n\r\n").encode() + document + f"\r\n--{boundary}--\r\n".encode()
     uploaded = {}
-
-    def upload() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-        connection.request("POST", "/knowledge/documents", body=body, headers={
-            "Authorization": f"Bearer {staff_key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
-        response = connection.getresponse()
-        uploaded["status"], uploaded["body"] = response.status, json.loads(response.read())
-        connection.close()
-
-    loader = threading.Thread(target=upload)
+    loader = threading.Thread(target=lambda: uploaded.setdefault("answer", _upload_pdf(server, staff_key, document)))
     loader.start()
     waits = []
     while loader.is_alive():
@@ -224,11 +212,29 @@ def test_a_large_pdf_is_parsed_while_the_worker_goes_on_serving(serve, app_confi
         waits.append(time.monotonic() - started)
         time.sleep(0.02)
     loader.join()
+    broken = _upload_pdf(server, staff_key, b"%PDF-1.4 broken")
 
-    assert uploaded["status"] == 201, uploaded
-    assert uploaded["body"]["passage_count"] > 100
+    assert uploaded["answer"][0] == 201, uploaded
+    assert uploaded["answer"][1]["passage_count"] > 100
     assert len(waits) > 10  # the parse took a while: long enough to have been blocking
     assert max(waits) < 1.0, sorted(waits)[-5:]  # without the thread: one wait of the whole parse (2.8 s here)
+    # A refused PDF is one log line, as elsewhere: no traceback printed from gevent's thread pool.
+    assert broken[0] == 400 and broken[1]["error"] == "invalid_document"
+    assert "Traceback" not in server.log.read_text()
+
+
+def _upload_pdf(server: Server, key: str, document: bytes) -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="guide.pdf"\r\n'
+            f"Content-Type: application/pdf\r\n\r\n").encode() + document + f"\r\n--{boundary}--\r\n".encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        connection.request("POST", "/knowledge/documents", body=body, headers={
+            "Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
 def _sample(exposition: str, prefix: str, *labels: str) -> float:
