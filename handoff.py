@@ -140,11 +140,11 @@ def post_staff_message(
     _require_assignee(session, conversation, viewer)
     now = utcnow()
     if conversation.turn_lease_id is not None and conversation.turn_lease_expires_at > now:
-        # A turn the model is answering, begun before the handoff: its user message and reply
-        # come first, and the staff member writes after them (the message is not stored).
+        # A turn holds the conversation (one the model is answering, begun before the handoff, or
+        # a user message being stored): it comes first, and the staff member writes after it.
         session.rollback()
-        raise TurnInProgress(f"conversation {conversation_id} has a turn in progress (begun before the handoff); "
-                             "send the message again once its reply is stored")
+        raise TurnInProgress(f"conversation {conversation_id} has a turn in progress; "
+                             "send the message again once it is stored")
     message = MemoryMessage(STAFF, text, estimate_tokens(text), created_at=now)
     append_messages(session, conversation_id, [message])
     _audit(session, viewer, "staff_message", conversation_id, detail={"seq": message.seq})
