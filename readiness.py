@@ -50,7 +50,10 @@ class Checks:
             if future is not None and not future.done():
                 return future
             future = self._running[name] = Future()
-        threading.Thread(target=_run, args=(future, check), name=f"readyz-{name}", daemon=True).start()
+        try:
+            threading.Thread(target=_run, args=(future, check), name=f"readyz-{name}", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (at interpreter shutdown): this probe fails, the next tries again
+            future.set_exception(exc)
         return future
 
 
