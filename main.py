@@ -232,7 +232,8 @@ def _require_json_body() -> None:
     if request.method not in ("POST", "PUT", "PATCH"):
         return
     coding = request.headers.get("Content-Encoding", "").strip().lower()
-    if coding not in ("", "identity"):  # the body would be read as it came, compressed (RFC 9110: 415)
+    has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if coding not in ("", "identity") and has_body:  # the body would be read as it came (RFC 9110: 415)
         raise errors.UnsupportedMediaType(f"Content-Encoding {coding!r} is not supported; send the body uncompressed")
     endpoint = request.endpoint.rpartition(".")[2]
     if endpoint in UPLOAD_LIMITS:

@@ -264,6 +264,15 @@ def test_a_compressed_body_is_415_and_nothing_is_stored(client, coding):
     assert plain.status_code == 200 and plain.json["seq"] == 2  # the refused one stored nothing
 
 
+def test_a_content_encoding_without_a_body_is_no_matter(client, staff_client):
+    conversation_id = client.post("/new_chat", json={"user_id": "u-1"}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
+
+    claimed = staff_client.post(f"/conversations/{conversation_id}/claim", headers={"Content-Encoding": "gzip"})
+
+    assert claimed.status_code == 200 and claimed.json["handoff"] == "human"
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer prly_not-a-key"])
 def test_a_caller_without_a_usable_key_gets_401_whatever_the_body(app, authorization):
     headers = {"Authorization": authorization} if authorization else {}
