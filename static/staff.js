@@ -54,15 +54,18 @@ function conversationButton(conversation) {
   return item;
 }
 
-async function refreshQueue() {
-  if (!state.key) return;
+// `quiet`: a failure is returned, not shown (an action shows it after its own outcome).
+async function refreshQueue(quiet = false) {
+  if (!state.key) return null;
   try {
     const page = await api("GET", "/conversations?status=active&handoff=needs_human&limit=100");
     $("queue").replaceChildren(...page.conversations.map(conversationButton));
     // One page of the queue is shown; more waiting reads as "100+".
     $("queue-count").textContent = page.conversations.length + (page.next_cursor ? "+" : "");
+    return null;
   } catch (error) {
-    say("Queue: " + error.message, true);
+    if (!quiet) say("Queue: " + error.message, true);
+    return "Queue: " + error.message;
   }
 }
 
@@ -133,29 +136,33 @@ function show(conversation) {
   $("messages").lastElementChild?.scrollIntoView({ block: "nearest" });
 }
 
-// `keepStatus`: after an action, whose outcome (an error above all) stays on the status line.
-async function openConversation(conversationId, keepStatus = false) {
+// `quiet`: the status line is left alone and a failure returned (see refreshQueue).
+async function openConversation(conversationId, quiet = false) {
   try {
     show(await api("GET", "/get_conversation?conversation_id=" + encodeURIComponent(conversationId)));
-    if (!keepStatus) say("");
+    if (!quiet) say("");
+    return null;
   } catch (error) {
-    say("Open: " + error.message, true);
+    if (!quiet) say("Open: " + error.message, true);
+    return "Open: " + error.message;
   }
 }
 
-// Returns whether the action was taken.
+// Returns whether the action was taken. The status line says its outcome, then any failure
+// of the reloads after it.
 async function act(label, method, suffix, body) {
   if (!state.open) return false;
   let done = false;
+  let outcome;
   try {
     await api(method, `/conversations/${encodeURIComponent(state.open)}/${suffix}`, body);
-    say(label);
+    outcome = label;
     done = true;
   } catch (error) {
-    say(error.message, true);
+    outcome = error.message;
   }
-  await openConversation(state.open, true);
-  await refreshQueue();
+  const failures = [await openConversation(state.open, true), await refreshQueue(true)].filter(Boolean);
+  say([outcome, ...failures].join(" "), !done || failures.length > 0);
   return done;
 }
 
@@ -163,7 +170,7 @@ function start() {
   if (state.timer) clearInterval(state.timer);
   if (!state.key) return;
   refreshQueue();
-  state.timer = setInterval(refreshQueue, REFRESH_MS);
+  state.timer = setInterval(() => refreshQueue(), REFRESH_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {

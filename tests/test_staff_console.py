@@ -173,3 +173,24 @@ def test_a_staff_message_that_is_refused_stays_in_its_box(app, keys, live_url, p
     expect(page.locator("#handoff-state")).to_have_text("bot")
     expect(page.get_by_label("Write to the user")).to_have_value("Sam here: one moment please.")
     assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"] == []
+
+
+def test_a_failed_action_and_the_reload_after_it_both_stay_on_the_status_line(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    admin = client_with_key(app, keys["admin"])
+    conversation_id = client.post("/new_chat", json={"user_id": "shopper-9"}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    page.locator(f'#queue button[data-conversation-id="{conversation_id}"]').click()
+    expect(page.locator("#handoff-state")).to_have_text("needs_human")
+
+    staff_key_id = next(key["key_id"] for key in admin.get("/keys").json["keys"] if key["name"] == "staff")
+    assert admin.post("/keys/revoke", json={"key_id": staff_key_id}).status_code == 200
+    page.get_by_role("button", name="Claim").click()
+
+    status = page.locator("#status")
+    expect(status).to_contain_text("Open:")  # the reload failed too (401) ...
+    expect(status).to_contain_text("revoked")  # ... after the claim's own error, still shown
+    expect(status).to_have_class("error")
