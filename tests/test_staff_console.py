@@ -152,15 +152,22 @@ def test_queue_count_says_when_more_are_waiting_than_it_lists(app, keys, live_ur
     expect(page.locator("#queue button")).to_have_count(100)
 
 
-def test_a_staff_message_that_is_refused_stays_in_its_box(app, keys, live_url, page):
-    client = client_with_key(app, keys["client_a"])
-    staff = client_with_key(app, keys["staff"])
-    conversation_id = client.post("/new_chat", json={"user_id": "shopper-8"}).json["conversation_id"]
+def _open_waiting_conversation(client, keys, live_url: str, page: Page) -> str:
+    """A conversation that asked for a human, opened from the queue of the console with the staff key."""
+    conversation_id = client.post("/new_chat", json={"user_id": "shopper"}).json["conversation_id"]
     assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
     page.goto(f"{live_url}/staff")
     page.get_by_label("Staff key").fill(keys["staff"])
     page.get_by_role("button", name="Use key").click()
     page.locator(f'#queue button[data-conversation-id="{conversation_id}"]').click()
+    expect(page.locator("#handoff-state")).to_have_text("needs_human")
+    return conversation_id
+
+
+def test_a_staff_message_that_is_refused_stays_in_its_box(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    staff = client_with_key(app, keys["staff"])
+    conversation_id = _open_waiting_conversation(client, keys, live_url, page)
     page.get_by_role("button", name="Claim").click()
     expect(page.locator("#handoff-state")).to_have_text("human")
 
@@ -178,13 +185,7 @@ def test_a_staff_message_that_is_refused_stays_in_its_box(app, keys, live_url, p
 def test_a_failed_action_and_the_reload_after_it_both_stay_on_the_status_line(app, keys, live_url, page):
     client = client_with_key(app, keys["client_a"])
     admin = client_with_key(app, keys["admin"])
-    conversation_id = client.post("/new_chat", json={"user_id": "shopper-9"}).json["conversation_id"]
-    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
-    page.goto(f"{live_url}/staff")
-    page.get_by_label("Staff key").fill(keys["staff"])
-    page.get_by_role("button", name="Use key").click()
-    page.locator(f'#queue button[data-conversation-id="{conversation_id}"]').click()
-    expect(page.locator("#handoff-state")).to_have_text("needs_human")
+    _open_waiting_conversation(client, keys, live_url, page)
 
     staff_key_id = next(key["key_id"] for key in admin.get("/keys").json["keys"] if key["name"] == "staff")
     assert admin.post("/keys/revoke", json={"key_id": staff_key_id}).status_code == 200
