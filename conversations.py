@@ -324,6 +324,8 @@ def encode_cursor(conversation: Conversation, position: str = "created_at") -> s
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, conversation_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not (isinstance(created_at, str) and isinstance(conversation_id, str)):
+            raise ValueError("cursor parts are not strings")
         position = datetime.fromisoformat(created_at), uuid.UUID(conversation_id)
         if position[0].tzinfo is None:
             raise ValueError("naive timestamp")

@@ -141,11 +141,22 @@ def test_dates_at_the_edge_of_the_calendar_are_400(staff_client, query):
     assert staff_client.get("/conversations", query_string=query).status_code == 400
 
 
-def test_forged_cursor_with_an_overflowing_date_is_400(staff_client):
+@pytest.mark.parametrize(
+    "forged",
+    [
+        ["0001-01-01T00:00:00+01:00", str(uuid.uuid4())],  # a date that overflows in UTC
+        ["2026-01-01T00:00:00+00:00", 123],  # an ID that is not a string
+        ["2026-01-01T00:00:00+00:00", ["x"]],
+        [20260101, str(uuid.uuid4())],
+    ],
+)
+def test_forged_cursor_is_400(staff_client, forged):
     import base64
     import json
 
-    raw = json.dumps(["0001-01-01T00:00:00+01:00", str(uuid.uuid4())]).encode()
-    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    cursor = base64.urlsafe_b64encode(json.dumps(forged).encode()).decode().rstrip("=")
 
-    assert staff_client.get("/conversations", query_string={"cursor": cursor}).status_code == 400
+    response = staff_client.get("/conversations", query_string={"cursor": cursor})
+
+    assert response.status_code == 400
+    assert response.get_json()["message"] == "cursor is not one this service returned"
