@@ -280,8 +280,10 @@ def read_conversation(
     if conversation.status != Status.ENDED:  # active, or ending: the live rows are whole until it is ended
         messages = [MessageOut.of(row) for row in list_messages(session, conversation_id, after_seq)]
         if len(messages) < conversation.message_count - (after_seq or 0):
-            # Ended (and its live rows deleted) between the two reads: look again.
+            # Ended (and its live rows deleted) between the two reads, or erased: look again.
             conversation = session.get(Conversation, conversation_id, populate_existing=True)
+            if conversation is None:
+                raise NotFound(f"conversation {conversation_id} does not exist")
     if conversation.status == Status.ENDED:
         location, checksum = conversation.s3_file_location, conversation.archive_sha256
         archived = read_document(archive, location, checksum)["messages"]

@@ -285,6 +285,31 @@ def test_end_chat_answers_404_when_the_user_is_erased_while_it_ends(app, client,
     assert _row(app, conversation_id) is None and _objects(app, conversation_id) == []
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_read_answers_404_when_the_user_is_erased_between_its_two_reads(app, client):
+    """`delete-user` after /get_conversation read the conversation's row and before it read the log:
+    the log comes back short, the row is read again and is gone: 404, not a 500."""
+    conversation_id = _talk(client, turns=1, user_id="erase-me")
+    engine, archive = app.extensions["parley.engine"], app.extensions["parley.archive"]
+
+    erased = []
+
+    def erase_before_the_log_is_read(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "FROM messages" in statement and not erased:
+            erased.append(True)
+            with Session(engine) as other:
+                delete_user(other, archive, "erase-me")
+
+    event.listen(engine, "before_cursor_execute", erase_before_the_log_is_read)
+    try:
+        response = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
+    finally:
+        event.remove(engine, "before_cursor_execute", erase_before_the_log_is_read)
+
+    assert response.status_code == 404 and response.json["error"] == "not_found"
+    assert _row(app, conversation_id) is None
+
+
 def _end_together(caller, conversation_id: str, start: threading.Barrier):
     start.wait()
     return caller.post("/end_chat", json={"conversation_id": conversation_id})
