@@ -984,8 +984,6 @@ def list_messages(session: Session, conversation_id: uuid.UUID, after_seq: int |
     return list(session.scalars(query.order_by(Message.seq)))
 
 
-
-
 _CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
 
 
