@@ -5,6 +5,7 @@ Run it with `make run` (the embedded default, on gunicorn) or
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ from flask import Response, current_app, g, request, send_file
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_openapi3 import APIBlueprint, Info, OpenAPI, SecurityScheme, Tag
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -101,6 +103,7 @@ from schemas import (
     VariablesOut,
     VariablesPatch,
     VariableValue,
+    declare_response_headers,
     knowledge_upload_body,
 )
 from states import Handoff, Role, Status
@@ -223,8 +226,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.register_api(api)
     app.register_api(probes)
     limiter.exempt(app.view_functions["metrics"])
-    app.add_url_rule("/openapi.json", "openapi_json", lambda: app.api_doc)
+    app.add_url_rule("/openapi.json", "openapi_json", functools.partial(_openapi_document, app))
     return app
+
+
+def _openapi_document(app: OpenAPI) -> dict[str, Any]:
+    """flask-openapi3's document, made once, with the response headers and `/metrics` added."""
+    if "parley.openapi" not in app.extensions:
+        app.extensions["parley.openapi"] = declare_response_headers(
+            app.api_doc, idempotency.REPLAYED_HEADER, CONTENT_TYPE_LATEST)
+    return app.extensions["parley.openapi"]
 
 
 def _require_json_body() -> None:
