@@ -101,7 +101,15 @@ def check_readiness(app: Flask) -> tuple[dict[str, Any], bool]:
 
 def _check_database(app: Flask) -> None:
     with app.app_context():
-        database_utils.require_current_schema(database_utils.get_engine())
+        engine = database_utils.get_engine()
+        try:
+            database_utils.require_current_schema(engine)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # A pooled connection the database closed (a restart, within PING_IDLE_SECONDS of its
+            # last use): the pool has dropped it and its older ones. Once more, on a fresh one.
+            database_utils.require_current_schema(engine)
 
 
 def _reason(name: str, exc: BaseException) -> dict[str, str]:

@@ -317,6 +317,29 @@ def test_readyz_names_the_database_failure_without_secrets(app_config):
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_readyz_is_ready_at_once_after_the_database_closed_the_pooled_connections(app, postgres_url):
+    """What a database restart does: the probe's pooled connection, used less than PING_IDLE_SECONDS
+    ago so not pinged, fails on its first statement. The database is up: the check tries once more on
+    a fresh connection and the probe says ready."""
+    from sqlalchemy import create_engine, text
+
+    probe = app.test_client()
+    assert probe.get("/readyz").status_code == 200
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        killed = connection.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one()
+    admin.dispose()
+
+    ready = probe.get("/readyz")
+
+    assert killed >= 1
+    assert ready.status_code == 200, ready.json
+    assert ready.json["checks"] == {"database": "ok", "archive": "ok"}
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_readyz_answers_within_its_time_bound_when_the_archive_hangs(app_config):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
