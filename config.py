@@ -125,12 +125,21 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "KENDRA_ENDPOINT_URL": (None, str),
     "KENDRA_MIN_CONFIDENCE": ("HIGH", str),
 }
-# The least each of these may be set to: SQLAlchemy reads a pool of 0 (or less) as one
-# without a limit and a negative pool timeout as an error, and a gevent worker that may
-# hold no connection serves nothing.
-_MINIMUMS = {"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1, "LLM_MAX_RETRIES": 0}
+# The least each of these may be set to (when set, for those unset by default): SQLAlchemy reads
+# a pool of 0 (or less) as one without a limit and a negative pool timeout as an error, a gevent
+# worker that may hold no connection serves nothing, and a negative wait, count or size is none
+# that the code could keep to.
+_MINIMUMS = {
+    "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1, "LLM_MAX_RETRIES": 0,
+    "LLM_MAX_TOKENS": 1, "LLM_RETRY_AFTER_MAX_SECONDS": 0, "CONTEXT_MAX_TOKENS": 1, "CONTEXT_MAX_MESSAGES": 1,
+    "CONTEXT_CACHE_CONVERSATIONS": 0, "MAX_MESSAGE_CHARS": 1, "MAX_CONTENT_LENGTH": 1, "MAX_FILE_BYTES": 1,
+    "AUTH_CACHE_SECONDS": 0, "TRUSTED_PROXY_HOPS": 0, "AUDIT_RETENTION_DAYS": 0, "SESSION_IDLE_MINUTES": 0,
+    "LIVE_RETENTION_DAYS": 0, "ARCHIVE_RETENTION_DAYS": 0, "HANDOFF_AFTER_MESSAGES": 0, "VARIABLES_MAX_COUNT": 0,
+    "VARIABLE_MAX_BYTES": 1, "KNOWLEDGE_MAX_BYTES": 1,
+}
 # ... and these more than 0 (a wait of none, or a negative one, that the code would wait on).
-_POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBEAT_SECONDS")
+_POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBEAT_SECONDS", "TURN_LEASE_SECONDS",
+             "READYZ_TIMEOUT_SECONDS")
 # A turn's lease outlives its longest model call by this much, so a lease
 # expires only when its worker died.
 LEASE_MARGIN_SECONDS = 30.0
@@ -165,10 +174,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if config["LOG_LEVEL"] not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     for name, least in _MINIMUMS.items():
-        if config[name] < least:
+        if config[name] is not None and config[name] < least:
             raise ConfigError(f"{name} must be at least {least}")
     for name in _POSITIVE:
-        if config[name] <= 0:
+        if config[name] is not None and config[name] <= 0:
             raise ConfigError(f"{name} must be more than 0")
     if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
         raise ConfigError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
@@ -207,7 +216,8 @@ def default(name: str) -> Any:
 
 def turn_lease_seconds(config: Mapping[str, Any]) -> float:
     """How long a turn may hold its conversation: past the model's total deadline."""
-    return config["TURN_LEASE_SECONDS"] or config["LLM_TOTAL_TIMEOUT_SECONDS"] + LEASE_MARGIN_SECONDS
+    lease = config["TURN_LEASE_SECONDS"]
+    return lease if lease is not None else config["LLM_TOTAL_TIMEOUT_SECONDS"] + LEASE_MARGIN_SECONDS
 
 
 def _default_provider(environ: Mapping[str, str]) -> str:

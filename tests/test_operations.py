@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from auth import create_key
+from config import ConfigError, load_config, turn_lease_seconds
 from database_utils import _script_directory, get_session, head_revisions, upgrade_database
 from main import create_app
 from tests.conftest import client_with_key
@@ -104,6 +105,44 @@ def test_a_setting_the_command_cannot_use_is_one_line_that_names_it(tmp_path, se
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: {said}") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("TURN_LEASE_SECONDS", "-5", "more than 0"),  # a lease already run out: a second turn would take the conversation
+    ("TURN_LEASE_SECONDS", "0", "more than 0"),
+    ("READYZ_TIMEOUT_SECONDS", "-1", "more than 0"),
+    ("LLM_RETRY_AFTER_MAX_SECONDS", "-3", "at least 0"),  # a provider's Retry-After would be a negative sleep
+    ("AUTH_CACHE_SECONDS", "-1", "at least 0"),
+    ("TRUSTED_PROXY_HOPS", "-1", "at least 0"),
+    ("CONTEXT_MAX_TOKENS", "0", "at least 1"),
+    ("CONTEXT_MAX_MESSAGES", "0", "at least 1"),
+    ("CONTEXT_CACHE_CONVERSATIONS", "-1", "at least 0"),
+    ("LLM_MAX_TOKENS", "0", "at least 1"),
+    ("MAX_MESSAGE_CHARS", "0", "at least 1"),
+    ("MAX_CONTENT_LENGTH", "-1", "at least 1"),
+    ("MAX_FILE_BYTES", "0", "at least 1"),
+    ("SESSION_IDLE_MINUTES", "-1", "at least 0"),
+    ("LIVE_RETENTION_DAYS", "-1", "at least 0"),
+    ("ARCHIVE_RETENTION_DAYS", "-1", "at least 0"),
+    ("AUDIT_RETENTION_DAYS", "-1", "at least 0"),
+    ("HANDOFF_AFTER_MESSAGES", "-1", "at least 0"),
+    ("VARIABLES_MAX_COUNT", "-1", "at least 0"),
+    ("VARIABLE_MAX_BYTES", "0", "at least 1"),
+    ("KNOWLEDGE_MAX_BYTES", "0", "at least 1"),
+])
+def test_a_number_out_of_its_range_is_refused_at_start(name, value, said):
+    with pytest.raises(ConfigError, match=f"^{name} must be {said}$"):
+        load_config({name: value})
+
+
+def test_the_least_values_are_taken():
+    least = {"TURN_LEASE_SECONDS": "0.5", "LLM_RETRY_AFTER_MAX_SECONDS": "0", "AUTH_CACHE_SECONDS": "0",
+             "CONTEXT_MAX_MESSAGES": "1", "CONTEXT_CACHE_CONVERSATIONS": "0", "LIVE_RETENTION_DAYS": "0"}
+
+    config = load_config(least)
+
+    assert turn_lease_seconds(config) == 0.5
+    assert {name: config[name] for name in least} == {name: float(value) for name, value in least.items()}
 
 
 @pytest.mark.parametrize("arguments", [
