@@ -4,9 +4,9 @@
 
 Turns are served cooperatively on gevent workers: a turn waiting on the
 model holds a socket and a greenlet, not a thread, so one worker carries
-hundreds of turns at once. Every setting below can be changed from the
-environment (documented defaults in the README) or on the command line,
-which wins over this file.
+hundreds of turns at once. The settings read from the environment below have
+their defaults documented in the README; every setting can be changed on the
+command line, which wins over this file.
 
 At the top, nothing from Parley is read but config.py's plain constants, and
 nothing that makes sockets or locks: gevent patches the standard library
@@ -88,7 +88,7 @@ class JsonLogger(Logger):
 
     def setup(self, cfg):
         super().setup(cfg)
-        if os.environ.get("LOG_FORMAT", "json") == "json":
+        if (os.environ.get("LOG_FORMAT", "").strip() or "json") == "json":  # empty counts as unset, as in config.py
             from pythonjsonlogger.json import JsonFormatter
 
             formatter = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s", timestamp=False)

@@ -403,10 +403,12 @@ def test_two_idempotency_keys_on_one_request_are_refused(serve):
     assert "Idempotency-Key" in answer["message"]
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
-def test_log_lines_are_json_with_the_request_id(serve, preload):
-    """With --preload, gevent warns in each worker that it patched ssl after the app imported it: a JSON line too."""
-    server = serve(GUNICORN_CMD_ARGS="--preload" if preload else "")
+@pytest.mark.parametrize("settings", [{}, {"GUNICORN_CMD_ARGS": "--preload"}, {"LOG_FORMAT": " "}],
+                         ids=["", "preload", "empty LOG_FORMAT"])
+def test_log_lines_are_json_with_the_request_id(serve, settings):
+    """With --preload, gevent warns in each worker that it patched ssl after the app imported it: a JSON line too.
+    An empty LOG_FORMAT is its default, json, for gunicorn's lines as for Parley's."""
+    server = serve(**settings)
 
     _, _, headers = server.request("POST", "/new_chat", {"user_id": "traced"}, {"X-Request-ID": "serving-trace-1"})
     server.process.terminate()
