@@ -43,9 +43,11 @@ browser:
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.turn_latency
 	$(BIN)/python -m bench.staff_search
-	$(BIN)/python -m bench.hot_path
-	$(BIN)/python -m bench.capacity
-	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.hot_path --seconds 12 --rounds 2
+	$(BIN)/python -m bench.cpu_split
+	$(BIN)/python -m bench.model_call
+	$(BIN)/python -m bench.capacity --clients 400 1000 --seconds 20
+	$(BIN)/python -m bench.soak --seconds 60
 	$(BIN)/python -m bench.client_list
 	$(BIN)/python -m bench.archive_export
 	$(BIN)/python -m bench.stream_first_delta

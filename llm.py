@@ -11,8 +11,8 @@ Credentials and endpoints come from each SDK's own environment variables
 (`ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`, `OPENAI_API_KEY`,
 `OPENAI_BASE_URL`, `AWS_*`), exactly as the SDKs document them.
 
-Failures: Parley retries 429, 5xx, 529, connection errors and timeouts
-itself (the SDKs' own retries are off, because they wait for any
+Failures: Parley retries 408, 409, 429, 500, 502, 503, 504, 529, connection
+errors and timeouts itself (the SDKs' own retries are off, because they wait for any
 `Retry-After` without a cap), with backoff, at most `LLM_MAX_RETRIES` times,
 and every call has one total deadline, `LLM_TOTAL_TIMEOUT_SECONDS`, that
 covers the retries, the waits and a reply that arrives slowly.

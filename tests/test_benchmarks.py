@@ -102,3 +102,17 @@ def test_connection_split_counts_the_connections_each_worker_accepted():
 
     assert split.per_worker == [2, 3]
     assert str(split) == "2+3"
+
+
+def test_make_bench_runs_every_benchmark():
+    """Every module under bench/ that reports figures is in `make bench` (load generators and servers are parts of them)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    parts = {"fake_model", "load", "stream_load"}  # started by the benchmarks, no figures of their own
+    runnable = {path.stem for path in (root / "bench").glob("*.py") if '__name__ == "__main__"' in path.read_text()}
+    planned = subprocess.run(["make", "-n", "bench"], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    ran = {line.split("-m bench.")[1].split()[0] for line in planned.splitlines() if "-m bench." in line}
+
+    assert ran == runnable - parts
