@@ -234,7 +234,7 @@ def _openapi_document(app: OpenAPI) -> dict[str, Any]:
     """flask-openapi3's document, made once, with the response headers and `/metrics` added."""
     if "parley.openapi" not in app.extensions:
         app.extensions["parley.openapi"] = declare_response_headers(
-            app.api_doc, idempotency.REPLAYED_HEADER, CONTENT_TYPE_LATEST)
+            app.api_doc, CONTENT_TYPE_LATEST, idempotency.REPLAYED_HEADER, idempotency.NEVER_REPLAYED_STATUSES)
     return app.extensions["parley.openapi"]
 
 

@@ -733,23 +733,37 @@ RETRY_AFTER_HEADER = {"description": "Seconds to wait before trying again. Alway
 REPLAYED_HEADER = {"description": "`true` when this is the kept answer to an earlier request with the same "
                                   "Idempotency-Key, replayed", "schema": {"type": "string", "enum": ["true"]}}
 _RETRIED_LATER = ("409", "429", "502", "503", "504")
+_ERROR_BODY = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
-def declare_response_headers(document: dict[str, Any], replayed_header: str, metrics_type: str) -> dict[str, Any]:
-    """The OpenAPI document with the headers responses carry (flask-openapi3 declares bodies only),
-    and `GET /metrics`, which is served outside the API blueprint. Changes `document` in place."""
+def declare_response_headers(document: dict[str, Any], metrics_type: str, replayed_header: str,
+                             never_replayed: frozenset[int]) -> dict[str, Any]:
+    """The OpenAPI document with the headers answers carry (flask-openapi3 declares bodies only),
+    and `GET /metrics`, which is served outside the API blueprint. Changes `document` in place.
+
+    flask-openapi3 also gives every operation a 400 whose body is a list of errors; Parley's is
+    one error object, and an operation with no parameters and no body is never refused with 400.
+    """
     for methods in document["paths"].values():
         for operation in methods.values():
-            limited = "429" in operation["responses"]
+            responses = operation["responses"]
+            refused = responses.get("400", {}).get("content", {}).get("application/json", {})
+            if refused.get("schema", {}).get("type") == "array":
+                if operation.get("parameters") or operation.get("requestBody"):
+                    refused["schema"] = _ERROR_BODY
+                else:
+                    del responses["400"]
+            limited = "429" in responses
             idempotent = any(p["in"] == "header" and p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
-            for status, response in operation["responses"].items():
+            for status, response in responses.items():
                 headers = response.setdefault("headers", {})
                 headers["X-Request-ID"] = REQUEST_ID_HEADER
                 if limited:
                     headers.update(RATE_LIMIT_HEADERS)
-                if status in _RETRIED_LATER:
+                error = response.get("content", {}).get("application/json", {}).get("schema") == _ERROR_BODY
+                if status in _RETRIED_LATER and error:
                     headers["Retry-After"] = RETRY_AFTER_HEADER
-                if idempotent:
+                if idempotent and int(status) not in never_replayed:
                     headers[replayed_header] = REPLAYED_HEADER
     document["paths"]["/metrics"] = {"get": {
         "tags": ["operations"],

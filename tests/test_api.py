@@ -352,8 +352,14 @@ def test_openapi_declares_the_headers_responses_carry(client):
                                            "X-RateLimit-Reset", "Idempotent-Replayed"}
     for status in ("409", "429", "502", "503", "504"):
         assert chat[status]["headers"]["Retry-After"]["schema"]["type"] == "integer", status
+    assert "Idempotent-Replayed" in chat["404"]["headers"]  # a kept answer
+    for status in ("400", "401", "403", "413", "422", "429"):  # refused before a key is claimed, or never kept
+        assert "Idempotent-Replayed" not in chat[status]["headers"], status
+    assert chat["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Idempotent-Replayed" not in paths["/get_conversation"]["get"]["responses"]["200"]["headers"]
     assert set(paths["/healthz"]["get"]["responses"]["200"]["headers"]) == {"X-Request-ID"}
+    assert "400" not in paths["/healthz"]["get"]["responses"]  # no parameters, no body: nothing to refuse
+    assert "Retry-After" not in paths["/readyz"]["get"]["responses"]["503"]["headers"]  # a probe's answer, not an error
     [metrics_type] = paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert client.get("/metrics").headers["Content-Type"] == metrics_type
 
