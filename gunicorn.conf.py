@@ -26,9 +26,15 @@ import uuid
 from gunicorn.glogging import Logger
 
 
-def _whole_number(name: str, default: int, least: int) -> int:
-    """A setting from the environment (empty counts as unset); one that is not a whole number of
-    at least `least` stops the server with one line that names it."""
+# The most workers and connections per worker a server may be given: past these a typo forks
+# workers without end, or makes a pool size gevent cannot hold (its workers then fail in a loop).
+MOST_WORKERS = 512
+MOST_WORKER_CONNECTIONS = 100_000
+
+
+def _whole_number(name: str, default: int, least: int, most: int | None = None) -> int:
+    """A setting from the environment (empty counts as unset); one that is not a whole number from
+    `least` to `most` stops the server with one line that names it."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -36,16 +42,27 @@ def _whole_number(name: str, default: int, least: int) -> int:
         value = int(raw)
     except ValueError:
         value = None
-    if value is None or value < least:
-        sys.exit(f"Error: {name}={raw!r} must be a whole number of at least {least}")
+    if value is None or value < least or (most is not None and value > most):
+        sys.exit(f"Error: {name}={raw!r} must be a whole number " + (f"from {least} to {most}" if most else f"of at least {least}"))
     return value
 
 
-bind = os.environ.get("BIND", "").strip() or f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
-workers = _whole_number("WEB_CONCURRENCY", 2, least=1)
+def _bind() -> str:
+    """BIND, or every interface on PORT (8000); a TCP port outside 1-65535 stops the server with one line."""
+    name, address = "BIND", os.environ.get("BIND", "").strip()
+    if not address:
+        name, address = "PORT", f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
+    host, _, port = address.rpartition(":")
+    if host and not address.startswith(("unix:", "fd://")) and port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:
+        sys.exit(f"Error: {name}={os.environ[name].strip()!r}: a port must be from 1 to 65535")
+    return address
+
+
+bind = _bind()
+workers = _whole_number("WEB_CONCURRENCY", 2, least=1, most=MOST_WORKERS)
 worker_class = os.environ.get("WORKER_CLASS", "").strip() or "gevent"
 # Connections (turns in flight, streams) each worker carries at once.
-worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1)
+worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1, most=MOST_WORKER_CONNECTIONS)
 # A worker that stops answering its master this long is restarted (0: never). gevent
 # workers report from their own loop, so a long model call does not count.
 timeout = _whole_number("WORKER_TIMEOUT", 30, least=0)
@@ -127,6 +144,10 @@ def on_starting(server):
     master's) keeps the samples: a PROMETHEUS_MULTIPROC_DIR that is named
     holds the old generation's, whose workers still serve and count there.
     """
+    for setting, most in (("workers", MOST_WORKERS), ("worker_connections", MOST_WORKER_CONNECTIONS)):
+        value = getattr(server.cfg, setting)  # the command line's, which skipped the checks above
+        if not 1 <= value <= most:
+            sys.exit(f"Error: {setting} {value} must be from 1 to {most}")
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not server.master_pid:
         shutil.rmtree(directory, ignore_errors=True)

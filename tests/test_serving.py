@@ -508,9 +508,14 @@ def test_metrics_work_on_after_an_upgrade_with_usr2(serve, tmp_path, named):
 
 
 @pytest.mark.parametrize(("setting", "said"), [
-    ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0' must be a whole number of at least 1"),
-    ({"WORKER_CONNECTIONS": "0"}, "WORKER_CONNECTIONS='0' must be a whole number of at least 1"),
-    ({"WORKER_CONNECTIONS": "many"}, "WORKER_CONNECTIONS='many' must be a whole number of at least 1"),
+    ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0' must be a whole number from 1 to 512"),
+    ({"WEB_CONCURRENCY": "100000"}, "WEB_CONCURRENCY='100000' must be a whole number from 1 to 512"),
+    ({"WORKER_CONNECTIONS": "0"}, "WORKER_CONNECTIONS='0' must be a whole number from 1 to 100000"),
+    ({"WORKER_CONNECTIONS": "many"}, "WORKER_CONNECTIONS='many' must be a whole number from 1 to 100000"),
+    ({"WORKER_CONNECTIONS": "99999999999999999999"},
+     "WORKER_CONNECTIONS='99999999999999999999' must be a whole number from 1 to 100000"),
+    ({"BIND": "127.0.0.1:99999"}, "BIND='127.0.0.1:99999': a port must be from 1 to 65535"),
+    ({"BIND": "", "PORT": "-1"}, "PORT='-1': a port must be from 1 to 65535"),
     ({"WORKER_TIMEOUT": "1.5"}, "WORKER_TIMEOUT='1.5' must be a whole number of at least 0"),
     ({"GRACEFUL_TIMEOUT": "-1"}, "GRACEFUL_TIMEOUT='-1' must be a whole number of at least 0"),
     ({"KEEPALIVE": "x"}, "KEEPALIVE='x' must be a whole number of at least 0"),
@@ -524,6 +529,24 @@ def test_a_server_setting_it_cannot_use_stops_gunicorn_with_one_line(tmp_path, s
 
     assert done.returncode == 1
     assert done.stderr == f"Error: {said}\n"
+
+
+@pytest.mark.parametrize(("option", "said"), [
+    (["-w", "0"], "workers 0 must be from 1 to 512"),
+    (["--worker-connections", "0"], "worker_connections 0 must be from 1 to 100000"),
+])
+def test_a_command_line_value_it_cannot_use_stops_gunicorn_with_one_line(tmp_path, option, said):
+    """The command line skips the checks of the environment's values; gunicorn would start with no
+    worker, or with workers that fail in a loop."""
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+                   "BIND": f"127.0.0.1:{free_ports(1)[0]}", "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"}
+
+    done = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", *option, "main:create_app()"],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == f"Error: {said}"
+    assert "Traceback" not in done.stderr and "Booting worker" not in done.stderr
 
 
 def test_empty_server_settings_are_their_defaults(tmp_path):
