@@ -25,7 +25,6 @@ import uuid
 
 from gunicorn.glogging import Logger
 
-
 # The most workers and connections per worker a server may be given: past these a typo forks
 # workers without end, or makes a pool size gevent cannot hold (its workers then fail in a loop).
 MOST_WORKERS = 512
