@@ -718,20 +718,27 @@ def knowledge_upload_body() -> dict[str, Any]:
 
 
 _TEXT = {"type": "string"}
-_SECONDS = {"type": "integer", "minimum": 0}
-REQUEST_ID_HEADER = {"description": "The client's own X-Request-ID when it sent a sensible one, else a new one; "
-                                    "the same ID is in the server's log lines", "schema": _TEXT}
-RATE_LIMIT_HEADERS = {
-    "X-RateLimit-Limit": {"description": "Requests allowed in the window (RATE_LIMIT)", "schema": _SECONDS},
-    "X-RateLimit-Remaining": {"description": "Requests left in the window", "schema": _SECONDS},
-    "X-RateLimit-Reset": {"description": "When the window ends, in seconds since the epoch", "schema": _SECONDS},
+_WHOLE = {"type": "integer", "minimum": 0}
+_REQUEST_ID_HEADER = {
+    "description": "The client's own X-Request-ID when it sent a sensible one, else a new one; "
+                   "the same ID is in the server's log lines",
+    "schema": _TEXT,
 }
-RETRY_AFTER_HEADER = {"description": "Seconds to wait before trying again. Always on a 429; on a 409 while another "
-                                     "turn or request holds the conversation or key; on a 503 when the database is "
-                                     "unavailable or busy; on a 502, 503 or 504 when the model provider gave one",
-                      "schema": _SECONDS}
-REPLAYED_HEADER = {"description": "`true` when this is the kept answer to an earlier request with the same "
-                                  "Idempotency-Key, replayed", "schema": {"type": "string", "enum": ["true"]}}
+_RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": {"description": "Requests allowed in the window (RATE_LIMIT)", "schema": _WHOLE},
+    "X-RateLimit-Remaining": {"description": "Requests left in the window", "schema": _WHOLE},
+    "X-RateLimit-Reset": {"description": "When the window ends, in seconds since the epoch", "schema": _WHOLE},
+}
+_RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before trying again. Always on a 429; on a 409 while another turn or request "
+                   "holds the conversation or key; on a 503 when the database is unavailable or busy; on a 502, "
+                   "503 or 504 when the model provider gave one",
+    "schema": _WHOLE,
+}
+_REPLAYED_HEADER = {
+    "description": "`true` when this is the kept answer to an earlier request with the same Idempotency-Key, replayed",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 _RETRIED_LATER = ("409", "429", "502", "503", "504")
 _ERROR_BODY = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -757,21 +764,21 @@ def declare_response_headers(document: dict[str, Any], metrics_type: str, replay
             idempotent = any(p["in"] == "header" and p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
             for status, response in responses.items():
                 headers = response.setdefault("headers", {})
-                headers["X-Request-ID"] = REQUEST_ID_HEADER
+                headers["X-Request-ID"] = _REQUEST_ID_HEADER
                 if limited:
-                    headers.update(RATE_LIMIT_HEADERS)
+                    headers.update(_RATE_LIMIT_HEADERS)
                 error = response.get("content", {}).get("application/json", {}).get("schema") == _ERROR_BODY
                 if status in _RETRIED_LATER and error:
-                    headers["Retry-After"] = RETRY_AFTER_HEADER
-                if idempotent and int(status) not in never_replayed:
-                    headers[replayed_header] = REPLAYED_HEADER
+                    headers["Retry-After"] = _RETRY_AFTER_HEADER
+                if idempotent and not (status.isdigit() and int(status) in never_replayed):
+                    headers[replayed_header] = _REPLAYED_HEADER
     document["paths"]["/metrics"] = {"get": {
         "tags": ["operations"],
         "summary": "Prometheus metrics of every worker (no key; keep it inside your network)",
         "operationId": "metrics_get",
         "responses": {"200": {
             "description": "Prometheus' text exposition format",
-            "headers": {"X-Request-ID": REQUEST_ID_HEADER},
+            "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
             "content": {metrics_type: {"schema": _TEXT}},
         }},
     }}

@@ -345,7 +345,10 @@ def test_openapi_declares_the_idempotency_key_on_every_route_that_honours_it(cli
 def test_openapi_declares_the_headers_responses_carry(client):
     """X-Request-ID on every response, the rate limit's headers wherever a 429 can come, Retry-After
     on the answers that say to come back, Idempotent-Replayed where an Idempotency-Key is honoured."""
+    swagger_reads = client.get("/docs/openapi.json").json  # the interactive page's, asked for first
     paths = client.get("/openapi.json").json["paths"]
+
+    assert swagger_reads["paths"] == paths
 
     chat = paths["/chat"]["post"]["responses"]
     assert set(chat["200"]["headers"]) == {"X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining",
@@ -365,23 +368,19 @@ def test_openapi_declares_the_headers_responses_carry(client):
 
 
 def test_the_declared_headers_are_the_ones_sent(app, client):
-    """What the document declares for a /chat answer and a 409 matches what the server sends."""
+    """What the document declares for a /chat answer matches what the server sends, first and replayed."""
     paths = client.get("/openapi.json").json["paths"]
     conversation_id = _open(client)["conversation_id"]
     answered = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"},
                            headers={"Idempotency-Key": "declared"})
     replayed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"},
                            headers={"Idempotency-Key": "declared"})
-    ended = client.post("/end_chat", json={"conversation_id": conversation_id})
-    refused = client.post("/chat", json={"conversation_id": conversation_id, "message": "too late"})
 
     declared = paths["/chat"]["post"]["responses"]
-    assert ended.status_code in (200, 202) and refused.status_code == 409
     sent_headers = {"X-Request-ID", "Idempotent-Replayed", "Retry-After"}  # those with no setting to turn them off
     assert sent_headers & set(replayed.headers.keys()) <= set(declared["200"]["headers"])
     assert sent_headers & set(answered.headers.keys()) == {"X-Request-ID"}
     assert sent_headers & set(replayed.headers.keys()) == {"X-Request-ID", "Idempotent-Replayed"}
-    assert sent_headers & set(refused.headers.keys()) <= set(declared["409"]["headers"])
 
 
 def test_each_idempotent_route_names_the_model_its_body_is_read_with():
