@@ -130,12 +130,30 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
 # worker that may hold no connection serves nothing, and a negative wait, count or size is none
 # that the code could keep to.
 _MINIMUMS = {
-    "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0, "DB_POOL_TIMEOUT": 0, "WORKER_CONNECTIONS": 1, "LLM_MAX_RETRIES": 0,
-    "LLM_MAX_TOKENS": 1, "LLM_RETRY_AFTER_MAX_SECONDS": 0, "CONTEXT_MAX_TOKENS": 1, "CONTEXT_MAX_MESSAGES": 1,
-    "CONTEXT_CACHE_CONVERSATIONS": 0, "MAX_MESSAGE_CHARS": 1, "MAX_CONTENT_LENGTH": 1, "MAX_FILE_BYTES": 1,
-    "AUTH_CACHE_SECONDS": 0, "TRUSTED_PROXY_HOPS": 0, "AUDIT_RETENTION_DAYS": 0, "SESSION_IDLE_MINUTES": 0,
-    "LIVE_RETENTION_DAYS": 0, "ARCHIVE_RETENTION_DAYS": 0, "HANDOFF_AFTER_MESSAGES": 0, "VARIABLES_MAX_COUNT": 0,
-    "VARIABLE_MAX_BYTES": 1, "KNOWLEDGE_MAX_BYTES": 1,
+    "DB_POOL_SIZE": 1,
+    "DB_MAX_OVERFLOW": 0,
+    "DB_POOL_TIMEOUT": 0,
+    "WORKER_CONNECTIONS": 1,
+    "LLM_MAX_TOKENS": 1,
+    "LLM_MAX_RETRIES": 0,
+    "LLM_RETRY_AFTER_MAX_SECONDS": 0,
+    "CONTEXT_MAX_TOKENS": 1,
+    "CONTEXT_MAX_MESSAGES": 1,
+    "CONTEXT_CACHE_CONVERSATIONS": 0,
+    "MAX_MESSAGE_CHARS": 1,
+    "MAX_CONTENT_LENGTH": 1,
+    "MAX_FILE_BYTES": 1,
+    "AUTH_CACHE_SECONDS": 0,
+    "TRUSTED_PROXY_HOPS": 0,
+    # A day or a minute at least: 0 would erase every audit event, end every conversation or drop every archive.
+    "AUDIT_RETENTION_DAYS": 1,
+    "SESSION_IDLE_MINUTES": 1,
+    "LIVE_RETENTION_DAYS": 0,  # 0: an ended conversation's live rows go at once (the archive holds them)
+    "ARCHIVE_RETENTION_DAYS": 1,
+    "HANDOFF_AFTER_MESSAGES": 0,
+    "VARIABLES_MAX_COUNT": 0,
+    "VARIABLE_MAX_BYTES": 1,
+    "KNOWLEDGE_MAX_BYTES": 1,
 }
 # ... and these more than 0 (a wait of none, or a negative one, that the code would wait on).
 _POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBEAT_SECONDS", "TURN_LEASE_SECONDS",

@@ -47,13 +47,13 @@ def _whole_number(name: str, default: int, least: int, most: int | None = None) 
 
 
 def _bind() -> str:
-    """BIND, or every interface on PORT (8000); a TCP port outside 1-65535 stops the server with one line."""
+    """BIND, or every interface on PORT (8000); a TCP port outside 0-65535 stops the server with one line."""
     name, address = "BIND", os.environ.get("BIND", "").strip()
     if not address:
         name, address = "PORT", f"0.0.0.0:{os.environ.get('PORT', '').strip() or '8000'}"
     host, _, port = address.rpartition(":")
-    if host and not address.startswith(("unix:", "fd://")) and port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:
-        sys.exit(f"Error: {name}={os.environ[name].strip()!r}: a port must be from 1 to 65535")
+    if host and not address.startswith(("unix:", "fd://")) and port.lstrip("-").isdigit() and not 0 <= int(port) <= 65535:
+        sys.exit(f"Error: {name}={os.environ[name].strip()!r}: a port must be from 0 to 65535")
     return address
 
 

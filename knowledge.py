@@ -478,7 +478,7 @@ class KendraSearch:
             "kendra",
             region_name=settings["KENDRA_REGION"],
             endpoint_url=settings["KENDRA_ENDPOINT_URL"],
-            config=BotoConfig(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}),
+            config=BotoConfig(connect_timeout=3, read_timeout=10, retries={"total_max_attempts": 2, "mode": "standard"}),
         )
 
     def threshold(self, settings: Mapping[str, Any]) -> float:

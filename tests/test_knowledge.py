@@ -553,12 +553,15 @@ def test_kendra_failure_is_503_and_stores_nothing(kendra_client, kendra):
     kendra.fail_status = 500
     conversation_id = _open(kendra_client, knowledge=True)
 
+    before = len(kendra.requests)
     response = _chat(kendra_client, conversation_id, "How long does a refund take?")
+    attempts = len(kendra.requests) - before
     kendra.fail_status = None
     kendra.result_items = [result_item(1, "HIGH", "Refunds", "Five days.")]
     retried = _chat(kendra_client, conversation_id, "How long does a refund take?")
 
     assert response.status_code == 503 and response.json["error"] == "knowledge_unavailable"
+    assert attempts == 2  # within the lease's 30 s margin: 2 x (3 s to connect + 10 s to read) and one backoff
     assert retried.status_code == 200 and retried.json["seq"] == 2  # the failed turn stored nothing, released its lease
 
 
