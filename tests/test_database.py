@@ -186,11 +186,14 @@ def test_closed_connections_are_found_on_descriptors_above_1024(app, client, pos
         conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
         assert client.post("/chat", json={"conversation_id": conversation_id, "message": "one"}).status_code == 200
         _terminate_other_backends(postgres_url)
+        time.sleep(PING_IDLE_SECONDS + 0.2)  # so the checkout pings the closed connection (select() on its descriptor)
 
-        response = client.post("/chat", json={"conversation_id": conversation_id, "message": "after restart"})
+        response = client.get("/get_conversation", query_string={"conversation_id": conversation_id})
 
         assert response.status_code == 200
-        assert response.json["seq"] == 4
+        assert [m["content"] for m in response.json["messages"]][0] == "one"
+        with app.extensions["parley.engine"].connect() as connection:
+            assert connection.connection.driver_connection.fileno() > 1024
     finally:
         for fd in filler:
             os.close(fd)

@@ -404,14 +404,17 @@ def test_requests_purge_expired_records_at_most_once_per_interval(app, client, m
     assert records() == 1
 
 
-def test_records_are_kept_for_the_configured_time(app, client):
+@pytest.mark.parametrize("hours", [None, 48])
+def test_records_are_kept_for_the_configured_time(app, client, hours):
+    if hours is not None:
+        app.config["IDEMPOTENCY_TTL_HOURS"] = hours
     _post(client, "/new_chat", {"user_id": "u"}, str(uuid.uuid4()))
 
     with app.app_context():
         record = get_session().scalars(select(IdempotencyRecord)).one()
     kept = record.expires_at - record.created_at
 
-    assert kept.total_seconds() == pytest.approx(24 * 3600)
+    assert kept.total_seconds() == pytest.approx((hours or 24) * 3600)
 
 
 def test_records_cannot_be_configured_to_go_before_a_day():

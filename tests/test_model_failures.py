@@ -95,7 +95,8 @@ def test_attempts_that_all_time_out_are_a_retryable_504(provider_app, fake_model
     _assert_retryable_failure(client, conversation_id, failed, fake_model, 504, "model_timeout")
 
 
-def test_retries_back_off_when_the_provider_gives_no_retry_after(provider_app, fake_model):
+def test_retries_without_a_retry_after_until_the_provider_answers(provider_app, fake_model):
+    """The backoff's wait itself is measured in test_the_retry_after_cap_does_not_shorten_the_backoff."""
     client = provider_app("anthropic", LLM_MAX_RETRIES=2)
     conversation_id = _conversation(client)
     fake_model.fail_next(529, count=2)
@@ -306,7 +307,8 @@ def test_a_200_that_is_not_a_reply_is_a_retryable_502(provider_app, fake_model, 
 
     assert failed.status_code == 502, failed.json
     assert (failed.json["error"], failed.json["retryable"]) == ("model_error", True)
-    assert failed.json["message"] in (f"the {provider} model's reply could not be read", "the openai model returned no choices")
+    unreadable = f"the {provider} model's reply could not be read"
+    assert failed.json["message"] == unreadable or (provider == "openai" and failed.json["message"] == "the openai model returned no choices")
     assert len(fake_model.requests) == 1
     assert _log(client, conversation_id) == []
     assert _say(client, conversation_id).status_code == 200

@@ -47,11 +47,12 @@ def test_metrics_count_requests_model_calls_tokens_and_turns(app, client):
     assert _metric(exposition, "parley_http_requests_total", route="unmatched", status="405") == 0
     assert _metric(exposition, "parley_http_requests_total", route="/chat", method="other", status="405") == 1
     assert "QAXA" not in exposition
-    assert _metric(exposition, "parley_http_request_duration_seconds_count", route="/chat") == 3
+    assert _metric(exposition, "parley_http_request_duration_seconds_count", route="/chat", method="POST") == 3
     assert _metric(exposition, "parley_model_request_duration_seconds_count", provider="echo", outcome="ok") == 3
     assert _metric(exposition, "parley_model_tokens_total", provider="echo", direction="output") > 0
     assert _metric(exposition, "parley_turns_in_flight") == 0
-    assert "parley_db_pool_connections_in_use" in exposition
+    for gauge in ("parley_turns_in_flight", "parley_db_pool_connections_in_use"):  # present, not just read as 0
+        assert any(line.split("{")[0].split(" ")[0] == gauge for line in exposition.splitlines()), gauge
 
 
 def _in_use(app) -> float:
@@ -188,7 +189,7 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     assert re.fullmatch("[0-9a-f]{32}", too_long.headers["X-Request-ID"])
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     logged = [line for line in lines if line.get("request_id") == "trace-abc.123" and line["message"] == "request"]
-    assert logged and logged[0]["message"] == "request"
+    assert len(logged) == 1
     assert (logged[0]["method"], logged[0]["path"], logged[0]["status"]) == ("POST", "/new_chat", 201)
 
 
@@ -239,12 +240,16 @@ def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app,
     client = client_with_key(app, keys["client_a"])
     conversations = [client.post("/new_chat", json={"user_id": f"u{n}"}).json["conversation_id"] for n in range(8)]
     statuses: list[int] = []
+    answered = {conversation_id: {200: 0, 503: 0} for conversation_id in conversations}
     stop = threading.Event()
 
     def chat(conversation_id: str) -> None:
         own = client_with_key(app, keys["client_a"])
         while not stop.is_set():
-            statuses.append(own.post("/chat", json={"conversation_id": conversation_id, "message": "still there?"}).status_code)
+            status = own.post("/chat", json={"conversation_id": conversation_id, "message": "still there?"}).status_code
+            statuses.append(status)
+            if status in answered[conversation_id]:
+                answered[conversation_id][status] += 1
 
     def restart_repeatedly() -> None:
         admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
@@ -283,6 +288,11 @@ def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app,
         assert len(log["messages"]) == log["message_count"]
         roles = [m["role"] for m in log["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
+        # Every turn answered 200 is stored (the "after" one too); a 503 that met the fault after its
+        # store committed may be stored as well, nothing more.
+        turns = len(roles) // 2
+        ok, failed = answered[conversation_id][200], answered[conversation_id][503]
+        assert ok + 1 <= turns <= ok + failed + 1, (conversation_id, ok, failed, turns)
     assert stuck <= 2
     logged = capfd.readouterr().err
     assert "Traceback" not in logged and "INSERT INTO" not in logged and "still there?" not in logged

@@ -28,7 +28,9 @@ def test_a_client_that_disconnects_stops_the_upstream_stream_at_once(serve, fake
     assert response.getheader("Cache-Control") == "no-cache" and response.getheader("X-Accel-Buffering") == "no"
     deltas = 0
     while deltas < 3:
-        deltas += response.readline().startswith(b"event: delta")
+        line = response.readline()
+        assert line, "the stream ended before three deltas"
+        deltas += line.startswith(b"event: delta")
     connection.sock.close()  # the client goes away mid-stream
     response.close()
 
