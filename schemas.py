@@ -744,9 +744,9 @@ _ERROR_BODY = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 def declare_response_headers(document: dict[str, Any], metrics_type: str, replayed_header: str,
-                             never_replayed: frozenset[int]) -> dict[str, Any]:
-    """The OpenAPI document with the headers answers carry (flask-openapi3 declares bodies only),
-    and `GET /metrics`, which is served outside the API blueprint. Changes `document` in place.
+                             never_replayed: frozenset[int]) -> None:
+    """Add to the OpenAPI document the headers answers carry (flask-openapi3 declares bodies only),
+    and `GET /metrics`, which is served outside the API blueprint.
 
     flask-openapi3 also gives every operation a 400 whose body is a list of errors; Parley's is
     one error object, and an operation with no parameters and no body is never refused with 400.
@@ -782,4 +782,3 @@ def declare_response_headers(document: dict[str, Any], metrics_type: str, replay
             "content": {metrics_type: {"schema": _TEXT}},
         }},
     }}
-    return document
