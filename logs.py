@@ -17,8 +17,9 @@ from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own request ID is echoed when it is 1 to 200 visible ASCII characters other than
-# brackets ("!" to "Z" and "^" to "~"): the text log format puts it in brackets.
-_REQUEST_ID = re.compile(r"[!-Z^-~]{1,200}")
+# brackets, which the text log format puts it in, and commas, with which a server joins two
+# headers of the same name into one ("!" to "+", "-" to "Z" and "^" to "~").
+_REQUEST_ID = re.compile(r"[!-+\--Z^-~]{1,200}")
 _HANDLER_NAME = "parley"
 log = logging.getLogger("parley.request")
 

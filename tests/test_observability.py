@@ -178,7 +178,7 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client, capfd):
     encoded = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "order-42/a+b=="})
     refused = [
         client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": sent})
-        for sent in ("bad id\twith a tab", "with spaces", "x]: a forged log line")
+        for sent in ("bad id\twith a tab", "with spaces", "x]: a forged log line", "two,joined")
     ]
     too_long = client.post("/new_chat", json={"user_id": "u"}, headers={"X-Request-ID": "x" * 201})
 
