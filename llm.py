@@ -156,6 +156,10 @@ class RetryPolicy:
                 except sdk.APIError as exc:
                     error = _provider_error(exc, sdk, provider, time.monotonic() >= attempts.deadline)
                     self.wait_or_raise(error, _retry_after_seconds(exc), attempts, exc)
+                except httpx2.HTTPError as exc:
+                    # Only a stream's error answer gets here: the SDKs read its body after the
+                    # request, outside their own handling, so a body cut short escapes them.
+                    self.wait_or_raise(_connection_error(exc, provider), None, attempts, exc)
                 except (BotoCoreError, RuntimeError) as exc:
                     error = _signing_error(exc, provider)
                     if error is None:
@@ -970,7 +974,9 @@ def _stream_error(exc: Exception, provider: str) -> ModelError:
     """A failure while reading a stream, as the status Parley reports in its `error` event."""
     for name in ("anthropic", "openai"):
         sdk = sys.modules.get(name)  # an SDK that was never imported raised nothing
-        if sdk is not None and isinstance(exc, sdk.APIError):
+        if sdk is not None and isinstance(exc, sdk.APIConnectionError) and isinstance(exc.__cause__, httpx2.HTTPError):
+            exc = exc.__cause__  # openai's stream wraps the transport's error: read as anthropic's, unwrapped
+        elif sdk is not None and isinstance(exc, sdk.APIError):
             return _provider_error(exc, sdk, provider)
     if isinstance(exc, httpx2.TimeoutException):  # a read that waited LLM_TIMEOUT_SECONDS, or the total deadline
         message = (f"the {provider} model did not finish in time (LLM_TIMEOUT_SECONDS without a byte, "
@@ -981,13 +987,20 @@ def _stream_error(exc: Exception, provider: str) -> ModelError:
     raise exc
 
 
-def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bool = False) -> ModelError:
-    """Translate an SDK exception into the status Parley should answer with."""
-    if isinstance(exc, sdk.APITimeoutError):
+def _connection_error(exc: BaseException | None, provider: str, deadline_passed: bool = False, timed_out: bool = False) -> ModelError:
+    """A request that got no whole answer: timed out (504), or its connection failed or broke off (503)."""
+    if timed_out or isinstance(exc, httpx2.TimeoutException):
         limit = "within LLM_TOTAL_TIMEOUT_SECONDS" if deadline_passed else "in time"
         return ModelError(504, "model_timeout", f"the {provider} model did not answer {limit}", retryable=True)
-    if isinstance(exc, sdk.APIConnectionError):
+    if isinstance(exc, httpx2.ConnectError):
         return ModelError(503, "model_unavailable", f"could not connect to the {provider} model", retryable=True)
+    return ModelError(503, "model_unavailable", f"the connection to the {provider} model broke off", retryable=True)
+
+
+def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bool = False) -> ModelError:
+    """Translate an SDK exception into the status Parley should answer with."""
+    if isinstance(exc, sdk.APIConnectionError):  # the SDK's wrapping of the transport's error (a timeout too)
+        return _connection_error(exc.__cause__, provider, deadline_passed, isinstance(exc, sdk.APITimeoutError))
     status = getattr(exc, "status_code", None)
     upstream = f"upstream status {status}"
     kind = _error_type(exc) if status in (None, 200) else None
@@ -1002,7 +1015,8 @@ def _provider_error(exc: Exception, sdk: Any, provider: str, deadline_passed: bo
     if status == 504:  # the provider's own timeout (a gateway's, `timeout_error`, `modelTimeoutException`)
         return ModelError(504, "model_timeout", f"the {provider} model timed out ({upstream})", retryable=True, retry_after=wait)
     retryable = status in RETRYABLE_STATUSES
-    return ModelError(502, "model_error", f"the {provider} model failed ({upstream})", retryable, wait)
+    # A wait means nothing on a request that will fail again: it is passed on only with a retry.
+    return ModelError(502, "model_error", f"the {provider} model failed ({upstream})", retryable, wait if retryable else None)
 
 
 def _signing_error(exc: Exception, provider: str) -> ModelError | None:

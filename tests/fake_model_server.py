@@ -85,6 +85,7 @@ class _Fault:
     body: Json | None
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None  # sent as it is, with headers["content-type"]
+    length: int | None = None  # the Content-Length declared for `raw`: a longer one cuts the body short
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # a reset: no answer at all
         elif fault is not None and fault.raw is not None:
             self._start(fault.status, fault.headers["content-type"])
+            if fault.length is not None:
+                self.send_header("Content-Length", str(fault.length))
             self.end_headers()
             self.wfile.write(fault.raw)  # the body ends when the connection closes
         elif fault is not None:
@@ -537,10 +540,13 @@ class FakeModelServer:
             self._faults.extend([None] * skip)
             self._faults.extend(_Fault(status, body, dict(headers or {})) for _ in range(count))
 
-    def answer_raw_next(self, raw: bytes, content_type: str = "application/json", status: int = 200) -> None:
-        """Answer the next request with `raw` as it is: a body no reply can be read from, say."""
+    def answer_raw_next(
+        self, raw: bytes, content_type: str = "application/json", status: int = 200, length: int | None = None, count: int = 1
+    ) -> None:
+        """Answer the next ``count`` requests with `raw` as it is: a body no reply can be read from, say;
+        declared `length` bytes long, a body cut short when that is more than `raw`."""
         with self._lock:
-            self._faults.append(_Fault(status, None, {"content-type": content_type}, raw))
+            self._faults.extend(_Fault(status, None, {"content-type": content_type}, raw, length) for _ in range(count))
 
     def drop_next(self, count: int = 1) -> None:
         """Close the connection of the next ``count`` requests without answering."""

@@ -175,14 +175,16 @@ def test_a_providers_own_timeout_is_a_504(provider_app, fake_model, provider):
 
 @pytest.mark.parametrize("upstream_status", [400, 401, 404])
 def test_a_request_the_provider_refuses_is_not_retried(provider_app, fake_model, upstream_status):
+    """Not retried, and a wait the provider sent is not passed on: the same request would fail again."""
     client = provider_app("openai", LLM_MAX_RETRIES=2)
     conversation_id = _conversation(client)
-    fake_model.fail_next(upstream_status)
+    fake_model.fail_next(upstream_status, headers={"retry-after": "5"})
 
     failed = _say(client, conversation_id)
 
     assert failed.status_code == 502
     assert failed.json["retryable"] is False
+    assert "Retry-After" not in failed.headers
     assert len(fake_model.requests) == 1
 
 
@@ -552,3 +554,30 @@ def test_a_stream_that_stalls_names_both_timeouts(provider_app, fake_model):
     assert (error["error"], error["retryable"]) == ("model_timeout", True)
     assert "LLM_TIMEOUT_SECONDS without a byte" in error["message"] and "LLM_TOTAL_TIMEOUT_SECONDS" in error["message"]
     assert _log(client, conversation_id) == []
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_streamed_turn_whose_error_body_breaks_off_is_retried(provider_app, fake_model, provider):
+    """A stream's error body is read after the request, outside the SDK's own error handling: cut short, it is still a retry."""
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(b'{"type": "error", "error": {"type": "overlo', status=529, length=200)
+
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    assert streamed.status_code == 200
+    assert streamed.get_data(as_text=True).strip().split("\n\n")[-1].startswith("event: done\n")
+    assert len(fake_model.requests) == 2
+    assert [m["role"] for m in _log(client, conversation_id)] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_streamed_error_bodies_that_break_off_past_the_last_retry_are_a_retryable_503(provider_app, fake_model, provider):
+    client = provider_app(provider, LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.answer_raw_next(b'{"type": "error", "error": {"type": "overlo', status=529, length=200, count=2)
+
+    failed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    _assert_retryable_failure(client, conversation_id, failed, fake_model, 503, "model_unavailable")
+    assert _say(client, conversation_id).status_code == 200
