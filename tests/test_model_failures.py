@@ -581,3 +581,21 @@ def test_streamed_error_bodies_that_break_off_past_the_last_retry_are_a_retryabl
 
     _assert_retryable_failure(client, conversation_id, failed, fake_model, 503, "model_unavailable")
     assert _say(client, conversation_id).status_code == 200
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_stream_whose_connection_breaks_after_its_first_words_ends_as_broken_off(provider_app, fake_model, provider):
+    """The same error event from both SDKs, though openai's wraps the transport's error in its own."""
+    client = provider_app(provider, LLM_MAX_RETRIES=2)
+    conversation_id = _conversation(client)
+    whole = _stream(provider)
+    fake_model.answer_raw_next(whole[: whole.index(b"\n\n", whole.index(b'"hi"')) + 2], content_type="text/event-stream",
+                               length=len(whole))
+
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
+
+    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n"), last
+    assert json.loads(last.partition("data: ")[2]) == {
+        "error": "model_error", "message": f"the {provider} model's stream broke off", "retryable": True}
+    assert len(fake_model.requests) == 1
