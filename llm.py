@@ -300,6 +300,8 @@ class _DeadlineStream(httpx2.SyncByteStream):
                 if time.monotonic() > self.deadline:
                     raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request)
                 yield chunk
+            if self._cut:  # a body that ends when its connection closes reads the cut as its end
+                raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request)
         except httpx2.TransportError as exc:
             if self._cut:
                 raise httpx2.ReadTimeout("the model call's total deadline has passed", request=self._request) from exc

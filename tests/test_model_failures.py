@@ -277,6 +277,22 @@ def test_a_read_waiting_when_the_deadline_passes_is_stopped_at_the_deadline(prov
     assert _log(client, conversation_id) == []
 
 
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_a_stream_cut_at_the_deadline_ends_as_a_timeout(provider_app, fake_model, provider):
+    """The fake's stream ends when its connection closes, so the cut reads as the body's end: still a timeout."""
+    client = provider_app(provider, LLM_TIMEOUT_SECONDS=10, LLM_TOTAL_TIMEOUT_SECONDS=1.5)
+    conversation_id = _conversation(client)
+    fake_model.stream_interval = 1.0
+
+    started = time.monotonic()
+    streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi there, how are you", "stream": True})
+    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+
+    assert time.monotonic() - started < 4
+    assert last.startswith("event: error\n"), last
+    assert json.loads(last.partition("data: ")[2])["error"] == "model_timeout"
+
+
 def test_a_silent_provider_is_a_504_within_the_total_deadline(provider_app, fake_model):
     client = provider_app("anthropic", LLM_TIMEOUT_SECONDS=30, LLM_TOTAL_TIMEOUT_SECONDS=1.5)
     conversation_id = _conversation(client)
