@@ -60,6 +60,11 @@ def _bind() -> str:
 bind = _bind()
 workers = _whole_number("WEB_CONCURRENCY", 2, least=1, most=MOST_WORKERS)
 worker_class = os.environ.get("WORKER_CLASS", "").strip() or "gevent"
+# psycopg picks how it waits for the database when it is imported: its C wait, which blocks
+# the whole worker, unless gevent has patched `select` by then. With --preload it is imported
+# in the master, before any patching, so it is told here to wait as it does under gevent
+# (poll(), which gevent makes cooperative; outside gevent it waits as before).
+os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_poll")
 # Connections (turns in flight, streams) each worker carries at once.
 worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1, most=MOST_WORKER_CONNECTIONS)
 # A worker that stops answering its master this long is restarted (0: never). gevent

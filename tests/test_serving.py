@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from auth import create_key
 from config import load_config
@@ -193,6 +194,40 @@ def test_readyz_answers_at_once_on_a_gevent_worker(serve, preload):
 
     assert timings == [(200, {"database": "ok", "archive": "ok"}, True)] * 3
     assert "WORKER TIMEOUT" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+def test_a_statement_waiting_on_a_lock_lets_the_worker_go_on_serving(serve, app_config, preload):
+    """psycopg picks how it waits when it is imported: with --preload that is in the master, before
+    gevent patches the worker, and a wait that blocked the whole worker would stall every turn."""
+    server = serve(GUNICORN_CMD_ARGS="--preload" if preload else "")
+    conversation_id = server.new_chat()
+    engine = create_engine(app_config["DATABASE_URL"])
+    holder, monitor = engine.connect(), engine.connect()
+    holder.execute(text("SELECT 1 FROM conversations WHERE conversation_id = :c FOR UPDATE"), {"c": uuid.UUID(conversation_id)})
+    waiting: list[int] = []
+    turn = threading.Thread(target=lambda: waiting.append(server.chat(conversation_id, "hi")))
+    turn.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not monitor.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()")).scalar():
+            monitor.rollback()  # statistics are a snapshot per transaction
+            assert time.monotonic() < deadline, "the turn never waited on the lock"
+            time.sleep(0.05)
+        started = time.monotonic()
+        status = server.request("GET", "/healthz")[0]
+        took = time.monotonic() - started
+    finally:
+        holder.rollback()
+        turn.join(60)
+        holder.close()
+        monitor.close()
+        engine.dispose()
+
+    assert (status, took < 1) == (200, True), took
+    assert waiting == [200]
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
