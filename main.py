@@ -245,10 +245,6 @@ def _require_json_body() -> None:
         request.max_content_length = UPLOAD_LIMITS[endpoint](current_app.config)
         if endpoint in MULTIPART_ONLY_ROUTES or request.mimetype == "multipart/form-data":
             return
-    if not request.content_length and endpoint in BODYLESS_ROUTES:
-        return
-    if not request.is_json:
-        raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
     limit = request.max_content_length
     if request.content_length is None and limit is not None:
         # A chunked body has no length to refuse up front, and Werkzeug stops reading it at the
@@ -258,6 +254,13 @@ def _require_json_body() -> None:
         request.max_content_length = limit
         if too_large:
             raise RequestEntityTooLarge()
+    if endpoint in BODYLESS_ROUTES and not (has_body and request.get_data(cache=True)):  # chunked, too, may be empty
+        return
+    if not request.is_json:
+        raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
+    if request.content_length is not None and len(request.get_data(cache=True)) < request.content_length:
+        # The client went before its body was all sent (the server reads to the end of the stream).
+        raise errors.ApiError("the request body ended before the length its Content-Length gave")
     if b"\x00" in request.get_data(cache=True)[:4]:
         # Python's json would take UTF-16 or UTF-32 (it guesses from the zero bytes); JSON on the wire is UTF-8.
         raise errors.ApiError("the request body must be JSON in UTF-8")

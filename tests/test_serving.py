@@ -377,6 +377,59 @@ def test_a_chunked_body_with_broken_framing_is_a_400_and_the_connection_closes(s
     assert server.chat(conversation_id, "after") == 200
 
 
+def _send_raw(port: int, head: str, body: bytes, close_after: bool = False) -> tuple[bytes, dict]:
+    """Send a request as these bytes (closing the sending side after them, if asked); its status and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head.encode() + body)
+        if close_after:
+            connection.shutdown(socket.SHUT_WR)
+        answer = _read_response(connection)
+    status_line, _, rest = answer.partition(b"\r\n")
+    return status_line.split(b" ")[1], json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_chunked_body_on_a_route_whose_body_is_optional_is_checked_as_json(serve, app_config):
+    """/claim and /release take no body or a JSON one; sent in chunks, a body has no Content-Length to say it is there."""
+    server = serve()
+    conversation_id = server.new_chat()
+    assert server.request("POST", f"/conversations/{conversation_id}/handoff", {"reason": "a person, please"})[0] == 200
+    with create_app(app_config).app_context():
+        staff = create_key(get_session(), "staff", "chunked")[1]
+
+    def chunked(route: str, content_type: str, chunks: bytes) -> tuple[bytes, dict]:
+        head = (f"POST /conversations/{conversation_id}/{route} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {staff}\r\n"
+                f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        return _send_raw(server.port, head, chunks)
+
+    not_json = chunked("claim", "text/plain", b"10\r\nthis is not json\r\n0\r\n\r\n")
+    broken = chunked("claim", "application/json", b"9\r\n{\"note\": \r\n0\r\n\r\n")
+    conversation = server.request("GET", f"/get_conversation?conversation_id={conversation_id}", headers={
+        "Authorization": f"Bearer {staff}"})[1]
+    empty = chunked("claim", "application/json", b"0\r\n\r\n")
+
+    assert [(status, body["error"]) for status, body in (not_json, broken)] == [(b"400", "bad_request")] * 2
+    assert conversation["handoff"] == "needs_human"  # neither was taken as a claim
+    assert (empty[0], empty[1]["handoff"]) == (b"200", "human")
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_body_cut_short_of_its_content_length_is_refused_and_runs_no_turn(serve):
+    """The server reads a body to the end of the stream: a client gone before all of it was sent is not a request."""
+    server = serve()
+    conversation_id = server.new_chat()
+    body = json.dumps({"conversation_id": conversation_id, "message": "hello"}).encode()
+    head = (f"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) + 50}\r\n\r\n")
+
+    status, error = _send_raw(server.port, head, body, close_after=True)
+
+    assert (status, error["error"]) == (b"400", "bad_request"), error
+    assert "Content-Length" in error["message"]
+    assert server.request("GET", f"/get_conversation?conversation_id={conversation_id}")[1]["messages"] == []
+    assert server.chat(conversation_id, "after") == 200
+
+
 @pytest.mark.parametrize("backend", ["embedded"])
 def test_a_ten_mebibyte_upload_passes_gunicorn_and_one_byte_more_is_413(serve):
     """gunicorn's limit_request_* bound the request line and headers only; the body limit is Parley's."""
