@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import limits
+
 DATA_DIR = Path("data")
 DEFAULT_DECLINE_REPLY = "I could not find this in the knowledge base, so I cannot answer it reliably."
 DEFAULT_HANDOFF_PHRASES = "talk to a human,speak to a human,talk to a person,speak to a person,human agent,real person"
@@ -155,6 +157,18 @@ _MINIMUMS = {
     "VARIABLE_MAX_BYTES": 1,
     "KNOWLEDGE_MAX_BYTES": 1,
 }
+# The most these may be set to: a time past them is beyond the dates the database and Python can
+# hold (a lease or a key's record ending after the year 9999), so every request using it would fail.
+_MAXIMUMS = {
+    "LLM_TIMEOUT_SECONDS": 86_400,  # a day
+    "LLM_TOTAL_TIMEOUT_SECONDS": 86_400,
+    "TURN_LEASE_SECONDS": 86_400,
+    "IDEMPOTENCY_TTL_HOURS": 87_600,  # ten years
+    "SESSION_IDLE_MINUTES": 5_256_000,
+    "AUDIT_RETENTION_DAYS": 36_500,  # a hundred years
+    "LIVE_RETENTION_DAYS": 36_500,
+    "ARCHIVE_RETENTION_DAYS": 36_500,
+}
 # ... and these more than 0 (a wait of none, or a negative one, that the code would wait on).
 _POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBEAT_SECONDS", "TURN_LEASE_SECONDS",
              "READYZ_TIMEOUT_SECONDS")
@@ -197,6 +211,14 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     for name in _POSITIVE:
         if config[name] is not None and config[name] <= 0:
             raise ConfigError(f"{name} must be more than 0")
+    for name, most in _MAXIMUMS.items():
+        if config[name] is not None and config[name] > most:
+            raise ConfigError(f"{name} must be at most {most}")
+    try:
+        limits.parse_many(config["RATE_LIMIT"])
+    except ValueError:  # flask-limiter would refuse it on each request and let every one through
+        raise ConfigError(f"RATE_LIMIT={config['RATE_LIMIT']!r} is not a rate in limits' notation, "
+                          "e.g. '120 per minute' or '10 per second; 1000 per hour'") from None
     if config["IDEMPOTENCY_TTL_HOURS"] < MIN_IDEMPOTENCY_TTL_HOURS:
         raise ConfigError(f"IDEMPOTENCY_TTL_HOURS must be at least {MIN_IDEMPOTENCY_TTL_HOURS}: clients may retry for a day")
     _check_knowledge(config)

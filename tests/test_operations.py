@@ -135,6 +135,30 @@ def test_a_number_out_of_its_range_is_refused_at_start(name, value, said):
         load_config({name: value})
 
 
+@pytest.mark.parametrize(("name", "value", "most"), [
+    ("LLM_TIMEOUT_SECONDS", "86401", 86_400),
+    ("LLM_TOTAL_TIMEOUT_SECONDS", "1e12", 86_400),
+    ("TURN_LEASE_SECONDS", "1e12", 86_400),
+    ("IDEMPOTENCY_TTL_HOURS", "1e8", 87_600),
+    ("SESSION_IDLE_MINUTES", "1000000000000", 5_256_000),
+    ("AUDIT_RETENTION_DAYS", "36501", 36_500),
+    ("LIVE_RETENTION_DAYS", "3000000", 36_500),
+    ("ARCHIVE_RETENTION_DAYS", "3000000", 36_500),
+])
+def test_a_time_beyond_the_dates_a_database_holds_is_refused_at_start(name, value, most):
+    with pytest.raises(ConfigError, match=f"^{name} must be at most {most}$"):
+        load_config({name: value})
+    assert load_config({name: str(most)})[name] == most
+
+
+@pytest.mark.parametrize("rate", ["2 per minut", "2/minute;", "two per minute", "per minute"])
+def test_a_rate_limit_that_cannot_be_read_is_refused_at_start(rate):
+    """flask-limiter would refuse it on every request, and let every request through."""
+    with pytest.raises(ConfigError, match=f"^RATE_LIMIT={rate!r} is not a rate"):
+        load_config({"RATE_LIMIT": rate})
+    assert load_config({"RATE_LIMIT": "10 per second; 1000 per hour"})["RATE_LIMIT"] == "10 per second; 1000 per hour"
+
+
 def test_the_least_values_are_taken():
     least = {"TURN_LEASE_SECONDS": "0.5", "LLM_RETRY_AFTER_MAX_SECONDS": "0", "AUTH_CACHE_SECONDS": "0",
              "CONTEXT_MAX_MESSAGES": "1", "CONTEXT_CACHE_CONVERSATIONS": "0", "LIVE_RETENTION_DAYS": "0"}
