@@ -236,5 +236,7 @@ def _drain_body() -> None:
 
 
 def _unexpected_error(exc: Exception) -> Response:
-    log.error("unexpected %s on %s %s", exc.__class__.__name__, request.method, request.path)
+    kind = exc.__class__
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    log.error("unexpected %s on %s %s", name, request.method, request.path)
     return error_response(500, "internal_error", "an unexpected error occurred")

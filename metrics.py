@@ -9,6 +9,7 @@ in-process apps, `parley run`) the process's own samples are served.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import time
 import weakref
@@ -131,9 +132,27 @@ class Metrics:
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
+            _SizedFilesCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+class _SizedFilesCollector(multiprocess.MultiProcessCollector):
+    """The samples of every process, leaving out a file a process has just made and not yet sized:
+    it holds no sample, and prometheus-client cannot read its missing header (`struct.error`)."""
+
+    def collect(self) -> Any:
+        return self.merge([path for path in glob.glob(os.path.join(self._path, "*.db")) if _size(path) >= _HEADER_BYTES])
+
+
+_HEADER_BYTES = 8  # a sample file starts with the 4-byte length in use, padded to 8
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:  # a dead worker's live gauge, removed since the listing
+        return 0
 
 
 def _add_pool(gauge: Gauge | None, pool: Any) -> None:

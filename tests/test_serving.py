@@ -180,6 +180,19 @@ def test_metrics_add_up_across_workers(serve, preload):
     assert counted == 30
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_metrics_read_while_a_worker_makes_its_sample_file_are_answered(serve, tmp_path):
+    """A worker starting makes its file empty, then sizes it: a scrape between the two is still a 200."""
+    server = serve()
+    server.chat(server.new_chat(), "hi")
+    (tmp_path / f"metrics-{server.port}" / "counter_999999.db").write_bytes(b"")
+
+    status, body, _ = server.request("GET", "/metrics")
+
+    assert status == 200, body
+    assert 'parley_http_requests_total{method="POST",route="/chat",status="200"} 1.0' in body["text"].splitlines()
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
 def test_readyz_answers_at_once_on_a_gevent_worker(serve, preload):
