@@ -25,7 +25,7 @@ from flask.cli import AppGroup
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from database_utils import ApiKey, Conversation, IdempotencyRecord, add_transition, get_session, utcnow
+from database_utils import ApiKey, Conversation, add_transition, get_session, utcnow
 from errors import NotFound, Unauthorized
 from schemas import MAX_KEY_NAME_CHARS
 from states import Handoff, Role, Status
@@ -52,10 +52,11 @@ class Caller:
     role: Role
     name: str
     expires_at: datetime | None
+    lineage_id: uuid.UUID  # the Idempotency-Keys it sends belong to its lineage (see ApiKey)
 
     @classmethod
     def of(cls, key: ApiKey) -> Caller:
-        return cls(key.key_id, Role(key.role), key.name, key.expires_at)
+        return cls(key.key_id, Role(key.role), key.name, key.expires_at, key.lineage_id)
 
 
 class KeyCache:
@@ -104,9 +105,12 @@ def create_key(session: Session, role: str, name: str, expires_at: datetime | No
     return key, secret
 
 
-def _new_key(role: str, name: str, expires_at: datetime | None) -> tuple[ApiKey, str]:
+def _new_key(role: str, name: str, expires_at: datetime | None, lineage_id: uuid.UUID | None = None) -> tuple[ApiKey, str]:
+    """A new key (and its secret): the first of a new lineage, or the next of `lineage_id`'s."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(name=name, role=role, key_hash=hash_key(secret), prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
+    key_id = uuid.uuid4()
+    key = ApiKey(key_id=key_id, lineage_id=lineage_id or key_id, name=name, role=role, key_hash=hash_key(secret),
+                 prefix=secret[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
     return key, secret
 
 
@@ -151,10 +155,10 @@ def rotate_key(
     session: Session, key_id: uuid.UUID, name: str | None = None, expires_at: datetime | None = None
 ) -> tuple[ApiKey, str, int]:
     """Replace a key: a new key of the same role takes over the old key's
-    conversations (a client's own, a staff key's claimed ones) and the
-    answers kept for its Idempotency-Keys (so a retry sent with the new key
-    is answered, not run again), and the old key is revoked, all in one
-    transaction. A request still running under the old key keeps its claim.
+    conversations (a client's own, a staff key's claimed ones), and the old
+    key is revoked, all in one transaction. The new key is of the old one's
+    lineage, to which the Idempotency-Keys belong: a retry sent with the new
+    key is answered from the first request, or gets 409 while that still runs.
 
     Returns the new key, its secret and how many conversations moved. A key
     that was already revoked (a leak is often revoked first) can be rotated too.
@@ -162,7 +166,7 @@ def rotate_key(
     old = session.get(ApiKey, key_id, with_for_update=True)  # no claim with it meanwhile (see `revoke_key`)
     if old is None:
         raise NotFound(f"key {key_id} does not exist")
-    new, secret = _new_key(old.role, name or old.name, expires_at)
+    new, secret = _new_key(old.role, name or old.name, expires_at, old.lineage_id)
     session.add(new)
     session.flush()
     moved = session.execute(
@@ -171,11 +175,6 @@ def rotate_key(
     moved += session.execute(
         update(Conversation).where(Conversation.assigned_key_id == old.key_id).values(assigned_key_id=new.key_id)
     ).rowcount
-    session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.key_id == old.key_id, IdempotencyRecord.response_status.is_not(None))
-        .values(key_id=new.key_id)
-    )
     if old.revoked_at is None:
         old.revoked_at = utcnow()
     session.commit()

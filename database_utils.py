@@ -121,6 +121,9 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     key_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # The key_id of the first key of its rotations (its own, if it was never rotated to): one
+    # client's keys over time, to which its Idempotency-Keys belong (see IdempotencyRecord).
+    lineage_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     name: Mapped[str] = mapped_column(String(100))
     role: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -323,6 +326,8 @@ class IdempotencyRecord(Base):
 
     __tablename__ = "idempotency_keys"
 
+    # The lineage_id of the key that sent it: a retry sent with the key it was rotated to finds it,
+    # also while the first request still runs.
     key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.key_id", ondelete="CASCADE"), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))

@@ -82,7 +82,7 @@ class Claim:
     lock ran out and a retry took the key over, the record is the retry's.
     """
 
-    key_id: uuid.UUID
+    key_id: uuid.UUID  # the lineage of the API key that sent it (see ApiKey.lineage_id)
     idempotency_key: str
     claimed_at: datetime
     lock_seconds: float  # the claim runs out this long after `claimed_at` if nobody releases it
@@ -137,7 +137,8 @@ def check_key(value: str) -> str:
 
 
 def claim(session: Session, key_id: uuid.UUID, idempotency_key: str, digest: str, settings: Any) -> Claim | Replay:
-    """Claim `idempotency_key` for this request, or say what answers it instead.
+    """Claim `idempotency_key` for this request, sent with a key of lineage `key_id`, or say
+    what answers it instead.
 
     Raises 422 for a different request under the same key, 409 while the
     first request still runs. A record whose request died (its lock ran out)

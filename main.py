@@ -312,7 +312,7 @@ def _authorize() -> Response | None:
     defaults = idempotency.body_defaults(IDEMPOTENT_ROUTES[endpoint])
     digest = idempotency.fingerprint(request.method, request.path, request.get_json(silent=True), defaults)
     idempotency.purge_now_and_then(session, current_app)
-    outcome = idempotency.claim(session, key.key_id, idempotency.check_key(sent), digest, current_app.config)
+    outcome = idempotency.claim(session, key.lineage_id, idempotency.check_key(sent), digest, current_app.config)
     if isinstance(outcome, idempotency.Replay):
         if endpoint == "chat" and outcome.status == 200 and _wants_stream():
             response = streaming.respond(streaming.replay(outcome.body))

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 import idempotency
-from auth import authenticate
+from auth import authenticate, rotate_key
 from config import load_config
 from database_utils import Conversation, IdempotencyRecord, get_session
 from idempotency import Claim, body_defaults, claim, fingerprint
@@ -151,6 +151,33 @@ def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
     assert "Retry-After" in during.headers
     assert results["first"].status_code == 200
     assert after.json == results["first"].json
+
+
+def test_a_retry_with_the_key_rotated_to_while_the_first_runs_is_409_then_the_first_answer(provider_app, fake_model, keys):
+    """The Idempotency-Key belongs to the key's lineage: the rotation does not start it afresh."""
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "pay once"}
+    fake_model.delay_next(1.5)
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "rotating")))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with client.application.app_context():
+        old = authenticate(get_session(), f"Bearer {keys['client_a']}")
+        rotated = client_with_key(client.application, rotate_key(get_session(), old.key_id)[1])
+
+    during = _post(rotated, "/chat", body, "rotating")
+    thread.join()
+    after = _post(rotated, "/chat", body, "rotating")
+
+    assert (during.status_code, during.json["error"]) == (409, "request_in_progress")
+    assert results["first"].status_code == 200
+    assert (after.status_code, after.json, after.headers["Idempotent-Replayed"]) == (200, results["first"].json, "true")
+    assert len([r for r in fake_model.requests if r.path == "/v1/messages"]) == 1
+    assert [role for _, role, _ in _stored(rotated, conversation_id)] == ["user", "assistant"]
 
 
 def _wait_for_model_calls(fake_model, count: int) -> None:
