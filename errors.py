@@ -30,6 +30,8 @@ MAX_DRAIN_BYTES = 16 * 1024 * 1024
 
 DATABASE_UNAVAILABLE = "database_unavailable"
 DATABASE_NOT_MIGRATED = "database_not_migrated"
+# A setting the database cannot use (KNOWLEDGE_LANGUAGE): the operator's to fix, so never kept for a retry.
+MISCONFIGURED = "misconfigured"
 
 
 class ApiError(Exception):

@@ -48,6 +48,7 @@ from database_utils import IdempotencyRecord, get_session, utcnow
 from errors import (
     DATABASE_NOT_MIGRATED,
     DATABASE_UNAVAILABLE,
+    MISCONFIGURED,
     ApiError,
     IdempotencyClaimLost,
     IdempotencyKeyReused,
@@ -68,7 +69,7 @@ RENEW_AFTER_SECONDS = 1.0  # a turn's lease taken this long after its key's clai
 # that's executing concurrently": refused input (400, 413, 415, 422) and another turn holding
 # the conversation. Nor are failures of the database itself kept: their answer could not be stored.
 REFUSED_INPUT_STATUSES = frozenset({400, 413, 415, 422})
-UNKEPT_ERRORS = frozenset({TurnInProgress.error, DATABASE_UNAVAILABLE, DATABASE_NOT_MIGRATED})
+UNKEPT_ERRORS = frozenset({TurnInProgress.error, DATABASE_UNAVAILABLE, DATABASE_NOT_MIGRATED, MISCONFIGURED})
 # Answers never replayed: refused input, and refusals that come before a key is claimed (no key, a
 # key without the role, the rate limit).
 NEVER_REPLAYED_STATUSES = REFUSED_INPUT_STATUSES | {401, 403, 429}

@@ -36,7 +36,8 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,7 +52,7 @@ from flask.cli import with_appcontext
 from pydantic import BaseModel, ValidationError
 from pypdf import PdfReader
 from sqlalchemy import Uuid, bindparam, func, insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
@@ -59,7 +60,7 @@ from auth import Caller
 from conversation_memory import estimate_tokens
 from conversations import PreparedTurn
 from database_utils import KnowledgeDocument, KnowledgePassage, get_session, plan_for_these_values, utcnow
-from errors import ApiError, Conflict, InvalidInput, NotFound, UnsupportedMediaType
+from errors import MISCONFIGURED, ApiError, Conflict, InvalidInput, NotFound, UnsupportedMediaType
 from handoff import Trigger
 from llm import ModelReply
 from schemas import KnowledgeText, KnowledgeUploadForm
@@ -115,6 +116,31 @@ class KnowledgeUnavailable(ApiError):
     status = 503
     error = "knowledge_unavailable"
     retry_after = 1
+
+
+class KnowledgeMisconfigured(ApiError):
+    """KNOWLEDGE_LANGUAGE names no text search configuration of the database (only PostgreSQL can tell)."""
+
+    status = 503
+    error = MISCONFIGURED
+
+
+# PostgreSQL's SQLSTATE for an object that does not exist: here, a text search configuration.
+_UNDEFINED_OBJECT = "42704"
+
+
+@contextmanager
+def _language_checked(language: str) -> Iterator[None]:
+    """Turn the database's refusal of `language` into a clear 503 for the operator."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _UNDEFINED_OBJECT:
+            raise
+        raise KnowledgeMisconfigured(
+            f"KNOWLEDGE_LANGUAGE={language!r} is not a text search configuration of this database "
+            "(SELECT cfgname FROM pg_ts_config lists them); the server's settings must change"
+        ) from None
 
 
 # ---------------------------------------------------------------- documents
@@ -254,7 +280,8 @@ def add_document(
         raise DuplicateDocument("this text is loaded already") from None
     rows = [{"document_id": document.document_id, "position": n, "text": p} for n, p in enumerate(passages)]
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_PG_INSERT, [row | {"language": settings["KNOWLEDGE_LANGUAGE"]} for row in rows])
+        with _language_checked(settings["KNOWLEDGE_LANGUAGE"]):
+            session.execute(_PG_INSERT, [row | {"language": settings["KNOWLEDGE_LANGUAGE"]} for row in rows])
     else:  # the FTS5 table follows by trigger
         session.execute(insert(KnowledgePassage.__table__), rows)
     return document
@@ -399,7 +426,8 @@ class DatabaseSearch:
     def search(self, session: Session, query: str, k: int) -> list[Passage]:
         if session.get_bind().dialect.name == "postgresql":
             plan_for_these_values(session)  # as it was measured: a generic plan would guess the query's selectivity
-            rows = session.execute(POSTGRES_SEARCH, {"language": self.language, "query": query, "k": k}).all()
+            with _language_checked(self.language):
+                rows = session.execute(POSTGRES_SEARCH, {"language": self.language, "query": query, "k": k}).all()
             scores = [row.score for row in rows]
         else:
             terms = query_terms(query)

@@ -294,6 +294,26 @@ def test_migration_makes_a_gin_index_that_the_search_uses(app):
     assert "Bitmap Index Scan on ix_knowledge_passages_search" in plan
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_knowledge_language_the_database_lacks_is_a_503_that_no_retry_replays(app, app_config, keys):
+    misconfigured = create_app({**app_config, "KNOWLEDGE_LANGUAGE": "klingon"})
+    admin, client = client_with_key(misconfigured, keys["admin"]), client_with_key(misconfigured, keys["client_a"])
+    conversation_id = _open(client, knowledge=True)
+    body = {"conversation_id": conversation_id, "message": "How long do refunds take?"}
+
+    upload = admin.post("/knowledge/documents", json={"title": "Refunds", "text": "Refunds are paid within 14 days."})
+    first = client.post("/chat", json=body, headers={"Idempotency-Key": "kb-1"})
+    retry = client.post("/chat", json=body, headers={"Idempotency-Key": "kb-1"})
+    stored = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+    misconfigured.extensions["parley.engine"].dispose()
+
+    assert [(r.status_code, r.json["error"]) for r in (upload, first, retry)] == [(503, "misconfigured")] * 3
+    assert "KNOWLEDGE_LANGUAGE='klingon' is not a text search configuration" in first.json["message"]
+    assert "Idempotent-Replayed" not in retry.headers
+    assert stored == []
+    assert _counts(app) == (0, 0)
+
+
 @pytest.mark.parametrize("backend", ["embedded"])
 def test_migration_makes_an_fts5_table_kept_in_step_by_triggers(app):
     _load_corpus(app)
