@@ -176,6 +176,9 @@ _POSITIVE = ("LLM_TIMEOUT_SECONDS", "LLM_TOTAL_TIMEOUT_SECONDS", "STREAM_HEARTBE
 # expires only when its worker died.
 LEASE_MARGIN_SECONDS = 30.0
 
+# The temperatures each provider's API takes (the echo model takes any, and uses none).
+HIGHEST_TEMPERATURES = {"anthropic": 1, "bedrock": 1, "openai": 2}
+
 DEFAULT_MODELS = {
     "anthropic": "claude-sonnet-4-5",
     "bedrock": "anthropic.claude-sonnet-4-5-20250929-v1:0",
@@ -200,6 +203,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if config["LLM_PROVIDER"] not in DEFAULT_MODELS:
         raise ConfigError(f"LLM_PROVIDER must be one of {', '.join(DEFAULT_MODELS)}")
     config["LLM_MODEL"] = config["LLM_MODEL"] or DEFAULT_MODELS[config["LLM_PROVIDER"]]
+    most = HIGHEST_TEMPERATURES.get(config["LLM_PROVIDER"])
+    if config["LLM_TEMPERATURE"] is not None and most is not None and not 0 <= config["LLM_TEMPERATURE"] <= most:
+        # The provider would refuse every turn (a 502 each).
+        raise ConfigError(f"LLM_TEMPERATURE must be between 0 and {most} for {config['LLM_PROVIDER']}")
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ConfigError("LOG_FORMAT must be json or text")
     config["LOG_LEVEL"] = config["LOG_LEVEL"].lower()
@@ -247,6 +254,8 @@ def _check_knowledge(config: dict[str, Any]) -> None:
         raise ConfigError("KNOWLEDGE_LANGUAGE must be a text search configuration name, e.g. english")
     if not 1 <= config["KNOWLEDGE_TOP_K"] <= 20:
         raise ConfigError("KNOWLEDGE_TOP_K must be between 1 and 20")
+    if config["KNOWLEDGE_MIN_SCORE"] is not None and not 0 <= config["KNOWLEDGE_MIN_SCORE"] <= 1:
+        raise ConfigError("KNOWLEDGE_MIN_SCORE must be between 0 and 1 (a passage's score is)")
 
 
 def default(name: str) -> Any:

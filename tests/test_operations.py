@@ -159,6 +159,25 @@ def test_a_rate_limit_that_cannot_be_read_is_refused_at_start(rate):
     assert load_config({"RATE_LIMIT": "10 per second; 1000 per hour"})["RATE_LIMIT"] == "10 per second; 1000 per hour"
 
 
+@pytest.mark.parametrize(("settings", "said"), [
+    ({"LLM_PROVIDER": "anthropic", "LLM_TEMPERATURE": "1.5"}, "LLM_TEMPERATURE must be between 0 and 1 for anthropic"),
+    ({"LLM_PROVIDER": "bedrock", "LLM_TEMPERATURE": "-0.1"}, "LLM_TEMPERATURE must be between 0 and 1 for bedrock"),
+    ({"LLM_PROVIDER": "openai", "LLM_TEMPERATURE": "2.5"}, "LLM_TEMPERATURE must be between 0 and 2 for openai"),
+    ({"KNOWLEDGE_MIN_SCORE": "5"}, r"KNOWLEDGE_MIN_SCORE must be between 0 and 1 \(a passage's score is\)"),
+    ({"KNOWLEDGE_MIN_SCORE": "-0.5"}, r"KNOWLEDGE_MIN_SCORE must be between 0 and 1 \(a passage's score is\)"),
+])
+def test_a_temperature_or_score_out_of_its_range_is_refused_at_start(settings, said):
+    with pytest.raises(ConfigError, match=f"^{said}$"):
+        load_config(settings)
+
+
+def test_the_temperatures_and_scores_at_the_ends_of_their_ranges_are_taken():
+    assert load_config({"LLM_PROVIDER": "openai", "LLM_TEMPERATURE": "2"})["LLM_TEMPERATURE"] == 2
+    assert load_config({"LLM_PROVIDER": "anthropic", "LLM_TEMPERATURE": "0"})["LLM_TEMPERATURE"] == 0
+    assert load_config({"LLM_PROVIDER": "echo", "LLM_TEMPERATURE": "7"})["LLM_TEMPERATURE"] == 7
+    assert load_config({"KNOWLEDGE_MIN_SCORE": "1"})["KNOWLEDGE_MIN_SCORE"] == 1
+
+
 def test_the_least_values_are_taken():
     least = {"TURN_LEASE_SECONDS": "0.5", "LLM_RETRY_AFTER_MAX_SECONDS": "0", "AUTH_CACHE_SECONDS": "0",
              "CONTEXT_MAX_MESSAGES": "1", "CONTEXT_CACHE_CONVERSATIONS": "0", "LIVE_RETENTION_DAYS": "0"}
