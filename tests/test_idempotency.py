@@ -5,14 +5,16 @@ import io
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, select, text, update
 
 import idempotency
 from auth import authenticate, rotate_key
 from config import load_config
-from database_utils import Conversation, IdempotencyRecord, get_session
+from database_utils import Conversation, IdempotencyRecord, get_session, utcnow
+from errors import IdempotencyClaimLost
 from idempotency import Claim, body_defaults, claim, fingerprint
 from schemas import NewChatRequest
 from tests.conftest import client_with_key
@@ -148,7 +150,8 @@ def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
 
     assert during.status_code == 409
     assert during.json["error"] == "request_in_progress"
-    assert "Retry-After" in during.headers
+    assert "is still running" in during.json["message"]  # met its running claim, not three lost races ("contended")
+    assert during.headers["Retry-After"] == "1"
     assert results["first"].status_code == 200
     assert after.json == results["first"].json
 
@@ -228,17 +231,20 @@ def test_a_turn_whose_lease_came_late_keeps_its_key_while_it_runs(provider_app, 
     body = {"conversation_id": conversation_id, "message": "held back", "file_ids": [upload.json["file_id"]]}
     engine = create_engine(app_config["DATABASE_URL"])
     request.addfinalizer(engine.dispose)
-    fake_model.delay_next(2.0)
+    fake_model.delay_next(4.0)  # the first turn stores about 6 s after its key: the retry below comes well before
     results = {}
     with engine.connect() as holder:
         holder.execute(text("LOCK TABLE conversation_files IN ACCESS EXCLUSIVE MODE"))
-        started = time.monotonic()
         first = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "held-back")))
         first.start()
         time.sleep(2.0)
         holder.rollback()  # the file is read now, and the lease taken, 2 s after the key
     _wait_for_model_calls(fake_model, 1)
-    time.sleep(max(0.0, started + 3.4 - time.monotonic()))  # the key's first lock (3 s) has run out; the lease has not
+    with client.application.app_context():
+        record = get_session().scalars(select(IdempotencyRecord).where(IdempotencyRecord.idempotency_key == "held-back")).one()
+    # The key's first lock (3 s from its claim, whenever the claim came) has run out; the renewed one has not.
+    time.sleep(max(0.0, (record.created_at + timedelta(seconds=3.4) - utcnow()).total_seconds()))
+    assert record.response_status is None and (record.locked_until - record.created_at).total_seconds() > 4  # renewed
 
     retry = _post(client, "/chat", body, "held-back")
     first.join()
@@ -388,7 +394,7 @@ def test_a_claim_left_by_a_dead_worker_is_taken_over_after_its_lock(app, client,
         session = get_session()
         caller = authenticate(session, f"Bearer {keys['client_a']}")
         # A request that claimed the key and whose worker then died.
-        held = claim(session, caller.key_id, "orphan", fingerprint("POST", "/new_chat", body, body_defaults(NewChatRequest)), app.config)
+        held = claim(session, caller.lineage_id, "orphan", fingerprint("POST", "/new_chat", body, body_defaults(NewChatRequest)), app.config)
         assert isinstance(held, Claim)
 
     blocked = _post(client, "/new_chat", body, "orphan")
@@ -486,3 +492,52 @@ def _drop_refuse_once(engine) -> None:
         connection.execute(text("DROP TRIGGER IF EXISTS refuse_once ON idempotency_keys"))
         connection.execute(text("DROP FUNCTION IF EXISTS refuse_once()"))
         connection.execute(text("DROP SEQUENCE IF EXISTS refuse_once"))
+
+
+def test_an_expired_record_is_taken_over_before_any_purge(app, client):
+    """A key reused after its record expired runs afresh even if no purge has run yet (the purge runs at most every 10 minutes)."""
+    app.config["IDEMPOTENCY_TTL_HOURS"] = 0  # every record expires at once
+    first = _post(client, "/new_chat", {"user_id": "u"}, "expired-1")  # this process's purge ran before it: none until 10 min later
+    again = _post(client, "/new_chat", {"user_id": "u"}, "expired-1")
+
+    assert first.status_code == again.status_code == 201
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.json["conversation_id"] != first.json["conversation_id"]
+
+
+def test_the_purge_leaves_records_that_have_not_expired(app, client, runner):
+    _post(client, "/new_chat", {"user_id": "u"}, "kept-1")  # kept for 24 h
+    app.config["IDEMPOTENCY_TTL_HOURS"] = 0
+    _post(client, "/new_chat", {"user_id": "u"}, "gone-1")
+
+    result = runner.invoke(args=["idempotency-purge"])
+    retry = _post(client, "/new_chat", {"user_id": "u"}, "kept-1")
+
+    assert "Deleted 1 expired idempotency records." in result.output
+    assert retry.status_code == 201 and retry.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_renewed_claim_runs_its_lock_from_the_renewal(app, keys):
+    """The claim's lock_seconds, from claimed_at, must cover the renewal: a failed request's background release counts on it."""
+    with app.app_context():
+        session = get_session()
+        caller = authenticate(session, f"Bearer {keys['client_a']}")
+        held = claim(session, caller.lineage_id, "renewed", "digest", app.config)
+        time.sleep(idempotency.RENEW_AFTER_SECONDS + 0.1)
+        renewed = idempotency.renew(session, held)
+
+    assert renewed.claimed_at == held.claimed_at
+    assert renewed.lock_seconds >= held.lock_seconds + idempotency.RENEW_AFTER_SECONDS
+
+
+def test_the_answer_of_a_claim_taken_over_is_not_stored(app, keys):
+    """save_response is the last guard against a request that outlived its key storing under the retry's record."""
+    with app.app_context():
+        session = get_session()
+        caller = authenticate(session, f"Bearer {keys['client_a']}")
+        held = claim(session, caller.lineage_id, "taken-over", "digest", app.config)
+        session.execute(update(IdempotencyRecord).where(IdempotencyRecord.idempotency_key == "taken-over")
+                        .values(created_at=held.claimed_at + timedelta(seconds=1)))  # a retry's claim now
+        session.commit()
+        with pytest.raises(IdempotencyClaimLost):
+            idempotency.save_response(session, held, 200, {"conversation_id": "c"})

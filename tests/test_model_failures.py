@@ -615,3 +615,37 @@ def test_a_stream_whose_connection_breaks_after_its_first_words_ends_as_broken_o
     assert json.loads(last.partition("data: ")[2]) == {
         "error": "model_error", "message": f"the {provider} model's stream broke off", "retryable": True}
     assert len(fake_model.requests) == 1
+
+
+@pytest.mark.parametrize("upstream_status", [408, 409, 502, 503, 504])
+def test_the_other_passing_failures_are_retried_too(provider_app, fake_model, upstream_status):
+    """The README's list: 408, 409, 429, 500, 502, 503, 504 and 529 are retried."""
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(upstream_status, headers={"retry-after": "0"})
+
+    response = _say(client, conversation_id)
+
+    assert response.status_code == 200
+    assert len(fake_model.requests) == 2
+
+
+def test_a_providers_504_passes_on_its_retry_after(provider_app, fake_model):
+    client = provider_app("anthropic", LLM_MAX_RETRIES=1)
+    conversation_id = _conversation(client)
+    fake_model.fail_next(504, count=2, headers={"retry-after": "1"})
+
+    failed = _say(client, conversation_id)
+
+    _assert_retryable_failure(client, conversation_id, failed, fake_model, 504, "model_timeout")
+    assert failed.headers["Retry-After"] == "1"
+
+
+def test_the_backoff_doubles_from_half_a_second_up_to_eight(monkeypatch):
+    import llm
+
+    spans = []
+    monkeypatch.setattr(llm.random, "uniform", lambda low, high: spans.append((low, high)) or 0.0)
+    for retries in range(6):
+        llm._backoff(retries)
+    assert spans == [(0, 0.5), (0, 1.0), (0, 2.0), (0, 4.0), (0, 8.0), (0, 8.0)]

@@ -296,3 +296,34 @@ def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app,
     assert stuck <= 2
     logged = capfd.readouterr().err
     assert "Traceback" not in logged and "INSERT INTO" not in logged and "still there?" not in logged
+
+
+def test_model_tokens_are_counted_by_direction_and_failed_calls_as_errors(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    replies = [client.post("/chat", json={"conversation_id": conversation_id, "message": f"count me {n}"}).json for n in range(2)]
+    fake_model.fail_next(400)  # not retried: one failed model call
+    failed = client.post("/chat", json={"conversation_id": conversation_id, "message": "fail"})
+
+    exposition = client.application.test_client().get("/metrics").get_data(as_text=True)
+
+    assert failed.status_code == 502
+    for direction in ("input", "output"):
+        assert _metric(exposition, "parley_model_tokens_total", provider="anthropic", direction=direction) == sum(
+            reply["usage"][f"{direction}_tokens"] for reply in replies)
+    assert _metric(exposition, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="ok") == 2
+    assert _metric(exposition, "parley_model_request_duration_seconds_count", provider="anthropic", outcome="error") == 1
+
+
+def test_a_logged_exception_gives_its_type_not_its_message_or_traceback(app, capfd):
+    """A traceback can carry SQL with its parameters or a key (logs.py): only the exception's type is logged."""
+    import logging
+
+    try:
+        raise ValueError("INSERT INTO api_keys VALUES ('prly_not_to_be_logged')")
+    except ValueError:
+        logging.getLogger("parley").exception("the store failed")
+    logged = capfd.readouterr().err
+
+    assert "the store failed (ValueError)" in logged
+    assert "Traceback" not in logged and "prly_not_to_be_logged" not in logged

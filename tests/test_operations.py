@@ -502,3 +502,13 @@ def _wait_for_port(port: int, seconds: float = 30) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"nothing listened on {port} within {seconds}s")
+
+
+@pytest.mark.parametrize(("environment", "lease"), [({}, 150), ({"LLM_TOTAL_TIMEOUT_SECONDS": "600"}, 630), ({"TURN_LEASE_SECONDS": "7"}, 7)])
+def test_a_turn_lease_outlives_the_models_deadline_by_its_margin(environment, lease):
+    assert turn_lease_seconds(load_config(environment)) == lease
+
+
+def test_a_model_read_timeout_of_zero_is_refused():
+    with pytest.raises(ConfigError, match="^LLM_TIMEOUT_SECONDS must be more than 0$"):
+        load_config({"LLM_TIMEOUT_SECONDS": "0"})

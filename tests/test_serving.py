@@ -729,12 +729,15 @@ def test_a_worker_killed_mid_turn_leaves_no_half_turn_and_its_lease_runs_out(ser
         os.kill(pid, signal.SIGKILL)
     thread.join()
     _wait_for_health(server)
+    exposition = server.request("GET", "/metrics")[1]["text"]
     blocked = server.chat(conversation_id, "are you there?")
     time.sleep(max(15.5 - (time.monotonic() - claimed_at), 0))
     after_lease = server.chat(conversation_id, "are you there?")
     status, log, _ = server.request("GET", f"/get_conversation?conversation_id={conversation_id}")
 
     assert result["outcome"] == "connection lost"
+    # The killed worker's samples left the gauges with it (child_exit): its turn is not in flight any more.
+    assert _sample(exposition, "parley_turns_in_flight ") == 0
     assert blocked == 409
     assert after_lease == 200
     assert [m["content"] for m in log["messages"]] == ["are you there?", "reply to: are you there?"]

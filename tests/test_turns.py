@@ -169,6 +169,9 @@ def test_racing_turns_never_answer_from_a_context_missing_the_other_exchange(pro
     assert len(log) == 2 * answered
     model_calls = [r for r in fake_model.requests if r.path == "/v1/messages"]
     stored = [m["content"] for m in log]
+    # A 409 is answered before the model is called: one model call per answered turn, each of them stored.
+    assert len(model_calls) == answered
+    assert all(request.body["messages"][-1]["content"] in stored for request in model_calls)
     for request in model_calls:
         sent = [m["content"] for m in request.body["messages"]]
         question = sent[-1]
