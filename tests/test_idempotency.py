@@ -132,17 +132,24 @@ def test_a_default_is_matched_by_type_as_well_as_value():
     assert fingerprint("POST", "/chat", {"stream": 0}, defaults) != fingerprint("POST", "/chat", {}, defaults)
 
 
-def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
-    client = provider_app("anthropic")
-    conversation_id = _conversation(client)
-    body = {"conversation_id": conversation_id, "message": "slow"}
+def _first_turn_running(client, fake_model, body: dict, key: str) -> tuple[threading.Thread, dict]:
+    """Send a /chat whose model call takes 1.5 s, in the background; return once the model has it.
+    Its response is `results["first"]` once the thread has ended."""
     fake_model.delay_next(1.5)
-    results = {}
-    thread = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "slow-1")))
+    results: dict = {}
+    thread = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, key)))
     thread.start()
     deadline = time.monotonic() + 10
     while fake_model.in_flight == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
+    return thread, results
+
+
+def test_a_retry_while_the_first_request_runs_is_409(provider_app, fake_model):
+    client = provider_app("anthropic")
+    conversation_id = _conversation(client)
+    body = {"conversation_id": conversation_id, "message": "slow"}
+    thread, results = _first_turn_running(client, fake_model, body, "slow-1")
 
     during = _post(client, "/chat", body, "slow-1")
     thread.join()
@@ -161,13 +168,7 @@ def test_a_retry_with_the_key_rotated_to_while_the_first_runs_is_409_then_the_fi
     client = provider_app("anthropic")
     conversation_id = _conversation(client)
     body = {"conversation_id": conversation_id, "message": "pay once"}
-    fake_model.delay_next(1.5)
-    results = {}
-    thread = threading.Thread(target=lambda: results.setdefault("first", _post(client, "/chat", body, "rotating")))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while fake_model.in_flight == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    thread, results = _first_turn_running(client, fake_model, body, "rotating")
     with client.application.app_context():
         old = authenticate(get_session(), f"Bearer {keys['client_a']}")
         rotated = client_with_key(client.application, rotate_key(get_session(), old.key_id)[1])
