@@ -62,9 +62,11 @@ workers = _whole_number("WEB_CONCURRENCY", 2, least=1, most=MOST_WORKERS)
 worker_class = os.environ.get("WORKER_CLASS", "").strip() or "gevent"
 # psycopg picks how it waits for the database when it is imported: its C wait, which blocks
 # the whole worker, unless gevent has patched `select` by then. With --preload it is imported
-# in the master, before any patching, so it is told here to wait as it does under gevent
-# (poll(), which gevent makes cooperative; outside gevent it waits as before).
-os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_poll")
+# in the master, before any patching, so gevent workers are told here to wait as psycopg does
+# under gevent: with poll(), which gevent makes cooperative. (A worker class given with -k on
+# the command line is not known here; with --preload, give gevent's through WORKER_CLASS.)
+if worker_class == "gevent":
+    os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_poll")
 # Connections (turns in flight, streams) each worker carries at once.
 worker_connections = _whole_number("WORKER_CONNECTIONS", 1000, least=1, most=MOST_WORKER_CONNECTIONS)
 # A worker that stops answering its master this long is restarted (0: never). gevent

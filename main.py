@@ -254,13 +254,13 @@ def _require_json_body() -> None:
         request.max_content_length = limit
         if too_large:
             raise RequestEntityTooLarge()
+    if request.content_length and len(request.get_data(cache=True)) < request.content_length:
+        # The client went before its body was all sent (the server reads to the end of the stream).
+        raise errors.ApiError("the request body ended before the length its Content-Length gave")
     if endpoint in BODYLESS_ROUTES and not (has_body and request.get_data(cache=True)):  # chunked, too, may be empty
         return
     if not request.is_json:
         raise errors.ApiError("the request body must be JSON (Content-Type: application/json)")
-    if request.content_length is not None and len(request.get_data(cache=True)) < request.content_length:
-        # The client went before its body was all sent (the server reads to the end of the stream).
-        raise errors.ApiError("the request body ended before the length its Content-Length gave")
     if b"\x00" in request.get_data(cache=True)[:4]:
         # Python's json would take UTF-16 or UTF-32 (it guesses from the zero bytes); JSON on the wire is UTF-8.
         raise errors.ApiError("the request body must be JSON in UTF-8")

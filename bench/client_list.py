@@ -64,7 +64,8 @@ def main() -> None:
         with Session(engine) as session:
             keys = [uuid.uuid4() for _ in range(args.keys)]
             session.execute(insert(ApiKey), [
-                {"key_id": key, "name": f"client {n}", "role": "client", "key_hash": key.hex * 2, "prefix": "prly_bench"}
+                {"key_id": key, "lineage_id": key, "name": f"client {n}", "role": "client", "key_hash": key.hex * 2,
+                 "prefix": "prly_bench"}
                 for n, key in enumerate(keys)
             ])
             for start in tqdm(range(0, args.conversations, 10_000), desc="seeding", unit="10k rows"):

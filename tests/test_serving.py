@@ -427,20 +427,28 @@ def test_a_chunked_body_on_a_route_whose_body_is_optional_is_checked_as_json(ser
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
-def test_a_body_cut_short_of_its_content_length_is_refused_and_runs_no_turn(serve):
-    """The server reads a body to the end of the stream: a client gone before all of it was sent is not a request."""
+def test_a_body_cut_short_of_its_content_length_is_refused_and_runs_no_turn(serve, app_config):
+    """The server reads a body to the end of the stream: a client gone before all of it was sent is not a request,
+    also on /claim, whose body may be left out (here none of it came)."""
     server = serve()
     conversation_id = server.new_chat()
     body = json.dumps({"conversation_id": conversation_id, "message": "hello"}).encode()
     head = (f"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body) + 50}\r\n\r\n")
+    handed_off = server.request("POST", f"/conversations/{conversation_id}/handoff", {"reason": "a person, please"})[0]
+    with create_app(app_config).app_context():
+        staff = create_key(get_session(), "staff", "cut short")[1]
+    claim = (f"POST /conversations/{conversation_id}/claim HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {staff}\r\n"
+             "Content-Type: application/json\r\nContent-Length: 35\r\n\r\n")
 
     status, error = _send_raw(server.port, head, body, close_after=True)
+    claim_status, claim_error = _send_raw(server.port, claim, b"", close_after=True)
+    conversation = server.request("GET", f"/get_conversation?conversation_id={conversation_id}")[1]
 
     assert (status, error["error"]) == (b"400", "bad_request"), error
     assert "Content-Length" in error["message"]
-    assert server.request("GET", f"/get_conversation?conversation_id={conversation_id}")[1]["messages"] == []
-    assert server.chat(conversation_id, "after") == 200
+    assert (handed_off, claim_status, claim_error["error"]) == (200, b"400", "bad_request"), claim_error
+    assert conversation["messages"] == [] and conversation["handoff"] == "needs_human"
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
