@@ -10,8 +10,10 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import create_engine, event, select, text
 
+from auth import create_key, rotate_key
 from conversation_memory import MemoryMessage
 from database_utils import (
     MIN_TAIL_PAGE,
@@ -24,10 +26,12 @@ from database_utils import (
     get_session,
     load_context_tail,
     make_engine,
+    upgrade_database,
 )
 from main import create_app
 from tests.conftest import client_with_key
 from tests.factories import seed_conversation
+from tests.postgres import admin_url, temporary_database
 from tests.seaweed import free_ports
 
 
@@ -35,6 +39,55 @@ def test_models_and_migrations_agree(runner):
     result = runner.invoke(args=["db-check"])
     assert result.exit_code == 0, result.output
     assert "agree" in result.output
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database(request, tmp_path):
+    """The URL of a database with no schema yet, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lineage.db'}"
+        return
+    with temporary_database(admin_url()) as url:
+        yield url
+
+
+def test_migration_0010_starts_a_lineage_per_key_and_keeps_the_records_where_they_answer(empty_database):
+    """Before 0010 a rotation moved the kept answers to the new key: each record already sits under its lineage."""
+    upgrade_database(empty_database, "0009")
+    keys = sa.table("api_keys", sa.column("key_id", sa.Uuid), sa.column("name"), sa.column("role"), sa.column("key_hash"),
+                    sa.column("prefix"), sa.column("created_at", sa.DateTime(timezone=True)), sa.column("lineage_id", sa.Uuid))
+    records = sa.table("idempotency_keys", sa.column("key_id", sa.Uuid), sa.column("idempotency_key"),
+                       sa.column("fingerprint"), sa.column("created_at", sa.DateTime(timezone=True)),
+                       sa.column("locked_until", sa.DateTime(timezone=True)), sa.column("expires_at", sa.DateTime(timezone=True)))
+    old, new = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(timezone.utc)
+    engine = create_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(keys), [
+                {"key_id": key, "name": name, "role": "client", "key_hash": key.hex * 2, "prefix": "prly_x", "created_at": at}
+                for key, name, at in [(old, "before", now - timedelta(days=1)), (new, "rotated to", now)]])
+            connection.execute(sa.insert(records), {"key_id": new, "idempotency_key": "pay-1", "fingerprint": "f" * 64,
+                                                    "created_at": now, "locked_until": now, "expires_at": now + timedelta(days=1)})
+        upgrade_database(empty_database)
+        with engine.connect() as connection:
+            lineages = dict(connection.execute(sa.select(keys.c.key_id, keys.c.lineage_id)).all())
+            kept = connection.execute(sa.select(records.c.key_id, records.c.idempotency_key)).all()
+    finally:
+        engine.dispose()
+
+    assert lineages == {old: old, new: new}
+    assert kept == [(new, "pay-1")]
+
+
+def test_a_rotation_after_0010_keeps_the_lineage_of_the_first_key(app, runner):
+    with app.app_context():
+        first, _ = create_key(get_session(), "client", "first")
+        second = rotate_key(get_session(), first.key_id)[0]
+        third = rotate_key(get_session(), second.key_id)[0]
+        lineages = {key.key_id: key.lineage_id for key in get_session().scalars(select(ApiKey))}
+
+    assert lineages[first.key_id] == lineages[second.key_id] == lineages[third.key_id] == first.key_id
 
 
 def test_db_upgrade_command_is_repeatable(runner):
