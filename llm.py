@@ -57,8 +57,9 @@ log = logging.getLogger("parley")
 ECHO_LABEL = "[echo model: not a real LLM, no API key configured]"
 ECHO_CHOSEN_LABEL = "[echo model: not a real LLM, chosen with LLM_PROVIDER=echo]"
 
-# Provider statuses worth another attempt: rate limited, server errors, overloaded.
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Provider statuses worth another attempt: rate limited, server errors, overloaded, and the
+# errors a CDN in front of the provider (Cloudflare's 520 to 524) gives for an origin that failed.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 8.0
 RETRY_AFTER_MAX_PASSED_ON = 86_400.0  # a provider's Retry-After beyond a day is passed on as a day
@@ -159,7 +160,8 @@ class RetryPolicy:
                 except httpx2.HTTPError as exc:
                     # Only a stream's error answer gets here: the SDKs read its body after the
                     # request, outside their own handling, so a body cut short escapes them.
-                    self.wait_or_raise(_connection_error(exc, provider), None, attempts, exc)
+                    error = _connection_error(exc, provider, time.monotonic() >= attempts.deadline)
+                    self.wait_or_raise(error, None, attempts, exc)
                 except (BotoCoreError, RuntimeError) as exc:
                     error = _signing_error(exc, provider)
                     if error is None:

@@ -617,9 +617,9 @@ def test_a_stream_whose_connection_breaks_after_its_first_words_ends_as_broken_o
     assert len(fake_model.requests) == 1
 
 
-@pytest.mark.parametrize("upstream_status", [408, 409, 502, 503, 504])
+@pytest.mark.parametrize("upstream_status", [408, 409, 502, 503, 504, 520, 521, 522, 523, 524])
 def test_the_other_passing_failures_are_retried_too(provider_app, fake_model, upstream_status):
-    """The README's list: 408, 409, 429, 500, 502, 503, 504 and 529 are retried."""
+    """The README's list: 408, 409, 429, 500, 502, 503, 504, 520 to 524 (a CDN's) and 529 are retried."""
     client = provider_app("anthropic", LLM_MAX_RETRIES=1)
     conversation_id = _conversation(client)
     fake_model.fail_next(upstream_status, headers={"retry-after": "0"})
