@@ -25,6 +25,11 @@ def _log(client, conversation_id: str) -> list[dict]:
     return client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
 
 
+def _last_event(streamed) -> str:
+    """The last server-sent event of a streamed answer, as its text."""
+    return streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+
+
 def _assert_retryable_failure(client, conversation_id: str, failed, fake_model, status: int, error: str) -> None:
     """`failed` is a retryable `status` after two attempts, and the turn left nothing stored."""
     assert failed.status_code == status
@@ -286,7 +291,7 @@ def test_a_stream_cut_at_the_deadline_ends_as_a_timeout(provider_app, fake_model
 
     started = time.monotonic()
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi there, how are you", "stream": True})
-    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    last = _last_event(streamed)
 
     assert time.monotonic() - started < 4
     assert last.startswith("event: error\n"), last
@@ -426,7 +431,7 @@ def test_a_stream_event_that_is_not_an_event_ends_the_stream_with_a_model_error(
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
 
     assert streamed.status_code == 200
-    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    last = _last_event(streamed)
     assert last.startswith("event: error\n")
     assert json.loads(last.partition("data: ")[2]) == {
         "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
@@ -481,7 +486,7 @@ def test_a_stream_with_a_field_of_the_wrong_kind_ends_with_a_model_error(provide
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
 
     assert streamed.status_code == 200
-    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    last = _last_event(streamed)
     assert last.startswith("event: error\n"), last
     assert json.loads(last.partition("data: ")[2]) == {
         "error": "model_error", "message": f"the {provider} model's reply could not be read", "retryable": True}
@@ -562,7 +567,7 @@ def test_a_stream_that_stalls_names_both_timeouts(provider_app, fake_model):
 
     started = time.monotonic()
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
-    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    last = _last_event(streamed)
 
     assert time.monotonic() - started < 10
     assert last.startswith("event: error\n"), last
@@ -582,7 +587,7 @@ def test_a_streamed_turn_whose_error_body_breaks_off_is_retried(provider_app, fa
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
 
     assert streamed.status_code == 200
-    assert streamed.get_data(as_text=True).strip().split("\n\n")[-1].startswith("event: done\n")
+    assert _last_event(streamed).startswith("event: done\n")
     assert len(fake_model.requests) == 2
     assert [m["role"] for m in _log(client, conversation_id)] == ["user", "assistant"]
 
@@ -610,7 +615,7 @@ def test_a_stream_whose_connection_breaks_after_its_first_words_ends_as_broken_o
 
     streamed = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi", "stream": True})
 
-    last = streamed.get_data(as_text=True).strip().split("\n\n")[-1]
+    last = _last_event(streamed)
     assert last.startswith("event: error\n"), last
     assert json.loads(last.partition("data: ")[2]) == {
         "error": "model_error", "message": f"the {provider} model's stream broke off", "retryable": True}
