@@ -7,7 +7,7 @@ processes on the machine), the load generator and the fake model server.
 The baseline's figures are measured in the same run, so the last line
 compares CPU per turn.
 
-    python -m bench.cpu_split [--setups baseline echo anthropic] [--seconds 14]
+    python -m bench.cpu_split [--setups baseline minimal_sdk echo anthropic] [--seconds 14]
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from bench.serving import (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--setups", nargs="+", choices=("baseline", "echo", "anthropic"), default=["baseline", "echo", "anthropic"])
+    parser.add_argument("--setups", nargs="+", choices=("baseline", "minimal_sdk", "echo", "anthropic"),
+                        default=["baseline", "minimal_sdk", "echo", "anthropic"])
     parser.add_argument("--seconds", type=float, default=14)
     parser.add_argument("--clients", type=int, default=16)
     options = parser.parse_args()
@@ -44,13 +45,13 @@ def main() -> None:
                 report = run_load(server, key, conversations, options.seconds)
             rate = summarize(report, warmup=options.seconds / 4)["per_second"]
             per_turn[setup] = {group: used / rate * 1000 for group, used in use.cores.items()}
-            print(f"{setup:<10} {rate:7.1f} turns/s  cores: "
+            print(f"{setup:<11} {rate:7.1f} turns/s  cores: "
                   + "  ".join(f"{group} {use.cores[group]:.2f}" for group in CoreUse.GROUPS)
                   + "  |  ms CPU per turn: " + "  ".join(f"{group} {per_turn[setup][group]:.2f}" for group in CoreUse.GROUPS))
     if "baseline" in per_turn:
         base = sum(per_turn["baseline"].values())
         for setup, split in per_turn.items():
-            print(f"{setup:<10} {sum(split.values()):.2f} ms CPU per turn in all, {sum(split.values()) / base:.2f}x the baseline's")
+            print(f"{setup:<11} {sum(split.values()):.2f} ms CPU per turn in all, {sum(split.values()) / base:.2f}x the baseline's")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Hot path: /chat with a zero-latency model, 16 clients, against the minimal persisting turn.
 
-All three run under the production command (`gunicorn -c gunicorn.conf.py`,
+All four run under the production command (`gunicorn -c gunicorn.conf.py`,
 2 gevent workers), on one PostgreSQL database, driven by the same load
 generator, one after another and repeated, so that noise hits them alike:
 - baseline: `bench.minimal_app` (parse the body; in one transaction, one
   UPDATE of the conversation and one INSERT of two messages);
+- the baseline with one call to the fake server through the anthropic SDK
+  before its transaction (one message, no context, the reply read as JSON):
+  the least a turn that reaches Claude through the SDK can cost, on this
+  machine, where the fake server and the load generator share the two cores;
 - Parley with the echo model (no network: the service's own cost);
 - Parley with the anthropic SDK against the local fake server answering at
   once (adds the SDK and an HTTP round trip per turn).
@@ -48,7 +52,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--message-bytes", type=int, default=0, help="pad each user message to about this many bytes")
     options = parser.parse_args()
-    labels = {"baseline": "baseline", "echo": "parley (echo)", "anthropic": "parley (anthropic SDK, fake at 0 s)"}
+    labels = {
+        "baseline": "baseline",
+        "minimal_sdk": "baseline + one SDK call",
+        "echo": "parley (echo)",
+        "anthropic": "parley (anthropic SDK, fake at 0 s)",
+    }
     results: dict[str, list[dict]] = {label: [] for label in labels.values()}
     with database() as url, fake_model(0.0) as model_url:
         key = client_key(url)
@@ -77,6 +86,10 @@ def main() -> None:
         print(f"{name:<38} {rate:9.1f} {p50:8.1f} {p99:8.1f} {rate / baseline:6.2f}x {p99 / baseline_p99:9.2f}x")
     print(f"(ratio: throughput against the baseline's {baseline:.1f} turns/s; p99 ratio: p99 against the baseline's "
           f"{baseline_p99:.1f} ms)")
+    with_sdk = statistics.median(r["per_second"] for r in results[labels["minimal_sdk"]])
+    sdk = statistics.median(r["per_second"] for r in results[labels["anthropic"]])
+    print(f"{labels['anthropic']} against {labels['minimal_sdk']}: {sdk / with_sdk:.2f}x "
+          f"({sdk:.1f} against {with_sdk:.1f} turns/s; both pay for the SDK and the fake server on these cores)")
 
 
 def _conversations(url: str, key: str, count: int, env: dict[str, str]) -> list[str]:

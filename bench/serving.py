@@ -78,12 +78,14 @@ def claude_env(database_url: str, model_url: str) -> dict[str, str]:
 
 
 def hot_path_setups(database_url: str, model_url: str) -> dict[str, tuple[str, dict[str, str]]]:
-    """The hot path's three servers, each an app for gunicorn and its settings: the minimal
-    persisting turn (`bench.minimal_app`), Parley with the echo model, and Parley through the
-    anthropic SDK with Claude at the fake model server."""
+    """The hot path's four servers, each an app for gunicorn and its settings: the minimal
+    persisting turn (`bench.minimal_app`), the same with one SDK call to Claude at the fake
+    model server, Parley with the echo model, and Parley through the anthropic SDK with Claude
+    at the fake model server."""
     common = {"DATABASE_URL": database_url, "ARCHIVE_URL": "file:///tmp/parley-bench-archive", "WEB_CONCURRENCY": "2"}
     return {
         "baseline": ("bench.minimal_app:create_app()", common),
+        "minimal_sdk": ("bench.minimal_app:create_app()", {**common, "MINIMAL_MODEL_URL": model_url}),
         "echo": ("main:create_app()", {**common, "LLM_PROVIDER": "echo"}),
         "anthropic": (
             "main:create_app()",
