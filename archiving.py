@@ -743,9 +743,17 @@ class ErasureReport:
 def delete_user(
     session: Session, archive: Archive, user_id: str, export_targets: Sequence[str] = (), endpoint_url: str | None = None
 ) -> ErasureReport:
-    """Right to erasure: a user's conversations out of the database, the archive and named exports; audited."""
-    from export import erase_user_from_export
+    """Right to erasure: a user's conversations out of the database, the archive and named exports; audited.
 
+    Each export is checked to be one before anything is erased. A run that
+    stops (the archive or an export failing) is audited too, with what it
+    did and why it stopped, and raises: the rows may already be gone, so the
+    run that finishes the work would not count them.
+    """
+    from export import ExportError, check_export, erase_user_from_export
+
+    for target in export_targets:
+        check_export(target, endpoint_url)
     report = ErasureReport(user_id)
     rows = session.execute(
         select(Conversation.conversation_id, Conversation.status, Conversation.s3_file_location, Conversation.ended_at).where(
@@ -759,26 +767,32 @@ def delete_user(
         for row in rows
         if row.s3_file_location or row.status == Status.ENDING
     ]
-    report.archive_objects = len(keys)
-    report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys)
-    for target in export_targets:
-        report.export_files += erase_user_from_export(target, user_id, endpoint_url)
-    session.add(
-        AuditEvent(
-            key_id=None,
-            action="delete_user",
-            detail={
-                "user_id": user_id,
-                "conversations": report.conversations,
-                "archive_objects": report.archive_objects,
-                "export_targets": list(export_targets),
-                "export_files": report.export_files,
-                "operator": getpass.getuser(),
-            },
-        )
-    )
-    session.commit()
+    try:
+        report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys)
+        report.archive_objects = len(keys)
+        for target in export_targets:
+            report.export_files += erase_user_from_export(target, user_id, endpoint_url)
+    except (ArchiveError, ExportError) as exc:
+        session.rollback()
+        _audit_erasure(session, report, export_targets, stopped=str(exc))
+        raise
+    _audit_erasure(session, report, export_targets)
     return report
+
+
+def _audit_erasure(session: Session, report: ErasureReport, export_targets: Sequence[str], stopped: str | None = None) -> None:
+    detail = {
+        "user_id": report.user_id,
+        "conversations": report.conversations,
+        "archive_objects": report.archive_objects,
+        "export_targets": list(export_targets),
+        "export_files": report.export_files,
+        "operator": getpass.getuser(),
+    }
+    if stopped is not None:
+        detail["stopped"] = stopped
+    session.add(AuditEvent(key_id=None, action="delete_user", detail=detail))
+    session.commit()
 
 
 # ---------------------------------------------------------------- commands

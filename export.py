@@ -119,31 +119,37 @@ class _Item:
 
 
 class _LocalTarget:
+    """An export in a folder. Its file system's errors (no permission, no space, a file
+    missing that the manifest lists) are `ExportError`s, as the S3 target's are."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
 
     def scratch(self) -> Path:
         path = self.root / ".scratch"
-        path.mkdir(parents=True, exist_ok=True)
+        self._io(path.mkdir, parents=True, exist_ok=True)
         return path
 
     def publish(self, local: Path, name: str) -> None:
         destination = self.root / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local, destination)
+        self._io(destination.parent.mkdir, parents=True, exist_ok=True)
+        self._io(os.replace, local, destination)
 
     def fetch(self, name: str, local: Path) -> None:
-        shutil.copyfile(self.root / name, local)
+        self._io(shutil.copyfile, self.root / name, local)
 
     def remove(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
+        self._io((self.root / name).unlink, missing_ok=True)
 
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.root / MANIFEST
-        return json.loads(path.read_text()) if path.exists() else None
+        return json.loads(self._io(path.read_text)) if path.exists() else None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self._io(self._write_manifest, manifest)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         scratch = self.scratch() / MANIFEST
         with open(scratch, "w") as handle:
@@ -154,6 +160,12 @@ class _LocalTarget:
 
     def close(self) -> None:
         shutil.rmtree(self.root / ".scratch", ignore_errors=True)
+
+    def _io(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise ExportError(f"could not use {self.url}: {exc}") from exc
 
 
 class _S3Target:
@@ -530,12 +542,26 @@ def summary_line(manifest: dict[str, Any], out: str) -> str:
 # ---------------------------------------------------------------- erasure in exports
 
 
-def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = None) -> int:
-    """Rewrite every file of the export at `out` that holds `user_id`'s conversations; return how many changed."""
+def check_export(out: str, endpoint_url: str | None = None) -> None:
+    """Raise `ExportError` unless `out` is an export that can be read (before `delete-user` erases anything)."""
     target = make_target(out, endpoint_url)
+    try:
+        _manifest(target, out)
+    finally:
+        target.close()
+
+
+def _manifest(target: _LocalTarget | _S3Target, out: str) -> dict[str, Any]:
     manifest = target.read_manifest()
     if manifest is None:
         raise ExportError(f"{out} has no {MANIFEST}: not an export")
+    return manifest
+
+
+def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = None) -> int:
+    """Rewrite every file of the export at `out` that holds `user_id`'s conversations; return how many changed."""
+    target = make_target(out, endpoint_url)
+    manifest = _manifest(target, out)
     changed = 0
     for entry in list(manifest["files"]):
         local = target.scratch() / f"erase-{uuid.uuid4().hex}"

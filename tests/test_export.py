@@ -19,7 +19,7 @@ from pyarrow import fs
 from sqlalchemy import select, update
 
 from archiving import archive_idle
-from database_utils import Conversation, Message, get_session
+from database_utils import AuditEvent, Conversation, Message, get_session
 from s3_utils import read_document
 from tests.factories import seed_conversation
 
@@ -250,6 +250,55 @@ def test_delete_user_rewrites_named_exports(app, runner, archived, tmp_path):
         assert manifest["totals"]["conversations"] == 6 and manifest["totals"]["messages"] == len(kept)
         for entry in manifest["files"]:
             assert hashlib.sha256((tmp_path / fmt / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_delete_user_checks_every_export_before_it_erases_anything(app, runner, archived, tmp_path):
+    assert _export(runner, tmp_path / "parquet", "--format", "parquet").exit_code == 0
+    before = _database_rows(app, "user-1")
+
+    result = runner.invoke(
+        args=["delete-user", "user-1", "--export-prefix", str(tmp_path / "parquet"), "--export-prefix", str(tmp_path / "typo")]
+    )
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == f"Error: delete-user user-1 stopped: {tmp_path / 'typo'} has no _manifest.json: not an export; run it again to finish"
+    assert len(before) > 0 and _database_rows(app, "user-1") == before
+    with app.app_context():
+        assert get_session().scalars(select(AuditEvent).where(AuditEvent.action == "delete_user")).all() == []
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_delete_user_stopped_after_erasing_rows_is_audited_with_what_it_did(app, runner, archived, tmp_path):
+    """The rows are gone when an export fails: the run that finishes would count none of them."""
+    out = tmp_path / "jsonl"
+    assert _export(runner, out, "--format", "jsonl").exit_code == 0
+    (out / _manifest(out)["files"][0]["path"]).unlink()  # a part the manifest lists is missing
+
+    stopped = runner.invoke(args=["delete-user", "user-1", "--export-prefix", str(out)])
+
+    assert stopped.exit_code == 1 and isinstance(stopped.exception, SystemExit), stopped.output
+    said = stopped.output.strip()
+    assert said.startswith(f"Error: delete-user user-1 stopped: could not use {out}: ") and "No such file" in said
+    assert _database_rows(app, "user-1") == []
+    finished = runner.invoke(args=["delete-user", "user-1"])
+    assert finished.exit_code == 0 and "removed 0 conversations" in finished.output
+    with app.app_context():
+        events = get_session().scalars(select(AuditEvent).where(AuditEvent.action == "delete_user").order_by(AuditEvent.event_id)).all()
+    assert [event.detail["conversations"] for event in events] == [3, 0]
+    assert events[0].detail["archive_objects"] == 3 and events[0].detail["export_files"] == 0
+    assert events[0].detail["stopped"] == said.removeprefix("Error: delete-user user-1 stopped: ").removesuffix("; run it again to finish")
+    assert "stopped" not in events[1].detail
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_export_folder_that_cannot_be_made_is_one_line_not_a_traceback(app, runner, archived, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+
+    result = _export(runner, tmp_path / "a-file" / "out", "--format", "jsonl")
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip().startswith(f"Error: could not use {tmp_path / 'a-file' / 'out'}: ")
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
