@@ -116,3 +116,17 @@ def test_make_bench_runs_every_benchmark():
     ran = {line.split("-m bench.")[1].split()[0] for line in planned.splitlines() if "-m bench." in line}
 
     assert ran == runnable - parts
+
+
+def test_the_baseline_with_an_sdk_call_stores_claudes_reply():
+    """bench.minimal_app with MINIMAL_MODEL_URL asks the model through the anthropic SDK for the reply it stores."""
+    from bench.minimal_app import _claude
+    from tests.fake_model_server import FakeModelServer
+
+    with FakeModelServer() as server:
+        answer = _claude(server.base_url)
+
+        assert answer("hello there") == "reply to: hello there"
+        (sent,) = server.requests
+    assert sent.path == "/v1/messages" and sent.headers["user-agent"].startswith("Anthropic/Python")
+    assert sent.body["messages"] == [{"role": "user", "content": "hello there"}]
