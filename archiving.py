@@ -30,6 +30,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy import ARRAY, Text, any_, bindparam, cast, delete, func, literal, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from tqdm import tqdm
@@ -711,11 +712,16 @@ def apply_retention(
             return report
 
 
-def _drop(session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str]) -> int:
+def _drop(
+    session: Session, archive: Archive, ids: Sequence[uuid.UUID], keys: Sequence[str], deleted: list[str] | None = None
+) -> int:
     """Delete objects first (documents and uploaded files), then rows: a crash in between
-    leaves rows to retry, never an object to resurrect."""
+    leaves rows to retry, never an object to resurrect. `deleted` gets each document's
+    key once it is gone."""
     for key in keys:
         archive.delete(key)
+        if deleted is not None:
+            deleted.append(key)
     delete_files(session, archive, ids)
     # Stored answers to Idempotency-Key retries hold the conversations' words too (a /chat's reply).
     answered = IdempotencyRecord.response_body["conversation_id"].as_string()
@@ -740,20 +746,28 @@ class ErasureReport:
         )
 
 
+class ErasureRefused(Exception):
+    """`delete-user` erased nothing: an export it was to rewrite is not one, or cannot be read."""
+
+
 def delete_user(
     session: Session, archive: Archive, user_id: str, export_targets: Sequence[str] = (), endpoint_url: str | None = None
 ) -> ErasureReport:
     """Right to erasure: a user's conversations out of the database, the archive and named exports; audited.
 
-    Each export is checked to be one before anything is erased. A run that
-    stops (the archive or an export failing) is audited too, with what it
-    did and why it stopped, and raises: the rows may already be gone, so the
-    run that finishes the work would not count them.
+    Each export is checked to be one before anything is erased (else
+    `ErasureRefused`). A run that stops once it has begun (the archive or an
+    export failing, Ctrl-C) is audited too, with what it did and why it
+    stopped, and raises: the rows may already be gone, so the run that
+    finishes the work would not count them.
     """
     from export import ExportError, check_export, erase_user_from_export
 
     for target in export_targets:
-        check_export(target, endpoint_url)
+        try:
+            check_export(target, endpoint_url)
+        except ExportError as exc:
+            raise ErasureRefused(f"--export-prefix {target}: {exc}") from None
     report = ErasureReport(user_id)
     rows = session.execute(
         select(Conversation.conversation_id, Conversation.status, Conversation.s3_file_location, Conversation.ended_at).where(
@@ -767,17 +781,29 @@ def delete_user(
         for row in rows
         if row.s3_file_location or row.status == Status.ENDING
     ]
+    deleted: list[str] = []
     try:
-        report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys)
-        report.archive_objects = len(keys)
+        report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys, deleted)
+        report.archive_objects = len(deleted)
         for target in export_targets:
             report.export_files += erase_user_from_export(target, user_id, endpoint_url)
-    except (ArchiveError, ExportError) as exc:
-        session.rollback()
-        _audit_erasure(session, report, export_targets, stopped=str(exc))
+    except BaseException as exc:
+        report.archive_objects = len(deleted)
+        why = str(exc) if isinstance(exc, (ArchiveError, ExportError)) else f"{exc.__class__.__name__}: {exc}".rstrip(": ")
+        _audit_stopped(session, report, export_targets, why)
         raise
     _audit_erasure(session, report, export_targets)
     return report
+
+
+def _audit_stopped(session: Session, report: ErasureReport, export_targets: Sequence[str], why: str) -> None:
+    """The audit row of a run that stopped, if the database takes it (it may be what failed)."""
+    try:
+        session.rollback()
+        _audit_erasure(session, report, export_targets, stopped=why)
+    except SQLAlchemyError as exc:
+        session.rollback()
+        log.warning("delete-user %s stopped and could not be audited: %s", report.user_id, exc.__class__.__name__)
 
 
 def _audit_erasure(session: Session, report: ErasureReport, export_targets: Sequence[str], stopped: str | None = None) -> None:
@@ -838,12 +864,25 @@ def retention_command() -> None:
         raise SystemExit(1)
 
 
+def _user_id(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    from export import user_id_parameter
+
+    return user_id_parameter(context, parameter, value)
+
+
+def _exports(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    from export import destination
+
+    return tuple(destination(context, parameter, value) for value in values)
+
+
 @click.command("delete-user")
-@click.argument("user_id")
+@click.argument("user_id", callback=_user_id)
 @click.option(
     "--export-prefix",
     "export_targets",
     multiple=True,
+    callback=_exports,
     help="Also rewrite the export at this PATH or s3://bucket/prefix without the user (repeatable).",
 )
 @with_appcontext
@@ -855,6 +894,8 @@ def delete_user_command(user_id: str, export_targets: tuple[str, ...]) -> None:
         report = delete_user(
             get_session(), background_archive(), user_id, export_targets, current_app.config["S3_ENDPOINT_URL"]
         )
+    except ErasureRefused as exc:
+        raise click.ClickException(f"delete-user {user_id}: {exc}; nothing was erased") from None
     except (ArchiveError, ExportError) as exc:
         raise click.ClickException(f"delete-user {user_id} stopped: {exc}; run it again to finish") from None
     click.echo(report.line())

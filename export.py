@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
 from urllib.parse import urlparse
 
 import boto3
@@ -42,6 +43,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, StringConstraints, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
@@ -53,15 +55,19 @@ from s3_utils import (
     CONVERSATIONS_PREFIX,
     Archive,
     ArchiveError,
+    ArchiveUnavailable,
     archive_key,
     conversation_id_of,
     make_archive,
     parse_document,
 )
+from schemas import USER_ID_RULE, is_user_id
 from states import Status
 
 MANIFEST = "_manifest.json"
 FORMATS = ("jsonl", "parquet")
+# A part's name in the manifest: what `_publish` writes, and all `delete-user` will rewrite.
+PART_PATH = r"^dt=\d{4}-\d{2}-\d{2}/part-\d{5}\.(jsonl|parquet)$"
 PART_MB = 128.0
 ROW_GROUP_ROWS = 64_000
 PAGE = 1_000  # rows of metadata per database query
@@ -91,6 +97,36 @@ _TIMESTAMP_COLUMNS = {field.name for field in PARQUET_SCHEMA if pa.types.is_time
 
 class ExportError(Exception):
     """The export cannot start or continue (another run's output, an unreachable target)."""
+
+
+class _ManifestFile(BaseModel):
+    path: Annotated[str, StringConstraints(pattern=PART_PATH)]
+    conversations: NonNegativeInt
+    messages: NonNegativeInt
+    bytes: NonNegativeInt
+    sha256: str
+
+
+class _Manifest(BaseModel):
+    """What an export's manifest must hold for a run to continue it or `delete-user` to rewrite it."""
+
+    model_config = ConfigDict(extra="allow")
+    arguments: dict[str, Any]
+    status: Literal["running", "complete"]
+    cursor: dict[str, Any]
+    files: list[_ManifestFile]
+    errors: list[dict[str, Any]]
+
+
+def _parsed_manifest(raw: bytes, url: str) -> dict[str, Any]:
+    """The manifest's JSON, checked for the shape this module writes; else `ExportError`."""
+    try:
+        manifest = json.loads(raw)
+        _Manifest.model_validate(manifest)
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = f"{exc.error_count()} fields are wrong, the first: {exc.errors()[0]['loc']}" if isinstance(exc, ValidationError) else exc
+        raise ExportError(f"{url}/{MANIFEST} is not an export's manifest ({reason})") from None
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -144,7 +180,7 @@ class _LocalTarget:
 
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.root / MANIFEST
-        return json.loads(self._io(path.read_text)) if path.exists() else None
+        return _parsed_manifest(self._io(path.read_bytes), self.url) if path.exists() else None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self._io(self._write_manifest, manifest)
@@ -205,7 +241,7 @@ class _S3Target:
             raise ExportError(f"could not read {self.url}/{MANIFEST}: {exc}") from exc
         except BotoCoreError as exc:
             raise ExportError(f"could not read {self.url}/{MANIFEST}: {exc}") from exc
-        return json.loads(body)
+        return _parsed_manifest(body, self.url)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         body = json.dumps(manifest, indent=1).encode()
@@ -225,11 +261,11 @@ def make_target(out: str, endpoint_url: str | None = None) -> _LocalTarget | _S3
     parsed = urlparse(out)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ExportError(f"--out {out!r} names no bucket")
+            raise ExportError(f"{out!r} names no bucket")
         return _S3Target(parsed.netloc, parsed.path, endpoint_url)
     if parsed.scheme in ("", "file"):
         return _LocalTarget(Path(parsed.path if parsed.scheme else out))
-    raise ExportError(f"--out must be a path or s3://bucket/prefix, not {out!r}")
+    raise ExportError(f"{out!r} is neither a path nor s3://bucket/prefix")
 
 
 # ---------------------------------------------------------------- what is exported
@@ -433,9 +469,10 @@ def export_conversations(
 def _start_manifest(target: Any, request: ExportRequest, workers: int) -> dict[str, Any]:
     found = target.read_manifest()
     if found is not None:
-        if found.get("arguments") != request.arguments():
+        # Compared without `out`: the same folder may be named another way (relative, a trailing slash).
+        if {**found["arguments"], "out": None} != {**request.arguments(), "out": None}:
             raise ExportError(
-                f"{target.url} holds an export made with other arguments ({found.get('arguments')}); use another --out"
+                f"{target.url} holds an export made with other arguments ({found['arguments']}); use another --out"
             )
         return found
     manifest = {
@@ -468,7 +505,10 @@ def _export_day(
     part: _Part | None = None
     try:
         for item, outcome in _read_in_order(archive, items, pool, workers * 4):
-            if isinstance(outcome, ArchiveError):
+            if isinstance(outcome, ArchiveUnavailable):
+                # Not this object's fault: stop, and let the next run read it (and all after it) again.
+                raise ExportError(f"stopped: {outcome}; run the same command again to continue") from outcome
+            if isinstance(outcome, ArchiveError):  # missing, damaged or unreadable as a document: listed, skipped
                 manifest["errors"].append({"key": item.key, "error": str(outcome)})
                 continue
             body, document = outcome
@@ -559,35 +599,39 @@ def _manifest(target: _LocalTarget | _S3Target, out: str) -> dict[str, Any]:
 
 
 def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = None) -> int:
-    """Rewrite every file of the export at `out` that holds `user_id`'s conversations; return how many changed."""
+    """Rewrite every file of the export at `out` that holds `user_id`'s conversations; return how many changed.
+
+    Each file's manifest entry is written before the file itself: a run that
+    stops in between leaves the user's rows in a file whose entry already
+    describes it without them, and the next run rewrites that file again. A
+    file left with no conversations stays, empty, so no part is renamed and
+    a later run of an unfinished export names its next part as before.
+    """
     target = make_target(out, endpoint_url)
     manifest = _manifest(target, out)
     changed = 0
-    for entry in list(manifest["files"]):
+    for entry in manifest["files"]:
         local = target.scratch() / f"erase-{uuid.uuid4().hex}"
         target.fetch(entry["path"], local)
-        kept = _without_user(local, entry["path"], user_id)
+        try:
+            kept = _without_user(local, entry["path"], user_id)
+        except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            raise ExportError(f"{out.rstrip('/')}/{entry['path']} is not a part this export wrote ({exc.__class__.__name__}: {exc})") from None
         if kept is None:
             local.unlink()
             continue
         changed += 1
-        conversations, messages = kept
-        if conversations == 0:
-            target.remove(entry["path"])
-            manifest["files"].remove(entry)
-            local.unlink()
-            continue
+        entry["conversations"], entry["messages"] = kept
         entry["bytes"], entry["sha256"] = _size_and_sha(local)
-        entry["conversations"], entry["messages"] = conversations, messages
+        files = manifest["files"]
+        manifest["totals"] = {
+            "files": len(files),
+            "conversations": sum(f["conversations"] for f in files),
+            "messages": sum(f["messages"] for f in files),
+            "bytes": sum(f["bytes"] for f in files),
+        }
+        target.write_manifest(manifest)
         target.publish(local, entry["path"])
-    files = manifest["files"]
-    manifest["totals"] = {
-        "files": len(files),
-        "conversations": sum(f["conversations"] for f in files),
-        "messages": sum(f["messages"] for f in files),
-        "bytes": sum(f["bytes"] for f in files),
-    }
-    target.write_manifest(manifest)
     target.close()
     return changed
 
@@ -613,16 +657,46 @@ def _without_user(local: Path, name: str, user_id: str) -> tuple[int, int] | Non
 # ---------------------------------------------------------------- command
 
 
+def destination(_context: click.Context | None, _parameter: click.Parameter | None, value: str) -> str:
+    """A folder or s3://bucket/prefix given on the command line: not blank, and text (not stray bytes)."""
+    if not value.strip():
+        raise click.BadParameter("must name a folder or s3://bucket/prefix")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{value!r} is not UTF-8 text") from None
+    return value
+
+
+def user_id_parameter(_context: click.Context, _parameter: click.Parameter, value: str | None) -> str | None:
+    """A user_id given on the command line, as `/new_chat` takes it."""
+    if value is not None and not is_user_id(value):
+        raise click.BadParameter(f"{value!r} is not a user_id: they are {USER_ID_RULE}")
+    return value
+
+
+def _last_day(_context: click.Context, _parameter: click.Parameter, value: datetime) -> datetime:
+    if value.date() == date.max:  # the export reads up to the day after
+        raise click.BadParameter(f"must be before {date.max}")
+    return value
+
+
+def _part_mb(_context: click.Context, _parameter: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter("must be a number of MiB")
+    return value
+
+
 @click.command("export")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]), required=True, help="First end date (UTC), inclusive.")
-@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), required=True, help="Last end date (UTC), inclusive.")
-@click.option("--user-id", default=None, help="Only this user's conversations.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), required=True, callback=_last_day, help="Last end date (UTC), inclusive.")
+@click.option("--user-id", default=None, callback=user_id_parameter, help="Only this user's conversations.")
 @click.option("--status", type=click.Choice([Status.ENDED]), default=Status.ENDED, show_default=True, help="Only archived conversations are exported.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
-@click.option("--out", required=True, help="A folder, or s3://bucket/prefix.")
+@click.option("--out", required=True, callback=destination, help="A folder, or s3://bucket/prefix.")
 @click.option("--from-listing", is_flag=True, help="Work from the archive's listing alone, without the database.")
 @click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel archive reads.")
-@click.option("--part-mb", type=click.FloatRange(min=0, min_open=True), default=PART_MB, show_default=True, help="Size of a part file, in MiB of archive documents.")
+@click.option("--part-mb", type=click.FloatRange(min=0, min_open=True), default=PART_MB, show_default=True, callback=_part_mb, help="Size of a part file, in MiB of archive documents.")
 @with_appcontext
 def export_command(
     since: datetime, until: datetime, user_id: str | None, status: str, fmt: str, out: str, from_listing: bool, workers: int, part_mb: float

@@ -79,6 +79,10 @@ class ObjectMissing(ArchiveError):
     """The archive answered, and the object is not there."""
 
 
+class ArchiveUnavailable(ArchiveError):
+    """The archive did not answer a read (unreachable, refusing, timing out): trying later may work."""
+
+
 class ChecksumMismatch(ArchiveError):
     """The object's bytes do not match the checksum recorded for them."""
 
@@ -196,7 +200,7 @@ class S3Archive:
             response = self.client.get_object(Bucket=self.bucket, Key=full_key)
             body = response["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            kind = ObjectMissing if _describe(exc) in ("NoSuchKey", "404") else ArchiveError
+            kind = ObjectMissing if _describe(exc) in ("NoSuchKey", "404") else ArchiveUnavailable
             raise kind(f"could not read s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc
         stated = response.get("Metadata", {}).get(CHECKSUM_METADATA)
         actual = sha256_hex(body) if stated is not None or sha256 is not None else None  # hashed once for both
@@ -270,7 +274,7 @@ class FileArchive:
         except FileNotFoundError as exc:
             raise ObjectMissing(f"could not read {path}: {exc.strerror}") from exc
         except OSError as exc:
-            raise ArchiveError(f"could not read {path}: {exc.strerror}") from exc
+            raise ArchiveUnavailable(f"could not read {path}: {exc.strerror}") from exc
         if sha256 is not None:
             _check_recorded(key, sha256_hex(body), sha256)
         return body

@@ -23,6 +23,8 @@ from pydantic import (
     PlainSerializer,
     StrictBool,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     model_validator,
 )
 from werkzeug import datastructures
@@ -98,6 +100,16 @@ Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(),
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 MessageText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable_text), AfterValidator(_not_blank)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.@:+\-]+$")]
+USER_ID_RULE = "1 to 128 letters, digits and . _ @ : + -"
+
+
+def is_user_id(value: str) -> bool:
+    """Whether `value` is a user_id as `/new_chat` takes it (for the commands that name one)."""
+    try:
+        TypeAdapter(UserId).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 # Clients may show a citation's source as a link: only web addresses, never `javascript:` or `data:`.
 SourceUrl = Annotated[Text, StringConstraints(min_length=1, max_length=2048, pattern=r"^(?i:https?)://[^\s]+$")]
 STAGE_PATTERN = r"^[a-z0-9_.-]{1,64}$"

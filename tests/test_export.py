@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from sqlalchemy import select, update
 
 from archiving import archive_idle
 from database_utils import AuditEvent, Conversation, Message, get_session
+from main import create_app
 from s3_utils import read_document
 from tests.factories import seed_conversation
 
@@ -252,43 +254,175 @@ def test_delete_user_rewrites_named_exports(app, runner, archived, tmp_path):
             assert hashlib.sha256((tmp_path / fmt / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
+def _delete_user_events(app) -> list:
+    with app.app_context():
+        return get_session().scalars(select(AuditEvent).where(AuditEvent.action == "delete_user").order_by(AuditEvent.event_id)).all()
+
+
 @pytest.mark.parametrize("backend", ["embedded"])
-def test_delete_user_checks_every_export_before_it_erases_anything(app, runner, archived, tmp_path):
+@pytest.mark.parametrize(
+    ("manifest", "reason"),
+    [
+        (None, "has no _manifest.json: not an export"),
+        (b'{"arguments": null}', "is not an export's manifest (5 fields are wrong, the first: ('arguments',))"),
+        (b"[1, 2]", "is not an export's manifest (1 fields are wrong, the first: ())"),
+        (b"{not json", "is not an export's manifest (Expecting property name"),
+        (b"\xff\xfe\x00", "is not an export's manifest ("),
+    ],
+)
+def test_delete_user_checks_every_export_before_it_erases_anything(app, runner, archived, tmp_path, manifest, reason):
     assert _export(runner, tmp_path / "parquet", "--format", "parquet").exit_code == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    if manifest is not None:
+        (other / "_manifest.json").write_bytes(manifest)
     before = _database_rows(app, "user-1")
 
-    result = runner.invoke(
-        args=["delete-user", "user-1", "--export-prefix", str(tmp_path / "parquet"), "--export-prefix", str(tmp_path / "typo")]
-    )
+    result = runner.invoke(args=["delete-user", "user-1", "--export-prefix", str(tmp_path / "parquet"), "--export-prefix", str(other)])
 
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert result.output.strip() == f"Error: delete-user user-1 stopped: {tmp_path / 'typo'} has no _manifest.json: not an export; run it again to finish"
+    said = result.output.strip()
+    assert said.startswith(f"Error: delete-user user-1: --export-prefix {other}: {other}") and reason in said, said
+    assert said.endswith("; nothing was erased")
     assert len(before) > 0 and _database_rows(app, "user-1") == before
-    with app.app_context():
-        assert get_session().scalars(select(AuditEvent).where(AuditEvent.action == "delete_user")).all() == []
+    assert _delete_user_events(app) == []
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
-def test_delete_user_stopped_after_erasing_rows_is_audited_with_what_it_did(app, runner, archived, tmp_path):
-    """The rows are gone when an export fails: the run that finishes would count none of them."""
+@pytest.mark.parametrize("part", ["missing", "garbage"])
+def test_delete_user_stopped_after_erasing_rows_is_audited_and_finishes_when_run_again(app, runner, archived, tmp_path, part):
+    """The rows are gone when an export fails: the stopped run's audit row counts them, and the export's
+    manifest describes every file that was rewritten before the stop."""
     out = tmp_path / "jsonl"
-    assert _export(runner, out, "--format", "jsonl").exit_code == 0
-    (out / _manifest(out)["files"][0]["path"]).unlink()  # a part the manifest lists is missing
+    assert _export(runner, out, "--format", "jsonl", "--part-mb", "0.0001").exit_code == 0
+    broken = out / _manifest(out)["files"][-1]["path"]
+    kept_aside = broken.read_bytes()
+    if part == "missing":
+        broken.unlink()
+    else:
+        broken.write_bytes(b"garbage\n")
+    expected = [row for row in _database_rows(app) if row[1] != "user-1"]
 
     stopped = runner.invoke(args=["delete-user", "user-1", "--export-prefix", str(out)])
 
     assert stopped.exit_code == 1 and isinstance(stopped.exception, SystemExit), stopped.output
     said = stopped.output.strip()
-    assert said.startswith(f"Error: delete-user user-1 stopped: could not use {out}: ") and "No such file" in said
+    assert said.startswith("Error: delete-user user-1 stopped: ") and said.endswith("; run it again to finish"), said
+    assert ("could not use" in said and "No such file" in said) if part == "missing" else "is not a part this export wrote" in said
     assert _database_rows(app, "user-1") == []
-    finished = runner.invoke(args=["delete-user", "user-1"])
-    assert finished.exit_code == 0 and "removed 0 conversations" in finished.output
-    with app.app_context():
-        events = get_session().scalars(select(AuditEvent).where(AuditEvent.action == "delete_user").order_by(AuditEvent.event_id)).all()
+    for entry in _manifest(out)["files"][:-1]:  # each rewritten file matches its entry, as each untouched one does
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    broken.write_bytes(kept_aside)
+
+    finished = runner.invoke(args=["delete-user", "user-1", "--export-prefix", str(out)])
+
+    assert finished.exit_code == 0 and "removed 0 conversations, 0 archive objects" in finished.output, finished.output
+    events = _delete_user_events(app)
     assert [event.detail["conversations"] for event in events] == [3, 0]
-    assert events[0].detail["archive_objects"] == 3 and events[0].detail["export_files"] == 0
+    assert events[0].detail["archive_objects"] == 3
     assert events[0].detail["stopped"] == said.removeprefix("Error: delete-user user-1 stopped: ").removesuffix("; run it again to finish")
     assert "stopped" not in events[1].detail
+    manifest = _manifest(out)
+    users = set()
+    for entry in manifest["files"]:
+        lines = (out / entry["path"]).read_text().splitlines()
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert entry["conversations"] == len(lines)
+        users |= {json.loads(line)["conversation"]["user_id"] for line in lines}
+    assert users == {"user-0", "user-2"}
+    assert manifest["totals"]["conversations"] == 6 and manifest["totals"]["messages"] == len(expected)
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_unfinished_export_rewritten_by_delete_user_continues_without_overwriting_a_part(app, runner, archived, tmp_path):
+    """A part left empty by the erasure stays: the next part of the resumed export gets a new name."""
+    out = tmp_path / "jsonl"
+    assert _export(runner, out, "--format", "jsonl", "--part-mb", "0.0001").exit_code == 0
+    manifest = _manifest(out)
+    # As if the run had stopped after its first two parts: the rest are unwritten.
+    for entry in manifest["files"][2:]:
+        (out / entry["path"]).unlink()
+    manifest["files"] = manifest["files"][:2]
+    manifest["status"], manifest["cursor"] = "running", {"day": manifest["files"][1]["path"][3:13], "after": _last_id(out, manifest["files"][1])}
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    first_user = json.loads((out / manifest["files"][0]["path"]).read_text())["conversation"]["user_id"]
+    assert runner.invoke(args=["delete-user", first_user, "--export-prefix", str(out)]).exit_code == 0
+
+    resumed = _export(runner, out, "--format", "jsonl", "--part-mb", "0.0001")
+
+    assert resumed.exit_code == 0, resumed.output
+    files = _manifest(out)["files"]
+    assert len({entry["path"] for entry in files}) == len(files)
+    exported = [json.loads(line)["conversation"]["conversation_id"] for entry in files for line in (out / entry["path"]).read_text().splitlines()]
+    assert sorted(exported) == sorted({row[0] for row in _database_rows(app)})
+    for entry in files:
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def _last_id(out: Path, entry: dict) -> str:
+    return json.loads((out / entry["path"]).read_text().splitlines()[-1])["conversation"]["conversation_id"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["delete-user", ""], "'' is not a user_id: they are 1 to 128 letters"),
+        (["delete-user", "u*"], "'u*' is not a user_id"),
+        (["delete-user", "user-1", "--export-prefix", " "], "must name a folder or s3://bucket/prefix"),
+        (["export", *RANGE, "--format", "jsonl", "--out", ""], "must name a folder or s3://bucket/prefix"),
+        (["export", *RANGE, "--format", "jsonl", "--out", "x", "--user-id", "%"], "'%' is not a user_id"),
+        (["export", "--since", "2026-11-01", "--until", "9999-12-31", "--format", "jsonl", "--out", "x"], "must be before 9999-12-31"),
+        (["export", *RANGE, "--format", "jsonl", "--out", "x", "--part-mb", "nan"], "must be a number of MiB"),
+        (["export", *RANGE, "--format", "jsonl", "--out", "x", "--part-mb", "inf"], "must be a number of MiB"),
+    ],
+)
+def test_commands_refuse_arguments_that_name_nothing(app, runner, archived, arguments, message, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # where `--out x` (or a blank --out) would write
+    before = _database_rows(app)
+
+    result = runner.invoke(args=arguments)
+
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert _database_rows(app) == before and _delete_user_events(app) == [] and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_export_is_continued_from_the_same_folder_named_another_way(runner, archived, tmp_path, monkeypatch):
+    assert _export(runner, tmp_path / "out", "--format", "jsonl").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+
+    for named in ("out", f"{tmp_path / 'out'}/"):
+        again = _export(runner, named, "--format", "jsonl")
+
+        assert again.exit_code == 0 and again.output.startswith("export: 9 conversations"), again.output
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_export_stopped_by_an_archive_outage_is_not_sealed_and_the_next_run_finishes_it(app, app_config, runner, archived, tmp_path):
+    """The archive not answering is no object's fault: the export stops unfinished, instead of listing
+    every object as unreadable and calling itself complete."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unused = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    away = create_app({**app_config, "S3_ENDPOINT_URL": unused})
+    out = tmp_path / "out"
+
+    stopped = away.test_cli_runner().invoke(args=["export", *RANGE, "--format", "jsonl", "--out", str(out)])
+
+    assert stopped.exit_code == 1 and isinstance(stopped.exception, SystemExit), stopped.output
+    said = stopped.output.strip().splitlines()[-1]
+    assert said.startswith("Error: stopped: could not read s3://") and said.endswith("; run the same command again to continue")
+    manifest = _manifest(out)
+    assert manifest["status"] == "running" and manifest["errors"] == [] and manifest["files"] == []
+    away.extensions["parley.engine"].dispose()
+
+    finished = _export(runner, out, "--format", "jsonl")
+
+    assert finished.exit_code == 0 and finished.output.strip().splitlines()[-1].startswith("export: 9 conversations"), finished.output
+    assert _manifest(out)["status"] == "complete"
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
