@@ -276,6 +276,8 @@ def upload_file(
         conversation = lock_conversation(session, conversation_id)
         if conversation is None or conversation.status != Status.ACTIVE:
             raise Conflict(f"conversation {conversation_id} ended while the file was being stored")
+        if viewer.role == Role.STAFF and conversation.assigned_key_id != viewer.key_id:
+            raise NotAssigned(f"conversation {conversation_id} was released while the file was being stored; claim it first")
         row = ConversationFile(
             file_id=file_id, conversation_id=conversation_id, name=name, content_type=content_type, size=len(data),
             sha256=checksum, location=key, token_estimate=token_estimate(content_type, name, data),
@@ -285,7 +287,7 @@ def upload_file(
         session.flush()
     except (ApiError, SQLAlchemyError):
         session.rollback()
-        _forget_object(archive, key)
+        forget_object(archive, key)
         raise
     return row
 
@@ -439,7 +441,8 @@ def _bytes_of(archive: Archive, row: ConversationFile) -> bytes:
     return data
 
 
-def _forget_object(archive: Archive, key: str) -> None:
+def forget_object(archive: Archive, key: str) -> None:
+    """Delete an uploaded file's object whose row could not be stored."""
     try:
         archive.delete(key)
     except ArchiveError:

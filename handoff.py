@@ -69,7 +69,8 @@ def automatic_trigger(settings: Mapping[str, Any], prepared: PreparedTurn, text:
         if phrase in said:
             return Trigger("phrase", f"the user wrote {phrase!r}")
     limit = settings["HANDOFF_AFTER_MESSAGES"]
-    if limit is not None and prepared.user_messages >= limit:
+    # The N+1st message only: once staff give the conversation back, the model answers the rest.
+    if limit is not None and prepared.user_messages == limit:
         return Trigger("message_limit", f"more than HANDOFF_AFTER_MESSAGES={limit} user messages")
     return None
 

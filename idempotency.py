@@ -70,8 +70,10 @@ RENEW_AFTER_SECONDS = 1.0  # a turn's lease taken this long after its key's clai
 # the conversation. Nor are failures of the database itself kept: their answer could not be stored.
 REFUSED_INPUT_STATUSES = frozenset({400, 413, 415, 422})
 UNKEPT_ERRORS = frozenset({TurnInProgress.error, DATABASE_UNAVAILABLE, DATABASE_NOT_MIGRATED, MISCONFIGURED})
-# Answers never replayed: refused input, and refusals that come before a key is claimed (no key, a
-# key without the role, the rate limit).
+# Answers never replayed: refused input, and refusals of the caller (no key, a key without the
+# role, the rate limit), which mostly come before a key is claimed; one that comes after (a
+# staff key revoked through another process, found when it claims a conversation) is not kept
+# either: the request never began, and the same Idempotency-Key sent with a key that works runs.
 NEVER_REPLAYED_STATUSES = REFUSED_INPUT_STATUSES | {401, 403, 429}
 
 
@@ -257,7 +259,7 @@ def save_response(session: Session, held: Claim, status: int, body: dict[str, An
 
 def keeps(status: int, body: Any) -> bool:
     """Whether an error answer is kept for the key's retries, as a success is (`save_response`)."""
-    if status < 400 or not isinstance(body, dict) or status in REFUSED_INPUT_STATUSES:
+    if status < 400 or not isinstance(body, dict) or status in NEVER_REPLAYED_STATUSES:
         return False
     return body.get("error") not in UNKEPT_ERRORS
 

@@ -685,8 +685,13 @@ def upload_file(path: ConversationPath, form: FileUpload):
     parts = len(request.files.getlist("file"))
     if parts > 1:  # flask-openapi3 would take the first and drop the rest without a word
         raise errors.ApiError(f"send one file per request; this one has {parts} parts named file")
-    row = files.upload_file(get_session(), _archive(), current_app.config, _caller(), path.conversation_id, form.file)
-    return _respond(FileOut.of(row), 201)
+    archive = _archive()
+    row = files.upload_file(get_session(), archive, current_app.config, _caller(), path.conversation_id, form.file)
+    try:
+        return _respond(FileOut.of(row), 201)
+    except SQLAlchemyError:
+        files.forget_object(archive, row.location)  # the row was not stored: nor is its object
+        raise
 
 
 @api.get("/conversations/<conversation_id>/files", tags=[files_tag], responses={200: FileList})

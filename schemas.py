@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -59,6 +60,16 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# A NUL in a string, as json.dumps writes it: the escape \u0000 after an even run of backslashes
+# (a string holding a backslash and then "u0000" is written with its backslash doubled).
+_ENCODED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def holds_nul(encoded: str) -> bool:
+    """Whether JSON text from json.dumps has a NUL in a string (PostgreSQL refuses them in JSON and text)."""
+    return "\x00" in encoded or _ENCODED_NUL.search(encoded) is not None
+
+
 def too_deep(value: Any) -> bool:
     """Whether a JSON value nests more than MAX_JSON_DEPTH arrays and objects."""
     stack = [(value, 1)]
@@ -79,8 +90,7 @@ def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         raise ValueError("metadata must not contain NaN, Infinity or a number beyond a double (1e400)") from None
     _storable_text(encoded)
-    # json.dumps writes NUL as the escape \u0000, which PostgreSQL also refuses.
-    if "\\u0000" in encoded:
+    if holds_nul(encoded):
         raise ValueError("metadata must not contain NUL characters")
     if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")

@@ -16,7 +16,7 @@ from auth import Caller
 from conversations import visible_conversation
 from database_utils import Conversation, add_audit
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
-from schemas import MAX_JSON_DEPTH, VARIABLE_NAME_PATTERN, too_deep
+from schemas import MAX_JSON_DEPTH, VARIABLE_NAME_PATTERN, holds_nul, too_deep
 from states import Role, Status
 
 _NAME = re.compile(VARIABLE_NAME_PATTERN)
@@ -78,7 +78,7 @@ def _check(settings: Mapping[str, Any], name: str, value: Any) -> None:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise ApiError(f"variable {name}: NaN, Infinity and numbers beyond a double (1e400) cannot be stored") from None
-    if "\x00" in encoded or "\\u0000" in encoded:
+    if holds_nul(encoded):
         raise ApiError(f"variable {name} must not contain NUL characters")
     try:
         size = len(encoded.encode("utf-8"))

@@ -6,16 +6,19 @@ import hashlib
 import io
 import json
 import struct
+import threading
 import uuid
 import zlib
 from datetime import timedelta
 
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 import files
+from auth import create_key
 from database_utils import AuditEvent, Conversation, ConversationFile, Message, get_session, utcnow
+from states import Role
 from tests.conftest import client_with_key
 from tests.test_streaming import parse_events
 
@@ -210,6 +213,66 @@ def test_files_of_someone_elses_conversation_are_404(app, client, keys):
     assert [r.status_code for r in (upload, listing, download, wrong_pair)] == [404, 404, 404, 404]
     assert upload.json["error"] == "not_found"
     assert _stored(app)[0] == 1 and len(_stored(app)[1]) == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_upload_released_and_claimed_by_another_staff_key_while_its_object_is_written_is_refused(app, client, keys):
+    """The assignment is checked again under the row lock, after the object is written."""
+    staff = client_with_key(app, keys["staff"])
+    with app.app_context():
+        other_staff = client_with_key(app, create_key(get_session(), Role.STAFF, "staff-2")[1])
+    conversation_id = _open(client)
+    client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "needs a person"})
+    assert staff.post(f"/conversations/{conversation_id}/claim").status_code == 200
+    moved = []
+
+    def hand_over(**_kwargs):  # while the object is being written; on a thread of its own, as another worker
+        def requests():
+            moved.append(staff.post(f"/conversations/{conversation_id}/release", json={}).status_code)
+            moved.append(client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "again"}).status_code)
+            moved.append(other_staff.post(f"/conversations/{conversation_id}/claim").status_code)
+
+        if not moved:
+            worker = threading.Thread(target=requests)
+            worker.start()
+            worker.join(30)
+
+    events = app.extensions["parley.archive"].client.meta.events
+    events.register("before-call.s3.PutObject", hand_over)
+    try:
+        upload = _upload(staff, conversation_id, b"from staff", "note.txt")
+    finally:
+        events.unregister("before-call.s3.PutObject", hand_over)
+
+    assert moved == [200, 200, 200]
+    assert upload.status_code == 409 and upload.json["error"] == "handoff_conflict", upload.json
+    assert _stored(app) == (0, [])
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_upload_whose_row_fails_at_commit_leaves_no_object(app, client):
+    """A check that fails only at COMMIT stands for a connection lost then: the object is deleted again."""
+    conversation_id = _open(client)
+    engine = app.extensions["parley.engine"]
+    with engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION parley_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = '08006'; END $$"
+        ))
+        connection.execute(text(
+            "CREATE CONSTRAINT TRIGGER parley_test_refuse AFTER INSERT ON conversation_files "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION parley_test_refuse()"
+        ))
+    try:
+        upload = _upload(client, conversation_id, b"hello", "a.txt")
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER parley_test_refuse ON conversation_files"))
+            connection.execute(text("DROP FUNCTION parley_test_refuse()"))
+
+    assert upload.status_code == 503 and upload.json["error"] == "database_unavailable", upload.json
+    assert _stored(app) == (0, [])
+    assert _upload(client, conversation_id, b"hello", "a.txt").status_code == 201
 
 
 def test_assigned_staff_may_upload_others_may_not_and_staff_reads_are_audited(app, client, keys):

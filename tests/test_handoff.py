@@ -301,6 +301,23 @@ def test_past_handoff_after_messages_the_conversation_is_handed_off(provider_app
     assert history[0]["actor"] == "message_limit" and "HANDOFF_AFTER_MESSAGES=2" in history[0]["reason"]
 
 
+def test_after_staff_release_a_conversation_past_handoff_after_messages_is_answered_again(provider_app, fake_model, keys):
+    client = provider_app("anthropic", HANDOFF_AFTER_MESSAGES=1)
+    staff = client_with_key(client.application, keys["staff"])
+    conversation_id = _open(client)
+    assert [_chat(client, conversation_id, f"message {n}").status_code for n in range(2)] == [200, 202]
+    assert _claim(staff, conversation_id).status_code == 200
+    assert _write(staff, conversation_id, "Sorted, handing you back.").status_code == 201
+    assert _release(staff, conversation_id).status_code == 200
+
+    again = _chat(client, conversation_id, "thanks, one more question")
+
+    assert again.status_code == 200 and again.json["reply"] == "reply to: thanks, one more question"
+    conversation = _read(client, conversation_id)
+    assert conversation["handoff"] == "bot"
+    assert [entry["actor"] for entry in conversation["handoff_history"]] == ["message_limit", "staff", "staff"]
+
+
 @pytest.mark.parametrize("provider", ["anthropic", "bedrock", "openai"])
 def test_the_model_hands_off_with_the_request_human_tool(provider_app, fake_model, provider):
     client = provider_app(provider)

@@ -16,6 +16,7 @@ from config import load_config
 from database_utils import Conversation, IdempotencyRecord, get_session, utcnow
 from errors import IdempotencyClaimLost
 from idempotency import Claim, body_defaults, claim, fingerprint
+from main import create_app
 from schemas import NewChatRequest
 from tests.conftest import client_with_key
 
@@ -349,10 +350,35 @@ def test_a_request_whose_route_never_began_is_not_kept_so_its_retry_runs(provide
         (409, {"error": "turn_in_progress"}, False),
         (503, {"error": "database_unavailable"}, False),
         (500, None, False),
+        (401, {"error": "unauthorized"}, False),
+        (403, {"error": "forbidden"}, False),
+        (429, {"error": "rate_limited"}, False),
     ],
 )
 def test_which_failures_are_kept(status, body, kept):
     assert idempotency.keeps(status, body) is kept
+
+
+def test_a_claim_refused_to_a_key_revoked_elsewhere_is_not_replayed_to_the_key_rotated_from_it(app_config, keys):
+    """This process still caches the staff key that another one revoked: the claim finds it revoked (401)
+    after its Idempotency-Key was claimed. The key rotated from it sends the same Idempotency-Key: it runs."""
+    app = create_app({**app_config, "AUTH_CACHE_SECONDS": 300})
+    client, staff = client_with_key(app, keys["client_a"]), client_with_key(app, keys["staff"])
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"}).status_code == 200
+    assert staff.get("/conversations").status_code == 200  # the staff key is cached now
+    engine = app.extensions["parley.engine"]
+    with engine.begin() as connection:  # as `parley keys revoke` would, in another process
+        key_id = connection.execute(text("UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = 'staff' RETURNING key_id")).scalar_one()
+    refused = staff.post(f"/conversations/{conversation_id}/claim", headers={"Idempotency-Key": "claim-1"})
+    with app.app_context():
+        secret = rotate_key(get_session(), uuid.UUID(str(key_id)))[1]
+
+    retried = client_with_key(app, secret).post(f"/conversations/{conversation_id}/claim", headers={"Idempotency-Key": "claim-1"})
+
+    assert refused.status_code == 401
+    assert retried.status_code == 200 and "Idempotent-Replayed" not in retried.headers and retried.json["handoff"] == "human"
+    engine.dispose()
 
 
 def test_keys_are_scoped_to_the_api_key(app, keys):

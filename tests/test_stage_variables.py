@@ -136,6 +136,32 @@ def test_patch_sets_several_in_one_transaction(client):
     assert client.get(f"/conversations/{conversation_id}/variables").json["variables"] == {"keep": 1, "a": 1, "b": "two"}
 
 
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("C:\\u0000dir", True),  # a backslash and the letters u0000: no NUL in it
+        ("\\\\u0000", True),
+        ({"path": ["C:\\u0000"]}, True),
+        ("a\x00b", False),
+        ("\\\x00", False),  # a backslash, then a NUL
+        ({"k\x00": 1}, False),
+    ],
+)
+def test_a_variable_is_refused_for_a_nul_and_not_for_text_that_spells_one(client, value, kept):
+    conversation_id = _open(client)
+
+    response = _put(client, conversation_id, "path", value)
+    metadata = client.post("/new_chat", json={"user_id": "u", "metadata": {"path": value}})
+
+    if kept:
+        assert response.status_code == 200, response.json
+        assert client.get(f"/conversations/{conversation_id}/variables").json["variables"] == {"path": value}
+        assert metadata.status_code == 201, metadata.json
+    else:
+        assert response.status_code == 400 and "must not contain NUL characters" in response.json["message"]
+        assert metadata.status_code == 400 and "metadata must not contain NUL characters" in metadata.json["message"]
+
+
 @pytest.mark.parametrize("name", ["1abc", "has-dash", "a" * 65, "é"])
 def test_variable_names_follow_the_pattern(client, name):
     assert _put(client, _open(client), name, 1).status_code in (400, 404)
