@@ -125,6 +125,9 @@ def release(session: Session, viewer: Caller, conversation_id: uuid.UUID, note: 
     """human -> bot, by the assigned staff key: the model answers again."""
     conversation = _moving(session, viewer, conversation_id, Handoff.HUMAN, "release it")
     _require_assignee(session, conversation, viewer)
+    # A user's message being stored for staff (or a turn begun before the handoff) comes first:
+    # released under it, a held message would be left with no reply and no one to give one.
+    _require_no_turn(session, conversation, "release it again once it is stored")
     add_transition(conversation, "handoff", Handoff.BOT, viewer, viewer.role, note)
     conversation.assigned_key_id = None
     _audit(session, viewer, "release", conversation_id, note)
@@ -139,17 +142,20 @@ def post_staff_message(
         raise PayloadTooLarge(f"message is longer than {settings['MAX_MESSAGE_CHARS']} characters")
     conversation = _moving(session, viewer, conversation_id, Handoff.HUMAN, "write to the user")
     _require_assignee(session, conversation, viewer)
-    now = utcnow()
-    if conversation.turn_lease_id is not None and conversation.turn_lease_expires_at > now:
-        # A turn holds the conversation (one the model is answering, begun before the handoff, or
-        # a user message being stored): it comes first, and the staff member writes after it.
-        session.rollback()
-        raise TurnInProgress(f"conversation {conversation_id} has a turn in progress; "
-                             "send the message again once it is stored")
-    message = MemoryMessage(STAFF, text, estimate_tokens(text), created_at=now)
+    # A turn holds the conversation (one the model is answering, begun before the handoff, or
+    # a user message being stored): it comes first, and the staff member writes after it.
+    _require_no_turn(session, conversation, "send the message again once it is stored")
+    message = MemoryMessage(STAFF, text, estimate_tokens(text), created_at=utcnow())
     append_messages(session, conversation_id, [message])
     _audit(session, viewer, "staff_message", conversation_id, detail={"seq": message.seq})
     return message
+
+
+def _require_no_turn(session: Session, conversation: Conversation, then: str) -> None:
+    """409 `turn_in_progress` while a turn holds the conversation's lease."""
+    if conversation.turn_lease_id is not None and conversation.turn_lease_expires_at > utcnow():
+        session.rollback()
+        raise TurnInProgress(f"conversation {conversation.conversation_id} has a turn in progress; {then}")
 
 
 def _moving(session: Session, viewer: Caller, conversation_id: uuid.UUID, source: Handoff, action: str) -> Conversation:

@@ -7,13 +7,14 @@ import json
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, text
 
 from auth import create_key
 from conversation_memory import STAFF_PREFIX
-from database_utils import Conversation, add_transition, find_conversations, get_session
+from database_utils import Conversation, add_transition, find_conversations, get_session, utcnow
 from states import HANDOFF_TRANSITIONS, Handoff
 from tests.conftest import client_with_key
 from tests.factories import seed_conversations
@@ -130,6 +131,23 @@ def test_a_staff_message_waits_for_a_turn_begun_before_the_handoff(anthropic_cli
     assert [(m["seq"], m["role"], m["content"]) for m in log] == [
         (1, "user", "during"), (2, "assistant", "reply to: during"), (3, "staff", "Sam here, from support."),
     ]
+
+
+def test_a_release_waits_for_a_users_message_being_stored_for_staff(app, client, staff_client):
+    """A release under a held turn would leave that message with no reply and no one to give one."""
+    conversation_id = _open(client)
+    _handoff(client, conversation_id)
+    _claim(staff_client, conversation_id)
+    with app.app_context():  # a user's /chat holds the lease while its message is stored
+        session = get_session()
+        row = session.get(Conversation, uuid.UUID(conversation_id))
+        row.turn_lease_id, row.turn_lease_expires_at = uuid.uuid4(), utcnow() + timedelta(seconds=30)
+        session.commit()
+
+    during = _release(staff_client, conversation_id)
+
+    assert during.status_code == 409 and during.json["error"] == "turn_in_progress" and during.headers["Retry-After"] == "1"
+    assert _read(client, conversation_id)["handoff"] == "human"
 
 
 def test_staff_messages_reach_the_model_as_marked_assistant_turns(anthropic_client, keys, fake_model):
