@@ -114,6 +114,14 @@ def _new_key(role: str, name: str, expires_at: datetime | None, lineage_id: uuid
     return key, secret
 
 
+def key_of(session: Session, key_id: uuid.UUID) -> ApiKey:
+    """A key's row (the caller's own: it was found when the request was authenticated)."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no key {key_id}")
+    return key
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 

@@ -45,7 +45,7 @@ import readiness
 import staff_console
 import streaming
 import variables
-from auth import Caller, authenticate, create_key, list_keys, revoke_key
+from auth import Caller, authenticate, create_key, key_of, list_keys, revoke_key
 from config import load_config
 from context_cache import TailCache
 from conversations import (
@@ -141,7 +141,7 @@ _MODEL_ERRORS = {code: ErrorResponse for code in (409, 422, 502, 503, 504)}
 chats = Tag(name="conversations", description="Open, talk in, end and read conversations")
 staff = Tag(name="staff", description="Look up any conversation (staff keys; audited)")
 handoffs = Tag(name="handoff", description="Hand a conversation to a human and back; dialog stage; session variables")
-admin = Tag(name="keys", description="Manage API keys (admin keys)")
+admin = Tag(name="keys", description="Manage API keys (admin keys); any key reads its own (/keys/me)")
 files_tag = Tag(name="files", description="Files in a conversation: upload, list, download; /chat sends them to the model")
 knowledge_base = Tag(name="knowledge", description="Load, list and remove knowledge base documents (admin or staff keys)")
 ops = Tag(name="operations", description="Liveness and readiness probes (no key needed)")
@@ -776,6 +776,13 @@ def keys_list():
     """Every key, without secrets."""
     now = utcnow()
     return KeyList(keys=[KeyOut.of(key, now) for key in list_keys(get_session())]).model_dump(mode="json")
+
+
+@api.get("/keys/me", tags=[admin], responses={200: KeyOut})
+@allow(Role.CLIENT, Role.STAFF, Role.ADMIN)
+def keys_me():
+    """The key this request is made with (any role): its ID, as conversations name it in `assigned_to`, and role."""
+    return KeyOut.of(key_of(get_session(), _caller().key_id), utcnow()).model_dump(mode="json")
 
 
 @api.post("/keys/revoke", tags=[admin], responses={200: KeyOut})

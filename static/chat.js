@@ -6,6 +6,12 @@ const KEY = "parley.key";
 const CONVERSATION = "parley.conversation";
 const USER_ID = "chat-page";
 const POLL_MS = 3000; // while a person from support has the conversation
+// A restore that fails with these forgets the conversation (gone, or the key refused); any other
+// failure (rate limit, network, server) keeps it, and the page reads it again later.
+const FORGETS_CONVERSATION = new Set([401, 403, 404]);
+// After a broken stream, how often the page reads what the server kept (it stores a reply cut
+// short once it notices the reader left).
+const RECOVERY_READS = 5;
 const LABELS = { user: "You", staff: "Support" };
 const HANDOFF_NOTICES = {
   needs_human: "A person from support will answer here.",
@@ -41,11 +47,11 @@ function noteRateLimit(failure) {
   rateLimitedUntil = Math.max(rateLimitedUntil, Date.now() + seconds * 1000);
 }
 
-function showFailure(failure) {
-  if (!(failure instanceof ApiFailure)) return showError("Could not reach Parley: " + failure.message);
-  if (failure.status !== 429) return showError(explain(failure));
+function showFailure(failure, more = "") {
+  if (!(failure instanceof ApiFailure)) return showError("Could not reach Parley: " + failure.message + more);
+  if (failure.status !== 429) return showError(explain(failure) + more);
   noteRateLimit(failure);
-  showError(explain(failure), "rate_limited");
+  showError(explain(failure) + more, "rate_limited");
 }
 
 class ApiFailure extends Error {
@@ -230,14 +236,44 @@ async function readEvents(response, onEvent) {
   }
 }
 
+// The stream of a turn broke after it began: the server may have stored the message and the
+// reply (cut short: incomplete). Read what it holds after `before` (the last seq shown before the
+// turn) and show that instead of the page's copy; try again a few times, as the server notices
+// a reader that left only when it next writes.
+async function recover(conversationId, text, before, sent, item, attempt = 1) {
+  if (log.conversationId !== conversationId) return;
+  try {
+    const id = encodeURIComponent(conversationId);
+    const conversation = await call("GET", `/get_conversation?conversation_id=${id}&after_seq=${before}`);
+    if (log.conversationId !== conversationId) return;
+    if (conversation.messages.some((message) => message.role === "user" && message.content === text)) {
+      sent.remove();
+      item.remove();
+      conversation.messages.forEach(showStored);
+      noteHandoff(conversation.handoff);
+      showError("The connection was lost during the reply; Parley kept what is shown.");
+      return watch();
+    }
+  } catch (failure) {
+    if (failure instanceof ApiFailure && failure.status === 429) noteRateLimit(failure);
+  }
+  if (attempt >= RECOVERY_READS) {
+    return showError("The connection was lost during the reply. Reload the page later to see whether Parley kept it.");
+  }
+  setTimeout(() => recover(conversationId, text, before, sent, item, attempt + 1),
+    Math.max(attempt * 1000, rateLimitedUntil - Date.now()));
+}
+
 async function send(text) {
   const conversationId = sessionStorage.getItem(CONVERSATION);
+  const before = log.lastSeq;
   stopWatching(); // a read racing this message could show it twice
   const sent = addMessage("user", text);
   const item = addMessage("assistant", "");
   item.classList.add("streaming");
   const body = item.querySelector(".text");
   $("send").disabled = true;
+  let streaming = false;
   try {
     const response = await fetch("/chat", {
       method: "POST",
@@ -265,6 +301,7 @@ async function send(text) {
       throw new ApiFailure(response.status, data, response.headers.get("Retry-After"));
     }
     let finished = false;
+    streaming = true;
     await readEvents(response, (name, data) => {
       if (name === "delta") {
         body.textContent += data.text;
@@ -298,6 +335,16 @@ async function send(text) {
     if (!finished) throw new ApiFailure(0, { message: "The connection closed before the reply was complete." }, null);
     showError("");
   } catch (failure) {
+    // An error event is the server's own answer; anything else after the stream began is a broken connection.
+    if (streaming && !(failure instanceof ApiFailure && failure.status !== 0)) {
+      const marked = body.textContent ? item : sent;
+      if (marked === sent) item.remove();
+      marked.classList.add("failed");
+      addMeta(marked, "connection lost: the reply may have been kept", false);
+      showError("The connection was lost during the reply. Parley may have kept it: reading the conversation again…");
+      recover(conversationId, text, before, sent, item);
+      return;
+    }
     if (body.textContent) {
       // Part of a reply came before the failure: it stays on the page, marked.
       item.classList.add("failed");
@@ -307,6 +354,7 @@ async function send(text) {
       item.remove();
       sent.classList.add("failed");
       addMeta(sent, "not sent (not stored)", false);
+      if (!$("message").value) $("message").value = text; // not stored: kept to send again
     }
     showFailure(failure);
   } finally {
@@ -356,9 +404,14 @@ async function restore() {
     $("message").focus();
   } catch (failure) {
     resetLog(null);
-    sessionStorage.removeItem(CONVERSATION);
-    showStart();
-    showFailure(failure);
+    if (failure instanceof ApiFailure && FORGETS_CONVERSATION.has(failure.status)) {
+      sessionStorage.removeItem(CONVERSATION);
+      showStart();
+      return showFailure(failure);
+    }
+    showFailure(failure, " The conversation is kept: the page reads it again shortly.");
+    const rateLimited = failure instanceof ApiFailure && failure.status === 429;
+    log.timer = setTimeout(restore, rateLimited ? rateLimitedUntil - Date.now() : POLL_MS * 3);
   }
 }
 

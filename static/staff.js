@@ -5,8 +5,13 @@
 
 const KEY_STORAGE = "parley.staffKey";
 const REFRESH_MS = 5000;
+const CONVERSATION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
-const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", open: null, lastSeq: 0, cursor: null, timer: null };
+const state = {
+  key: sessionStorage.getItem(KEY_STORAGE) || "",
+  keyId: null, // the key's own ID (GET /keys/me), as a conversation names its assignee
+  open: null, conversation: null, lastSeq: 0, cursor: null, timer: null,
+};
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, className) {
@@ -34,6 +39,7 @@ async function api(method, path, body) {
   if (!response.ok) {
     const error = new Error((data && data.message) || response.status + " " + response.statusText);
     error.status = response.status;
+    error.code = data && data.error;
     throw error;
   }
   return data;
@@ -69,10 +75,22 @@ async function refreshQueue(quiet = false) {
   }
 }
 
+// The start of a local day ("2026-11-02") as the API takes it, plus `days`.
+function dayStart(value, days = 0) {
+  const [year, month, day] = value.split("-").map(Number);
+  return new Date(year, month - 1, day + days).toISOString();
+}
+
+// The dates are the staff member's own days, both included: created_to is exclusive in the API,
+// so it is the start of the day after.
+const DATE_FILTERS = { created_from: (value) => dayStart(value), created_to: (value) => dayStart(value, 1) };
+
 async function search(event, more = false) {
   if (event) event.preventDefault();
   const params = new URLSearchParams();
-  for (const [name, value] of new FormData($("search-form"))) if (value) params.set(name, value);
+  for (const [name, value] of new FormData($("search-form"))) {
+    if (value) params.set(name, DATE_FILTERS[name] ? DATE_FILTERS[name](value) : value);
+  }
   if (more && state.cursor) params.set("cursor", state.cursor);
   try {
     const page = await api("GET", "/conversations?" + params.toString());
@@ -108,8 +126,14 @@ function messageItem(message) {
   return item;
 }
 
+// Whether the conversation is assigned to this key.
+function assignedHere(conversation) {
+  return Boolean(conversation.assigned_to) && conversation.assigned_to === state.keyId;
+}
+
 function show(conversation) {
   state.open = conversation.conversation_id;
+  state.conversation = conversation;
   $("detail").hidden = false;
   $("detail-title").textContent = conversation.conversation_name || "Conversation " + conversation.conversation_id;
   const summary = $("summary");
@@ -131,8 +155,11 @@ function show(conversation) {
   state.lastSeq = last ? last.seq : 0;
   const active = conversation.status === "active";
   $("claim").disabled = !(active && conversation.handoff === "needs_human");
-  $("release").disabled = !(active && conversation.handoff === "human");
-  $("reply").disabled = $("reply-form").querySelector("button").disabled = !(active && conversation.handoff === "human");
+  const answering = active && conversation.handoff === "human" && assignedHere(conversation);
+  $("release").disabled = !answering;
+  $("reply").disabled = $("reply-form").querySelector("button").disabled = !answering;
+  $("stage-value").value = conversation.stage || "";
+  $("stage-value").disabled = $("stage-form").querySelector("button").disabled = !active;
   $("messages").lastElementChild?.scrollIntoView({ block: "nearest" });
 }
 
@@ -143,9 +170,19 @@ async function openConversation(conversationId, quiet = false) {
     if (!quiet) say("");
     return null;
   } catch (error) {
-    if (!quiet) say("Open: " + error.message, true);
-    return "Open: " + error.message;
+    const message = error.status === 404 ? `No conversation has the ID ${conversationId}.` : "Open: " + error.message;
+    if (!quiet) say(message, true);
+    return message;
   }
+}
+
+async function openById(event) {
+  event.preventDefault();
+  const conversationId = $("open-id").value.trim();
+  if (!CONVERSATION_ID.test(conversationId)) {
+    return say(`Not a conversation ID: ${conversationId} (one looks like 1b0e6c1e-8d1f-4c7a-9a0e-2f4b5c6d7e8f).`, true);
+  }
+  if (!(await openConversation(conversationId))) $("detail-title").focus();
 }
 
 // Returns whether the action was taken. The status line says its outcome, then any failure
@@ -166,9 +203,20 @@ async function act(label, method, suffix, body) {
   return done;
 }
 
-function start() {
+// Learn which key this is; a key that is not a staff key is named as such, and not used.
+async function start(announce = false) {
   if (state.timer) clearInterval(state.timer);
+  state.keyId = null;
   if (!state.key) return;
+  try {
+    const me = await api("GET", "/keys/me");
+    if (me.role !== "staff") return say(`This is ${me.role === "admin" ? "an" : "a"} ${me.role} key; the console needs a staff key.`, true);
+    state.keyId = me.key_id;
+  } catch (error) {
+    return say("Key: " + error.message, true);
+  }
+  if (announce) say("Key set.");
+  if (state.conversation) show(state.conversation);
   refreshQueue();
   state.timer = setInterval(() => refreshQueue(), REFRESH_MS);
 }
@@ -180,17 +228,25 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     state.key = $("staff-key").value.trim();
     sessionStorage.setItem(KEY_STORAGE, state.key);
-    say("Key set.");
-    start();
+    start(true);
   });
   $("forget-key").addEventListener("click", () => {
     state.key = "";
+    state.keyId = null;
     sessionStorage.removeItem(KEY_STORAGE);
     $("staff-key").value = "";
     if (state.timer) clearInterval(state.timer);
     say("Key forgotten.");
   });
+  $("open-form").addEventListener("submit", openById);
   $("search-form").addEventListener("submit", (event) => search(event));
+  $("stage-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!state.conversation) return;
+    // Compare-and-set against the stage shown, so a change made meanwhile is not overwritten.
+    const stage = $("stage-value").value.trim() || null;
+    act(stage ? `Stage set to ${stage}.` : "Stage cleared.", "PUT", "stage", { stage, expected_stage: state.conversation.stage });
+  });
   $("more-results").addEventListener("click", () => search(null, true));
   $("claim").addEventListener("click", () => act("Claimed: you answer the user now.", "POST", "claim"));
   $("release").addEventListener("click", () => {

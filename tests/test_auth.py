@@ -194,6 +194,16 @@ def test_cli_creates_lists_and_revokes_keys(app, runner):
     assert runner.invoke(args=["keys", "revoke", str(uuid.uuid4())]).exit_code == 1
 
 
+def test_every_key_reads_its_own_id_and_role(app, keys, admin_client):
+    listed = {key["name"]: key for key in admin_client.get("/keys").json["keys"]}
+
+    for name in ("client_a", "staff", "admin"):
+        me = client_with_key(app, keys[name]).get("/keys/me")
+
+        assert me.status_code == 200 and me.json == listed[name]
+    assert app.test_client().get("/keys/me").status_code == 401
+
+
 def test_bootstrap_makes_first_keys_once(app, runner):
     first = runner.invoke(args=["keys", "bootstrap"])
     second = runner.invoke(args=["keys", "bootstrap"])

@@ -6,7 +6,9 @@ screenshot under the test's temporary folder (`chat-<provider>.png`).
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 import time
 import uuid
@@ -376,6 +378,7 @@ def test_a_rate_limited_message_during_handoff_is_marked_not_sent(serve, page, t
     expect(page.locator("#messages .assistant")).to_have_count(0)  # no empty reply
     expect(page.locator("#messages .user .meta").first).to_have_text("sent to support")
     expect(page.get_by_label("Message")).to_be_enabled()
+    expect(page.get_by_label("Message")).to_have_value("Are you still there?")  # kept to send again
     page.screenshot(path=str(tmp_path / "chat-rate-limited.png"), full_page=True)
     page.wait_for_timeout(4_000)  # more than a poll interval: the page waits for Retry-After
     assert reads == []
@@ -404,6 +407,108 @@ def test_polling_waits_out_the_rate_limit_and_then_clears_its_error(serve, page)
     assert page.console_errors == [] or all("429" in error for error in page.console_errors)
 
 
+def stored_conversation(page: Page) -> str | None:
+    return page.evaluate("sessionStorage.getItem('parley.conversation')")
+
+
+def test_a_reload_while_rate_limited_keeps_the_conversation(serve, page):
+    base_url, secret, _ = serve("echo", RATELIMIT_ENABLED=True, RATE_LIMIT="8 per 10 seconds", RATELIMIT_KEY_PREFIX=uuid.uuid4().hex)
+    start_conversation(page, base_url, secret)
+    page.get_by_label("Message").fill("remember me")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant .meta")).to_have_count(1, timeout=15_000)
+    conversation_id = stored_conversation(page)
+    Support(page, base_url, secret, "").spend_the_rate_limit(page, at_least=4)
+
+    page.reload()
+
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("Rate limited")
+    assert stored_conversation(page) == conversation_id
+    expect(alert).to_contain_text("The conversation is kept")
+    expect(page.locator("#new-panel")).to_be_hidden()
+    # Once Retry-After has passed the page reads it again by itself, and a reload shows it too.
+    expect(page.locator("#chat-title")).to_have_text("Browser test", timeout=15_000)
+    expect(alert).to_be_hidden()
+    page.reload()
+    expect(page.locator("#messages .user .text")).to_have_text(["remember me"])
+
+
+def test_a_reload_that_cannot_reach_parley_keeps_the_conversation(serve, page):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    page.get_by_label("Message").fill("still here?")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant .meta")).to_have_count(1, timeout=15_000)
+    conversation_id = stored_conversation(page)
+
+    page.route("**/get_conversation*", lambda route: route.abort("internetdisconnected"))
+    page.reload()
+    expect(page.get_by_role("alert")).to_contain_text("Could not reach Parley")
+    assert stored_conversation(page) == conversation_id
+
+    page.unroute("**/get_conversation*")
+    page.reload()
+    expect(page.locator("#chat-title")).to_have_text("Browser test")
+    expect(page.locator("#messages .user .text")).to_have_text(["still here?"])
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_a_reload_forgets_a_conversation_that_is_gone(serve, page):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    page.evaluate(f"sessionStorage.setItem('parley.conversation', '{uuid.uuid4()}')")
+
+    page.reload()
+
+    expect(page.get_by_role("alert")).to_be_visible()
+    expect(page.locator("#new-panel")).to_be_visible()
+    assert stored_conversation(page) is None
+
+
+def test_a_stream_that_breaks_shows_what_parley_kept(serve, page):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+
+    def cut_after_the_first_delta(route) -> None:
+        # The server streams the whole reply and stores it; the page gets only its first words.
+        response = route.fetch()
+        events = response.text().split("\n\n")
+        first = next(n for n, event in enumerate(events) if event.startswith("event: delta"))
+        route.fulfill(response=response, body="\n\n".join(events[: first + 1]) + "\n\n")
+
+    page.route("**/chat", cut_after_the_first_delta)
+    page.get_by_label("Message").fill("a reply cut short by the network")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("connection was lost")
+    expect(page.locator("#messages")).not_to_contain_text("not stored")
+    stored = Support(page, base_url, secret, "").read().json()["messages"]
+    assert [message["role"] for message in stored] == ["user", "assistant"]
+    # The page read the conversation again and shows the stored reply in place of its copy.
+    expect(page.locator("#messages .assistant .text")).to_have_text([stored[1]["content"]], timeout=10_000)
+    expect(page.locator("#messages .user .text")).to_have_text(["a reply cut short by the network"])
+    expect(page.locator("#messages .failed")).to_have_count(0)
+    shown_seqs = page.eval_on_selector_all("#messages > .message", "items => items.map(item => Number(item.dataset.seq))")
+    assert shown_seqs == [1, 2]
+
+
+def test_a_long_unbroken_name_fits_a_phone_screen(serve, page):
+    base_url, secret, _ = serve("echo")
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(base_url + "/")
+    page.get_by_label("Paste a client key").fill(secret)
+    page.get_by_label("Paste a client key").press("Enter")
+    page.get_by_label("Name (optional)").fill("N" * 150)
+    page.get_by_role("button", name="Start").click()
+    expect(page.locator("#chat-title")).to_have_text("N" * 150)
+    page.get_by_label("Message").fill("w" * 300)
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant .meta")).to_have_count(1, timeout=15_000)
+
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
 def test_the_page_sends_a_policy_against_inline_scripts(client):
     page = client.get("/")
 
@@ -412,3 +517,72 @@ def test_the_page_sends_a_policy_against_inline_scripts(client):
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "default-src 'none'" in policy
     assert b"<script>" not in page.data and b"onclick" not in page.data
     assert b"https://" not in page.data and b"http://" not in page.data  # nothing from elsewhere
+
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the served app whose open connections can be cut, as a network drop does."""
+
+    def __init__(self, base_url: str):
+        self.upstream = ("127.0.0.1", int(base_url.rsplit(":", 1)[1]))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            self.open += [downstream, upstream]
+            for source, target in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Drops every connection open now (new ones still go through)."""
+        ends, self.open = self.open, []
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_a_reply_cut_short_by_a_network_drop_shows_as_kept_incomplete(serve, page, fake_model):
+    base_url, secret, _ = serve("anthropic")
+    proxy = DroppingProxy(base_url)
+    try:
+        start_conversation(page, proxy.url, secret)
+        fake_model.stream_interval = 0.2  # slow enough to drop the network mid-reply
+
+        page.get_by_label("Message").fill("tell me a long story " * 5)
+        page.get_by_label("Message").press("Enter")
+        expect(page.locator("#messages .assistant.streaming .text")).not_to_be_empty(timeout=10_000)
+        proxy.cut()
+        expect(page.get_by_role("alert")).to_contain_text("connection was lost")
+        expect(page.locator("#messages")).not_to_contain_text("not stored")
+
+        # The server stored the words it had sent, marked incomplete; the page reads them back.
+        expect(page.locator("#messages .assistant .meta")).to_have_text(["incomplete: the reader left before the end"], timeout=15_000)
+        stored = Support(page, base_url, secret, "").read().json()["messages"]
+        assert [(message["role"], message["incomplete"]) for message in stored] == [("user", False), ("assistant", True)]
+        expect(page.locator("#messages .assistant .text")).to_have_text([stored[1]["content"]])
+        expect(page.locator("#messages .failed")).to_have_count(0)
+    finally:
+        proxy.close()

@@ -8,6 +8,7 @@ temporary folder.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def test_staff_claim_reply_and_release_in_the_browser(app, keys, live_url, page,
     expect(page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')).to_have_count(0)
 
     # Search with the existing filters finds it by stage.
-    page.get_by_label("Stage").fill("awaiting_refund")
+    page.locator("#search-form").get_by_label("Stage").fill("awaiting_refund")
     page.get_by_role("button", name="Search").click()
     expect(page.locator(f'#results button[data-conversation-id="{conversation_id}"]')).to_be_visible()
 
@@ -195,3 +196,169 @@ def test_a_failed_action_and_the_reload_after_it_both_stay_on_the_status_line(ap
     expect(status).to_contain_text("Open:")  # the reload failed too (401) ...
     expect(status).to_contain_text("revoked")  # ... after the claim's own error, still shown
     expect(status).to_have_class("error")
+
+
+def test_long_unbroken_names_fit_a_phone_screen(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    user_id = "u" * 128
+    conversation_id = client.post("/new_chat", json={"user_id": user_id, "conversation_name": "N" * 150}).json["conversation_id"]
+    assert client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "R" * 300}).status_code == 200
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    page.get_by_label("User ID").fill(user_id)
+    page.get_by_role("button", name="Search").click()
+    page.locator(f'#results button[data-conversation-id="{conversation_id}"]').click()
+    expect(page.locator("#detail-title")).to_have_text("N" * 150)
+    expect(page.locator("#handoff-history li").first).to_contain_text("R" * 300)
+    expect(page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')).to_be_visible()
+
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def _use_staff_key(page: Page, live_url: str, secret: str) -> None:
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(secret)
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#status")).to_have_text("Key set.")
+
+
+def test_a_conversation_opens_by_its_id_from_the_keyboard(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "by-id", "conversation_name": "Found by ID"}).json["conversation_id"]
+    _use_staff_key(page, live_url, keys["staff"])
+
+    page.get_by_label("Conversation ID").fill(f" {conversation_id} ")
+    page.get_by_label("Conversation ID").press("Enter")
+    expect(page.locator("#detail-title")).to_have_text("Found by ID")
+    expect(page.locator("#status")).to_have_text("")
+
+    unknown = str(uuid.uuid4())
+    page.get_by_label("Conversation ID").fill(unknown)
+    page.get_by_role("button", name="Open", exact=True).click()
+    expect(page.locator("#status")).to_have_text(f"No conversation has the ID {unknown}.")
+    expect(page.locator("#status")).to_have_class("error")
+
+    page.get_by_label("Conversation ID").fill("not-an-id")
+    page.get_by_label("Conversation ID").press("Enter")
+    expect(page.locator("#status")).to_contain_text("Not a conversation ID: not-an-id")
+
+
+def test_search_by_the_day_a_conversation_was_created(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "dated"}).json["conversation_id"]
+    _use_staff_key(page, live_url, keys["staff"])
+    today = page.evaluate("new Date().toLocaleDateString('en-CA')")  # the browser's own day, YYYY-MM-DD
+    yesterday = page.evaluate("new Date(Date.now() - 86400000).toLocaleDateString('en-CA')")
+    searches = []
+    page.on("request", lambda request: "/conversations?" in request.url and "handoff=needs_human" not in request.url
+            and searches.append(request.url))
+    entry = page.locator(f'#results button[data-conversation-id="{conversation_id}"]')
+
+    page.get_by_label("User ID").fill("dated")
+    page.get_by_label("Created from").fill(today)
+    page.get_by_label("Created to").fill(today)
+    page.get_by_label("Created to").press("Enter")
+    expect(entry).to_be_visible()
+    assert "created_from=" in searches[-1] and "created_to=" in searches[-1]
+
+    page.get_by_label("Created to").fill(yesterday)
+    page.get_by_role("button", name="Search").click()
+    expect(entry).to_have_count(0)
+    expect(page.locator("#status")).to_have_text("No conversation matches.")
+
+    page.get_by_label("Created from").fill("")
+    page.get_by_label("Created to").fill("")
+    page.get_by_role("button", name="Search").click()
+    expect(entry).to_be_visible()
+
+
+def test_the_loser_of_a_claim_race_cannot_write_or_release(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    admin = client_with_key(app, keys["admin"])
+    other = client_with_key(app, admin.post("/keys", json={"role": "staff", "name": "other desk"}).json["key"])
+    conversation_id = _open_waiting_conversation(client, keys, live_url, page)
+
+    assert other.post(f"/conversations/{conversation_id}/claim", json={}).status_code == 200  # the other desk wins
+    page.get_by_role("button", name="Claim").click()
+
+    expect(page.locator("#status")).to_contain_text("is in handoff state human")
+    expect(page.locator("#handoff-state")).to_have_text("human")  # the page read it again
+    expect(page.get_by_role("button", name="Send as staff")).to_be_disabled()
+    expect(page.get_by_role("button", name="Release to the bot")).to_be_disabled()
+    expect(page.get_by_role("button", name="Claim")).to_be_disabled()
+
+
+def test_the_assigned_key_writes_and_another_conversation_won_by_others_stays_closed(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    admin = client_with_key(app, keys["admin"])
+    other = client_with_key(app, admin.post("/keys", json={"role": "staff", "name": "other desk"}).json["key"])
+    mine = _open_waiting_conversation(client, keys, live_url, page)
+    page.get_by_role("button", name="Claim").click()
+    expect(page.get_by_role("button", name="Send as staff")).to_be_enabled()  # this key is the assigned one
+    expect(page.get_by_role("button", name="Release to the bot")).to_be_enabled()
+
+    # Claimed by another desk before this page opened it: the page knows its own key by now.
+    theirs = client.post("/new_chat", json={"user_id": "elsewhere"}).json["conversation_id"]
+    client.post(f"/conversations/{theirs}/handoff", json={"reason": "help"})
+    assert other.post(f"/conversations/{theirs}/claim", json={}).status_code == 200
+    page.get_by_label("Conversation ID").fill(theirs)
+    page.get_by_label("Conversation ID").press("Enter")
+    expect(page.locator("#handoff-state")).to_have_text("human")
+    expect(page.get_by_role("button", name="Send as staff")).to_be_disabled()
+    expect(page.get_by_role("button", name="Release to the bot")).to_be_disabled()
+
+    page.get_by_label("Conversation ID").fill(mine)
+    page.get_by_label("Conversation ID").press("Enter")
+    expect(page.get_by_role("button", name="Send as staff")).to_be_enabled()
+
+
+def test_a_conversation_another_key_holds_is_closed_to_this_key_before_it_ever_claims(app, keys, live_url, page):
+    """The page asks which key it has (GET /keys/me) instead of learning it from a claim."""
+    client = client_with_key(app, keys["client_a"])
+    admin = client_with_key(app, keys["admin"])
+    other = client_with_key(app, admin.post("/keys", json={"role": "staff", "name": "other desk"}).json["key"])
+    theirs = client.post("/new_chat", json={"user_id": "elsewhere"}).json["conversation_id"]
+    client.post(f"/conversations/{theirs}/handoff", json={"reason": "help"})
+    assert other.post(f"/conversations/{theirs}/claim", json={}).status_code == 200
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#status")).to_have_text("Key set.")
+
+    page.get_by_label("Conversation ID").fill(theirs)
+    page.get_by_label("Conversation ID").press("Enter")
+
+    expect(page.locator("#handoff-state")).to_have_text("human")
+    expect(page.get_by_role("button", name="Send as staff")).to_be_disabled()
+    expect(page.get_by_role("button", name="Release to the bot")).to_be_disabled()
+
+
+def test_a_key_that_is_not_a_staff_key_is_named_as_such(keys, live_url, page):
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["client_a"])
+    page.get_by_role("button", name="Use key").click()
+
+    expect(page.locator("#status")).to_have_text("This is a client key; the console needs a staff key.")
+    expect(page.locator("#status")).to_have_class("error")
+
+
+def test_staff_change_the_stage_from_the_console(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = _open_waiting_conversation(client, keys, live_url, page)
+
+    page.get_by_label("New stage").fill("refund_review")
+    page.get_by_label("New stage").press("Enter")
+    expect(page.locator("#status")).to_have_text("Stage set to refund_review.")
+    expect(page.locator("#stage-history li").first).to_contain_text("refund_review")
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["stage"] == "refund_review"
+
+    # Changed meanwhile by the client app: compare-and-set refuses, and the page shows the stage now.
+    assert client.put(f"/conversations/{conversation_id}/stage", json={"stage": "shipping"}).status_code == 200
+    page.get_by_label("New stage").fill("closed")
+    page.get_by_role("button", name="Set stage").click()
+    expect(page.locator("#status")).to_contain_text("shipping")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.get_by_label("New stage")).to_have_value("shipping")
+    assert client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["stage"] == "shipping"
