@@ -6,6 +6,9 @@ const KEY = "parley.key";
 const CONVERSATION = "parley.conversation";
 const USER_ID = "chat-page";
 const POLL_MS = 3000; // while a person from support has the conversation
+// While the assistant has it, less often: a handoff that staff or the client's app started, and
+// what support writes then, show without a reload.
+const IDLE_POLL_MS = 10000;
 // A restore that fails with these forgets the conversation (gone, or the key refused); any other
 // failure (rate limit, network, server) keeps it, and the page reads it again later.
 const FORGETS_CONVERSATION = new Set([401, 403, 404]);
@@ -159,11 +162,13 @@ function resetLog(conversationId) {
   Object.assign(log, { conversationId, lastSeq: 0, shown: new Set(), handoff: "bot" });
 }
 
-// While support has the conversation, read the newer messages every few seconds, one request at a time,
-// never before the key's rate limit allows it again.
+// Read the newer messages every few seconds while support has the conversation (every
+// IDLE_POLL_MS while the assistant has it), one request at a time, never before the key's rate
+// limit allows it again.
 function watch(delay = POLL_MS) {
-  if (log.timer !== null || log.handoff === "bot") return;
-  log.timer = setTimeout(poll, Math.max(delay, rateLimitedUntil - Date.now()));
+  if (log.timer !== null) return;
+  const wait = log.handoff === "bot" ? Math.max(delay, IDLE_POLL_MS) : delay;
+  log.timer = setTimeout(poll, Math.max(wait, rateLimitedUntil - Date.now()));
 }
 
 function stopWatching() {

@@ -286,6 +286,24 @@ def test_staff_replies_appear_without_a_reload(serve, page, tmp_path):
     assert page.console_errors == []
 
 
+def test_a_handoff_started_by_staff_and_their_reply_show_without_a_reload(serve, page):
+    """The page talks with the assistant; staff take the conversation over from the console."""
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    page.get_by_label("Message").fill("Where is my parcel?")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant .meta")).to_contain_text("message")  # the turn is stored (`done`)
+    support = Support(page, base_url, secret, serve.staff_key(base_url))
+
+    support.post("handoff", {"reason": "a delivery we must check by hand"})
+    support.post("claim")
+    support.post("staff_messages", {"message": "Sam from support: it left the depot today."})
+
+    expect(page.locator("#messages .staff .text")).to_have_text(["Sam from support: it left the depot today."], timeout=25_000)
+    expect(page.locator("#messages .notice").last).to_have_text("A person from support is answering.")
+    assert page.console_errors == []
+
+
 class Support:
     """Staff and client API calls for the conversation open in `page`."""
 
