@@ -782,13 +782,15 @@ def delete_user(
         if row.s3_file_location or row.status == Status.ENDING
     ]
     deleted: list[str] = []
+    rewritten: list[str] = []
     try:
         report.conversations = _drop(session, archive, [row.conversation_id for row in rows], keys, deleted)
         report.archive_objects = len(deleted)
         for target in export_targets:
-            report.export_files += erase_user_from_export(target, user_id, endpoint_url)
+            erase_user_from_export(target, user_id, endpoint_url, rewritten)
+            report.export_files = len(rewritten)
     except BaseException as exc:
-        report.archive_objects = len(deleted)
+        report.archive_objects, report.export_files = len(deleted), len(rewritten)
         why = str(exc) if isinstance(exc, (ArchiveError, ExportError)) else f"{exc.__class__.__name__}: {exc}".rstrip(": ")
         _audit_stopped(session, report, export_targets, why)
         raise

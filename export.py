@@ -107,14 +107,27 @@ class _ManifestFile(BaseModel):
     sha256: str
 
 
+class _Cursor(BaseModel):
+    day: str | None
+    after: str | None
+
+
+class _Totals(BaseModel):
+    files: NonNegativeInt
+    conversations: NonNegativeInt
+    messages: NonNegativeInt
+    bytes: NonNegativeInt
+
+
 class _Manifest(BaseModel):
     """What an export's manifest must hold for a run to continue it or `delete-user` to rewrite it."""
 
     model_config = ConfigDict(extra="allow")
     arguments: dict[str, Any]
     status: Literal["running", "complete"]
-    cursor: dict[str, Any]
+    cursor: _Cursor
     files: list[_ManifestFile]
+    totals: _Totals
     errors: list[dict[str, Any]]
 
 
@@ -509,7 +522,9 @@ def _export_day(
                 # Not this object's fault: stop, and let the next run read it (and all after it) again.
                 raise ExportError(f"stopped: {outcome}; run the same command again to continue") from outcome
             if isinstance(outcome, ArchiveError):  # missing, damaged or unreadable as a document: listed, skipped
-                manifest["errors"].append({"key": item.key, "error": str(outcome)})
+                # Listed once: a run continued from the last part reads the objects after it again.
+                if all(error["key"] != item.key for error in manifest["errors"]):
+                    manifest["errors"].append({"key": item.key, "error": str(outcome)})
                 continue
             body, document = outcome
             if request.user_id is not None and document["conversation"]["user_id"] != request.user_id:
@@ -598,7 +613,7 @@ def _manifest(target: _LocalTarget | _S3Target, out: str) -> dict[str, Any]:
     return manifest
 
 
-def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = None) -> int:
+def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = None, rewritten: list[str] | None = None) -> int:
     """Rewrite every file of the export at `out` that holds `user_id`'s conversations; return how many changed.
 
     Each file's manifest entry is written before the file itself: a run that
@@ -606,34 +621,37 @@ def erase_user_from_export(out: str, user_id: str, endpoint_url: str | None = No
     describes it without them, and the next run rewrites that file again. A
     file left with no conversations stays, empty, so no part is renamed and
     a later run of an unfinished export names its next part as before.
+    `rewritten` gets each file's path once it is rewritten (for a run that stops).
     """
     target = make_target(out, endpoint_url)
-    manifest = _manifest(target, out)
-    changed = 0
-    for entry in manifest["files"]:
-        local = target.scratch() / f"erase-{uuid.uuid4().hex}"
-        target.fetch(entry["path"], local)
-        try:
-            kept = _without_user(local, entry["path"], user_id)
-        except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
-            raise ExportError(f"{out.rstrip('/')}/{entry['path']} is not a part this export wrote ({exc.__class__.__name__}: {exc})") from None
-        if kept is None:
-            local.unlink()
-            continue
-        changed += 1
-        entry["conversations"], entry["messages"] = kept
-        entry["bytes"], entry["sha256"] = _size_and_sha(local)
-        files = manifest["files"]
-        manifest["totals"] = {
-            "files": len(files),
-            "conversations": sum(f["conversations"] for f in files),
-            "messages": sum(f["messages"] for f in files),
-            "bytes": sum(f["bytes"] for f in files),
-        }
-        target.write_manifest(manifest)
-        target.publish(local, entry["path"])
-    target.close()
-    return changed
+    rewritten = [] if rewritten is None else rewritten
+    try:  # the scratch copies go, whatever happens: they may hold the user's rows
+        manifest = _manifest(target, out)
+        for entry in manifest["files"]:
+            local = target.scratch() / f"erase-{uuid.uuid4().hex}"
+            target.fetch(entry["path"], local)
+            try:
+                kept = _without_user(local, entry["path"], user_id)
+            except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+                raise ExportError(f"{out.rstrip('/')}/{entry['path']} is not a part this export wrote ({exc.__class__.__name__}: {exc})") from None
+            if kept is None:
+                local.unlink()
+                continue
+            entry["conversations"], entry["messages"] = kept
+            entry["bytes"], entry["sha256"] = _size_and_sha(local)
+            files = manifest["files"]
+            manifest["totals"] = {
+                "files": len(files),
+                "conversations": sum(f["conversations"] for f in files),
+                "messages": sum(f["messages"] for f in files),
+                "bytes": sum(f["bytes"] for f in files),
+            }
+            target.write_manifest(manifest)
+            target.publish(local, entry["path"])
+            rewritten.append(entry["path"])
+    finally:
+        target.close()
+    return len(rewritten)
 
 
 def _without_user(local: Path, name: str, user_id: str) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ in the conversation's row for both stores. Reads check it.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -80,7 +81,27 @@ class ObjectMissing(ArchiveError):
 
 
 class ArchiveUnavailable(ArchiveError):
-    """The archive did not answer a read (unreachable, refusing, timing out): trying later may work."""
+    """The archive did not answer a read (unreachable, timing out, failing or throttling with a
+    5xx; a local disk's I/O error): trying later may work. A refusal of one object (access denied,
+    archived to cold storage, a key it cannot decrypt; a local file unreadable or a folder) is a
+    plain `ArchiveError`: the object's own."""
+
+
+# S3 answers that say the service, not the object, failed.
+_UNAVAILABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+                                "InternalError"})
+# Local file-system errors of the disk or the mount, not of one file.
+_UNAVAILABLE_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTDOWN})
+
+
+def _read_failure(exc: BotoCoreError | ClientError) -> type[ArchiveError]:
+    if isinstance(exc, BotoCoreError):  # no answer: connection refused or broken, a timeout
+        return ArchiveUnavailable
+    code = _describe(exc)
+    if code in ("NoSuchKey", "404"):
+        return ObjectMissing
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return ArchiveUnavailable if status >= 500 or code in _UNAVAILABLE_CODES else ArchiveError
 
 
 class ChecksumMismatch(ArchiveError):
@@ -200,8 +221,7 @@ class S3Archive:
             response = self.client.get_object(Bucket=self.bucket, Key=full_key)
             body = response["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            kind = ObjectMissing if _describe(exc) in ("NoSuchKey", "404") else ArchiveUnavailable
-            raise kind(f"could not read s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc
+            raise _read_failure(exc)(f"could not read s3://{self.bucket}/{full_key}: {_describe(exc)}") from exc
         stated = response.get("Metadata", {}).get(CHECKSUM_METADATA)
         actual = sha256_hex(body) if stated is not None or sha256 is not None else None  # hashed once for both
         if stated is not None and stated != actual:
@@ -274,7 +294,8 @@ class FileArchive:
         except FileNotFoundError as exc:
             raise ObjectMissing(f"could not read {path}: {exc.strerror}") from exc
         except OSError as exc:
-            raise ArchiveUnavailable(f"could not read {path}: {exc.strerror}") from exc
+            kind = ArchiveUnavailable if exc.errno in _UNAVAILABLE_ERRNOS else ArchiveError
+            raise kind(f"could not read {path}: {exc.strerror}") from exc
         if sha256 is not None:
             _check_recorded(key, sha256_hex(body), sha256)
         return body

@@ -9,9 +9,9 @@ const POLL_MS = 3000; // while a person from support has the conversation
 // While the assistant has it, less often: a handoff that staff or the client's app started, and
 // what support writes then, show without a reload.
 const IDLE_POLL_MS = 10000;
-// A restore that fails with these forgets the conversation (gone, or the key refused); any other
-// failure (rate limit, network, server) keeps it, and the page reads it again later.
-const FORGETS_CONVERSATION = new Set([401, 403, 404]);
+// A restore that fails with these forgets the conversation (gone, not one, or the key refused);
+// any other failure (rate limit, network, server) keeps it, and the page reads it again later.
+const FORGETS_CONVERSATION = new Set([400, 401, 403, 404, 422]);
 // After a broken stream, how often the page reads what the server kept (it stores a reply cut
 // short once it notices the reader left).
 const RECOVERY_READS = 5;
@@ -179,7 +179,8 @@ function stopWatching() {
 
 async function poll() {
   log.timer = null;
-  if (log.polling) return watch();
+  // A hidden tab spends none of the key's rate limit on reads while the model has the conversation.
+  if (log.polling || (document.hidden && log.handoff === "bot")) return watch();
   const run = log.run;
   let delay = POLL_MS;
   log.polling = true;
@@ -451,6 +452,7 @@ function wire() {
       showConversation(conversation);
       showError("");
       $("message").focus();
+      watch();
     } catch (failure) {
       showFailure(failure);
     }

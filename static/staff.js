@@ -10,6 +10,7 @@ const CONVERSATION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
   keyId: null, // the key's own ID (GET /keys/me), as a conversation names its assignee
+  starts: 0, // each start() counts, so that only the newest one goes on after /keys/me answers
   open: null, conversation: null, lastSeq: 0, cursor: null, timer: null,
 };
 const $ = (id) => document.getElementById(id);
@@ -205,15 +206,22 @@ async function act(label, method, suffix, body) {
 
 // Learn which key this is; a key that is not a staff key is named as such, and not used.
 async function start(announce = false) {
+  const run = ++state.starts;
   if (state.timer) clearInterval(state.timer);
+  state.timer = null;
   state.keyId = null;
   if (!state.key) return;
   try {
     const me = await api("GET", "/keys/me");
+    if (run !== state.starts) return;
     if (me.role !== "staff") return say(`This is ${me.role === "admin" ? "an" : "a"} ${me.role} key; the console needs a staff key.`, true);
     state.keyId = me.key_id;
   } catch (error) {
-    return say("Key: " + error.message, true);
+    if (run !== state.starts) return;
+    say("Key: " + error.message, true);
+    // A refused key waits for another; anything else (the database, the rate limit, the network) is tried again.
+    if (error.status !== 401 && error.status !== 403) state.timer = setTimeout(() => start(announce), REFRESH_MS);
+    return;
   }
   if (announce) say("Key set.");
   if (state.conversation) show(state.conversation);
@@ -232,8 +240,10 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("forget-key").addEventListener("click", () => {
     state.key = "";
+    state.starts += 1; // a key check still in flight is dropped
     state.keyId = null;
     sessionStorage.removeItem(KEY_STORAGE);
+    if (state.conversation) show(state.conversation); // nothing is this page's to write or release now
     $("staff-key").value = "";
     if (state.timer) clearInterval(state.timer);
     say("Key forgotten.");

@@ -304,6 +304,20 @@ def test_a_handoff_started_by_staff_and_their_reply_show_without_a_reload(serve,
     assert page.console_errors == []
 
 
+def test_a_new_conversation_is_read_before_its_first_message(serve, page):
+    """Staff take over a conversation the person has only opened: it shows without a reload."""
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    support = Support(page, base_url, secret, serve.staff_key(base_url))
+
+    support.post("handoff", {"reason": "we call you first"})
+    support.post("claim")
+    support.post("staff_messages", {"message": "Sam from support: your order is ready."})
+
+    expect(page.locator("#messages .staff .text")).to_have_text(["Sam from support: your order is ready."], timeout=25_000)
+    assert page.console_errors == []
+
+
 class Support:
     """Staff and client API calls for the conversation open in `page`."""
 

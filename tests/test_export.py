@@ -264,9 +264,11 @@ def _delete_user_events(app) -> list:
     ("manifest", "reason"),
     [
         (None, "has no _manifest.json: not an export"),
-        (b'{"arguments": null}', "is not an export's manifest (5 fields are wrong, the first: ('arguments',))"),
+        (b'{"arguments": null}', "is not an export's manifest (6 fields are wrong, the first: ('arguments',))"),
         (b"[1, 2]", "is not an export's manifest (1 fields are wrong, the first: ())"),
         (b"{not json", "is not an export's manifest (Expecting property name"),
+        (b'{"arguments": {}, "status": "running", "cursor": {}, "files": [], "errors": []}',
+         "is not an export's manifest (3 fields are wrong, the first: ('cursor', 'day'))"),
         (b"\xff\xfe\x00", "is not an export's manifest ("),
     ],
 )
@@ -297,6 +299,10 @@ def test_delete_user_stopped_after_erasing_rows_is_audited_and_finishes_when_run
     assert _export(runner, out, "--format", "jsonl", "--part-mb", "0.0001").exit_code == 0
     broken = out / _manifest(out)["files"][-1]["path"]
     kept_aside = broken.read_bytes()
+    holding_the_user = [
+        entry["path"] for entry in _manifest(out)["files"][:-1]
+        if any(json.loads(line)["conversation"]["user_id"] == "user-1" for line in (out / entry["path"]).read_text().splitlines())
+    ]
     if part == "missing":
         broken.unlink()
     else:
@@ -310,6 +316,7 @@ def test_delete_user_stopped_after_erasing_rows_is_audited_and_finishes_when_run
     assert said.startswith("Error: delete-user user-1 stopped: ") and said.endswith("; run it again to finish"), said
     assert ("could not use" in said and "No such file" in said) if part == "missing" else "is not a part this export wrote" in said
     assert _database_rows(app, "user-1") == []
+    assert not (out / ".scratch").exists()  # no copy left behind, with or without the user's rows
     for entry in _manifest(out)["files"][:-1]:  # each rewritten file matches its entry, as each untouched one does
         assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
     broken.write_bytes(kept_aside)
@@ -320,6 +327,7 @@ def test_delete_user_stopped_after_erasing_rows_is_audited_and_finishes_when_run
     events = _delete_user_events(app)
     assert [event.detail["conversations"] for event in events] == [3, 0]
     assert events[0].detail["archive_objects"] == 3
+    assert len(holding_the_user) > 0 and events[0].detail["export_files"] == len(holding_the_user)
     assert events[0].detail["stopped"] == said.removeprefix("Error: delete-user user-1 stopped: ").removesuffix("; run it again to finish")
     assert "stopped" not in events[1].detail
     manifest = _manifest(out)
@@ -423,6 +431,51 @@ def test_an_export_stopped_by_an_archive_outage_is_not_sealed_and_the_next_run_f
 
     assert finished.exit_code == 0 and finished.output.strip().splitlines()[-1].startswith("export: 9 conversations"), finished.output
     assert _manifest(out)["status"] == "complete"
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_an_object_that_cannot_be_read_is_listed_once_and_the_export_goes_on(app, app_config, runner, archived, tmp_path):
+    """An unreadable object is its own fault, not the archive's (a folder where its file should be):
+    listed and skipped, not a stop. A run continued from before it lists it once."""
+    with app.app_context():
+        last_of_day1 = get_session().scalars(
+            select(Conversation.s3_file_location).where(Conversation.ended_at < DAY2).order_by(Conversation.conversation_id.desc())
+        ).first()
+    path = Path(app_config["ARCHIVE_URL"].removeprefix("file://")) / last_of_day1
+    path.unlink()
+    path.mkdir()
+    out = tmp_path / "out"
+
+    first = _export(runner, out, "--format", "jsonl")
+
+    assert first.exit_code == 1 and "; 1 objects could not be read" in first.output, first.output
+    manifest = _manifest(out)
+    assert manifest["status"] == "complete" and [error["key"] for error in manifest["errors"]] == [last_of_day1]
+    # Continued from the last part of the first day, as after a stop: the object is read and listed again.
+    day1_parts = [entry for entry in manifest["files"] if entry["path"].startswith(f"dt={DAY1:%Y-%m-%d}")]
+    manifest["status"], manifest["cursor"] = "running", {"day": f"{DAY1:%Y-%m-%d}", "after": _last_id(out, day1_parts[-1])}
+    for entry in manifest["files"][len(day1_parts):]:
+        (out / entry["path"]).unlink()
+    manifest["files"] = day1_parts
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+
+    again = _export(runner, out, "--format", "jsonl")
+
+    assert again.exit_code == 1 and [error["key"] for error in _manifest(out)["errors"]] == [last_of_day1], again.output
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_manifest_missing_what_a_run_reads_is_refused_in_one_line(runner, archived, tmp_path):
+    out = tmp_path / "out"
+    assert _export(runner, out, "--format", "jsonl").exit_code == 0
+    manifest = _manifest(out)
+    del manifest["totals"]
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+
+    result = _export(runner, out, "--format", "jsonl")
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == f"Error: {out}/_manifest.json is not an export's manifest (1 fields are wrong, the first: ('totals',))"
 
 
 @pytest.mark.parametrize("backend", ["embedded"])

@@ -344,6 +344,37 @@ def test_a_key_that_is_not_a_staff_key_is_named_as_such(keys, live_url, page):
     expect(page.locator("#status")).to_have_class("error")
 
 
+def test_a_key_check_that_fails_is_tried_again(app, keys, live_url, page):
+    """GET /keys/me answered 503 once: the console says so, asks again, and then works."""
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "shopper"}).json["conversation_id"]
+    client.post(f"/conversations/{conversation_id}/handoff", json={"reason": "help"})
+    refused = []
+
+    def once_unavailable(route):
+        if refused:
+            return route.continue_()
+        refused.append(route.request.url)
+        route.fulfill(status=503, content_type="application/json",
+                      body='{"error": "database_unavailable", "message": "the database is unavailable"}')
+
+    page.route("**/keys/me", once_unavailable)
+    page.goto(f"{live_url}/staff")
+    page.get_by_label("Staff key").fill(keys["staff"])
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#status")).to_have_text("Key: the database is unavailable")
+
+    queued = page.locator(f'#queue button[data-conversation-id="{conversation_id}"]')
+    expect(queued).to_be_visible(timeout=15_000)
+    queued.click()
+    page.get_by_role("button", name="Claim").click()
+    expect(page.get_by_role("button", name="Send as staff")).to_be_enabled()
+    assert len(refused) == 1
+
+    page.get_by_role("button", name="Forget").click()
+    expect(page.get_by_role("button", name="Send as staff")).to_be_disabled()
+
+
 def test_staff_change_the_stage_from_the_console(app, keys, live_url, page):
     client = client_with_key(app, keys["client_a"])
     conversation_id = _open_waiting_conversation(client, keys, live_url, page)
