@@ -40,7 +40,6 @@ async function api(method, path, body) {
   if (!response.ok) {
     const error = new Error((data && data.message) || response.status + " " + response.statusText);
     error.status = response.status;
-    error.code = data && data.error;
     throw error;
   }
   return data;
