@@ -815,8 +815,12 @@ class EchoModel:
             text += f" (with {len(attached)} file(s): {', '.join(attached)})"
         # Estimated from the whole prompt's length, not message by message: with a context
         # of 600 short messages that took 9% of a worker's py-spy samples.
-        said = [content if isinstance(content, str) else _said(content) for content in (m["content"] for m in messages)]
-        prompt_tokens = estimate_tokens("".join(said)) + MESSAGE_OVERHEAD_TOKENS * (len(said) - 1)
+        contents = [m["content"] for m in messages]
+        try:
+            prompt = "".join(contents)
+        except TypeError:  # a message with files: its content is blocks
+            prompt = "".join(_said(content) for content in contents)
+        prompt_tokens = estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * (len(contents) - 1)
         if system:
             prompt_tokens += estimate_tokens(system)
         return ModelReply(

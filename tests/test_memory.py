@@ -143,6 +143,18 @@ def test_json_round_trip_is_exact():
     assert restored.to_json() == memory.to_json()
 
 
+def test_a_context_sends_each_message_once_made_and_the_log_still_round_trips():
+    memory = _memory(3)
+    first = memory.get_current_context().messages
+    memory.update_memory(USER, "one more")
+    second = memory.get_current_context().messages
+
+    # The worker's cached tail sends the same messages each turn: their dicts are made once.
+    assert [m["content"] for m in second[:-1]] == [m["content"] for m in first]
+    assert all(a is b for a, b in zip(first, second[:-1], strict=True))
+    assert ConversationMemory.from_json(memory.to_json()) == memory
+
+
 def test_estimate_counts_multibyte_text_higher():
     assert estimate_tokens("中文" * 100) > estimate_tokens("ab" * 100)
 
