@@ -173,7 +173,8 @@ def _api_error(exc: ApiError) -> Response:
 
 
 def _model_error(exc: ModelError) -> Response:
-    log.warning("model provider failed: %s (%s)", exc.error, exc.__cause__.__class__.__name__)
+    cause = exc.message if exc.__cause__ is None else exc.__cause__.__class__.__name__  # Parley's own finding, or the SDK's error
+    log.warning("model provider failed: %s (%s)", exc.error, cause)
     return error_response(exc.status, exc.error, exc.message, retry_after=exc.retry_after, retryable=exc.retryable)
 
 

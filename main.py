@@ -377,10 +377,17 @@ def _wants_stream() -> bool:
 
 
 def _authenticated_key() -> Caller:
-    """The request's key, looked up once (the rate limiter asks first), or 401."""
+    """The request's key, looked up once (the rate limiter asks first), or 401.
+
+    A key this worker has not cached is read from the database: that read's
+    transaction ends here, before the body is read, so a client that sends
+    its body slowly (or stalls) holds no connection of the pool.
+    """
     if "auth" not in g:
         try:
-            g.auth = authenticate(get_session(), request.headers.get("Authorization"))
+            session = get_session()
+            g.auth = authenticate(session, request.headers.get("Authorization"))
+            session.rollback()  # nothing to keep: the key was only read
         except (Unauthorized, SQLAlchemyError) as exc:  # a database failure is answered once, by the route
             g.auth = exc
             rollback_session()

@@ -1,6 +1,7 @@
 """Keys, roles, ownership, audit and rate limits."""
 from __future__ import annotations
 
+import io
 import logging
 import signal
 import subprocess
@@ -474,6 +475,52 @@ def test_a_key_revoked_while_a_request_reads_it_is_not_cached_as_usable(app_conf
 
     assert revoked and during == 201  # authenticated before the revocation committed
     assert after == 401
+    engine.dispose()
+
+
+class _BodyThatLooksAtThePool(io.BytesIO):
+    """A request body that notes how many pooled connections are checked out each time it is read."""
+
+    def __init__(self, data: bytes, engine) -> None:
+        super().__init__(data)
+        self.engine, self.seen = engine, []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.seen.append(self.engine.pool.checkedout())
+        return super().read(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self.seen.append(self.engine.pool.checkedout())
+        return super().readline(size)
+
+    def readinto(self, buffer) -> int:
+        self.seen.append(self.engine.pool.checkedout())
+        return super().readinto(buffer)
+
+
+@pytest.mark.parametrize("route", ["new_chat", "upload"])
+def test_no_connection_is_held_while_the_body_is_read(app_config, keys, route):
+    """A client that sends its body slowly, with a key this worker has not cached, must not hold a
+    connection of the pool meanwhile: a few dozen such clients would leave none for anyone else."""
+    worker = create_app(app_config)  # nothing cached: the key is read from the database
+    engine = worker.extensions["parley.engine"]
+    client = client_with_key(worker, keys["client_a"])
+    if route == "new_chat":
+        path, data, content_type, expected = "/new_chat", b'{"user_id": "slow"}', "application/json", 201
+    else:
+        conversation_id = client.post("/new_chat", json={"user_id": "slow"}).get_json()["conversation_id"]
+        worker.extensions["parley.key_cache"].clear()
+        boundary = "parley-test-boundary"
+        path, content_type, expected = f"/conversations/{conversation_id}/files", f"multipart/form-data; boundary={boundary}", 201
+        data = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="notes.txt"\r\n'
+                f"Content-Type: text/plain\r\n\r\nslow notes\r\n--{boundary}--\r\n").encode()
+    body = _BodyThatLooksAtThePool(data, engine)
+
+    response = client.post(path, input_stream=body, content_length=len(data),
+                           content_type=content_type)
+
+    assert response.status_code == expected, response.get_json()
+    assert body.seen and set(body.seen) == {0}
     engine.dispose()
 
 

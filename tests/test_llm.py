@@ -1,6 +1,7 @@
 """Real anthropic and openai SDKs against a local server speaking their wire protocol."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -164,16 +165,21 @@ def test_echo_is_default_without_keys(app_config, keys):
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
-def test_empty_reply_is_502_and_not_stored(provider_app, fake_model, provider):
+def test_empty_reply_is_502_and_not_stored(provider_app, fake_model, provider, caplog):
     client = provider_app(provider)
     conversation_id = _conversation(client)
     fake_model.reply_override = "   "
 
-    response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
+    with caplog.at_level(logging.WARNING, logger="parley"):
+        response = client.post("/chat", json={"conversation_id": conversation_id, "message": "hi"})
 
     assert response.status_code == 502
     assert "empty reply" in response.json["message"]
     assert _log(client, conversation_id) == []
+    # The operator's line says what was wrong, as the client's answer does (not "NoneType").
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("model provider failed")] == [
+        f"model provider failed: model_error (the {provider} model returned an empty reply)"
+    ]
 
 
 def test_nul_in_a_reply_is_removed_before_storing(provider_app, fake_model):
