@@ -15,6 +15,21 @@ const FORGETS_CONVERSATION = new Set([400, 401, 403, 404, 422]);
 // After a broken stream, how often the page reads what the server kept (it stores a reply cut
 // short once it notices the reader left).
 const RECOVERY_READS = 5;
+// A streamed reply after which nothing has arrived for this long (no words, and none of the
+// heartbeats the server sends every STREAM_HEARTBEAT_SECONDS, 15 s by default) has stalled: the
+// page stops waiting, as if Stop were pressed. The server itself ends a model call that sends
+// nothing for LLM_TIMEOUT_SECONDS with an error event, so only a stuck connection gets here.
+// A test may set window.PARLEY_STALL_MS before the page loads.
+const STALL_MS = Number(window.PARLEY_STALL_MS) || 60000;
+// Why a reply ended before its last event, as the page says it: then it reads what Parley kept.
+const CUT_SHORT = {
+  lost: { lead: "The connection was lost during the reply", mark: "connection lost: the reply may have been kept" },
+  stopped: { lead: "You stopped the reply", mark: "stopped: the reply may have been kept" },
+  stalled: {
+    lead: `The reply stalled: nothing came for ${STALL_MS / 1000} s, so the page stopped waiting`,
+    mark: "stalled: the reply may have been kept",
+  },
+};
 const LABELS = { user: "You", staff: "Support" };
 const HANDOFF_NOTICES = {
   needs_human: "A person from support will answer here.",
@@ -26,9 +41,14 @@ const HANDOFF_NOTICES = {
 // Each message element carries its seq (data-seq) once it is known, so that a message read later
 // is put in its place in the log rather than at the end.
 const log = { conversationId: null, lastSeq: 0, shown: new Set(), handoff: "bot", timer: null, run: 0, polling: false };
+// The reply streaming now ({ controller, why }), which Stop aborts.
+let streamingReply = null;
+// Reads pending after replies cut short (see recover); ending or leaving the conversation drops them.
+const recoveries = new Set();
 // The key's rate limit (429 with Retry-After): the page reads nothing in the background before then.
 let rateLimitedUntil = 0;
-// What the error box shows: "rate_limited" is cleared by the next request that succeeds.
+// What the error box shows: "rate_limited" and "key_unchecked" are cleared by the next request
+// that succeeds, "recovering" when the reads after a reply cut short are dropped.
 let errorKind = null;
 
 const $ = (id) => document.getElementById(id);
@@ -40,9 +60,10 @@ function showError(text, kind = null) {
   errorKind = text ? kind : null;
 }
 
-// A request succeeded: a rate-limit error shown earlier no longer holds (other errors stay).
+// A request succeeded: a rate-limit error, or a key not checked, shown earlier no longer holds
+// (other errors stay).
 function succeeded() {
-  if (errorKind === "rate_limited") showError("");
+  if (errorKind === "rate_limited" || errorKind === "key_unchecked") showError("");
 }
 
 function noteRateLimit(failure) {
@@ -80,8 +101,8 @@ function explain(failure) {
   return failure.message;
 }
 
-async function call(method, path, body) {
-  const options = { method, headers: { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, Accept: "application/json" } };
+async function call(method, path, body, key = sessionStorage.getItem(KEY)) {
+  const options = { method, headers: { Authorization: `Bearer ${key}`, Accept: "application/json" } };
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
@@ -159,6 +180,8 @@ function noteHandoff(state, beforeSeq = null) {
 
 function resetLog(conversationId) {
   stopWatching();
+  cancelRecoveries();
+  stopReply("left");
   Object.assign(log, { conversationId, lastSeq: 0, shown: new Set(), handoff: "bot" });
 }
 
@@ -217,14 +240,16 @@ function describeTurn(done) {
   return [text, trimmed];
 }
 
-// Reads a text/event-stream body, calling onEvent(name, data) for each event.
-async function readEvents(response, onEvent) {
+// Reads a text/event-stream body, calling onEvent(name, data) for each event and onBytes() for
+// anything that arrives (heartbeats too).
+async function readEvents(response, onEvent, onBytes) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    onBytes();
     buffer += decoder.decode(value, { stream: true });
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -242,32 +267,58 @@ async function readEvents(response, onEvent) {
   }
 }
 
-// The stream of a turn broke after it began: the server may have stored the message and the
-// reply (cut short: incomplete). Read what it holds after `before` (the last seq shown before the
-// turn) and show that instead of the page's copy; try again a few times, as the server notices
-// a reader that left only when it next writes.
-async function recover(conversationId, text, before, sent, item, attempt = 1) {
-  if (log.conversationId !== conversationId) return;
+// The stream of a turn broke after it began, or was stopped: the server may have stored the
+// message and the reply (cut short: incomplete). Read what it holds after `before` (the last seq
+// shown before the turn) and show that instead of the page's copy; try again a few times, as the
+// server notices a reader that left only when it next writes. `lead` says why (CUT_SHORT).
+async function recover(conversationId, text, before, sent, item, lead, recovery = { timer: null }, attempt = 1) {
+  recoveries.add(recovery);
+  if (log.conversationId !== conversationId) return recoveries.delete(recovery);
   try {
     const id = encodeURIComponent(conversationId);
     const conversation = await call("GET", `/get_conversation?conversation_id=${id}&after_seq=${before}`);
-    if (log.conversationId !== conversationId) return;
+    if (!recoveries.has(recovery)) return; // the conversation was ended or left meanwhile
     if (conversation.messages.some((message) => message.role === "user" && message.content === text)) {
+      recoveries.delete(recovery);
       sent.remove();
       item.remove();
       conversation.messages.forEach(showStored);
       noteHandoff(conversation.handoff);
-      showError("The connection was lost during the reply; Parley kept what is shown.");
+      showError(`${lead}; Parley kept what is shown.`);
       return watch();
     }
   } catch (failure) {
+    if (!recoveries.has(recovery)) return;
     if (failure instanceof ApiFailure && failure.status === 429) noteRateLimit(failure);
   }
   if (attempt >= RECOVERY_READS) {
-    return showError("The connection was lost during the reply. Reload the page later to see whether Parley kept it.");
+    recoveries.delete(recovery);
+    return showError(`${lead}. Reload the page later to see whether Parley kept it.`);
   }
-  setTimeout(() => recover(conversationId, text, before, sent, item, attempt + 1),
+  recovery.timer = setTimeout(() => recover(conversationId, text, before, sent, item, lead, recovery, attempt + 1),
     Math.max(attempt * 1000, rateLimitedUntil - Date.now()));
+}
+
+function cancelRecoveries() {
+  for (const recovery of recoveries) clearTimeout(recovery.timer);
+  recoveries.clear();
+  if (errorKind === "recovering") showError(""); // it would say the page is still reading
+}
+
+// Aborts the reply streaming now, if any: `why` is "stopped" (the Stop button), "stalled" (nothing
+// came for STALL_MS) or "left" (the conversation was left: nothing more of it is shown).
+function stopReply(why) {
+  if (!streamingReply || streamingReply.why) return;
+  streamingReply.why = why;
+  streamingReply.controller.abort();
+}
+
+// Stop takes Send's place while a reply streams.
+function showStreaming(on) {
+  if (!on && document.activeElement === $("stop")) $("message").focus(); // not lost with the button
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  $("stop").disabled = !on;
 }
 
 async function send(text) {
@@ -279,6 +330,15 @@ async function send(text) {
   item.classList.add("streaming");
   const body = item.querySelector(".text");
   $("send").disabled = true;
+  const stream = { controller: new AbortController(), why: null };
+  streamingReply = stream;
+  showStreaming(true);
+  let stall = null;
+  const waiting = () => {
+    clearTimeout(stall);
+    stall = setTimeout(() => streamingReply === stream && stopReply("stalled"), STALL_MS);
+  };
+  waiting();
   let streaming = false;
   try {
     const response = await fetch("/chat", {
@@ -289,7 +349,9 @@ async function send(text) {
         Accept: "text/event-stream",
       },
       body: JSON.stringify({ conversation_id: conversationId, message: text, stream: true }),
+      signal: stream.controller.signal,
     });
+    waiting();
     if (!response.ok || response.status === 202) {
       const data = await response.json().catch(() => ({}));
       if (response.status === 202 && data.handoff) {
@@ -337,18 +399,23 @@ async function send(text) {
         finished = true;
         throw new ApiFailure(502, data, null);
       }
-    });
+    }, waiting);
     if (!finished) throw new ApiFailure(0, { message: "The connection closed before the reply was complete." }, null);
     showError("");
   } catch (failure) {
-    // An error event is the server's own answer; anything else after the stream began is a broken connection.
-    if (streaming && !(failure instanceof ApiFailure && failure.status !== 0)) {
+    if (stream.why === "left") return; // the conversation is no longer shown
+    // An error event is the server's own answer; anything else after the stream began is a broken
+    // connection. A reply stopped (by Stop, or stalled) may have reached the server even before
+    // its stream began.
+    const broken = streaming && !(failure instanceof ApiFailure && failure.status !== 0);
+    if (stream.why || broken) {
+      const { lead, mark } = CUT_SHORT[stream.why || "lost"];
       const marked = body.textContent ? item : sent;
       if (marked === sent) item.remove();
       marked.classList.add("failed");
-      addMeta(marked, "connection lost: the reply may have been kept", false);
-      showError("The connection was lost during the reply. Parley may have kept it: reading the conversation again…");
-      recover(conversationId, text, before, sent, item);
+      addMeta(marked, mark, false);
+      showError(`${lead}. Parley may have kept it: reading the conversation again…`, "recovering");
+      recover(conversationId, text, before, sent, item, lead);
       return;
     }
     if (body.textContent) {
@@ -364,6 +431,11 @@ async function send(text) {
     }
     showFailure(failure);
   } finally {
+    clearTimeout(stall);
+    if (streamingReply === stream) {
+      streamingReply = null;
+      showStreaming(false);
+    }
     item.classList.remove("streaming");
     $("send").disabled = false;
     if (log.conversationId === conversationId) watch();
@@ -421,14 +493,46 @@ async function restore() {
   }
 }
 
+// A pasted key is asked about (GET /keys/me) before the tab keeps it: a key Parley refuses, or one
+// that is not a client key, is not kept. When Parley cannot answer (unreachable, a server error, the
+// rate limit) the key is kept all the same, so that an outage locks no one out; its first request
+// then says whether it is refused.
+async function useKey(key) {
+  let checked = true;
+  try {
+    const me = await call("GET", "/keys/me", undefined, key);
+    if (me.role !== "client") return refuseKey(`This is ${me.role === "admin" ? "an" : "a"} ${me.role} key; this page needs a client key.`);
+  } catch (failure) {
+    if (failure instanceof ApiFailure && (failure.status === 401 || failure.status === 403)) return refuseKey(explain(failure));
+    checked = false;
+    const why = failure instanceof ApiFailure ? explain(failure) : `Parley could not be reached (${failure.message}).`;
+    if (failure instanceof ApiFailure && failure.status === 429) noteRateLimit(failure);
+    showError("The key is kept, but it could not be checked now: " + why, "key_unchecked");
+  }
+  sessionStorage.setItem(KEY, key);
+  $("api-key").value = "";
+  if (checked) showError("");
+  restore();
+  $("conversation-name").focus();
+}
+
+function refuseKey(text) {
+  showError(text);
+  $("api-key").select();
+  $("api-key").focus();
+}
+
 function wire() {
-  $("key-form").addEventListener("submit", (event) => {
+  $("key-form").addEventListener("submit", async (event) => {
     event.preventDefault();
-    sessionStorage.setItem(KEY, $("api-key").value.trim());
-    $("api-key").value = "";
-    showError("");
-    restore();
-    $("conversation-name").focus();
+    const button = $("key-form").querySelector("button");
+    if (button.disabled) return;
+    button.disabled = true; // one check at a time
+    try {
+      await useKey($("api-key").value.trim());
+    } finally {
+      button.disabled = false;
+    }
   });
   $("forget-key").addEventListener("click", () => {
     resetLog(null);
@@ -474,12 +578,14 @@ function wire() {
     try {
       const conversation = await call("POST", "/end_chat", { conversation_id: sessionStorage.getItem(CONVERSATION) });
       stopWatching();
+      cancelRecoveries();
       showConversation(conversation);
       showError("");
     } catch (failure) {
       showFailure(failure);
     }
   });
+  $("stop").addEventListener("click", () => stopReply("stopped"));
   $("leave-chat").addEventListener("click", () => {
     resetLog(null);
     sessionStorage.removeItem(CONVERSATION);

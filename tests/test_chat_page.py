@@ -152,20 +152,78 @@ def test_a_reply_with_markup_shows_as_text_after_a_reload(served, page, tmp_path
     page.screenshot(path=str(tmp_path / f"injected-{provider}.png"), full_page=True)
 
 
+def stored_key(page: Page) -> str | None:
+    return page.evaluate("sessionStorage.getItem('parley.key')")
+
+
 def test_the_page_names_a_bad_key_and_can_end_the_conversation(served, page):
     base_url, secret, _ = served
     page.goto(base_url + "/")
     page.get_by_label("Paste a client key").fill("prly_not_a_real_key")
     page.get_by_role("button", name="Use key").click()
-    page.get_by_role("button", name="Start").click()
     expect(page.get_by_role("alert")).to_contain_text("API key was not accepted")
+    assert stored_key(page) is None
 
-    page.get_by_role("button", name="Forget it").click()
     start_conversation(page, base_url, secret)
     page.get_by_role("button", name="End conversation").click()
 
     expect(page.locator("#chat-status")).to_have_text("ended")
     expect(page.get_by_label("Message")).to_be_disabled()
+
+
+@pytest.mark.parametrize(("wrong", "said"), [
+    ("unknown", "That API key was not accepted. Paste a valid client key."),
+    ("staff", "This is a staff key; this page needs a client key."),
+], ids=["unknown", "staff"])
+def test_the_page_keeps_only_a_client_key(serve, page, wrong, said):
+    base_url, secret, _ = serve("echo")
+    page.goto(base_url + "/")
+    key_box = page.get_by_label("Paste a client key")
+    key_box.fill("prly_not_a_real_key" if wrong == "unknown" else serve.staff_key(base_url))
+    key_box.press("Enter")
+
+    expect(page.get_by_role("alert")).to_have_text(said)
+    expect(key_box).to_be_focused()  # to paste another at once
+    assert stored_key(page) is None
+    expect(page.locator("#new-panel")).to_be_hidden()
+    key_box.fill(secret)
+    key_box.press("Enter")
+    expect(page.get_by_label("Name (optional)")).to_be_focused()
+    expect(page.get_by_role("alert")).to_be_hidden()
+    assert stored_key(page) == secret
+
+
+KEY_CHECK_OUTAGES = {
+    "unreachable": lambda route: route.abort("internetdisconnected"),
+    "server error": lambda route: route.fulfill(
+        status=503, json={"error": "database_unavailable", "message": "The database is unavailable."}),
+    "rate limited": lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "1"}, json={"error": "rate_limited", "message": "Too many requests."}),
+}
+
+
+@pytest.mark.parametrize("outage", KEY_CHECK_OUTAGES)
+def test_a_key_that_cannot_be_checked_now_is_kept(serve, page, outage):
+    """An outage locks no one out: the key is kept, and its first request says whether it is refused."""
+    base_url, secret, _ = serve("echo")
+    page.route("**/keys/me", KEY_CHECK_OUTAGES[outage])
+    page.goto(base_url + "/")
+    page.get_by_label("Paste a client key").fill("prly_not_a_real_key")
+    page.get_by_label("Paste a client key").press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("The key is kept, but it could not be checked now")
+    assert stored_key(page) == "prly_not_a_real_key"
+    expect(page.get_by_label("Name (optional)")).to_be_focused()
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_role("alert")).to_have_text("That API key was not accepted. Paste a valid client key.")
+
+    page.get_by_role("button", name="Forget it").click()
+    page.get_by_label("Paste a client key").fill(secret)
+    page.get_by_label("Paste a client key").press("Enter")
+    expect(page.get_by_role("alert")).to_contain_text("could not be checked now")
+    page.get_by_role("button", name="Start").click()
+    expect(page.locator("#chat-title")).to_have_text("Conversation")
+    expect(page.get_by_role("alert")).to_be_hidden()  # the key worked
 
 
 def test_the_page_says_when_the_model_is_unavailable(serve, page, fake_model):
@@ -523,6 +581,123 @@ def test_a_stream_that_breaks_shows_what_parley_kept(serve, page):
     expect(page.locator("#messages .failed")).to_have_count(0)
     shown_seqs = page.eval_on_selector_all("#messages > .message", "items => items.map(item => Number(item.dataset.seq))")
     assert shown_seqs == [1, 2]
+
+
+class StallOnceParleyHasAnswered:
+    """A route for POST /chat: the server gets the message, streams its whole reply and stores it
+    (asked apart from the page's request, which a stop would end); the page gets nothing and waits."""
+
+    def __init__(self, page: Page):
+        self.page = page
+        self.answered = False
+
+    def __call__(self, route) -> None:
+        headers = {name: route.request.headers[name] for name in ("authorization", "content-type", "accept")}
+        assert self.page.context.request.post(route.request.url, headers=headers, data=route.request.post_data).ok
+        self.answered = True
+
+    def wait(self) -> None:
+        for _ in range(100):
+            if self.answered:
+                return
+            self.page.wait_for_timeout(100)
+        pytest.fail("Parley never answered")
+
+
+def test_stop_gives_up_a_stalled_reply_and_shows_what_parley_kept(serve, page, tmp_path):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    stop = page.get_by_role("button", name="Stop")
+    expect(stop).to_be_hidden()
+    stall = StallOnceParleyHasAnswered(page)
+    page.route("**/chat", stall)
+
+    box = page.get_by_label("Message")
+    box.fill("a reply that never comes")
+    box.press("Enter")
+    expect(stop).to_be_visible()
+    expect(stop).to_be_enabled()
+    expect(page.get_by_role("button", name="Send")).to_be_hidden()  # Stop takes its place
+    page.screenshot(path=str(tmp_path / "chat-stop.png"), full_page=True)
+    stall.wait()
+    box.press("Tab")
+    expect(stop).to_be_focused()
+    page.keyboard.press("Enter")
+
+    expect(page.get_by_role("alert")).to_contain_text("You stopped the reply")
+    expect(stop).to_be_hidden()
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    expect(box).to_be_focused()
+    stored = Support(page, base_url, secret, "").read().json()["messages"]
+    assert [message["role"] for message in stored] == ["user", "assistant"]
+    expect(page.locator("#messages .assistant .text")).to_have_text([stored[1]["content"]], timeout=10_000)
+    expect(page.locator("#messages .user .text")).to_have_text(["a reply that never comes"])
+    expect(page.locator("#messages .failed")).to_have_count(0)
+    expect(page.get_by_role("alert")).to_have_text("You stopped the reply; Parley kept what is shown.")
+    assert page.console_errors == []
+
+
+def test_a_reply_that_stalls_is_given_up_by_itself(serve, page):
+    base_url, secret, _ = serve("echo")
+    page.add_init_script("window.PARLEY_STALL_MS = 1500")  # instead of 60 s
+    start_conversation(page, base_url, secret)
+    page.route("**/chat", StallOnceParleyHasAnswered(page))
+
+    page.get_by_label("Message").fill("is anyone there?")
+    page.get_by_label("Message").press("Enter")
+
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("The reply stalled: nothing came for 1.5 s, so the page stopped waiting", timeout=10_000)
+    expect(page.locator("#messages .assistant .text")).to_have_text([re.compile("is anyone there")], timeout=10_000)
+    expect(alert).to_have_text("The reply stalled: nothing came for 1.5 s, so the page stopped waiting; Parley kept what is shown.")
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    expect(page.locator("#messages .failed")).to_have_count(0)
+
+
+def test_stop_in_the_middle_of_a_reply_shows_it_kept_incomplete(serve, page, fake_model):
+    base_url, secret, _ = serve("anthropic")
+    start_conversation(page, base_url, secret)
+    fake_model.stream_interval = 0.3  # slow enough to stop it mid-reply
+
+    page.get_by_label("Message").fill("tell me a long story " * 5)
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#messages .assistant.streaming .text")).not_to_be_empty(timeout=10_000)
+    page.get_by_role("button", name="Stop").click()
+
+    expect(page.get_by_role("alert")).to_contain_text("You stopped the reply")
+    # The server stored the words it had sent, marked incomplete; the page reads them back.
+    expect(page.locator("#messages .assistant .meta")).to_have_text(["incomplete: the reader left before the end"], timeout=15_000)
+    stored = Support(page, base_url, secret, "").read().json()["messages"]
+    assert [(message["role"], message["incomplete"]) for message in stored] == [("user", False), ("assistant", True)]
+    expect(page.locator("#messages .assistant .text")).to_have_text([stored[1]["content"]])
+    expect(page.get_by_role("alert")).to_have_text("You stopped the reply; Parley kept what is shown.")
+
+
+@pytest.mark.parametrize("action", ["End conversation", "New conversation"])
+def test_ending_or_leaving_a_conversation_stops_reading_a_lost_reply_back(serve, page, action):
+    base_url, secret, _ = serve("echo")
+    start_conversation(page, base_url, secret)
+    conversation_id = stored_conversation(page)
+    reads = []
+    page.on("request", lambda request: "/get_conversation" in request.url and conversation_id in request.url
+            and reads.append(request.url))
+    # A stream that breaks before Parley saw the message: the page keeps reading for a reply it never stored.
+    page.route("**/chat", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body='event: delta\ndata: {"text": "Hel"}\n\n'))
+    page.get_by_label("Message").fill("lost on the way")
+    page.get_by_label("Message").press("Enter")
+    expect(page.get_by_role("alert")).to_contain_text("reading the conversation again")
+
+    page.get_by_role("button", name=action).click()
+    if action == "End conversation":
+        expect(page.locator("#chat-status")).to_have_text("ended")
+    else:
+        expect(page.locator("#new-panel")).to_be_visible()
+    read_before = len(reads)
+    page.wait_for_timeout(5_000)  # a recovery reads again 1, 3, 6 and 10 s after the break
+
+    assert len(reads) == read_before, reads
+    expect(page.get_by_role("alert")).to_be_hidden()
 
 
 def test_a_long_unbroken_name_fits_a_phone_screen(serve, page):
