@@ -437,7 +437,7 @@ async function send(text) {
       showStreaming(false);
     }
     item.classList.remove("streaming");
-    $("send").disabled = false;
+    $("send").disabled = $("message").disabled; // still off when the conversation was ended meanwhile
     if (log.conversationId === conversationId) watch();
   }
 }

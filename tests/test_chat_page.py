@@ -654,6 +654,23 @@ def test_a_reply_that_stalls_is_given_up_by_itself(serve, page):
     expect(page.locator("#messages .failed")).to_have_count(0)
 
 
+def test_a_conversation_ended_while_a_reply_is_awaited_takes_no_more_messages(serve, page):
+    base_url, secret, _ = serve("echo")
+    page.add_init_script("window.PARLEY_STALL_MS = 1500")
+    start_conversation(page, base_url, secret)
+    page.route("**/chat", lambda route: None)  # the page's request is never answered
+    page.get_by_label("Message").fill("hello?")
+    page.get_by_label("Message").press("Enter")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+
+    page.get_by_role("button", name="End conversation").click()
+    expect(page.locator("#chat-status")).to_have_text("ended")
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden(timeout=10_000)  # given up as stalled
+
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    expect(page.get_by_label("Message")).to_be_disabled()
+
+
 def test_stop_in_the_middle_of_a_reply_shows_it_kept_incomplete(serve, page, fake_model):
     base_url, secret, _ = serve("anthropic")
     start_conversation(page, base_url, secret)
