@@ -127,7 +127,12 @@ class Attachment:
 
 def file_key(conversation_id: uuid.UUID, file_id: uuid.UUID) -> str:
     """The object's key below the archive root (both parts are UUIDs, so no request text reaches it)."""
-    return f"{FILES_PREFIX}{uuid.UUID(str(conversation_id))}/{uuid.UUID(str(file_id))}"
+    return f"{files_folder(conversation_id)}{uuid.UUID(str(file_id))}"
+
+
+def files_folder(conversation_id: uuid.UUID) -> str:
+    """The prefix of a conversation's file objects."""
+    return f"{FILES_PREFIX}{uuid.UUID(str(conversation_id))}/"
 
 
 def max_request_bytes(settings: Mapping[str, Any]) -> int:
@@ -387,15 +392,23 @@ def content_block(attachment: Attachment) -> dict[str, Any]:
 
 
 def delete_files(session: Session, archive: Archive, conversation_ids: Sequence[uuid.UUID]) -> int:
-    """Remove the conversations' file objects, then their rows; the caller commits. Returns the count."""
+    """Remove the conversations' file objects, then their rows; the caller commits. Returns the objects' count.
+
+    Every object below each conversation's `files/{conversation_id}/` goes,
+    not only those with a row: an upload the store answered too late (a
+    timeout, then the object landed) has none, and its delete may have failed.
+    """
     rows = session.execute(
         select(ConversationFile.file_id, ConversationFile.location).where(ConversationFile.conversation_id.in_(conversation_ids))
     ).all()
-    for row in rows:
-        archive.delete(row.location)
+    keys = {row.location for row in rows}
+    for conversation_id in conversation_ids:
+        keys.update(item.key for item in archive.list(files_folder(conversation_id)))
+    for key in sorted(keys):
+        archive.delete(key)
     if rows:
         session.execute(ConversationFile.__table__.delete().where(ConversationFile.conversation_id.in_(conversation_ids)))
-    return len(rows)
+    return len(keys)
 
 
 def files_by_conversation(session: Session, conversation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:

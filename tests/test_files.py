@@ -488,6 +488,20 @@ def test_delete_user_removes_the_files_objects_and_rows(app, client, runner):
     assert _stored(app) == (1, [kept_file["location"]])
 
 
+def test_delete_user_removes_a_file_object_that_has_no_row(app, client, runner):
+    """An upload the store answered too late: Parley answered 503 and stored no row, but the
+    object landed afterwards (a hung S3 that came back). Erasing the user takes it too."""
+    erased = _open(client, user_id="erase-me")
+    kept_file = _upload(client, _open(client, user_id="keep-me"), b"stays", "c.txt").json
+    late = files.file_key(uuid.UUID(erased), uuid.uuid4())
+    app.extensions["parley.archive"].put(late, b"landed after the answer", "text/plain")
+
+    result = runner.invoke(args=["delete-user", "erase-me"])
+
+    assert result.exit_code == 0, result.output
+    assert _stored(app) == (1, [kept_file["location"]])
+
+
 def test_archive_retention_removes_the_files_with_the_conversation(app, client, runner):
     app.config["ARCHIVE_RETENTION_DAYS"] = 30
     old, recent = _open(client), _open(client)
