@@ -795,7 +795,22 @@ def finish_turn(
         for n, message in enumerate(messages):
             message.created_at = message.created_at or now
             parameters |= {f"{column}_{n}": getattr(message, column) for column in _STORED_COLUMNS}
-        seqs = [row.seq for row in _execute_on_driver(session, _finish_and_store_pg(len(messages)), parameters)]
+        statement = _finish_and_store_pg(len(messages))
+        alone = session.connection().get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        try:
+            seqs = [row.seq for row in _execute_on_driver(session, statement, parameters)]
+        except DBAPIError as exc:
+            if not (alone and exc.connection_invalidated):
+                raise
+            # The connection broke (a database restart, a network cut) after the statement was
+            # sent: it may have committed all the same, and a 503 would make the client send the
+            # turn again. Once more on a fresh connection: it stores the turn if the first did not
+            # (the lease is still ours); if it finds the lease released, look for the messages.
+            session.rollback()
+            commit_each_statement(session)
+            seqs = [row.seq for row in _execute_on_driver(session, statement, parameters)] or _stored_seqs(
+                session, conversation_id, messages
+            )
         if not seqs:
             return None
         for message, seq in zip(messages, sorted(seqs), strict=True):
@@ -809,6 +824,26 @@ def finish_turn(
 
 
 _STORED_COLUMNS = ("role", "content", "created_at", "token_count", "usage", "incomplete", "file_ids")
+_FIND_STORED = select(_messages.c.seq).where(
+    _messages.c.conversation_id == bindparam("cid"),
+    _messages.c.role == bindparam("role"),
+    _messages.c.created_at == bindparam("created_at"),
+    _messages.c.content == bindparam("content"),
+)
+
+
+def _stored_seqs(session: Session, conversation_id: uuid.UUID, messages: list[MemoryMessage]) -> list[int]:
+    """The seqs `messages` were stored at by a store whose answer was lost, or none when they were not.
+
+    A turn's messages are stored together at consecutive seqs; the first is
+    known by its own role, time and words.
+    """
+    first = messages[0]
+    found = session.execute(
+        _FIND_STORED,
+        {"cid": conversation_id, "role": first.role, "created_at": first.created_at, "content": first.content},
+    ).scalars().first()
+    return [] if found is None else [found + n for n in range(len(messages))]
 
 
 @functools.cache

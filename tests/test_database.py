@@ -1,8 +1,11 @@
 """Schema, migrations, the tail query, concurrency and database faults."""
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -444,3 +447,81 @@ def test_a_turn_whose_tail_read_fails_after_its_claim_gives_the_lease_back(app, 
 
     assert killed and failed.status_code == 503 and failed.json["error"] == "database_unavailable"
     assert turn.status_code == 200 and turn.json["seq"] == 3_002
+
+
+class _CutAfterTheStore:
+    """A TCP proxy to PostgreSQL that, once armed, closes the client's connection right after the
+    server answers the message that holds a turn's store: the store committed, its answer is lost
+    (a network cut or a failover at the worst moment)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.armed, self.cut = port, threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url_port(self) -> int:
+        return self.listener.getsockname()[1]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", self.port))
+        storing = False
+        watch = selectors.DefaultSelector()
+        for end in (client, server):
+            watch.register(end, selectors.EVENT_READ)
+        try:
+            while True:
+                ready = {key.fileobj for key, _ in watch.select()}
+                if client in ready:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    storing = storing or (self.armed.is_set() and b"INSERT INTO messages" in data)
+                    server.sendall(data)
+                if server in ready:
+                    data = server.recv(65536)
+                    if not data:
+                        return
+                    if storing:  # the answer to the store: dropped, and the connection with it
+                        self.armed.clear()
+                        self.cut.set()
+                        return
+                    client.sendall(data)
+        finally:
+            watch.close()
+            for end in (client, server):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_turn_stored_before_its_connection_broke_is_answered_not_stored_again(app_config, keys, postgres_url):
+    """Without this a client was told 503 for a turn the database held, and its resend stored it twice."""
+    proxy = _CutAfterTheStore(sa.engine.make_url(postgres_url).port)
+    url = sa.engine.make_url(postgres_url).set(port=proxy.url_port).render_as_string(hide_password=False)
+    worker = create_app({**app_config, "DATABASE_URL": url})
+    client = client_with_key(worker, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "u"}).json["conversation_id"]
+
+    proxy.armed.set()
+    answered = client.post("/chat", json={"conversation_id": conversation_id, "message": "only once"})
+    after = client.post("/chat", json={"conversation_id": conversation_id, "message": "and then this"})
+    log = client.get("/get_conversation", query_string={"conversation_id": conversation_id}).json["messages"]
+
+    assert proxy.cut.is_set()  # the store's answer was lost
+    assert answered.status_code == 200, answered.json
+    assert answered.json["seq"] == 2
+    assert after.status_code == 200 and after.json["seq"] == 4
+    assert [(m["seq"], m["role"]) for m in log] == [(1, "user"), (2, "assistant"), (3, "user"), (4, "assistant")]
+    assert log[0]["content"] == "only once"
+    worker.extensions["parley.engine"].dispose()
+    proxy.listener.close()

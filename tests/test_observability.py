@@ -251,11 +251,17 @@ def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app,
             if status in answered[conversation_id]:
                 answered[conversation_id][status] += 1
 
+    killed_busy = []  # connections busy (a statement running or a transaction open) just before each kill
+
     def restart_repeatedly() -> None:
         admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as connection:
             for _ in range(12):
                 time.sleep(0.25)
+                killed_busy.extend(connection.execute(text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND state <> 'idle'"
+                )).scalars())
                 connection.execute(text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
@@ -265,13 +271,17 @@ def test_database_restarts_under_load_answer_503_never_500_and_lose_nothing(app,
     threads = [threading.Thread(target=chat, args=(c,)) for c in conversations]
     for thread in threads:
         thread.start()
-    restart_repeatedly()
-    stop.set()
+    try:
+        restart_repeatedly()
+    finally:
+        stop.set()
     for thread in threads:
         thread.join()
 
     assert 500 not in statuses
-    assert 503 in statuses  # the faults did reach requests
+    # The faults did reach requests; a turn's claim and store each try once more on a fresh
+    # connection, so most of them (all, in some runs) answer 200 all the same.
+    assert killed_busy
     assert set(statuses) <= {200, 503, 409}
     assert statuses.count(200) > 0
     stuck = 0
