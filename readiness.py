@@ -8,10 +8,13 @@ never hangs on a dead dependency. A check still running from an earlier
 probe is waited on again rather than started twice, so probes against a hung
 dependency do not pile up, nor hold back the other dependency's check.
 A reason is an error class or S3 error code and a fixed hint; never a
-message from the failure itself, which may carry a URL with a password.
+message from the failure itself, which may carry a URL with a password. The
+failure's own message goes to the server log (`parley.readiness`), once each
+time a check's outcome changes, so a probe every few seconds does not flood it.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
@@ -23,6 +26,8 @@ from sqlalchemy.exc import DBAPIError
 import database_utils
 from archive_setup import failure_reason
 from database_utils import DatabaseNotMigrated
+
+log = logging.getLogger("parley.readiness")
 
 _DATABASE_HINTS = {
     "OperationalError": "cannot connect or the server refused: check DATABASE_URL, the server and the network",
@@ -42,6 +47,7 @@ class Checks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: dict[str, Future] = {}
+        self._reported: dict[str, dict[str, str] | None] = {}  # each check's last outcome logged: its reason, or None when ok
 
     def start(self, name: str, check: Callable[[], None]) -> Future:
         """The check `name` under way, or a new one."""
@@ -55,6 +61,18 @@ class Checks:
         except RuntimeError as exc:  # no thread to be had (at interpreter shutdown): this probe fails, the next tries again
             future.set_exception(exc)
         return future
+
+    def report(self, name: str, reason: dict[str, str] | None, failure: BaseException | None) -> None:
+        """Log a check's outcome if it differs from the last one logged."""
+        with self._lock:
+            changed = self._reported.get(name) != reason
+            self._reported[name] = reason
+        if not changed:
+            return
+        if reason is None:
+            log.info("readyz: the %s check passes", name)
+        else:
+            log.warning("readyz: the %s check fails: %s: %s", name, reason["error"], _detail(failure) or reason["hint"])
 
 
 def _run(future: Future, check: Callable[[], None]) -> None:
@@ -83,15 +101,19 @@ def check_readiness(app: Flask) -> tuple[dict[str, Any], bool]:
     results: dict[str, str] = {}
     reasons: dict[str, dict[str, str]] = {}
     for name, future in futures.items():
+        failure = None
         if not future.done():
             reason = {"error": "Timeout", "hint": f"no answer within READYZ_TIMEOUT_SECONDS={timeout:g}"}
         elif future.exception() is None:
             results[name] = "ok"
+            running.report(name, None, None)
             continue
         else:
-            reason = _reason(name, future.exception())
+            failure = future.exception()
+            reason = _reason(name, failure)
         results[name] = "unavailable"
         reasons[name] = reason
+        running.report(name, reason, failure)
     ready = not reasons
     body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "checks": results}
     if reasons:
@@ -110,6 +132,15 @@ def _check_database(app: Flask) -> None:
             # A pooled connection the database closed (a restart, within PING_IDLE_SECONDS of its
             # last use): the pool has dropped it and its older ones. Once more, on a fresh one.
             database_utils.require_current_schema(engine)
+
+
+def _detail(failure: BaseException | None) -> str:
+    """What the failure says of itself, for the log: the driver's or S3's own message (a check
+    sends no user data, and the log keeps no tracebacks), without SQLAlchemy's SQL and links."""
+    if failure is None:
+        return ""
+    cause = failure.orig if isinstance(failure, DBAPIError) and failure.orig is not None else failure.__cause__ or failure
+    return " ".join(str(cause).split())[:500]
 
 
 def _reason(name: str, exc: BaseException) -> dict[str, str]:

@@ -385,17 +385,46 @@ def test_database_behind_the_code_is_not_migrated(empty_postgres, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_readyz_names_the_database_failure_without_secrets(app_config):
+def test_readyz_names_the_database_failure_without_secrets(app_config, caplog):
     port = free_ports(1)[0]
     config = {**app_config, "DATABASE_URL": f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/parley"}
 
     ready = create_app(config).test_client().get("/readyz")
+
+    logged = [r.getMessage() for r in caplog.records if r.name == "parley.readiness"]
+    assert len(logged) == 1 and f"port {port} failed" in logged[0], logged  # libpq's own words, for the operator
+    assert "s3cret" not in caplog.text
 
     assert ready.status_code == 503
     assert ready.json["checks"] == {"database": "unavailable", "archive": "ok"}
     assert ready.json["reasons"]["database"]["error"] == "OperationalError"
     assert "DATABASE_URL" in ready.json["reasons"]["database"]["hint"]
     assert "s3cret" not in ready.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_readyz_logs_a_failure_once_with_its_cause_and_logs_the_recovery(app_config, caplog):
+    """The hint "see the server log" must point at something: the failure's own message is
+    logged when a check starts failing, not again on every probe, and its recovery once."""
+    app = create_app(app_config)
+    client = app.test_client()
+    archive = app.extensions["parley.archive"]
+    healthy_ping = archive.ping
+
+    def broken_ping() -> None:
+        raise PermissionError("the archive folder is read-only")
+
+    caplog.set_level("INFO", logger="parley.readiness")
+    archive.ping = broken_ping
+    statuses = [client.get("/readyz").status_code for _ in range(3)]
+    archive.ping = healthy_ping
+    statuses += [client.get("/readyz").status_code for _ in range(2)]
+
+    assert statuses == [503, 503, 503, 200, 200]
+    records = [r for r in caplog.records if r.name == "parley.readiness"]
+    assert [r.levelname for r in records] == ["WARNING", "INFO"]
+    assert records[0].getMessage() == "readyz: the archive check fails: PermissionError: the archive folder is read-only"
+    assert "archive" in records[1].getMessage()
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
