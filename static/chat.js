@@ -12,9 +12,11 @@ const IDLE_POLL_MS = 10000;
 // A restore that fails with these forgets the conversation (gone, not one, or the key refused);
 // any other failure (rate limit, network, server) keeps it, and the page reads it again later.
 const FORGETS_CONVERSATION = new Set([400, 401, 403, 404, 422]);
-// After a broken stream, how often the page reads what the server kept (it stores a reply cut
-// short once it notices the reader left).
-const RECOVERY_READS = 5;
+// After a broken stream, how often the page reads what the server kept: 1, 2, ... 8 s apart, 36 s
+// in all. The server stores a reply cut short once it notices the reader left, which may take
+// its second write after the break: with a model that sends nothing, its second heartbeat (every
+// STREAM_HEARTBEAT_SECONDS, 15 s by default).
+const RECOVERY_READS = 9;
 // A streamed reply after which nothing has arrived for this long (no words, and none of the
 // heartbeats the server sends every STREAM_HEARTBEAT_SECONDS, 15 s by default) has stalled: the
 // page stops waiting, as if Stop were pressed. The server itself ends a model call that sends

@@ -690,6 +690,34 @@ def test_stop_in_the_middle_of_a_reply_shows_it_kept_incomplete(serve, page, fak
     expect(page.get_by_role("alert")).to_have_text("You stopped the reply; Parley kept what is shown.")
 
 
+def test_a_lost_reply_is_read_back_for_longer_than_two_heartbeats(serve, page):
+    """Parley may notice a reader that left only at its second write after the break: with a model
+    that says nothing for a while, its second heartbeat, 30 s on (STREAM_HEARTBEAT_SECONDS=15).
+    The page keeps reading the conversation back past that (it gave up after 10 s)."""
+    base_url, secret, _ = serve("echo")
+    page.clock.install()
+    start_conversation(page, base_url, secret)
+    # A stream that breaks before Parley stored anything: the page reads back in vain.
+    page.route("**/chat", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body='event: delta\ndata: {"text": "Hel"}\n\n'))
+    page.get_by_label("Message").fill("lost on the way")
+    page.get_by_label("Message").press("Enter")
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("reading the conversation again")
+    page.clock.pause_at(page.evaluate("Date.now()") + 10)
+
+    def run_for(seconds: int) -> None:
+        for _ in range(seconds):
+            page.clock.run_for(1_000)
+            time.sleep(0.15)  # each read's answer, in real time, before the page plans the next
+
+    run_for(31)
+    expect(alert).to_contain_text("reading the conversation again")  # a store at the second heartbeat is still seen
+    run_for(8)
+
+    expect(alert).to_contain_text("Reload the page later to see whether Parley kept it")  # 36 s on, it gives up
+
+
 @pytest.mark.parametrize("action", ["End conversation", "New conversation"])
 def test_ending_or_leaving_a_conversation_stops_reading_a_lost_reply_back(serve, page, action):
     base_url, secret, _ = serve("echo")
@@ -711,7 +739,7 @@ def test_ending_or_leaving_a_conversation_stops_reading_a_lost_reply_back(serve,
     else:
         expect(page.locator("#new-panel")).to_be_visible()
     read_before = len(reads)
-    page.wait_for_timeout(5_000)  # a recovery reads again 1, 3, 6 and 10 s after the break
+    page.wait_for_timeout(5_000)  # a recovery reads again 1, 3, 6, 10, 15 ... s after the break
 
     assert len(reads) == read_before, reads
     expect(page.get_by_role("alert")).to_be_hidden()
