@@ -49,7 +49,7 @@ from database_utils import (
     utcnow,
 )
 from errors import NotFound, TurnInProgress
-from files import delete_files, files_by_conversation
+from files import FILES_PREFIX, delete_files, files_by_conversation, match_unlisted_objects, restored_file_rows
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
@@ -484,7 +484,9 @@ class ReconcileReport:
     ending_finished: int = 0
     ending_failed: int = 0
     rows_restored: int = 0
+    file_rows_restored: int = 0
     stale_removed: int = 0
+    file_objects_removed: int = 0
     verified: int = 0
     rewritten: int = 0
     unrepairable: list[uuid.UUID] = field(default_factory=list)
@@ -497,7 +499,8 @@ class ReconcileReport:
     def line(self) -> str:
         text = (
             f"reconcile: finished {self.ending_finished} ending (failed {self.ending_failed}), "
-            f"restored {self.rows_restored} rows from objects without one, removed {self.stale_removed} stale objects, "
+            f"restored {self.rows_restored} rows from objects without one (and {self.file_rows_restored} file rows), "
+            f"removed {self.stale_removed} stale objects and {self.file_objects_removed} file objects without a row, "
             f"verified {self.verified} objects, rewrote {self.rewritten} missing or different, "
             f"unrepairable {len(self.unrepairable)}"
         )
@@ -519,8 +522,12 @@ def reconcile(
     2. Every object is matched with its row: an object with no row gets its
        row back from the document (the archive is the permanent record); a
        copy under another key than its row's, or of a still active
-       conversation, is stale and removed.
-    3. Every ended row's object is read and checked against the row's
+       conversation, is stale and removed. A restored row gets its file rows
+       back from the document too.
+    3. Every object below `files/` with no row gets it back from its
+       conversation's document when the document lists it, and is removed
+       otherwise, unless its conversation is active (an upload may be under way).
+    4. Every ended row's object is read and checked against the row's
        checksum; a missing or different one is written again from the live
        messages when they are still kept (LIVE_RETENTION_DAYS), otherwise
        it is reported as unrepairable.
@@ -540,6 +547,12 @@ def reconcile(
             with tqdm(unit="obj", desc="reconcile: objects", disable=None) as bar:
                 for keys in _chunks(archive.list(CONVERSATIONS_PREFIX), batch_size):
                     _match_objects(session, archive, keys, report)
+                    bar.update(len(keys))
+            with tqdm(unit="obj", desc="reconcile: files", disable=None) as bar:
+                for keys in _chunks(archive.list(FILES_PREFIX), batch_size):
+                    restored, removed = match_unlisted_objects(session, archive, keys)
+                    report.file_rows_restored += restored
+                    report.file_objects_removed += removed
                     bar.update(len(keys))
             ended = session.scalar(select(func.count()).where(Conversation.status == Status.ENDED))
             session.commit()
@@ -582,16 +595,19 @@ def _match_objects(session: Session, archive: Archive, listed: list[Any], report
             continue
         row = rows.get(conversation_id)
         if row is None:
-            rows[conversation_id] = _restore_row(session, archive, item.key)
+            rows[conversation_id], files = _restore_row(session, archive, item.key)
             report.rows_restored += 1
+            report.file_rows_restored += files
         elif row.status == Status.ACTIVE or (row.status == Status.ENDED and row.s3_file_location != item.key):
             archive.delete(item.key)
             report.stale_removed += 1
 
 
-def _restore_row(session: Session, archive: Archive, key: str) -> Conversation:
+def _restore_row(session: Session, archive: Archive, key: str) -> tuple[Conversation, int]:
+    """The conversation's row from its document, with its file rows; and how many file rows."""
     body = archive.get(key)
-    summary = parse_document(body, key)["conversation"]
+    document = parse_document(body, key)
+    summary = document["conversation"]
     conversation = Conversation(
         conversation_id=uuid.UUID(summary["conversation_id"]),
         owner_key_id=None,  # the key that made it is not in the document: staff can read it
@@ -611,8 +627,11 @@ def _restore_row(session: Session, archive: Archive, key: str) -> Conversation:
         meta=summary["metadata"],
     )
     session.add(conversation)
+    session.flush()
+    files = restored_file_rows(conversation.conversation_id, document.get("files") or [])
+    session.add_all(files)
     session.commit()
-    return conversation
+    return conversation, len(files)
 
 
 def _ended_pages(session: Session, size: int) -> Iterator[list[Any]]:

@@ -25,6 +25,7 @@ from the context budget of the turn that sends it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import re
 import struct
@@ -33,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -42,9 +44,9 @@ from auth import Caller
 from context_cache import TailCache
 from conversation_memory import MIN_TRUNCATED_TOKENS, USER, estimate_tokens
 from conversations import PreparedTurn, prepare_turn, visible_conversation
-from database_utils import ConversationFile, lock_conversation, record_audit, utcnow
+from database_utils import Conversation, ConversationFile, lock_conversation, record_audit, utcnow
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
-from s3_utils import Archive, ArchiveError, ChecksumMismatch, sha256_hex
+from s3_utils import Archive, ArchiveError, ArchiveUnavailable, ChecksumMismatch, parse_document, sha256_hex
 from schemas import FileOut
 from states import Role, Status
 
@@ -409,6 +411,82 @@ def delete_files(session: Session, archive: Archive, conversation_ids: Sequence[
     if rows:
         session.execute(ConversationFile.__table__.delete().where(ConversationFile.conversation_id.in_(conversation_ids)))
     return len(keys)
+
+
+def restored_file_rows(conversation_id: uuid.UUID, listed: Sequence[Mapping[str, Any]]) -> list[ConversationFile]:
+    """The rows of a conversation's files from its archive document's `files`, for `reconcile`
+    restoring a conversation whose row was lost; without the uploading key, which may be gone."""
+    rows = []
+    for entry in listed:
+        try:
+            described = FileOut.model_validate(entry)
+        except ValidationError:  # not an entry Parley wrote: its object is judged on its own
+            continue
+        if described.conversation_id != conversation_id:
+            continue
+        rows.append(ConversationFile(**described.model_dump(exclude={"uploaded_by"}), uploaded_by=None))
+    return rows
+
+
+def match_unlisted_objects(session: Session, archive: Archive, listed: Sequence[Any]) -> tuple[int, int]:
+    """Of these objects below `files/`, those with no row: in an ended conversation whose archive
+    document lists the file, the row is restored from it; in a conversation that is gone or not
+    active, the object is deleted. Returns (rows restored, objects deleted).
+
+    An object with no row is left by an upload whose store failed or came too late and whose
+    own delete failed too, or by a conversation row restored without its file rows. One in an
+    active conversation is kept: its upload may be under way (the object is written before its
+    row); it goes with the conversation. So is one whose document cannot be read now.
+    """
+    owners: dict[str, tuple[uuid.UUID, uuid.UUID]] = {}  # key -> (conversation_id, file_id)
+    for item in listed:
+        parts = item.key.removeprefix(FILES_PREFIX).split("/")
+        with contextlib.suppress(ValueError):
+            if len(parts) == 2:
+                owners[item.key] = (uuid.UUID(parts[0]), uuid.UUID(parts[1]))
+    conversations = {
+        row.conversation_id: row
+        for row in session.execute(
+            select(Conversation.conversation_id, Conversation.status, Conversation.s3_file_location, Conversation.archive_sha256)
+            .where(Conversation.conversation_id.in_(list({conversation_id for conversation_id, _ in owners.values()})))
+        )
+    }
+    with_rows = set(session.scalars(
+        select(ConversationFile.file_id).where(ConversationFile.file_id.in_([file_id for _, file_id in owners.values()]))
+    ))
+    session.commit()
+    restored = deleted = 0
+    documented: dict[uuid.UUID, dict[str, Any] | None] = {}  # conversation_id -> its document's files by file_id
+    for key, (conversation_id, file_id) in owners.items():
+        conversation = conversations.get(conversation_id)
+        if file_id in with_rows or (conversation is not None and conversation.status == Status.ACTIVE):
+            continue
+        if conversation is not None and conversation.s3_file_location:
+            if conversation_id not in documented:
+                documented[conversation_id] = _documented_files(archive, conversation)
+            if documented[conversation_id] is None:
+                continue
+            entry = documented[conversation_id].get(str(file_id))
+            if entry is not None:
+                session.add_all(restored_file_rows(conversation_id, [entry]))
+                session.commit()
+                restored += 1
+                continue
+        archive.delete(key)
+        deleted += 1
+    return restored, deleted
+
+
+def _documented_files(archive: Archive, conversation: Any) -> dict[str, dict[str, Any]] | None:
+    """The files an ended conversation's archive document lists, by file_id; None when it cannot be read."""
+    try:
+        body = archive.get(conversation.s3_file_location, conversation.archive_sha256)
+        document = parse_document(body, conversation.s3_file_location)
+    except ArchiveUnavailable:
+        raise
+    except ArchiveError:  # missing or damaged: reconcile rewrites it; its files are judged on the next run
+        return None
+    return {str(entry.get("file_id")): entry for entry in document.get("files") or [] if isinstance(entry, dict)}
 
 
 def files_by_conversation(session: Session, conversation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:

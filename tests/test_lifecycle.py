@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from archiving import ENDING_LEASE, archive_conversations, archive_document, archive_idle, delete_user, end_conversation
 from auth import authenticate
 from conversations import message_dict
-from database_utils import AuditEvent, Conversation, Message, get_session, utcnow
+from database_utils import AuditEvent, Conversation, ConversationFile, Message, get_session, utcnow
 from errors import NotFound
 from main import create_app
 from s3_utils import (
@@ -618,14 +619,58 @@ def test_reconcile_repairs_every_kind_of_disagreement(app, client):
 
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == (
-        "reconcile: finished 1 ending (failed 0), restored 1 rows from objects without one, removed 2 stale objects, "
-        "verified 4 objects, rewrote 2 missing or different, unrepairable 0"
+        "reconcile: finished 1 ending (failed 0), restored 1 rows from objects without one (and 0 file rows), "
+        "removed 2 stale objects and 0 file objects without a row, verified 4 objects, rewrote 2 missing or different, "
+        "unrepairable 0"
     )
     for name in ("orphan", "stale", "missing", "changed", "ending", "fine"):
         _assert_archived_once(app, ids[name], expected[name])
     assert _objects(app, ids["active"]) == [] and _row(app, ids["active"]).status == "active"
     restored = _row(app, ids["orphan"])
     assert (restored.user_id, restored.message_count, restored.owner_key_id) == ("u-life", 4, None)
+
+
+def test_reconcile_restores_file_rows_and_removes_file_objects_left_without_one(app, client):
+    archive = app.extensions["parley.background_archive"]
+    ids = {name: _talk(client, turns=1) for name in ("lost", "rows_lost", "ended", "active")}
+    uploads = {
+        name: client.post(f"/conversations/{ids[name]}/files", content_type="multipart/form-data",
+                          data={"file": (io.BytesIO(b"the minutes of the meeting"), "minutes.txt")})
+        for name in ("lost", "rows_lost")
+    }
+    assert [upload.status_code for upload in uploads.values()] == [201, 201]
+    for name in ("lost", "rows_lost", "ended"):
+        assert client.post("/end_chat", json={"conversation_id": ids[name]}).status_code == 200
+    # rows lost (say, a restore from an older backup) while the objects stayed: a conversation's
+    # row with its file rows, and another's file rows only
+    for name in ("lost", "rows_lost"):
+        _execute(app, delete(ConversationFile).where(ConversationFile.conversation_id == uuid.UUID(ids[name])))
+    _execute(app, delete(Conversation).where(Conversation.conversation_id == uuid.UUID(ids["lost"])))
+    # objects an upload left without a row: in an ended, an active and an erased conversation
+    left = {name: f"files/{ids.get(name, uuid.uuid4())}/{uuid.uuid4()}" for name in ("ended", "active", "erased")}
+    for key in left.values():
+        archive.put(key, b"bytes whose row was never stored", "text/plain")
+    archive.put("files/notes-from-an-operator.txt", b"not a file of Parley's", "text/plain")
+
+    result = _run_cli(app, "reconcile")
+
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "restored 1 rows from objects without one (and 2 file rows)" in line, line
+    assert "removed 0 stale objects and 2 file objects without a row" in line, line
+    listed = {item.key for item in archive.list("files/")}
+    assert {upload.json["location"] for upload in uploads.values()} <= listed
+    assert left["active"] in listed  # an upload may be under way there
+    assert left["ended"] not in listed and left["erased"] not in listed
+    assert "files/notes-from-an-operator.txt" in listed
+    with app.app_context():
+        for upload in uploads.values():
+            restored = get_session().get(ConversationFile, uuid.UUID(upload.json["file_id"]))
+            assert (restored.name, restored.size, restored.sha256, restored.uploaded_by) == (
+                "minutes.txt", 26, upload.json["sha256"], None)
+    assert _run_cli(app, "reconcile").output.strip().splitlines()[-1].startswith(  # nothing left to repair
+        "reconcile: finished 0 ending (failed 0), restored 0 rows from objects without one (and 0 file rows), "
+        "removed 0 stale objects and 0 file objects without a row")
 
 
 def test_reconcile_reports_what_it_cannot_repair(app, client):
