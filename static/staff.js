@@ -11,7 +11,8 @@ const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
   keyId: null, // the key's own ID (GET /keys/me), as a conversation names its assignee
   starts: 0, // each start() counts, so that only the newest one goes on after /keys/me answers
-  open: null, conversation: null, lastSeq: 0, cursor: null, timer: null,
+  open: null, conversation: null, lastSeq: 0, timer: null,
+  searched: null, cursor: null, // the filters of the search shown, and where its next page starts
 };
 const $ = (id) => document.getElementById(id);
 
@@ -85,17 +86,27 @@ function dayStart(value, days = 0) {
 // so it is the start of the day after.
 const DATE_FILTERS = { created_from: (value) => dayStart(value), created_to: (value) => dayStart(value, 1) };
 
+// "More" goes on with the filters of the list shown, even if the form was changed since: the
+// cursor belongs to that search.
 async function search(event, more = false) {
   if (event) event.preventDefault();
-  const params = new URLSearchParams();
-  for (const [name, value] of new FormData($("search-form"))) {
-    if (value) params.set(name, DATE_FILTERS[name] ? DATE_FILTERS[name](value) : value);
+  let params;
+  if (more && state.searched && state.cursor) {
+    params = new URLSearchParams(state.searched);
+    params.set("cursor", state.cursor);
+  } else {
+    more = false;
+    params = new URLSearchParams();
+    for (const [name, value] of new FormData($("search-form"))) {
+      if (value) params.set(name, DATE_FILTERS[name] ? DATE_FILTERS[name](value) : value);
+    }
   }
-  if (more && state.cursor) params.set("cursor", state.cursor);
+  const filters = params.toString();
   try {
-    const page = await api("GET", "/conversations?" + params.toString());
+    const page = await api("GET", "/conversations?" + filters);
     const items = page.conversations.map(conversationButton);
     if (more) $("results").append(...items); else $("results").replaceChildren(...items);
+    if (!more) state.searched = filters;
     state.cursor = page.next_cursor;
     $("more-results").hidden = !page.next_cursor;
     say(more || items.length ? "" : "No conversation matches.");
@@ -121,7 +132,9 @@ function messageItem(message) {
   const item = el("li", null, message.role);
   item.dataset.seq = String(message.seq);
   const label = { user: "User", assistant: "Bot", staff: "Staff" }[message.role] || message.role;
-  item.append(el("span", `#${message.seq} · ${label} · ${new Date(message.created_at).toLocaleString()}`, "who"));
+  let who = `#${message.seq} · ${label} · ${new Date(message.created_at).toLocaleString()}`;
+  if (message.incomplete) who += " · incomplete: the reader left before the end";
+  item.append(el("span", who, "who"));
   item.append(el("div", message.content, "text"));
   return item;
 }

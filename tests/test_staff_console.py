@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import update
 from werkzeug.serving import make_server
 
+from database_utils import Message, get_session
 from pages import CONTENT_SECURITY_POLICY
 from tests.conftest import client_with_key
 
@@ -272,6 +274,47 @@ def test_search_by_the_day_a_conversation_was_created(app, keys, live_url, page)
     page.get_by_label("Created to").fill("")
     page.get_by_role("button", name="Search").click()
     expect(entry).to_be_visible()
+
+
+def test_more_goes_on_with_the_search_shown_even_after_the_form_changed(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    paged = [client.post("/new_chat", json={"user_id": "pager"}).json["conversation_id"] for _ in range(51)]
+    other = client.post("/new_chat", json={"user_id": "someone-else"}).json["conversation_id"]
+    _use_staff_key(page, live_url, keys["staff"])
+    listed = page.locator("#results button")
+
+    page.get_by_label("User ID").fill("pager")
+    page.get_by_label("User ID").press("Enter")
+    expect(listed).to_have_count(50)  # a page of the API's default size
+    page.get_by_label("User ID").fill("someone-else")  # changed, not searched
+    page.get_by_role("button", name="More").click()
+
+    expect(listed).to_have_count(51)
+    expect(page.get_by_role("button", name="More")).to_be_hidden()
+    shown = listed.evaluate_all("buttons => buttons.map((button) => button.dataset.conversationId)")
+    assert sorted(shown) == sorted(paged) and other not in shown
+    expect(page.locator("#status")).to_have_text("")
+
+
+def test_a_reply_cut_short_is_marked_incomplete(app, keys, live_url, page):
+    client = client_with_key(app, keys["client_a"])
+    conversation_id = client.post("/new_chat", json={"user_id": "cut"}).json["conversation_id"]
+    assert client.post("/chat", json={"conversation_id": conversation_id, "message": "tell me more"}).status_code == 200
+    with app.app_context():  # as a stream whose reader left stores its reply
+        session = get_session()
+        session.execute(update(Message).where(Message.conversation_id == uuid.UUID(conversation_id), Message.seq == 2)
+                        .values(incomplete=True))
+        session.commit()
+    _use_staff_key(page, live_url, keys["staff"])
+
+    page.get_by_label("Conversation ID").fill(conversation_id)
+    page.get_by_label("Conversation ID").press("Enter")
+
+    who = page.locator("#messages li .who")
+    expect(who).to_have_count(2)
+    expect(who.nth(1)).to_contain_text("#2 · Bot · ")
+    expect(who.nth(1)).to_contain_text("incomplete: the reader left before the end")
+    expect(who.nth(0)).not_to_contain_text("incomplete")
 
 
 def test_the_loser_of_a_claim_race_cannot_write_or_release(app, keys, live_url, page):
