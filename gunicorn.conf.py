@@ -165,7 +165,19 @@ def on_starting(server):
 
 
 def on_exit(server):
-    """The temporary metrics directory goes with the server (one PROMETHEUS_MULTIPROC_DIR names stays)."""
+    """Say so when workers had to be killed; the temporary metrics directory goes with the server
+    (one PROMETHEUS_MULTIPROC_DIR names stays).
+
+    gunicorn kills the workers still running when the graceful timeout runs out, without a word:
+    those it has not reaped by now were killed so (an idle gevent worker takes up to a second to
+    notice the signal, so a very short timeout kills even those).
+    """
+    if server is not None and server.WORKERS:
+        server.log.warning(
+            "the graceful timeout (%s s) ran out: killed %d worker(s) that had not finished (pid %s); "
+            "requests still running there were cut, and a turn cut so holds its conversation's lease for up to TURN_LEASE_SECONDS",
+            server.cfg.graceful_timeout, len(server.WORKERS), ", ".join(map(str, server.WORKERS)),
+        )
     for directory in _made_metrics_directory:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -189,7 +201,20 @@ def post_worker_init(worker):
     from config import load_config, tune_garbage_collector
 
     tune_garbage_collector(load_config()["GC_TUNING"])
+    _tell_the_app_when_stopping(worker)
     worker.log.info("Worker ready (pid: %s)", os.getpid())
+
+
+def _tell_the_app_when_stopping(worker):
+    """Let Parley's app see that its worker was told to stop (SIGTERM; `worker.alive` turns false).
+
+    A request that began before the signal is answered with keep-alive, and gunicorn then reads
+    the next request on that connection and runs it: a turn begun then may not finish within the
+    graceful timeout. The app refuses such a turn with 503 `shutting_down` instead.
+    """
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None)
+    if extensions is not None and "parley.stopping" in extensions:
+        extensions["parley.stopping"] = lambda: not worker.alive
 
 
 def child_exit(server, worker):

@@ -218,6 +218,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.extensions["parley.archive"] = make_archive(app.config["ARCHIVE_URL"], app.config["S3_ENDPOINT_URL"])
     app.extensions["parley.model"] = make_model(app.config)
     app.extensions["parley.context_cache"] = TailCache(app.config["CONTEXT_CACHE_CONVERSATIONS"])
+    # Whether the worker serving this app was told to stop; gunicorn.conf.py's post_worker_init
+    # points it at the worker. A turn that would begin then is refused (errors.ShuttingDown).
+    app.extensions["parley.stopping"] = lambda: False
     limiter = Limiter(key_func=_rate_limit_key, app=app)
     limiter.exempt(probes)
     limiter.request_filter(lambda: request.method == "OPTIONS")  # a CORS preflight carries no key to count
@@ -305,6 +308,8 @@ def _authorize() -> Response | None:
         raise Forbidden(f"{request.method} {request.path} needs {article} {needed} key; this key's role is {key.role}")
     g.api_key = key
     _require_json_body()  # after the key: a caller without one learns nothing about the body
+    if endpoint == "chat" and current_app.extensions["parley.stopping"]():
+        raise errors.ShuttingDown("this server is stopping: send the message again, on a new connection")
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
         return None

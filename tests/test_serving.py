@@ -321,6 +321,81 @@ def test_sigterm_lets_a_turn_in_flight_finish_and_stores_it_whole(serve, fake_mo
         assert (conversation.message_count, conversation.turn_lease_id) == (2, None)
 
 
+def test_a_turn_sent_after_sigterm_on_a_kept_alive_connection_is_refused_not_cut(serve, fake_model, app_config):
+    """gunicorn answers a request that began before SIGTERM with keep-alive, then reads the next
+    one on that connection and runs it in what is left of the graceful time: a turn begun then
+    could be killed half done (found by a probe: a 38 s turn after a 38 s one, 70 s graceful)."""
+    server = serve()
+    first, second = server.new_chat(), server.new_chat()
+    fake_model.delay_next(2.0)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    try:
+        connection.request("POST", "/chat", body=json.dumps({"conversation_id": first, "message": "before"}), headers=headers)
+        deadline = time.monotonic() + 10
+        while fake_model.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        answered = connection.getresponse()
+        answered.read()
+        connection.request("POST", "/chat", body=json.dumps({"conversation_id": second, "message": "after"}), headers=headers)
+        refused = connection.getresponse()
+        body = json.loads(refused.read())
+    finally:
+        connection.close()
+    exit_code = server.process.wait(timeout=30)
+
+    assert answered.status == 200
+    assert refused.status == 503 and body["error"] == "shutting_down", body
+    assert refused.getheader("Retry-After") == "1" and refused.getheader("Connection") == "close"
+    assert exit_code == 0
+    with create_app(app_config).app_context():
+        session = get_session()
+        assert [m.content for m in list_messages(session, uuid.UUID(first))] == ["before", "reply to: before"]
+        assert list_messages(session, uuid.UUID(second)) == []
+        assert session.get(Conversation, uuid.UUID(second)).turn_lease_id is None
+
+
+def test_workers_killed_at_the_graceful_timeout_are_named_in_the_log(serve, fake_model):
+    """gunicorn kills the workers left at the graceful timeout without a word; the master says so."""
+    server = serve(GRACEFUL_TIMEOUT="1")
+    conversation_id = server.new_chat()
+    fake_model.delay_next(5.0)
+    outcome = []
+
+    def cut_turn() -> None:
+        try:
+            outcome.append(server.chat(conversation_id, "too slow"))
+        except OSError as exc:  # the connection dropped without an answer
+            outcome.append(exc.__class__.__name__)
+
+    thread = threading.Thread(target=cut_turn, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fake_model.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake_model.in_flight == 1
+
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=30)
+    thread.join(timeout=10)
+
+    assert outcome == ["RemoteDisconnected"]
+    log = server.log.read_text()
+    assert re.search(r"the graceful timeout \(1 s\) ran out: killed 1 worker\(s\) that had not finished \(pid \d+\); "
+                     r"requests still running there were cut", log), log[-2000:]
+
+
+def test_a_server_whose_turns_finished_in_time_says_nothing_of_killing(serve):
+    server = serve(GRACEFUL_TIMEOUT="5")
+    assert server.chat(server.new_chat(), "quick") == 200
+
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=30)
+
+    assert "ran out" not in server.log.read_text()
+
+
 def test_a_refused_large_body_does_not_break_the_connection(serve):
     """413 on a keep-alive connection: the next request on it is answered, or the server closes it cleanly."""
     server = serve()
