@@ -49,7 +49,13 @@ from database_utils import (
     utcnow,
 )
 from errors import NotFound, TurnInProgress
-from files import FILES_PREFIX, delete_files, files_by_conversation, match_unlisted_objects, restored_file_rows
+from files import (
+    FILES_PREFIX,
+    delete_files,
+    files_by_conversation,
+    repair_file_objects_without_rows,
+    restored_file_rows,
+)
 from s3_utils import (
     BACKGROUND_TIMEOUTS,
     CONVERSATIONS_PREFIX,
@@ -525,8 +531,9 @@ def reconcile(
        conversation, is stale and removed. A restored row gets its file rows
        back from the document too.
     3. Every object below `files/` with no row gets it back from its
-       conversation's document when the document lists it, and is removed
-       otherwise, unless its conversation is active (an upload may be under way).
+       conversation's document when the document lists it; otherwise it is
+       removed, unless its conversation is active (an upload may be under
+       way), its document cannot be read now, or a live message names it.
     4. Every ended row's object is read and checked against the row's
        checksum; a missing or different one is written again from the live
        messages when they are still kept (LIVE_RETENTION_DAYS), otherwise
@@ -550,7 +557,7 @@ def reconcile(
                     bar.update(len(keys))
             with tqdm(unit="obj", desc="reconcile: files", disable=None) as bar:
                 for keys in _chunks(archive.list(FILES_PREFIX), batch_size):
-                    restored, removed = match_unlisted_objects(session, archive, keys)
+                    restored, removed = repair_file_objects_without_rows(session, archive, keys)
                     report.file_rows_restored += restored
                     report.file_objects_removed += removed
                     bar.update(len(keys))

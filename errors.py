@@ -88,15 +88,6 @@ class IdempotencyClaimLost(Conflict):
     """A retry took this request's Idempotency-Key over after its lock ran out: the retry's answer is the key's."""
 
 
-class ShuttingDown(ApiError):
-    """A turn that would begin after its worker was told to stop (SIGTERM): it could outlast the
-    graceful timeout. It comes on a connection kept alive from before the signal."""
-
-    status = 503
-    error = "shutting_down"
-    retry_after = 1
-
-
 class IdempotencyKeyReused(ApiError):
     status = 422
     error = "idempotency_key_reused"
@@ -105,6 +96,15 @@ class IdempotencyKeyReused(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     error = "payload_too_large"
+
+
+class ShuttingDown(ApiError):
+    """A turn that would begin after its worker was told to stop (SIGTERM): it could outlast the
+    graceful timeout. It comes on a connection kept alive from before the signal."""
+
+    status = 503
+    error = "shutting_down"
+    retry_after = 1
 
 
 def error_response(

@@ -25,7 +25,6 @@ from the context budget of the turn that sends it.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import re
 import struct
@@ -36,7 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage
 
@@ -44,7 +43,7 @@ from auth import Caller
 from context_cache import TailCache
 from conversation_memory import MIN_TRUNCATED_TOKENS, USER, estimate_tokens
 from conversations import PreparedTurn, prepare_turn, visible_conversation
-from database_utils import Conversation, ConversationFile, lock_conversation, record_audit, utcnow
+from database_utils import Conversation, ConversationFile, Message, lock_conversation, record_audit, utcnow
 from errors import ApiError, Conflict, NotFound, PayloadTooLarge
 from s3_utils import Archive, ArchiveError, ArchiveUnavailable, ChecksumMismatch, parse_document, sha256_hex
 from schemas import FileOut
@@ -428,22 +427,15 @@ def restored_file_rows(conversation_id: uuid.UUID, listed: Sequence[Mapping[str,
     return rows
 
 
-def match_unlisted_objects(session: Session, archive: Archive, listed: Sequence[Any]) -> tuple[int, int]:
-    """Of these objects below `files/`, those with no row: in an ended conversation whose archive
-    document lists the file, the row is restored from it; in a conversation that is gone or not
-    active, the object is deleted. Returns (rows restored, objects deleted).
-
-    An object with no row is left by an upload whose store failed or came too late and whose
-    own delete failed too, or by a conversation row restored without its file rows. One in an
-    active conversation is kept: its upload may be under way (the object is written before its
-    row); it goes with the conversation. So is one whose document cannot be read now.
-    """
-    owners: dict[str, tuple[uuid.UUID, uuid.UUID]] = {}  # key -> (conversation_id, file_id)
-    for item in listed:
-        parts = item.key.removeprefix(FILES_PREFIX).split("/")
-        with contextlib.suppress(ValueError):
-            if len(parts) == 2:
-                owners[item.key] = (uuid.UUID(parts[0]), uuid.UUID(parts[1]))
+def repair_file_objects_without_rows(session: Session, archive: Archive, listed: Sequence[Any]) -> tuple[int, int]:
+    """Give these objects below `files/` that have no row their row back, or delete them: (rows restored, deleted)."""
+    # Such an object is left by an upload whose store failed or came too late and whose own delete
+    # failed too, or by a row lost (a restore from an older backup). Its row comes back from the
+    # conversation's archive document when that lists it. It is deleted when its conversation is
+    # gone or no longer active and nothing names it; it is kept while the conversation is active (an
+    # upload may be under way: the object is written before its row), while the document cannot be
+    # read, and while a live message names it.
+    owners = {item.key: owner for item in listed if (owner := _owner_of(item.key)) is not None}
     conversations = {
         row.conversation_id: row
         for row in session.execute(
@@ -461,32 +453,65 @@ def match_unlisted_objects(session: Session, archive: Archive, listed: Sequence[
         conversation = conversations.get(conversation_id)
         if file_id in with_rows or (conversation is not None and conversation.status == Status.ACTIVE):
             continue
-        if conversation is not None and conversation.s3_file_location:
+        if conversation is not None:
             if conversation_id not in documented:
-                documented[conversation_id] = _documented_files(archive, conversation)
-            if documented[conversation_id] is None:
+                documented[conversation_id] = _documented_files(archive, conversation.s3_file_location, conversation.archive_sha256)
+            listing = documented[conversation_id]
+            if listing is None or _named_by_a_message(session, conversation_id, file_id):
                 continue
-            entry = documented[conversation_id].get(str(file_id))
-            if entry is not None:
-                session.add_all(restored_file_rows(conversation_id, [entry]))
-                session.commit()
-                restored += 1
+            if str(file_id) in listing:
+                restored += _restore_file_row(session, conversation_id, listing[str(file_id)])
                 continue
         archive.delete(key)
         deleted += 1
     return restored, deleted
 
 
-def _documented_files(archive: Archive, conversation: Any) -> dict[str, dict[str, Any]] | None:
-    """The files an ended conversation's archive document lists, by file_id; None when it cannot be read."""
+def _owner_of(key: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """(conversation_id, file_id) of a key `files/{conversation_id}/{file_id}`, or None for any other key."""
+    parts = key.removeprefix(FILES_PREFIX).split("/")
+    if len(parts) != 2:
+        return None
     try:
-        body = archive.get(conversation.s3_file_location, conversation.archive_sha256)
-        document = parse_document(body, conversation.s3_file_location)
+        return uuid.UUID(parts[0]), uuid.UUID(parts[1])
+    except ValueError:
+        return None
+
+
+def _documented_files(archive: Archive, key: str | None, sha256: str | None) -> dict[str, dict[str, Any]] | None:
+    """The files a conversation's archive document lists, by file_id: none when it has no document
+    (not archived yet); None when the document cannot be read now."""
+    if key is None:
+        return {}
+    try:
+        document = parse_document(archive.get(key, sha256), key)
     except ArchiveUnavailable:
         raise
-    except ArchiveError:  # missing or damaged: reconcile rewrites it; its files are judged on the next run
+    except ArchiveError:  # missing or damaged: reconcile rewrites it, and a later run judges its files
         return None
     return {str(entry.get("file_id")): entry for entry in document.get("files") or [] if isinstance(entry, dict)}
+
+
+def _named_by_a_message(session: Session, conversation_id: uuid.UUID, file_id: uuid.UUID) -> bool:
+    """Whether a live message of the conversation was sent with this file."""
+    named = session.scalars(select(Message.file_ids).where(Message.conversation_id == conversation_id)).all()
+    session.commit()
+    return any(str(file_id) in (file_ids or ()) for file_ids in named)
+
+
+def _restore_file_row(session: Session, conversation_id: uuid.UUID, entry: dict[str, Any]) -> int:
+    """The file's row from its document entry; 1 if restored, 0 if the entry is not one Parley wrote
+    or the row could not be inserted (another reconcile restored it, or the conversation went)."""
+    rows = restored_file_rows(conversation_id, [entry])
+    if not rows:
+        return 0
+    try:
+        session.add_all(rows)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return 0
+    return 1
 
 
 def files_by_conversation(session: Session, conversation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -164,20 +165,28 @@ def on_starting(server):
     util.write_error = _write_json_error
 
 
-def on_exit(server):
-    """Say so when workers had to be killed; the temporary metrics directory goes with the server
-    (one PROMETHEUS_MULTIPROC_DIR names stays).
+def when_ready(server):
+    """Name the workers killed because the graceful timeout ran out.
 
-    gunicorn kills the workers still running when the graceful timeout runs out, without a word:
-    those it has not reaped by now were killed so (an idle gevent worker takes up to a second to
-    notice the signal, so a very short timeout kills even those).
+    When it does, gunicorn sends SIGKILL to every worker still running, and at most logs that a
+    worker "was sent SIGKILL! Perhaps out of memory?". Requests still running there were cut.
     """
-    if server is not None and server.WORKERS:
-        server.log.warning(
-            "the graceful timeout (%s s) ran out: killed %d worker(s) that had not finished (pid %s); "
-            "requests still running there were cut, and a turn cut so holds its conversation's lease for up to TURN_LEASE_SECONDS",
-            server.cfg.graceful_timeout, len(server.WORKERS), ", ".join(map(str, server.WORKERS)),
-        )
+    kill_workers = server.kill_workers
+
+    def kill_naming_them(sig):
+        if sig == signal.SIGKILL and server.WORKERS:
+            server.log.warning(
+                "the graceful timeout (%s s) ran out: killing %d worker(s) that had not finished (pid %s); "
+                "requests still running there are cut, and a turn cut so holds its conversation's lease for up "
+                "to TURN_LEASE_SECONDS", server.cfg.graceful_timeout, len(server.WORKERS), ", ".join(map(str, server.WORKERS)),
+            )
+        kill_workers(sig)
+
+    server.kill_workers = kill_naming_them
+
+
+def on_exit(server):
+    """The temporary metrics directory goes with the server (one PROMETHEUS_MULTIPROC_DIR names stays)."""
     for directory in _made_metrics_directory:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -206,7 +215,8 @@ def post_worker_init(worker):
 
 
 def _tell_the_app_when_stopping(worker):
-    """Let Parley's app see that its worker was told to stop (SIGTERM; `worker.alive` turns false).
+    """Let Parley's app see that its worker is stopping (`worker.alive` turns false: SIGTERM, a
+    reload, or `--max-requests` reached).
 
     A request that began before the signal is answered with keep-alive, and gunicorn then reads
     the next request on that connection and runs it: a turn begun then may not finish within the

@@ -292,7 +292,8 @@ def _why_not_json(body: bytes) -> str:
 
 @api.before_request
 def _authorize() -> Response | None:
-    """401 without a usable key, 403 when its role may not call this route.
+    """401 without a usable key, 403 when its role may not call this route; 503 for a turn
+    that would begin on a worker that is stopping.
 
     Then, on the idempotent routes, claim the request's Idempotency-Key: a
     replay is answered here, without running the route.
@@ -309,7 +310,7 @@ def _authorize() -> Response | None:
     g.api_key = key
     _require_json_body()  # after the key: a caller without one learns nothing about the body
     if endpoint == "chat" and current_app.extensions["parley.stopping"]():
-        raise errors.ShuttingDown("this server is stopping: send the message again, on a new connection")
+        raise errors.ShuttingDown("this worker is stopping: send the message again, on a new connection")
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
         return None

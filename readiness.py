@@ -9,12 +9,14 @@ probe is waited on again rather than started twice, so probes against a hung
 dependency do not pile up, nor hold back the other dependency's check.
 A reason is an error class or S3 error code and a fixed hint; never a
 message from the failure itself, which may carry a URL with a password. The
-failure's own message goes to the server log (`parley.readiness`), once each
-time a check's outcome changes, so a probe every few seconds does not flood it.
+failure's own message goes to the server log (`parley.readiness`; a password in a
+URL masked), once per worker each time a check's outcome changes, so a probe every
+few seconds does not flood it.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
@@ -28,6 +30,8 @@ from archive_setup import failure_reason
 from database_utils import DatabaseNotMigrated
 
 log = logging.getLogger("parley.readiness")
+# The credentials in a URL (scheme://user:password@host), masked in what the log is given.
+_PASSWORD_IN_URL = re.compile(r"(\w+://[^/\s@:]*:)[^/\s@]*@")
 
 _DATABASE_HINTS = {
     "OperationalError": "cannot connect or the server refused: check DATABASE_URL, the server and the network",
@@ -140,7 +144,7 @@ def _detail(failure: BaseException | None) -> str:
     if failure is None:
         return ""
     cause = failure.orig if isinstance(failure, DBAPIError) and failure.orig is not None else failure.__cause__ or failure
-    return " ".join(str(cause).split())[:500]
+    return _PASSWORD_IN_URL.sub(r"\1***@", " ".join(str(cause).split()))[:500]
 
 
 def _reason(name: str, exc: BaseException) -> dict[str, str]:

@@ -312,7 +312,11 @@ class FileArchive:
         )
         for key in keys:
             if start_after is None or key > start_after:
-                yield ListedObject(key, (self.root / key).stat().st_size)
+                try:
+                    size = (self.root / key).stat().st_size
+                except FileNotFoundError:  # deleted since the listing was made, as S3 would no longer list it
+                    continue
+                yield ListedObject(key, size)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -14,8 +14,8 @@ const IDLE_POLL_MS = 10000;
 const FORGETS_CONVERSATION = new Set([400, 401, 403, 404, 422]);
 // After a broken stream, how often the page reads what the server kept: 1, 2, ... 8 s apart, 36 s
 // in all. The server stores a reply cut short once it notices the reader left, which may take
-// its second write after the break: with a model that sends nothing, its second heartbeat (every
-// STREAM_HEARTBEAT_SECONDS, 15 s by default).
+// its second write after the break: with a model that sends nothing, its second heartbeat, twice
+// STREAM_HEARTBEAT_SECONDS (15 s by default) on. Raise this with that setting.
 const RECOVERY_READS = 9;
 // A streamed reply after which nothing has arrived for this long (no words, and none of the
 // heartbeats the server sends every STREAM_HEARTBEAT_SECONDS, 15 s by default) has stalled: the

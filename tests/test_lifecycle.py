@@ -631,21 +631,31 @@ def test_reconcile_repairs_every_kind_of_disagreement(app, client):
 
 
 def test_reconcile_restores_file_rows_and_removes_file_objects_left_without_one(app, client):
+    app.config["LIVE_RETENTION_DAYS"] = 30  # live messages kept: they name the files they were sent with
     archive = app.extensions["parley.background_archive"]
-    ids = {name: _talk(client, turns=1) for name in ("lost", "rows_lost", "ended", "active")}
+    ids = {name: _talk(client, turns=1) for name in ("lost", "rows_lost", "ended", "active", "named", "unreadable")}
     uploads = {
         name: client.post(f"/conversations/{ids[name]}/files", content_type="multipart/form-data",
                           data={"file": (io.BytesIO(b"the minutes of the meeting"), "minutes.txt")})
-        for name in ("lost", "rows_lost")
+        for name in ("lost", "rows_lost", "named", "unreadable")
     }
-    assert [upload.status_code for upload in uploads.values()] == [201, 201]
-    for name in ("lost", "rows_lost", "ended"):
+    assert [upload.status_code for upload in uploads.values()] == [201] * 4
+    sent = {"conversation_id": ids["named"], "message": "summarize", "file_ids": [uploads["named"].json["file_id"]]}
+    assert client.post("/chat", json=sent).status_code == 200
+    for name in ("lost", "rows_lost", "ended", "named", "unreadable"):
         assert client.post("/end_chat", json={"conversation_id": ids[name]}).status_code == 200
     # rows lost (say, a restore from an older backup) while the objects stayed: a conversation's
-    # row with its file rows, and another's file rows only
-    for name in ("lost", "rows_lost"):
+    # row with its file rows, and others' file rows only
+    for name in ("lost", "rows_lost", "named", "unreadable"):
         _execute(app, delete(ConversationFile).where(ConversationFile.conversation_id == uuid.UUID(ids[name])))
     _execute(app, delete(Conversation).where(Conversation.conversation_id == uuid.UUID(ids["lost"])))
+    # a document that no longer lists a file a message was sent with, and one that cannot be read
+    named = _row(app, ids["named"])
+    document = json.loads(archive.get(named.s3_file_location))
+    document["files"] = []
+    _execute(app, update(Conversation).where(Conversation.conversation_id == named.conversation_id)
+             .values(archive_sha256=archive.put(named.s3_file_location, json.dumps(document).encode())))
+    archive.delete(_row(app, ids["unreadable"]).s3_file_location)
     # objects an upload left without a row: in an ended, an active and an erased conversation
     left = {name: f"files/{ids.get(name, uuid.uuid4())}/{uuid.uuid4()}" for name in ("ended", "active", "erased")}
     for key in left.values():
@@ -658,19 +668,24 @@ def test_reconcile_restores_file_rows_and_removes_file_objects_left_without_one(
     line = result.output.strip().splitlines()[-1]
     assert "restored 1 rows from objects without one (and 2 file rows)" in line, line
     assert "removed 0 stale objects and 2 file objects without a row" in line, line
+    assert "rewrote 1 missing or different" in line, line  # the document that could not be read
     listed = {item.key for item in archive.list("files/")}
-    assert {upload.json["location"] for upload in uploads.values()} <= listed
+    assert {upload.json["location"] for upload in uploads.values()} <= listed  # restored, or kept
     assert left["active"] in listed  # an upload may be under way there
     assert left["ended"] not in listed and left["erased"] not in listed
     assert "files/notes-from-an-operator.txt" in listed
     with app.app_context():
-        for upload in uploads.values():
-            restored = get_session().get(ConversationFile, uuid.UUID(upload.json["file_id"]))
+        for name in ("lost", "rows_lost"):
+            restored = get_session().get(ConversationFile, uuid.UUID(uploads[name].json["file_id"]))
             assert (restored.name, restored.size, restored.sha256, restored.uploaded_by) == (
-                "minutes.txt", 26, upload.json["sha256"], None)
-    assert _run_cli(app, "reconcile").output.strip().splitlines()[-1].startswith(  # nothing left to repair
+                "minutes.txt", 26, uploads[name].json["sha256"], None)
+    # The next run: the document that could not be read was written again, from the rows, without
+    # the file whose row was lost; nothing names that file now, so its object goes.
+    assert _run_cli(app, "reconcile").output.strip().splitlines()[-1].startswith(
         "reconcile: finished 0 ending (failed 0), restored 0 rows from objects without one (and 0 file rows), "
-        "removed 0 stale objects and 0 file objects without a row")
+        "removed 0 stale objects and 1 file objects without a row")
+    listed = {item.key for item in archive.list("files/")}
+    assert uploads["named"].json["location"] in listed and uploads["unreadable"].json["location"] not in listed
 
 
 def test_reconcile_reports_what_it_cannot_repair(app, client):

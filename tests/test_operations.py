@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import readiness
 from auth import create_key
 from config import ConfigError, load_config, turn_lease_seconds
 from database_utils import _script_directory, get_session, head_revisions, upgrade_database
@@ -424,7 +425,13 @@ def test_readyz_logs_a_failure_once_with_its_cause_and_logs_the_recovery(app_con
     records = [r for r in caplog.records if r.name == "parley.readiness"]
     assert [r.levelname for r in records] == ["WARNING", "INFO"]
     assert records[0].getMessage() == "readyz: the archive check fails: PermissionError: the archive folder is read-only"
-    assert "archive" in records[1].getMessage()
+    assert records[1].getMessage() == "readyz: the archive check passes"
+
+
+def test_readyz_masks_a_password_in_a_url_it_logs():
+    failure = ConnectionError("could not reach http://admin:hunter2@127.0.0.1:9/bucket (refused)")
+
+    assert readiness._detail(failure) == "could not reach http://admin:***@127.0.0.1:9/bucket (refused)"
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
