@@ -65,8 +65,8 @@ from sqlalchemy.sql import operators
 
 from config import default
 from context_cache import CachedTail, TailCache
-from conversation_memory import MemoryMessage
-from states import Handoff, Status, check_handoff
+from conversation_memory import USER, MemoryMessage
+from states import Handoff, KeyState, Status, check_handoff
 
 log = logging.getLogger("parley")
 
@@ -132,12 +132,12 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
 
-    def state(self, now: datetime) -> str:
+    def state(self, now: datetime) -> KeyState:
         if self.revoked_at is not None:
-            return "revoked"
+            return KeyState.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        return "active"
+            return KeyState.EXPIRED
+        return KeyState.ACTIVE
 
 
 class Conversation(Base):
@@ -788,7 +788,7 @@ def finish_turn(
         "add_tokens": sum(m.token_count for m in messages),
         "add_input": usage.get("input_tokens", 0),
         "add_output": usage.get("output_tokens", 0),
-        "add_user": sum(m.role == "user" for m in messages),
+        "add_user": sum(m.role == USER for m in messages),
         "now": now,
     }
     if session.get_bind().dialect.name == "postgresql":

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from database_utils import DatabaseNotMigrated
 from llm import ModelError
 from s3_utils import ArchiveError
+from schemas import ErrorResponse
 
 log = logging.getLogger("parley")
 # Bytes of an over-size body read and thrown away, so that a client reusing
@@ -181,10 +182,16 @@ def _api_error(exc: ApiError) -> Response:
     return error_response(exc.status, exc.error, exc.message, exc.details, retry_after=exc.retry_after)
 
 
-def _model_error(exc: ModelError) -> Response:
+def model_error_body(exc: ModelError, where: str = "") -> dict[str, Any]:
+    """A model error's body (`error`, `message`, `retryable`), logged once: for a response, and for
+    a stream's `error` event (`where` says " mid-stream"), which adds `retry_after` itself."""
     cause = exc.message if exc.__cause__ is None else exc.__cause__.__class__.__name__  # Parley's own finding, or the SDK's error
-    log.warning("model provider failed: %s (%s)", exc.error, cause)
-    return error_response(exc.status, exc.error, exc.message, retry_after=exc.retry_after, retryable=exc.retryable)
+    log.warning("model provider failed%s: %s (%s)", where, exc.error, cause)
+    return ErrorResponse(error=exc.error, message=exc.message, retryable=exc.retryable).model_dump(exclude_none=True)
+
+
+def _model_error(exc: ModelError) -> Response:
+    return error_response(exc.status, **model_error_body(exc), retry_after=exc.retry_after)
 
 
 def _archive_error(exc: ArchiveError) -> Response:

@@ -36,7 +36,7 @@ from database_utils import (
 )
 from errors import Conflict, PayloadTooLarge, TurnInProgress, Unauthorized
 from llm import ModelReply
-from states import Handoff, Role, Status
+from states import Handoff, KeyState, Role, Status
 
 
 class HandoffConflict(Conflict):
@@ -177,7 +177,7 @@ def _require_unrevoked(session: Session, viewer: Caller) -> None:
     not claim a conversation its revocation puts back in the queue. The key's row is share-locked until
     the claim commits, so a revocation running meanwhile waits for it and then re-queues its conversation."""
     key = session.get(ApiKey, viewer.key_id, with_for_update={"read": True})
-    if key is None or key.state(utcnow()) != "active":
+    if key is None or key.state(utcnow()) != KeyState.ACTIVE:
         session.rollback()
         raise Unauthorized("this key was revoked or has expired")
 

@@ -16,7 +16,7 @@ before it runs:
 
 Records are kept for `IDEMPOTENCY_TTL_HOURS` (24). Expired records are
 deleted by each process at most every `PURGE_INTERVAL_SECONDS`, and by
-`flask --app main idempotency-purge`.
+`parley idempotency-purge`.
 """
 from __future__ import annotations
 

@@ -227,6 +227,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> OpenAPI:
     app.after_request(lambda response: _rate_limit_headers(limiter, response))
     app.register_api(api)
     app.register_api(probes)
+    undeclared = {rule.endpoint.rpartition(".")[2] for rule in app.url_map.iter_rules()
+                  if rule.endpoint.startswith(f"{api.name}.")} - ROUTE_ROLES.keys()
+    if undeclared:  # each would answer 500 to every call: stop here instead
+        raise RuntimeError(f"routes that declare no roles (@allow): {', '.join(sorted(undeclared))}")
     limiter.exempt(app.view_functions["metrics"])
     # The document is made once, now (a few ms): /openapi.json and /docs serve the same one.
     declare_response_headers(app.api_doc, CONTENT_TYPE_LATEST, idempotency.REPLAYED_HEADER,

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from werkzeug import datastructures
 
-from states import Handoff, Role, Status
+from states import Handoff, KeyState, Role, Status
 
 MAX_NAME_CHARS = 200
 MAX_KEY_NAME_CHARS = 100
@@ -619,7 +619,7 @@ class KeyOut(BaseModel):
     name: str
     role: Role
     prefix: str = Field(description="The key's first characters, to tell keys apart.")
-    state: Literal["active", "revoked", "expired"]
+    state: KeyState
     created_at: Timestamp
     expires_at: Timestamp | None
     revoked_at: Timestamp | None

@@ -59,3 +59,11 @@ class Role(StrEnum):
     CLIENT = "client"
     STAFF = "staff"
     ADMIN = "admin"
+
+
+class KeyState(StrEnum):
+    """Whether an API key is usable now (`database_utils.ApiKey.state`)."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"

@@ -35,7 +35,7 @@ from werkzeug.datastructures import MIMEAccept
 
 from conversations import PreparedTurn, abandon_turn
 from database_utils import get_session
-from errors import ApiError
+from errors import ApiError, model_error_body
 from llm import ModelError, ModelReply, ReplyStream
 
 log = logging.getLogger("parley")
@@ -155,9 +155,7 @@ def _abandon(session: Session, prepared: PreparedTurn, forget: Callable[[], None
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ModelError):
-        cause = exc.message if exc.__cause__ is None else exc.__cause__.__class__.__name__  # Parley's own finding, or the SDK's error
-        log.warning("model provider failed mid-stream: %s (%s)", exc.error, cause)
-        body = {"error": exc.error, "message": exc.message, "retryable": exc.retryable}
+        body = model_error_body(exc, " mid-stream")
         if exc.retry_after is not None:  # what a response's Retry-After would have said
             body["retry_after"] = exc.retry_after
         return body

@@ -15,6 +15,7 @@ import redis
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+import main
 from auth import create_key, revoke_key
 from database_utils import ApiKey, AuditEvent, get_session, utcnow
 from main import create_app
@@ -534,3 +535,11 @@ def test_with_the_cache_off_revocation_is_immediate_everywhere(app_config, keys)
     assert client_on_b.post("/new_chat", json={"user_id": "u"}).status_code == 401
     for worker in (worker_a, worker_b):
         worker.extensions["parley.engine"].dispose()
+
+
+def test_an_api_route_that_declares_no_roles_stops_the_app_from_starting(app_config, monkeypatch):
+    """Without @allow a route would answer 500 to every call; the app refuses to start instead."""
+    monkeypatch.delitem(main.ROUTE_ROLES, "end_chat")
+
+    with pytest.raises(RuntimeError, match=r"routes that declare no roles \(@allow\): end_chat$"):
+        main.create_app(app_config)
