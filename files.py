@@ -457,10 +457,12 @@ def repair_file_objects_without_rows(session: Session, archive: Archive, listed:
             if conversation_id not in documented:
                 documented[conversation_id] = _documented_files(archive, conversation.s3_file_location, conversation.archive_sha256)
             listing = documented[conversation_id]
-            if listing is None or _named_by_a_message(session, conversation_id, file_id):
+            if listing is None:
                 continue
             if str(file_id) in listing:
                 restored += _restore_file_row(session, conversation_id, listing[str(file_id)])
+                continue
+            if _named_by_a_message(session, conversation_id, file_id):
                 continue
         archive.delete(key)
         deleted += 1
@@ -479,8 +481,8 @@ def _owner_of(key: str) -> tuple[uuid.UUID, uuid.UUID] | None:
 
 
 def _documented_files(archive: Archive, key: str | None, sha256: str | None) -> dict[str, dict[str, Any]] | None:
-    """The files a conversation's archive document lists, by file_id: none when it has no document
-    (not archived yet); None when the document cannot be read now."""
+    """The files a conversation's archive document lists, by file_id: an empty listing when it has
+    no document yet (ending); None when the document cannot be read now."""
     if key is None:
         return {}
     try:
