@@ -101,7 +101,8 @@ class PayloadTooLarge(ApiError):
 
 class ShuttingDown(ApiError):
     """A turn that would begin after its worker was told to stop (SIGTERM): it could outlast the
-    graceful timeout. It comes on a connection kept alive from before the signal."""
+    graceful timeout. It comes on a connection kept alive from before the signal, or accepted
+    just after it."""
 
     status = 503
     error = "shutting_down"

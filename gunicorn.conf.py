@@ -219,8 +219,9 @@ def _tell_the_app_when_stopping(worker):
     reload, or `--max-requests` reached).
 
     A request that began before the signal is answered with keep-alive, and gunicorn then reads
-    the next request on that connection and runs it: a turn begun then may not finish within the
-    graceful timeout. The app refuses such a turn with 503 `shutting_down` instead.
+    the next request on that connection and runs it (and accepts connections for about a second
+    more): a turn begun then may not finish within the graceful timeout. The app refuses every
+    turn from the signal on with 503 `shutting_down` instead.
     """
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", None)
     if extensions is not None and "parley.stopping" in extensions:

@@ -314,7 +314,7 @@ def _authorize() -> Response | None:
     g.api_key = key
     _require_json_body()  # after the key: a caller without one learns nothing about the body
     if endpoint == "chat" and current_app.extensions["parley.stopping"]():
-        raise errors.ShuttingDown("this worker is stopping: send the message again, on a new connection")
+        raise errors.ShuttingDown("this worker is stopping: send the message again")
     sent = request.headers.get(idempotency.HEADER)
     if sent is None or endpoint not in IDEMPOTENT_ROUTES:
         return None
